@@ -1,0 +1,71 @@
+"""``fcl-lightning``: a LightningCLI whose ``fit`` runs the federated loop.
+
+Sections: ``seed_everything``, ``model`` (a ``FederatedModule`` chosen by ``class_path``),
+``data`` (the federated data module), ``trainer`` (the template of every client's Trainer) and
+``federation`` (rounds, clients per round, aggregator, exchange, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import lazy_instance
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from fcl_lightning.data.datamodule import FederatedDataModule
+from fcl_lightning.federation.checkpoint import atomic_write_text
+from fcl_lightning.federation.config import Federation
+from fcl_lightning.federation.loop import FederatedLoop
+from fcl_lightning.lit.base import FederatedModule
+from fcl_lightning.lit.pretrain import ContrastivePretrainModule
+
+
+class FCLCLI(LightningCLI):
+    """LightningCLI with a ``federation`` section; ``fit`` trains across clients."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("model_class", FederatedModule)
+        kwargs.setdefault("datamodule_class", FederatedDataModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("save_config_callback", None)
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("parser_kwargs", {"description": __doc__})
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(Federation, "federation")
+        parser.set_defaults({"model": lazy_instance(ContrastivePretrainModule)})
+
+    def fit(self, model: FederatedModule, datamodule: FederatedDataModule | None = None,
+            ckpt_path: str | None = None, **_: Any) -> None:
+        sub = self.subcommand or "fit"
+        if datamodule is None:
+            raise ValueError("fcl-lightning fit needs a data section (data: ...)")
+        config_text = self._parser(sub).dump(self.config[sub], skip_none=False)
+        root = Path(self.trainer.default_root_dir)
+        atomic_write_text(config_text, root / "config.yaml")
+        loop = FederatedLoop(
+            federation=self.config_init[sub]["federation"],
+            module=model,
+            datamodule=datamodule,
+            trainer_kwargs={**self.config_init[sub]["trainer"]},
+            root_dir=root,
+            loggers=self.trainer.loggers,
+            seed=int(self.config[sub].get("seed_everything") or 0),
+            config_text=config_text,
+        )
+        loop.run(ckpt_path)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    FCLCLI(args=args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,1 @@
+"""Data layer: sources (ACDC, NIfTI manifest, built-in phantom), preprocessing, splits, sampling."""

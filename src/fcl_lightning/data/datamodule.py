@@ -1,0 +1,163 @@
+"""The federated data module: one source split into clients, a loader per client.
+
+The federated loop asks it for each client's loaders; which loader (partition-sampled
+pre-training batches or labelled slices) is the LightningModule's choice.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import lightning.pytorch as pl
+from jsonargparse import lazy_instance
+from torch.utils.data import DataLoader
+
+from fcl_lightning.data.augment import AugmentConfig, finetune_augment, pretrain_augment
+from fcl_lightning.data.datasets import (
+    EpochKeySampler,
+    LabelledSliceDataset,
+    PartitionDataset,
+    collate_partitions,
+)
+from fcl_lightning.data.phantom import PhantomSource
+from fcl_lightning.data.preprocess import Preprocessor, load_volumes
+from fcl_lightning.data.split import federated_split, train_val_split
+from fcl_lightning.data.volume import DataError, Volume, VolumeSource
+
+log = logging.getLogger(__name__)
+
+
+class FederatedDataModule(pl.LightningDataModule):
+    """Volumes of ``source`` split over ``num_clients`` clients, preprocessed once and cached.
+
+    Args:
+        source: where volumes come from (``PhantomSource`` by default; ``ACDCSource``,
+            ``ManifestSource`` or your own ``VolumeSource`` subclass via ``class_path``).
+        num_clients: number of clients C.
+        split: ``iid`` (random), ``group`` (non-IID by diagnostic group) or ``site`` (the
+            source's own site/client ids, e.g. a manifest's ``client`` column).
+        val_fraction: share of each client's patients held out for validation.
+        test_source: a separate held-out test set (another root or id range); ``None``: none.
+        num_partitions: S, partitions per volume along the slice axis.
+        volumes_per_batch: V, volumes per pre-training batch (a batch holds V * S slices).
+        batch_size: slices per fine-tuning batch.
+        labelled_per_client: N labelled patients per client for fine-tuning (``None``: all).
+        spacing: in-plane target spacing in mm.
+        img_size: in-plane crop/pad size (128 default, 192 for the paper's scale).
+        cache_dir: optional on-disk cache of preprocessed volumes.
+        augment: augmentation strengths; ``augment_pretrain`` / ``augment_finetune`` switch them.
+        two_views: augment query and key views independently (MoCo); else the key sees the query's input.
+        num_workers: DataLoader workers.
+        seed: seed of the split (training randomness is seeded by the loop).
+    """
+
+    def __init__(
+        self,
+        source: VolumeSource = lazy_instance(PhantomSource),
+        num_clients: int = 4,
+        split: Literal["iid", "group", "site"] = "iid",
+        val_fraction: float = 0.2,
+        test_source: VolumeSource | None = None,
+        num_partitions: int = 4,
+        volumes_per_batch: int = 3,
+        batch_size: int = 16,
+        labelled_per_client: int | None = None,
+        spacing: float = 1.367,
+        img_size: int = 128,
+        cache_dir: str | None = None,
+        augment: AugmentConfig = AugmentConfig(),
+        augment_pretrain: bool = True,
+        augment_finetune: bool = True,
+        two_views: bool = True,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if num_clients < 1:
+            raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+        if num_partitions < 1 or volumes_per_batch < 1:
+            raise ValueError("num_partitions and volumes_per_batch must be >= 1")
+        self.source, self.test_source = source, test_source
+        self.num_clients, self.split, self.val_fraction = num_clients, split, val_fraction
+        self.num_partitions, self.volumes_per_batch, self.batch_size = num_partitions, volumes_per_batch, batch_size
+        self.labelled_per_client = labelled_per_client
+        self.preprocessor = Preprocessor(spacing=spacing, size=img_size, cache_dir=cache_dir)
+        self.augment_cfg, self.augment_pretrain, self.augment_finetune = augment, augment_pretrain, augment_finetune
+        self.two_views, self.num_workers, self.seed = two_views, num_workers, seed
+        self._ready = False
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str | None = None) -> None:
+        """Split patients over clients and preprocess every volume (once; later calls are no-ops)."""
+        if self._ready:
+            return
+        records = self.source.records()
+        clients = federated_split(records, self.num_clients, self.split, self.seed)
+        by_patient: dict[str, list] = {}
+        for r in records:
+            by_patient.setdefault(r.patient, []).append(r)
+        self.train: list[list[Volume]] = []
+        self.val: list[list[Volume]] = []
+        self.train_patients: list[list[str]] = []
+        self.volume_ids: list[list[int]] = []
+        next_id = 0
+        for c, patients in enumerate(clients):
+            tr, va = train_val_split(patients, self.val_fraction, self.seed + c)
+            self.train_patients.append(tr)
+            tr_vols = load_volumes(self.source, [r for p in tr for r in by_patient[p]], self.preprocessor)
+            va_vols = load_volumes(self.source, [r for p in va for r in by_patient[p]], self.preprocessor)
+            for v in tr_vols:
+                if v.num_slices < self.num_partitions:
+                    raise DataError(
+                        f"{v.record.key}: {v.num_slices} slices, fewer than num_partitions={self.num_partitions}"
+                    )
+            self.train.append(tr_vols)
+            self.val.append(va_vols)
+            self.volume_ids.append(list(range(next_id, next_id + len(tr_vols))))
+            next_id += len(tr_vols)
+        self.test: list[Volume] = []
+        if self.test_source is not None:
+            self.test = load_volumes(self.test_source, self.test_source.records(), self.preprocessor)
+        self._ready = True
+        log.info(
+            "data: %d clients, train volumes per client %s, %d test volumes",
+            self.num_clients, [len(t) for t in self.train], len(self.test),
+        )
+
+    # ------------------------------------------------------------ per client
+    def num_train_samples(self, client: int) -> int:
+        """Training volumes of a client (the FedAvg weight)."""
+        return len(self.train[client])
+
+    def labelled_volumes(self, client: int) -> list[Volume]:
+        """Both frames of the first ``labelled_per_client`` training patients of the client."""
+        if self.labelled_per_client is None:
+            return self.train[client]
+        keep = set(self.train_patients[client][: self.labelled_per_client])
+        return [v for v in self.train[client] if v.record.patient in keep]
+
+    def pretrain_loader(self, client: int, seed: int) -> DataLoader:
+        """Partition-sampled batches of ``V`` volumes x ``S`` slices for one client."""
+        ds = PartitionDataset(
+            self.train[client], self.volume_ids[client], client, self.num_partitions,
+            pretrain_augment(self.augment_cfg) if self.augment_pretrain else None, self.two_views, seed,
+        )
+        return DataLoader(
+            ds, batch_size=self.volumes_per_batch, sampler=EpochKeySampler(len(ds), seed),
+            collate_fn=collate_partitions, num_workers=self.num_workers, drop_last=len(ds) > self.volumes_per_batch,
+            persistent_workers=False,
+        )
+
+    def finetune_loader(self, client: int, seed: int) -> DataLoader:
+        """Labelled 2D slices of the client's labelled patients."""
+        ds = LabelledSliceDataset(
+            self.labelled_volumes(client), finetune_augment(self.augment_cfg) if self.augment_finetune else None, seed
+        )
+        return DataLoader(ds, batch_size=self.batch_size, sampler=EpochKeySampler(len(ds), seed),
+                          num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        """Client 0's pre-training loader (for plain ``Trainer.fit`` use outside the federation)."""
+        self.setup()
+        return self.pretrain_loader(0, self.seed)

@@ -1,0 +1,120 @@
+"""Round checkpoints: atomic writes, ``weights_only`` loads, clear errors on bad files."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fcl_lightning.fcl.memory_bank import BankEntries
+
+FORMAT = "fcl-lightning/federated-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names the file and the problem."""
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temp file in the same folder, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(text: str, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def update_summary(root: str | Path, values: dict[str, Any]) -> Path:
+    """Merge ``values`` into ``<root>/summary.json`` (other stages' keys are kept)."""
+    path = Path(root) / "summary.json"
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            data = {}
+    data.update(values)
+    return atomic_write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n", path)
+
+
+def bank_to_dict(entries: BankEntries | None) -> dict[str, torch.Tensor] | None:
+    return None if entries is None else {k: v.detach().cpu() for k, v in entries._asdict().items()}
+
+
+def bank_from_dict(d: dict[str, torch.Tensor] | None) -> BankEntries | None:
+    return None if d is None else BankEntries(d["vectors"], d["partitions"], d["clients"])
+
+
+def to_cpu(obj: Any) -> Any:
+    """Move every tensor in a nested structure to the CPU (checkpoints are device-free)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def rng_state() -> dict[str, Any]:
+    """Global RNG states in a ``weights_only``-loadable form."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
+
+
+def resolve_ckpt_path(ckpt_path: str | None, root: str | Path) -> Path | None:
+    """``None`` -> no resume; ``last`` -> ``<root>/checkpoints/last.ckpt``; else the path given."""
+    if ckpt_path is None:
+        return None
+    path = Path(root) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (ckpt_path={ckpt_path!r})")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a federated round checkpoint with ``weights_only=True`` and check its format."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt, truncated, not a torch file, unsafe pickle
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an fcl-lightning federated checkpoint (expected format {FORMAT!r})")
+    return ckpt

@@ -1,0 +1,96 @@
+"""One client's work in one round, as a plain function of
+``(global weights, client state, remote features) -> (update, client state, features to share)``,
+so the in-process loop and a distributed runtime (Flower) drive the same code."""
+
+from __future__ import annotations
+
+import logging
+import random
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from fcl_lightning.fcl.memory_bank import BankEntries
+from fcl_lightning.lit.base import FederatedModule
+
+
+@dataclass
+class ClientRuntime:
+    """What a client step runs with: the module instance, the data, a Trainer factory, settings."""
+
+    module: FederatedModule
+    datamodule: Any
+    make_trainer: Callable[[], pl.Trainer]
+    seed: int
+    rounds: int
+    exchange: bool = True
+    exchange_per_partition: int | None = None
+    keep_optimizer_state: bool = True
+
+
+@dataclass
+class ClientResult:
+    update: dict[str, torch.Tensor]
+    num_samples: int
+    state: dict[str, Any]
+    features: BankEntries | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def client_seed(seed: int, round_idx: int, client: int) -> int:
+    """Seed of one client's round: a pure function, so a resumed run repeats it exactly."""
+    return (int(seed) * 1_000_003 + round_idx * 10_007 + client * 101 + 17) % (2**31)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def client_step(
+    global_weights: dict[str, torch.Tensor],
+    state: dict[str, Any] | None,
+    remote: BankEntries | None,
+    *,
+    client: int,
+    round_idx: int,
+    runtime: ClientRuntime,
+) -> ClientResult:
+    """Train ``client`` for one round starting from ``global_weights`` and its own ``state``."""
+    s = client_seed(runtime.seed, round_idx, client)
+    seed_all(s)
+    module = runtime.module
+    module.keep_optimizer_state = runtime.keep_optimizer_state
+    module.round_progress = (round_idx, runtime.rounds)
+    module.load_global_state(global_weights)
+    module.load_client_state(state)
+    module.receive_features(remote)
+    loader = module.train_loader(runtime.datamodule, client, s)
+    trainer = runtime.make_trainer()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*number of training batches.*")
+        prev = logging.getLogger("lightning.pytorch").level
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+        try:
+            trainer.fit(module, train_dataloaders=loader)
+        finally:
+            logging.getLogger("lightning.pytorch").setLevel(prev)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+    features = None
+    if runtime.exchange:
+        g = torch.Generator().manual_seed(s + 1)
+        features = module.export_features(runtime.datamodule, client, runtime.exchange_per_partition, g)
+    return ClientResult(
+        update={k: v.cpu() for k, v in module.global_state().items()},
+        num_samples=runtime.datamodule.num_train_samples(client),
+        state=module.client_state(),
+        features=features,
+        metrics=metrics,
+    )

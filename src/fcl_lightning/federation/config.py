@@ -1,0 +1,50 @@
+"""The ``federation`` section of the config."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from jsonargparse import lazy_instance
+
+from fcl_lightning.fcl.aggregate import Aggregator, FedAvg
+
+
+class Federation:
+    """How clients train together.
+
+    Args:
+        rounds: communication rounds R.
+        local_epochs: epochs E each selected client trains per round.
+        clients_per_round: clients sampled each round (``None``: all).
+        mode: ``federated`` aggregates every round; ``local`` trains each client alone
+            (no aggregation, no exchange: the per-client baselines and local fine-tuning).
+        aggregator: server-side merge plug-in (FedAvg weighted by training volumes by default).
+        exchange: share momentum-encoder features between rounds (``False``: the
+            "FedAvg + partition loss" ablation).
+        exchange_per_partition: vectors each client shares per partition (``None``: all its slices).
+        keep_optimizer_state: keep each client's optimiser state across rounds.
+        checkpoint_every: write ``round-NNN.ckpt`` every this many rounds (``last.ckpt`` always).
+    """
+
+    def __init__(
+        self,
+        rounds: int = 10,
+        local_epochs: int = 1,
+        clients_per_round: int | None = None,
+        mode: Literal["federated", "local"] = "federated",
+        aggregator: Aggregator = lazy_instance(FedAvg),
+        exchange: bool = True,
+        exchange_per_partition: int | None = None,
+        keep_optimizer_state: bool = True,
+        checkpoint_every: int = 1,
+    ) -> None:
+        if rounds < 1 or local_epochs < 1:
+            raise ValueError(f"rounds and local_epochs must be >= 1 (got {rounds}, {local_epochs})")
+        if clients_per_round is not None and clients_per_round < 1:
+            raise ValueError(f"clients_per_round must be >= 1, got {clients_per_round}")
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        self.rounds, self.local_epochs, self.clients_per_round = rounds, local_epochs, clients_per_round
+        self.mode, self.aggregator, self.exchange = mode, aggregator, exchange
+        self.exchange_per_partition, self.keep_optimizer_state = exchange_per_partition, keep_optimizer_state
+        self.checkpoint_every = checkpoint_every

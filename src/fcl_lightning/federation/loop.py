@@ -1,0 +1,272 @@
+"""The in-process federated loop: clients one after another, each with its own quiet Trainer;
+the server merges updates with the aggregator plug-in and routes exchanged features."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.loggers import Logger
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fcl_lightning.fcl.aggregate import state_nbytes
+from fcl_lightning.fcl.exchange import payload_nbytes, route
+from fcl_lightning.federation.checkpoint import (
+    FORMAT,
+    CheckpointError,
+    atomic_save,
+    bank_from_dict,
+    bank_to_dict,
+    load_checkpoint,
+    resolve_ckpt_path,
+    rng_state,
+    set_rng_state,
+    to_cpu,
+    update_summary,
+)
+from fcl_lightning.federation.client import ClientResult, ClientRuntime, client_step
+from fcl_lightning.federation.config import Federation
+from fcl_lightning.lit.base import FederatedModule
+
+log = logging.getLogger(__name__)
+
+
+class FederatedLoop:
+    """Runs ``federation.rounds`` rounds of ``client_step`` over the datamodule's clients.
+
+    Args:
+        federation: the ``federation`` config section.
+        module: the LightningModule instance (reused for every client: state is swapped in and out).
+        datamodule: a :class:`~fcl_lightning.data.datamodule.FederatedDataModule`.
+        trainer_kwargs: the ``trainer`` section, the template of every client's Trainer.
+        root_dir: where checkpoints, ``encoder.pt`` and ``summary.json`` go.
+        loggers: Lightning loggers that receive round-level and per-client metrics.
+        seed: the run's seed (client rounds are seeded from it).
+        config_text: the resolved config, stored in checkpoints.
+    """
+
+    def __init__(
+        self,
+        federation: Federation,
+        module: FederatedModule,
+        datamodule: Any,
+        trainer_kwargs: dict[str, Any] | None = None,
+        root_dir: str | Path = ".",
+        loggers: list[Logger] | None = None,
+        seed: int = 0,
+        config_text: str = "",
+        console: Console | None = None,
+    ) -> None:
+        self.fed, self.module, self.dm = federation, module, datamodule
+        self.trainer_kwargs = dict(trainer_kwargs or {})
+        self.root = Path(root_dir)
+        self.loggers = list(loggers or [])
+        self.seed, self.config_text = int(seed), config_text
+        self.console = console or Console(stderr=True)
+
+    # -------------------------------------------------------------- helpers
+    def make_trainer(self) -> pl.Trainer:
+        """A quiet per-client Trainer from the ``trainer`` template (the federation owns logging,
+        progress and checkpoints, and sets the epoch count)."""
+        kw = dict(self.trainer_kwargs)
+        for k in ("logger", "enable_checkpointing", "enable_progress_bar", "enable_model_summary", "max_epochs",
+                  "min_epochs", "max_steps", "default_root_dir", "callbacks"):
+            kw.pop(k, None)
+        callbacks = [
+            cb for cb in (self.trainer_kwargs.get("callbacks") or [])
+            if not isinstance(cb, (pl.callbacks.ModelCheckpoint, pl.callbacks.ProgressBar, pl.callbacks.ModelSummary))
+        ]
+        return pl.Trainer(
+            **kw, max_epochs=self.fed.local_epochs, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+            default_root_dir=str(self.root / "clients"),
+        )
+
+    def select_clients(self, round_idx: int, num_clients: int) -> list[int]:
+        k = self.fed.clients_per_round
+        if k is None or k >= num_clients:
+            return list(range(num_clients))
+        g = torch.Generator().manual_seed(self.seed * 7919 + round_idx)
+        return sorted(torch.randperm(num_clients, generator=g)[:k].tolist())
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for lg in self.loggers:
+            lg.log_metrics(metrics, step=step)
+
+    # ------------------------------------------------------------------ run
+    def run(self, ckpt_path: str | None = None) -> dict[str, Any]:
+        """Train all rounds (resuming from ``ckpt_path`` if given) and return the summary."""
+        self.dm.setup("fit")
+        C = self.dm.num_clients
+        runtime = ClientRuntime(
+            self.module, self.dm, self.make_trainer, self.seed, self.fed.rounds,
+            exchange=self.fed.exchange and self.fed.mode == "federated",
+            exchange_per_partition=self.fed.exchange_per_partition,
+            keep_optimizer_state=self.fed.keep_optimizer_state,
+        )
+        global_w = {k: v.cpu() for k, v in self.module.global_state().items()}
+        client_w: dict[int, dict[str, torch.Tensor]] = {}
+        states: dict[int, Any] = {c: None for c in range(C)}
+        inbox: dict[int, Any] = {c: None for c in range(C)}
+        history: list[dict[str, float]] = []
+        comm = {"weights_down": 0, "weights_up": 0, "features_up": 0, "features_down": 0}
+        start, elapsed = 0, 0.0
+
+        path = resolve_ckpt_path(ckpt_path, self.root)
+        if path is not None:
+            ckpt = load_checkpoint(path)
+            if ckpt["num_clients"] != C:
+                raise CheckpointError(f"{path} was written with {ckpt['num_clients']} clients, the config has {C}")
+            try:
+                self.module.load_global_state(ckpt["global"])
+            except KeyError as exc:
+                raise CheckpointError(f"{path} does not fit the configured model: {exc}") from exc
+            global_w = ckpt["global"]
+            client_w = {int(c): w for c, w in ckpt["client_weights"].items()}
+            states = {c: ckpt["clients"].get(str(c)) for c in range(C)}
+            inbox = {c: bank_from_dict(ckpt["inbox"].get(str(c))) for c in range(C)}
+            history, comm, start, elapsed = ckpt["history"], ckpt["comm"], ckpt["round"], ckpt["elapsed_s"]
+            set_rng_state(ckpt["rng"])
+            self.console.print(f"[bold]resuming[/] from {path} after round {start}/{self.fed.rounds}")
+
+        t_run = time.perf_counter()
+        with self._progress() as progress:
+            task = progress.add_task("rounds", total=self.fed.rounds, completed=start, info="")
+            for r in range(start, self.fed.rounds):
+                t0 = time.perf_counter()
+                selected = self.select_clients(r, C)
+                results: dict[int, ClientResult] = {}
+                for i, c in enumerate(selected):
+                    progress.update(task, info=f"round {r + 1}/{self.fed.rounds} client {i + 1}/{len(selected)} (#{c})")
+                    start_w = client_w.get(c, global_w) if self.fed.mode == "local" else global_w
+                    results[c] = client_step(start_w, states[c], inbox[c], client=c, round_idx=r, runtime=runtime)
+                    states[c] = to_cpu(results[c].state)
+                t_train = time.perf_counter() - t0
+
+                t1 = time.perf_counter()
+                if self.fed.mode == "federated":
+                    global_w = self.fed.aggregator([results[c].update for c in selected], [results[c].num_samples for c in selected])
+                else:
+                    client_w.update({c: results[c].update for c in selected})
+                t_agg = time.perf_counter() - t1
+
+                metrics = self._round_metrics(r, selected, results, global_w, inbox, comm)
+                if runtime.exchange:
+                    dim = next(int(res.features.vectors.shape[1]) for res in results.values())
+                    inbox = route({c: results[c].features for c in selected}, dim, recipients=range(C))
+                    for c in range(C):
+                        nb = payload_nbytes(inbox[c]) if inbox[c] is not None else 0
+                        metrics[f"client{c}/comm/features_down_bytes"] = nb
+                        comm["features_down"] += nb
+                    metrics["round/comm/features_down_bytes"] = sum(
+                        metrics[f"client{c}/comm/features_down_bytes"] for c in range(C))
+                t2 = time.perf_counter()
+                elapsed += time.perf_counter() - t0
+                metrics.update({"round/time/train_s": t_train, "round/time/aggregate_s": t_agg, "round": r + 1})
+                history.append({k: float(v) for k, v in metrics.items() if k.startswith("round/")})
+                if (r + 1) % self.fed.checkpoint_every == 0 or r + 1 == self.fed.rounds:
+                    self._checkpoint(r + 1, global_w, client_w, states, inbox, history, comm, elapsed, C, periodic=True)
+                else:
+                    self._checkpoint(r + 1, global_w, client_w, states, inbox, history, comm, elapsed, C, periodic=False)
+                metrics["round/time/checkpoint_s"] = time.perf_counter() - t2
+                metrics["round/time/total_s"] = time.perf_counter() - t0
+                history[-1].update({k: metrics[k] for k in ("round/time/checkpoint_s", "round/time/total_s")})
+                self.log_metrics(metrics, step=r + 1)
+                progress.update(task, advance=1, info=f"round {r + 1}/{self.fed.rounds} loss {metrics.get('round/train/loss', float('nan')):.4f}")
+                self.console.print(self._round_line(r, metrics))
+        for lg in self.loggers:
+            lg.save()
+
+        if self.fed.mode == "federated":
+            self.module.load_global_state(global_w)
+        summary = self._finish(global_w, client_w, history, comm, elapsed, time.perf_counter() - t_run)
+        return summary
+
+    # ------------------------------------------------------------- pieces
+    def _progress(self) -> Progress:
+        return Progress(
+            TextColumn("[bold]FCL[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), console=self.console, transient=True, disable=not self.console.is_terminal,
+        )
+
+    def _round_metrics(self, r, selected, results, global_w, inbox, comm) -> dict[str, float]:
+        m: dict[str, float] = {}
+        n_total = sum(results[c].num_samples for c in selected)
+        keys = sorted({k for c in selected for k in results[c].metrics})
+        for k in keys:
+            vals = [(results[c].metrics[k], results[c].num_samples) for c in selected if k in results[c].metrics]
+            m[f"round/{k}"] = sum(v * n for v, n in vals) / max(1, sum(n for _, n in vals))
+            for c in selected:
+                if k in results[c].metrics:
+                    m[f"client{c}/{k}"] = results[c].metrics[k]
+        up = down = feat_up = 0
+        for c in selected:
+            w_down = state_nbytes(global_w) if self.fed.mode == "federated" else 0
+            w_up = state_nbytes(results[c].update) if self.fed.mode == "federated" else 0
+            f_up = payload_nbytes(results[c].features) if results[c].features is not None else 0
+            m[f"client{c}/comm/weights_down_bytes"] = w_down
+            m[f"client{c}/comm/weights_up_bytes"] = w_up
+            m[f"client{c}/comm/features_up_bytes"] = f_up
+            up, down, feat_up = up + w_up, down + w_down, feat_up + f_up
+        comm["weights_up"] += up
+        comm["weights_down"] += down
+        comm["features_up"] += feat_up
+        m.update({"round/comm/weights_up_bytes": up, "round/comm/weights_down_bytes": down,
+                  "round/comm/features_up_bytes": feat_up, "round/clients": len(selected), "round/train_volumes": n_total})
+        return m
+
+    @staticmethod
+    def _round_line(r: int, m: dict[str, float]) -> str:
+        parts = [f"round {r + 1:>3}"]
+        for key, label in (("round/train/loss", "loss"), ("round/train/loss_local", "local"),
+                           ("round/train/loss_remote", "remote")):
+            if key in m:
+                parts.append(f"{label} {m[key]:.4f}")
+        mb = (m.get("round/comm/weights_up_bytes", 0) + m.get("round/comm/weights_down_bytes", 0)) / 2**20
+        fk = (m.get("round/comm/features_up_bytes", 0) + m.get("round/comm/features_down_bytes", 0)) / 2**10
+        parts.append(f"weights {mb:.1f} MiB, features {fk:.0f} KiB")
+        parts.append(f"{m['round/time/total_s']:.1f} s")
+        return " | ".join(parts)
+
+    def _checkpoint(self, done, global_w, client_w, states, inbox, history, comm, elapsed, C, periodic) -> None:
+        ckpt = {
+            "format": FORMAT,
+            "round": done,
+            "rounds": self.fed.rounds,
+            "num_clients": C,
+            "module": type(self.module).__name__,
+            "global": to_cpu(global_w),
+            "client_weights": {str(c): to_cpu(w) for c, w in client_w.items()},
+            "clients": {str(c): s for c, s in states.items() if s is not None},
+            "inbox": {str(c): bank_to_dict(b) for c, b in inbox.items() if b is not None},
+            "rng": rng_state(),
+            "history": history,
+            "comm": dict(comm),
+            "elapsed_s": elapsed,
+            "seed": self.seed,
+            "config": self.config_text,
+        }
+        ckdir = self.root / "checkpoints"
+        atomic_save(ckpt, ckdir / "last.ckpt")
+        if periodic:
+            atomic_save(ckpt, ckdir / f"round-{done:03d}.ckpt")
+
+    def _finish(self, global_w, client_w, history, comm, elapsed, wall) -> dict[str, Any]:
+        if self.fed.mode == "federated" and hasattr(self.module, "encoder_state"):
+            atomic_save(self.module.encoder_state(), self.root / "encoder.pt")
+        last = history[-1] if history else {}
+        summary = {
+            "stage": type(self.module).__name__,
+            "rounds_completed": len(history),
+            "final": {k[len("round/"):]: v for k, v in last.items() if k.startswith("round/train/")},
+            "bytes": dict(comm),
+            "wall_time_s": elapsed,
+        }
+        update_summary(self.root, {"pretrain" if hasattr(self.module, "encoder_state") else "finetune": summary})
+        return summary

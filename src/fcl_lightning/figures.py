@@ -1,0 +1,205 @@
+"""Figures for reports: example segmentations, embedding projections, Dice vs labelled patients.
+
+Drawn on matplotlib's Agg canvas directly (``Figure`` + ``FigureCanvasAgg``, no ``pyplot``), so
+nothing needs a display and the global backend of the caller is left alone. Every function writes a
+PNG to a temporary file next to ``path`` and moves it into place with ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+#: Overlay colour (RGB) and legend name of each foreground label; background stays transparent.
+LABEL_COLORS: dict[int, tuple[tuple[float, float, float], str]] = {
+    1: ((0.90, 0.20, 0.20), "RV"),
+    2: ((0.20, 0.80, 0.25), "Myo"),
+    3: ((0.25, 0.45, 1.00), "LV"),
+}
+OVERLAY_ALPHA = 0.5
+
+
+def _save(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Render ``fig`` to PNG at ``path`` atomically (temp file + ``os.replace``); create the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    # a unique name opened with "x" (not mkstemp): the file gets the usual umask permissions
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def label_overlay(label: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """RGBA ``[H, W, 4]`` overlay of a 2D label map: ``LABEL_COLORS``, background fully transparent."""
+    label = np.asarray(label)
+    rgba = np.zeros((*label.shape, 4), dtype=np.float32)
+    for value, (rgb, _) in LABEL_COLORS.items():
+        mask = label == value
+        rgba[mask, :3] = rgb
+        rgba[mask, 3] = alpha
+    return rgba
+
+
+def _display_range(image: np.ndarray) -> tuple[float, float]:
+    """Robust grey-level window (1st-99th percentile) so a few bright voxels don't wash out the slice."""
+    lo, hi = np.percentile(image, [1.0, 99.0]) if image.size else (0.0, 1.0)
+    if hi <= lo:
+        lo, hi = float(image.min(initial=0.0)), float(image.max(initial=1.0))
+        hi = hi if hi > lo else lo + 1.0
+    return float(lo), float(hi)
+
+
+def save_example_figure(
+    path: str | os.PathLike,
+    images: Sequence[np.ndarray],
+    columns: Mapping[str, Sequence[np.ndarray]],
+    title: str = "",
+    row_labels: Sequence[str] | None = None,
+) -> Path:
+    """Grid of example slices: one row per slice, the image first, then one overlay column per entry.
+
+    Args:
+        path: PNG to write.
+        images: 2D ``[H, W]`` image slices.
+        columns: column title -> one 2D label map per image (e.g. ``"ground truth"``, ``"FCL"``),
+            drawn as coloured overlays (RV / Myo / LV) on the image.
+        title: figure title.
+        row_labels: optional name of each row (e.g. the volume key and slice index).
+    """
+    images = [np.asarray(im, dtype=np.float32) for im in images]
+    if not images:
+        raise ValueError("save_example_figure needs at least one image")
+    for name, maps in columns.items():
+        if len(maps) != len(images):
+            raise ValueError(f"column {name!r} has {len(maps)} label maps for {len(images)} images")
+        for im, lab in zip(images, maps):
+            if np.shape(lab) != im.shape:
+                raise ValueError(f"column {name!r}: label map shape {np.shape(lab)} != image shape {im.shape}")
+    if row_labels is not None and len(row_labels) != len(images):
+        raise ValueError(f"{len(row_labels)} row labels for {len(images)} images")
+
+    n_rows, n_cols = len(images), 1 + len(columns)
+    h, w = images[0].shape
+    cell = 2.4
+    fig = Figure(figsize=(cell * n_cols * max(w / h, 0.5), cell * n_rows + 0.6))
+    axes = np.asarray(fig.subplots(n_rows, n_cols, squeeze=False))
+    col_titles = ["image", *columns.keys()]
+    for r, image in enumerate(images):
+        vmin, vmax = _display_range(image)
+        maps = [None, *(columns[name][r] for name in columns)]
+        for c, lab in enumerate(maps):
+            ax = axes[r, c]
+            ax.imshow(image, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+            if lab is not None:
+                ax.imshow(label_overlay(lab), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(col_titles[c], fontsize=10)
+            if c == 0 and row_labels is not None:
+                ax.set_ylabel(row_labels[r], fontsize=8)
+    handles = [Patch(facecolor=rgb, alpha=0.8, label=name) for rgb, name in LABEL_COLORS.values()]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return _save(fig, path)
+
+
+def pca_2d(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Project ``[N, d]`` features on their first two principal components (numpy SVD).
+
+    Returns:
+        ``(points [N, 2], explained_variance_ratio [2])``; missing components (``d < 2`` or
+        ``N < 3``) are zero.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"features must be [N, d], got shape {x.shape}")
+    x = x - x.mean(axis=0, keepdims=True)
+    points = np.zeros((x.shape[0], 2))
+    ratio = np.zeros(2)
+    if x.size == 0:
+        return points, ratio
+    _, s, vt = np.linalg.svd(x, full_matrices=False)
+    k = min(2, vt.shape[0])
+    points[:, :k] = x @ vt[:k].T
+    total = float((s**2).sum())
+    if total > 0:
+        ratio[:k] = s[:k] ** 2 / total
+    return points, ratio
+
+
+def save_embedding_figure(
+    path: str | os.PathLike, features: np.ndarray, partitions: np.ndarray, title: str = ""
+) -> Path:
+    """Scatter of the 2D PCA projection of ``[N, d]`` embeddings, coloured by partition index.
+
+    Used to see whether the encoder groups slices by position (partition) in the volume.
+    """
+    features = np.asarray(features)
+    partitions = np.asarray(partitions).reshape(-1)
+    if features.ndim != 2 or features.shape[0] != partitions.shape[0]:
+        raise ValueError(f"features [N, d] and partitions [N] disagree: {features.shape} vs {partitions.shape}")
+    points, ratio = pca_2d(features)
+    fig = Figure(figsize=(5.5, 4.5))
+    ax = fig.subplots()
+    values = np.unique(partitions)
+    qualitative = len(values) <= 10
+    cmap = matplotlib.colormaps["tab10" if qualitative else "viridis"]
+    for i, value in enumerate(values):
+        sel = partitions == value
+        color = cmap(i) if qualitative else cmap(i / max(len(values) - 1, 1))
+        ax.scatter(points[sel, 0], points[sel, 1], s=12, alpha=0.75, color=color, label=f"partition {value}")
+    ax.set_xlabel(f"PC 1 ({100 * ratio[0]:.1f}% var.)")
+    ax.set_ylabel(f"PC 2 ({100 * ratio[1]:.1f}% var.)")
+    if len(values):
+        ax.legend(fontsize=8, markerscale=1.5, loc="best", framealpha=0.8)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def save_dice_vs_n_figure(
+    path: str | os.PathLike,
+    table: Mapping[str, Mapping[int, tuple[float, float]]],
+    title: str = "Dice vs labelled patients",
+) -> Path:
+    """Line plot with error bars: method -> {N labelled patients: (mean Dice, std)}."""
+    fig = Figure(figsize=(6, 4.2))
+    ax = fig.subplots()
+    all_n: set[int] = set()
+    for method, by_n in table.items():
+        ns = sorted(by_n)
+        all_n.update(ns)
+        means = [by_n[n][0] for n in ns]
+        stds = [by_n[n][1] for n in ns]
+        ax.errorbar(ns, means, yerr=stds, marker="o", capsize=4, linewidth=1.5, label=method)
+    if all_n:
+        ax.set_xticks(sorted(all_n))
+    ax.set_xlabel("labelled patients (N)")
+    ax.set_ylabel("Dice")
+    ax.grid(alpha=0.3)
+    if table:
+        ax.legend(fontsize=9)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,92 @@
+"""What the federated loop needs from a LightningModule: which weights are global (averaged),
+which state is the client's own, and which loader to train on."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from fcl_lightning.fcl.memory_bank import BankEntries
+
+
+class FederatedModule(pl.LightningModule):
+    """Base of the project's LightningModules.
+
+    ``global_prefixes`` names the state-dict entries the server aggregates; every other entry
+    (momentum encoder, memory banks, ...) is per-client state kept across rounds, together with
+    the optimiser state when the loop asks for it.
+    """
+
+    global_prefixes: tuple[str, ...] = ()
+    #: state-dict prefixes that are neither global nor client state (re-sent by the server each round)
+    transient_prefixes: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._optimizer_state: dict | None = None
+        self.keep_optimizer_state = True
+        self.round_progress: tuple[int, int] = (0, 1)  # (round, total rounds), set by the loop
+
+    # ------------------------------------------------------------- weights
+    def _is_global(self, key: str) -> bool:
+        return key.startswith(self.global_prefixes)
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        """Copies of the weights the server aggregates."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if self._is_global(k)}
+
+    def load_global_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load aggregated weights; the key sets must match exactly."""
+        expected = set(self.global_state())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise KeyError(f"global weights do not match {type(self).__name__}: missing {missing}, unexpected {unexpected}")
+        self.load_state_dict(state, strict=False)
+
+    def client_state(self) -> dict[str, Any]:
+        """Copies of what this client keeps across rounds."""
+        sd = {
+            k: v.detach().clone()
+            for k, v in self.state_dict().items()
+            if not self._is_global(k) and not k.startswith(self.transient_prefixes)
+        }
+        out: dict[str, Any] = {"modules": sd}
+        if self.keep_optimizer_state and self._optimizer_state is not None:
+            out["optimizer"] = copy.deepcopy(self._optimizer_state)
+        return out
+
+    def load_client_state(self, state: dict[str, Any] | None) -> None:
+        """Restore a client's state, or initialise a fresh client (``None``) from the global weights."""
+        self._optimizer_state = None
+        if state is None:
+            self.init_client_state()
+            return
+        self.load_state_dict(state["modules"], strict=False)
+        self._optimizer_state = copy.deepcopy(state.get("optimizer"))
+
+    def init_client_state(self) -> None:
+        """Fresh per-client state, derived from the current (global) weights."""
+
+    # ------------------------------------------------------------ training
+    def train_loader(self, datamodule: Any, client: int, seed: int) -> DataLoader:
+        """The loader this module trains on for ``client``."""
+        raise NotImplementedError
+
+    def receive_features(self, entries: BankEntries | None) -> None:
+        """Take the vectors other clients shared (only modules that exchange features)."""
+
+    def export_features(self, datamodule: Any, client: int, per_partition: int | None, generator: torch.Generator) -> BankEntries | None:
+        """Vectors this client shares after a round (``None``: this module shares nothing)."""
+        return None
+
+    def on_train_start(self) -> None:
+        if self._optimizer_state is not None:
+            self.trainer.optimizers[0].load_state_dict(self._optimizer_state)
+
+    def on_train_end(self) -> None:
+        if self.keep_optimizer_state and self.trainer.optimizers:
+            self._optimizer_state = copy.deepcopy(self.trainer.optimizers[0].state_dict())
