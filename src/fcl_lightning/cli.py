@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import lazy_instance
+from jsonargparse import Namespace, lazy_instance
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from fcl_lightning.data.datamodule import FederatedDataModule
@@ -39,6 +39,16 @@ class FCLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(Federation, "federation")
         parser.set_defaults({"model": lazy_instance(ContrastivePretrainModule)})
+
+    def before_instantiate_classes(self) -> None:
+        """Default logger: a CSVLogger under ``default_root_dir`` (wandb etc. via ``trainer.logger``)."""
+        cfg = self.config.get(self.subcommand) if self.subcommand else self.config
+        if cfg is None or cfg.trainer.logger not in (None, True):
+            return
+        root = cfg.trainer.default_root_dir or "."
+        cfg.trainer.logger = Namespace(
+            class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=root, name="logs")
+        )
 
     def fit(self, model: FederatedModule, datamodule: FederatedDataModule | None = None,
             ckpt_path: str | None = None, **_: Any) -> None:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import logging
 import random
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,22 @@ class ClientResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Per-client Trainers run silently: the federation prints progress once for all of them."""
+    lg = logging.getLogger("lightning.pytorch")
+    prev = lg.level
+    lg.setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        for msg in (".*does not have many workers.*", ".*number of training batches.*", ".*LeafSpec.*",
+                    ".*litlogger.*"):
+            warnings.filterwarnings("ignore", message=msg)
+        try:
+            yield
+        finally:
+            lg.setLevel(prev)
+
+
 def client_seed(seed: int, round_idx: int, client: int) -> int:
     """Seed of one client's round: a pure function, so a resumed run repeats it exactly."""
     return (int(seed) * 1_000_003 + round_idx * 10_007 + client * 101 + 17) % (2**31)
@@ -72,24 +89,21 @@ def client_step(
     module.load_client_state(state)
     module.receive_features(remote)
     loader = module.train_loader(runtime.datamodule, client, s)
-    trainer = runtime.make_trainer()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*number of training batches.*")
-        prev = logging.getLogger("lightning.pytorch").level
-        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-        try:
-            trainer.fit(module, train_dataloaders=loader)
-        finally:
-            logging.getLogger("lightning.pytorch").setLevel(prev)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+    with quiet_lightning():
+        trainer = runtime.make_trainer()
+        trainer.fit(module, train_dataloaders=loader)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+        val = module.val_loader(runtime.datamodule, client)
+        if val is not None:  # once per round, on the client's own validation patients
+            for res in trainer.validate(module, dataloaders=val, verbose=False):
+                metrics.update({k: float(v) for k, v in res.items()})
     features = None
     if runtime.exchange:
         g = torch.Generator().manual_seed(s + 1)
         features = module.export_features(runtime.datamodule, client, runtime.exchange_per_partition, g)
     return ClientResult(
         update={k: v.cpu() for k, v in module.global_state().items()},
-        num_samples=runtime.datamodule.num_train_samples(client),
+        num_samples=module.num_samples(runtime.datamodule, client),
         state=module.client_state(),
         features=features,
         metrics=metrics,

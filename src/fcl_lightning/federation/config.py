@@ -15,6 +15,8 @@ class Federation:
     Args:
         rounds: communication rounds R.
         local_epochs: epochs E each selected client trains per round.
+        local_steps: if set, each client trains exactly this many optimiser steps per round
+            instead of ``local_epochs`` epochs (handy when a client has very few labelled slices).
         clients_per_round: clients sampled each round (``None``: all).
         mode: ``federated`` aggregates every round; ``local`` trains each client alone
             (no aggregation, no exchange: the per-client baselines and local fine-tuning).
@@ -30,6 +32,7 @@ class Federation:
         self,
         rounds: int = 10,
         local_epochs: int = 1,
+        local_steps: int | None = None,
         clients_per_round: int | None = None,
         mode: Literal["federated", "local"] = "federated",
         aggregator: Aggregator = lazy_instance(FedAvg),
@@ -48,3 +51,4 @@ class Federation:
         self.mode, self.aggregator, self.exchange = mode, aggregator, exchange
         self.exchange_per_partition, self.keep_optimizer_state = exchange_per_partition, keep_optimizer_state
         self.checkpoint_every = checkpoint_every
+        self.local_steps = local_steps

@@ -82,8 +82,12 @@ class FederatedLoop:
             cb for cb in (self.trainer_kwargs.get("callbacks") or [])
             if not isinstance(cb, (pl.callbacks.ModelCheckpoint, pl.callbacks.ProgressBar, pl.callbacks.ModelSummary))
         ]
+        if self.fed.local_steps is not None:
+            kw.update(max_epochs=-1, max_steps=self.fed.local_steps)
+        else:
+            kw.update(max_epochs=self.fed.local_epochs)
         return pl.Trainer(
-            **kw, max_epochs=self.fed.local_epochs, logger=False, enable_checkpointing=False,
+            **kw, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
             default_root_dir=str(self.root / "clients"),
         )
@@ -179,7 +183,7 @@ class FederatedLoop:
                 history[-1].update({k: metrics[k] for k in ("round/time/checkpoint_s", "round/time/total_s")})
                 self.log_metrics(metrics, step=r + 1)
                 progress.update(task, advance=1, info=f"round {r + 1}/{self.fed.rounds} loss {metrics.get('round/train/loss', float('nan')):.4f}")
-                self.console.print(self._round_line(r, metrics))
+                self.console.print(self._round_line(r, metrics), soft_wrap=True)
         for lg in self.loggers:
             lg.save()
 
@@ -228,9 +232,10 @@ class FederatedLoop:
                            ("round/train/loss_remote", "remote")):
             if key in m:
                 parts.append(f"{label} {m[key]:.4f}")
-        mb = (m.get("round/comm/weights_up_bytes", 0) + m.get("round/comm/weights_down_bytes", 0)) / 2**20
-        fk = (m.get("round/comm/features_up_bytes", 0) + m.get("round/comm/features_down_bytes", 0)) / 2**10
-        parts.append(f"weights {mb:.1f} MiB, features {fk:.0f} KiB")
+        up = m.get("round/comm/weights_up_bytes", 0) / 2**20
+        down = m.get("round/comm/weights_down_bytes", 0) / 2**20
+        feats = m.get("round/comm/features_up_bytes", 0) / 2**10
+        parts.append(f"weights up {up:.1f} / down {down:.1f} MiB, features shared {feats:.0f} KiB")
         parts.append(f"{m['round/time/total_s']:.1f} s")
         return " | ".join(parts)
 

@@ -76,6 +76,14 @@ class FederatedModule(pl.LightningModule):
         """The loader this module trains on for ``client``."""
         raise NotImplementedError
 
+    def val_loader(self, datamodule: Any, client: int) -> DataLoader | None:
+        """The loader this module validates on for ``client`` (``None``: no validation)."""
+        return None
+
+    def num_samples(self, datamodule: Any, client: int) -> int:
+        """The client's weight in FedAvg: its number of training volumes."""
+        return datamodule.num_train_samples(client)
+
     def receive_features(self, entries: BankEntries | None) -> None:
         """Take the vectors other clients shared (only modules that exchange features)."""
 

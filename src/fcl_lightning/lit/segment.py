@@ -1,0 +1,152 @@
+"""Stage 2: U-Net segmentation fine-tuning from the pre-trained encoder, evaluated on whole volumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from jsonargparse import lazy_instance
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from monai.losses import DiceCELoss
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fcl_lightning.evaluation import predict_volume, volume_metrics
+from fcl_lightning.lit.base import FederatedModule
+from fcl_lightning.models.encoder import DEFAULT_FEATURES
+from fcl_lightning.models.unet import UNet
+
+
+class PretrainedWeightsError(ValueError):
+    """A pre-trained file that does not fit the U-Net encoder; names the file and the keys."""
+
+
+def encoder_state_from_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read encoder weights from ``encoder.pt`` (plain state dict) or a federated round checkpoint
+    (its global ``encoder.*`` weights), always with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise PretrainedWeightsError(f"pretrained weights {path} do not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise PretrainedWeightsError(f"cannot read pretrained weights {path}: {type(exc).__name__}: {exc}") from exc
+    if isinstance(obj, dict) and "format" in obj and "global" in obj:
+        obj = {k[len("encoder."):]: v for k, v in obj["global"].items() if k.startswith("encoder.")}
+    elif isinstance(obj, dict) and "state_dict" in obj:  # a Lightning checkpoint of the pre-training module
+        obj = {k[len("encoder."):]: v for k, v in obj["state_dict"].items() if k.startswith("encoder.")}
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise PretrainedWeightsError(f"{path} holds no encoder state dict")
+    return obj
+
+
+def load_encoder(net: UNet, state: dict[str, torch.Tensor], source: str = "pretrained weights") -> None:
+    """Load ``state`` into ``net.encoder``; any missing, unexpected or mis-shaped key is an error
+    listing them all (never a silent partial load)."""
+    own = net.encoder.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                    for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        raise PretrainedWeightsError(
+            f"{source} do not fit the U-Net encoder: missing keys {missing}, unexpected keys {unexpected}, "
+            f"shape mismatches {shapes}"
+        )
+    net.encoder.load_state_dict(state, strict=True)
+
+
+class VolumeDataset(torch.utils.data.Dataset):
+    """Whole labelled volumes for validation/test: one item per volume."""
+
+    def __init__(self, volumes: list) -> None:
+        self.volumes = volumes
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        v = self.volumes[i]
+        return {"image": v.image, "label": v.label, "spacing": torch.tensor(v.spacing), "index": i}
+
+
+class SegmentationModule(FederatedModule):
+    """2D U-Net fine-tuned on labelled slices, validated on whole volumes (3D Dice per structure).
+
+    Args:
+        features, norm: U-Net encoder architecture (must match pre-training).
+        num_classes: output classes (ACDC: background, RV, Myo, LV).
+        pretrained: ``encoder.pt`` or a federated pre-training checkpoint; ``None``: random init.
+        freeze_encoder_epochs: keep the encoder frozen for this many epochs (per client Trainer).
+        loss: segmentation loss (MONAI ``DiceCELoss`` on softmax / one-hot labels by default).
+        optimizer, scheduler: optimiser and optional LR scheduler factories.
+        eval_batch_size: slices per forward pass when predicting a volume.
+    """
+
+    global_prefixes = ("net.",)
+
+    def __init__(
+        self,
+        features: list[int] = list(DEFAULT_FEATURES),
+        norm: str = "instance",
+        num_classes: int = 4,
+        pretrained: str | None = None,
+        freeze_encoder_epochs: int = 0,
+        loss: nn.Module = lazy_instance(DiceCELoss, to_onehot_y=True, softmax=True),
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        scheduler: LRSchedulerCallable | None = None,
+        eval_batch_size: int = 32,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
+        self.net = UNet(1, num_classes, features, norm)
+        if pretrained:
+            load_encoder(self.net, encoder_state_from_file(pretrained), f"pretrained weights {pretrained}")
+        self.loss_fn = loss
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.freeze_encoder_epochs, self.eval_batch_size = freeze_encoder_epochs, eval_batch_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def on_train_epoch_start(self) -> None:
+        frozen = self.current_epoch < self.freeze_encoder_epochs
+        for p in self.net.encoder.parameters():
+            p.requires_grad_(not frozen)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.loss_fn(self.net(batch["image"]), batch["label"])
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def _volume_step(self, batch: dict[str, Any], prefix: str) -> dict[str, float]:
+        pred = predict_volume(self.net, batch["image"], self.eval_batch_size)
+        m = volume_metrics(pred, batch["label"], tuple(float(s) for s in batch["spacing"]))
+        for k, v in m.items():
+            if k.startswith("dice") or v == v:  # skip nan HD95 in the epoch mean
+                self.log(f"{prefix}/{k}", v, on_step=False, on_epoch=True, batch_size=1)
+        return m
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._volume_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._volume_step(batch, "test")
+
+    def configure_optimizers(self) -> Any:
+        opt = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": self.scheduler_factory(opt)}
+
+    # ---------------------------------------------------------- federation
+    def train_loader(self, datamodule: Any, client: int, seed: int) -> DataLoader:
+        return datamodule.finetune_loader(client, seed)
+
+    def val_loader(self, datamodule: Any, client: int) -> DataLoader | None:
+        vols = datamodule.val[client]
+        return DataLoader(VolumeDataset(vols), batch_size=None) if vols else None
+
+    def num_samples(self, datamodule: Any, client: int) -> int:
+        return len(datamodule.labelled_volumes(client))
