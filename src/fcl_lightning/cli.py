@@ -40,6 +40,10 @@ class FCLCLI(LightningCLI):
         parser.add_class_arguments(Federation, "federation")
         parser.set_defaults({"model": lazy_instance(ContrastivePretrainModule)})
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning would read model hyper-parameters from ``ckpt_path`` here; a federated
+        checkpoint carries its resolved config instead, and ``fit`` validates the file itself."""
+
     def before_instantiate_classes(self) -> None:
         """Default logger: a CSVLogger under ``default_root_dir`` (wandb etc. via ``trainer.logger``)."""
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config

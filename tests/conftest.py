@@ -1,0 +1,30 @@
+import os
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def tiny_args(root, rounds=2, clients=2, extra=()):
+    """A seconds-long pre-training run on a tiny phantom (small encoder, 32 px)."""
+    return [
+        "fit",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.accelerator=cpu",
+        f"--data.num_clients={clients}",
+        "--data.source.num_subjects=8",
+        "--data.source.size=64",
+        "--data.img_size=32",
+        "--data.volumes_per_batch=2",
+        "--model.features=[8,16,16,16]",
+        "--model.proj_hidden=32",
+        "--model.proj_dim=16",
+        "--model.objective.num_negatives=32",
+        f"--federation.rounds={rounds}",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def tiny():
+    return tiny_args

@@ -1,0 +1,83 @@
+"""The pre-training CLI end to end on the phantom: outputs, checkpoints, resume equivalence."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from fcl_lightning.cli import main
+from fcl_lightning.federation.checkpoint import CheckpointError, load_checkpoint
+
+
+def test_help_lists_sections(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    for section in ("--model", "--data", "--trainer", "--federation", "--ckpt_path", "--seed_everything"):
+        assert section in out
+
+
+def test_print_config_is_complete(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--print_config"])
+    out = capsys.readouterr().out
+    for key in ("federation:", "aggregator:", "FCLObjective", "PhantomSource", "trainer:", "seed_everything: 0"):
+        assert key in out
+
+
+def test_two_clients_two_rounds(tmp_path, tiny):
+    main(tiny(tmp_path))
+    ck = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["last.ckpt", "round-001.ckpt", "round-002.ckpt"]
+    ckpt = load_checkpoint(ck / "last.ckpt")
+    assert ckpt["round"] == 2 and set(ckpt["clients"]) == {"0", "1"}
+    assert set(ckpt["inbox"]) == {"0", "1"}
+    # each client's remote bank holds only the other client's vectors
+    for c, inbox in ckpt["inbox"].items():
+        assert set(inbox["clients"].tolist()) == {1 - int(c)}
+        assert inbox["vectors"].shape[1] == 16
+    assert "momentum_encoder.conv_0.conv_0.conv.weight" in ckpt["clients"]["0"]["modules"]
+    assert "optimizer" in ckpt["clients"]["0"]
+    enc = torch.load(tmp_path / "encoder.pt", weights_only=True)
+    assert torch.equal(enc["conv_0.conv_0.conv.weight"], ckpt["global"]["encoder.conv_0.conv_0.conv.weight"])
+    summary = json.loads((tmp_path / "summary.json").read_text())["pretrain"]
+    assert summary["rounds_completed"] == 2
+    assert summary["bytes"]["features_up"] > 0 and summary["bytes"]["weights_up"] > 0
+    assert summary["final"]["train/loss"] > 0
+    metrics = (next((tmp_path / "logs").glob("version_*")) / "metrics.csv").read_text().splitlines()[0]
+    for key in ("round/train/loss", "client0/train/loss_local", "client1/train/loss_remote", "round/comm/features_up_bytes"):
+        assert key in metrics
+
+
+def test_resume_gives_same_final_weights(tmp_path, tiny):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    main(tiny(full, rounds=3))
+    main(tiny(cut, rounds=3))
+    # simulate a crash after round 2: only round 2's checkpoint survives as last.ckpt
+    shutil.copy(cut / "checkpoints" / "round-002.ckpt", cut / "checkpoints" / "last.ckpt")
+    (cut / "encoder.pt").unlink()
+    main(tiny(cut, rounds=3, extra=["--ckpt_path=last"]))
+    a = torch.load(full / "encoder.pt", weights_only=True)
+    b = torch.load(cut / "encoder.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ca, cb = load_checkpoint(full / "checkpoints/last.ckpt"), load_checkpoint(cut / "checkpoints/last.ckpt")
+    for k, v in ca["clients"]["1"]["modules"].items():
+        assert torch.equal(v, cb["clients"]["1"]["modules"][k]), k
+
+
+def test_no_exchange_ablation(tmp_path, tiny):
+    main(tiny(tmp_path, rounds=1, extra=["--federation.exchange=false"]))
+    ckpt = load_checkpoint(tmp_path / "checkpoints/last.ckpt")
+    assert ckpt["inbox"] == {} and ckpt["comm"]["features_up"] == 0
+
+
+def test_bad_checkpoint_is_a_clear_error(tmp_path, tiny):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        main(tiny(tmp_path, rounds=1, extra=["--ckpt_path=last"]))
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        main(tiny(tmp_path, rounds=1, extra=[f"--ckpt_path={bad}"]))
