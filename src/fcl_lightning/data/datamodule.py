@@ -130,11 +130,12 @@ class FederatedDataModule(pl.LightningDataModule):
         """Training volumes of a client (the FedAvg weight)."""
         return len(self.train[client])
 
-    def labelled_volumes(self, client: int) -> list[Volume]:
-        """Both frames of the first ``labelled_per_client`` training patients of the client."""
-        if self.labelled_per_client is None:
+    def labelled_volumes(self, client: int, n: int | None = None) -> list[Volume]:
+        """Both frames of the first ``n`` (default ``labelled_per_client``) training patients of a client."""
+        n = self.labelled_per_client if n is None else n
+        if n is None:
             return self.train[client]
-        keep = set(self.train_patients[client][: self.labelled_per_client])
+        keep = set(self.train_patients[client][:n])
         return [v for v in self.train[client] if v.record.patient in keep]
 
     def pretrain_loader(self, client: int, seed: int) -> DataLoader:
@@ -149,10 +150,15 @@ class FederatedDataModule(pl.LightningDataModule):
             persistent_workers=False,
         )
 
-    def finetune_loader(self, client: int, seed: int) -> DataLoader:
-        """Labelled 2D slices of the client's labelled patients."""
+    def eval_volumes(self, client: int) -> list[Volume]:
+        """What a client's model is scored on: the held-out test set if there is one, else the
+        client's own validation patients (never its training patients)."""
+        return self.test if self.test else self.val[client]
+
+    def finetune_loader(self, client: int, seed: int, n: int | None = None) -> DataLoader:
+        """Labelled 2D slices of the client's first ``n`` labelled patients."""
         ds = LabelledSliceDataset(
-            self.labelled_volumes(client), finetune_augment(self.augment_cfg) if self.augment_finetune else None, seed
+            self.labelled_volumes(client, n), finetune_augment(self.augment_cfg) if self.augment_finetune else None, seed
         )
         return DataLoader(ds, batch_size=self.batch_size, sampler=EpochKeySampler(len(ds), seed),
                           num_workers=self.num_workers)

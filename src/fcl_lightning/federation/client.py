@@ -50,7 +50,7 @@ def quiet_lightning() -> Iterator[None]:
     prev = lg.level
     lg.setLevel(logging.WARNING)
     with warnings.catch_warnings():
-        for msg in (".*does not have many workers.*", ".*number of training batches.*", ".*LeafSpec.*",
+        for msg in (".*does not have many workers.*", ".*but have no `val_dataloader`.*", ".*number of training batches.*", ".*LeafSpec.*",
                     ".*litlogger.*"):
             warnings.filterwarnings("ignore", message=msg)
         try:
@@ -85,6 +85,7 @@ def client_step(
     module = runtime.module
     module.keep_optimizer_state = runtime.keep_optimizer_state
     module.round_progress = (round_idx, runtime.rounds)
+    module.train()
     module.load_global_state(global_weights)
     module.load_client_state(state)
     module.receive_features(remote)

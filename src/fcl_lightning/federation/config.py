@@ -6,6 +6,7 @@ from typing import Literal
 
 from jsonargparse import lazy_instance
 
+from fcl_lightning.downstream import DownstreamEvaluation
 from fcl_lightning.fcl.aggregate import Aggregator, FedAvg
 
 
@@ -25,6 +26,8 @@ class Federation:
             "FedAvg + partition loss" ablation).
         exchange_per_partition: vectors each client shares per partition (``None``: all its slices).
         keep_optimizer_state: keep each client's optimiser state across rounds.
+        downstream: opt-in downstream evaluation after pre-training (and every k rounds): brief
+            fine-tuning from the global encoder and from random init; logs ``downstream/*``.
         checkpoint_every: write ``round-NNN.ckpt`` every this many rounds (``last.ckpt`` always).
     """
 
@@ -40,6 +43,7 @@ class Federation:
         exchange_per_partition: int | None = None,
         keep_optimizer_state: bool = True,
         checkpoint_every: int = 1,
+        downstream: DownstreamEvaluation | None = None,
     ) -> None:
         if rounds < 1 or local_epochs < 1:
             raise ValueError(f"rounds and local_epochs must be >= 1 (got {rounds}, {local_epochs})")
@@ -52,3 +56,4 @@ class Federation:
         self.exchange_per_partition, self.keep_optimizer_state = exchange_per_partition, keep_optimizer_state
         self.checkpoint_every = checkpoint_every
         self.local_steps = local_steps
+        self.downstream = downstream

@@ -181,15 +181,25 @@ class FederatedLoop:
                 metrics["round/time/checkpoint_s"] = time.perf_counter() - t2
                 metrics["round/time/total_s"] = time.perf_counter() - t0
                 history[-1].update({k: metrics[k] for k in ("round/time/checkpoint_s", "round/time/total_s")})
+                ds = self.fed.downstream
+                if ds is not None and ds.every_n_rounds and (r + 1) % ds.every_n_rounds == 0 and r + 1 < self.fed.rounds:
+                    self.module.load_global_state(global_w)
+                    metrics.update(ds.run(self.module, self.dm, self.root, self.seed, self.console, final=False))
                 self.log_metrics(metrics, step=r + 1)
                 progress.update(task, advance=1, info=f"round {r + 1}/{self.fed.rounds} loss {metrics.get('round/train/loss', float('nan')):.4f}")
                 self.console.print(self._round_line(r, metrics), soft_wrap=True)
-        for lg in self.loggers:
-            lg.save()
-
         if self.fed.mode == "federated":
             self.module.load_global_state(global_w)
         summary = self._finish(global_w, client_w, history, comm, elapsed, time.perf_counter() - t_run)
+        if self.fed.downstream is not None and self.fed.mode == "federated" and hasattr(self.module, "encoder_state"):
+            t0 = time.perf_counter()
+            down = self.fed.downstream.run(self.module, self.dm, self.root, self.seed, self.console)
+            down["downstream/time_s"] = time.perf_counter() - t0
+            self.log_metrics(down, step=self.fed.rounds)
+            update_summary(self.root, down)
+            summary.update(down)
+        for lg in self.loggers:
+            lg.save()
         return summary
 
     # ------------------------------------------------------------- pieces

@@ -3,6 +3,7 @@ partition-aware objective). The objective is a plug-in; this module only wires t
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -57,7 +58,7 @@ class ContrastivePretrainModule(FederatedModule):
         self.save_hyperparameters(ignore=["objective", "optimizer"])
         self.encoder = UNetEncoder(1, features, norm)
         self.head = ProjectionHead(self.encoder.features[-1], 4, proj_hidden, proj_dim)
-        self.objective = objective
+        self.objective = copy.deepcopy(objective)  # a config default instance is shared; never mutate it
         self.use_momentum = use_momentum
         self.momentum_encoder = make_momentum_copy(self.encoder)
         self.momentum_head = make_momentum_copy(self.head)

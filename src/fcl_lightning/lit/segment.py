@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,7 @@ class SegmentationModule(FederatedModule):
         self.net = UNet(1, num_classes, features, norm)
         if pretrained:
             load_encoder(self.net, encoder_state_from_file(pretrained), f"pretrained weights {pretrained}")
-        self.loss_fn = loss
+        self.loss_fn = copy.deepcopy(loss)  # a config default instance is shared; never mutate it
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.freeze_encoder_epochs, self.eval_batch_size = freeze_encoder_epochs, eval_batch_size
 

@@ -1,0 +1,134 @@
+"""Downstream evaluation: fine-tune briefly from an encoder and from random init on a few
+labelled patients per client, score on held-out volumes. It is the figure sweeps optimise
+(``downstream/fcl/dice_mean``) and what the demo prints."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from fcl_lightning.fcl.partition import partition_of
+from fcl_lightning.evaluation import STRUCTURES, evaluate_volumes, predict_volume, summarize
+from fcl_lightning.federation.client import quiet_lightning, seed_all
+from fcl_lightning.lit.segment import SegmentationModule, load_encoder
+
+
+class DownstreamEvaluation:
+    """Local fine-tuning (each client alone) from the pre-trained encoder vs random init.
+
+    Args:
+        labelled_per_client: N labelled patients (both frames) per client.
+        steps: optimiser steps of each fine-tuning run.
+        lr: Adam learning rate of the fine-tuning.
+        every_n_rounds: also run after every this many pre-training rounds (``None``: only at the end).
+        compare_random: also fine-tune from random init (the baseline column).
+        clients: which clients fine-tune (``None``: all).
+        figure: write ``downstream.png`` (examples) and ``embedding.png`` (PCA of features by partition).
+        accelerator: Lightning accelerator of the fine-tuning Trainers.
+    """
+
+    def __init__(
+        self,
+        labelled_per_client: int = 1,
+        steps: int = 100,
+        lr: float = 1e-3,
+        every_n_rounds: int | None = None,
+        compare_random: bool = True,
+        clients: list[int] | None = None,
+        figure: bool = True,
+        accelerator: str = "auto",
+    ) -> None:
+        self.labelled_per_client, self.steps, self.lr = labelled_per_client, steps, lr
+        self.every_n_rounds, self.compare_random, self.clients = every_n_rounds, compare_random, clients
+        self.figure, self.accelerator = figure, accelerator
+
+    def finetune(self, encoder: dict[str, torch.Tensor] | None, features: list[int], norm: str,
+                 datamodule: Any, client: int, seed: int) -> SegmentationModule:
+        """One client's fine-tuning run from ``encoder`` (``None``: random init)."""
+        seed_all(seed)
+        module = SegmentationModule(features=features, norm=norm,
+                                    optimizer=lambda p: torch.optim.Adam(p, lr=self.lr))
+        if encoder is not None:
+            load_encoder(module.net, encoder, "pre-trained encoder")
+        loader = datamodule.finetune_loader(client, seed, self.labelled_per_client)
+        with quiet_lightning():
+            trainer = pl.Trainer(max_steps=self.steps, max_epochs=-1, logger=False, enable_checkpointing=False,
+                                 enable_progress_bar=False, enable_model_summary=False, accelerator=self.accelerator)
+            trainer.fit(module, train_dataloaders=loader)
+        return module.eval()
+
+    def run(self, pretrain_module: Any, datamodule: Any, root: str | Path, seed: int,
+            console: Console | None = None, final: bool = True) -> dict[str, float]:
+        """Fine-tune and score every client from the module's encoder (and from random init)."""
+        features, norm = list(pretrain_module.encoder.features), pretrain_module.hparams.get("norm", "instance")
+        encoder = pretrain_module.encoder_state()
+        clients = self.clients if self.clients is not None else list(range(datamodule.num_clients))
+        inits = {"fcl": encoder, **({"random": None} if self.compare_random else {})}
+        per_client: dict[str, list[dict[str, float]]] = {k: [] for k in inits}
+        example_nets: dict[str, torch.nn.Module] = {}
+        for c in clients:
+            vols = datamodule.eval_volumes(c)
+            if not vols:
+                raise ValueError(f"client {c} has no held-out volumes to score (set data.test_source or val_fraction > 0)")
+            for name, enc in inits.items():
+                module = self.finetune(enc, features, norm, datamodule, c, seed * 31 + c)
+                per_client[name].append(summarize(evaluate_volumes(module.net, vols)))
+                if c == clients[0]:
+                    example_nets[name] = module.net
+        metrics: dict[str, float] = {}
+        for name, rows in per_client.items():
+            for key in [f"dice_{s}" for s in STRUCTURES] + ["dice_mean", "hd95_mean"]:
+                vals = np.array([r[key] for r in rows], dtype=float)
+                metrics[f"downstream/{name}/{key}"] = float(np.nanmean(vals)) if not np.isnan(vals).all() else math.nan
+                metrics[f"downstream/{name}/{key}_std"] = float(np.nanstd(vals)) if not np.isnan(vals).all() else math.nan
+            for c, r in zip(clients, rows):
+                metrics[f"downstream/{name}/client{c}/dice_mean"] = r["dice_mean"]
+        if console is not None:
+            console.print(self.table(metrics, list(inits), len(clients)))
+        if self.figure and final:
+            self.save_figures(Path(root), pretrain_module, datamodule, example_nets, clients[0])
+        return metrics
+
+    def table(self, metrics: dict[str, float], inits: list[str], n_clients: int) -> Table:
+        t = Table(title=f"Downstream Dice, local fine-tuning with N={self.labelled_per_client} labelled "
+                        f"patient(s) per client, mean ± std over {n_clients} clients")
+        t.add_column("init")
+        for s in (*STRUCTURES, "mean"):
+            t.add_column(f"Dice {s.upper() if s != 'mean' else s}", justify="right")
+        t.add_column("HD95 mean (mm)", justify="right")
+        for name in inits:
+            cells = [f"{metrics[f'downstream/{name}/dice_{s}']:.3f} ± {metrics[f'downstream/{name}/dice_{s}_std']:.3f}"
+                     for s in (*STRUCTURES, "mean")]
+            t.add_row("FCL encoder" if name == "fcl" else "random init", *cells,
+                      f"{metrics[f'downstream/{name}/hd95_mean']:.1f}")
+        return t
+
+    def save_figures(self, root: Path, pretrain_module: Any, datamodule: Any, nets: dict[str, torch.nn.Module], client: int) -> None:
+        from fcl_lightning.figures import save_embedding_figure, save_example_figure
+
+        vol = datamodule.eval_volumes(client)[0]
+        d = vol.num_slices
+        zs = sorted({d // 5, d // 2, (4 * d) // 5})
+        preds = {name: predict_volume(net, vol.image) for name, net in nets.items()}
+        columns = {"ground truth": [vol.label[0, :, :, z].numpy() for z in zs]}
+        for name, pred in preds.items():
+            columns["FCL init" if name == "fcl" else "random init"] = [pred[0, :, :, z].cpu().numpy() for z in zs]
+        save_example_figure(root / "downstream.png", [vol.image[0, :, :, z].numpy() for z in zs], columns,
+                            title=f"{vol.record.key}: N={self.labelled_per_client} labelled patient(s), {self.steps} steps",
+                            row_labels=[f"slice {z}/{d}" for z in zs])
+        feats, parts = [], []
+        pretrain_module.eval()
+        with torch.no_grad():
+            for v in datamodule.eval_volumes(client)[:20]:
+                x = v.image.permute(3, 0, 1, 2).to(pretrain_module.device)
+                feats.append(pretrain_module.embed(x).cpu().numpy())
+                parts.append(partition_of(np.arange(v.num_slices), v.num_slices, datamodule.num_partitions))
+        save_embedding_figure(root / "embedding.png", np.concatenate(feats), np.concatenate(parts),
+                              title="pre-trained features of held-out slices (PCA), by partition")
