@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace, lazy_instance
+from rich.console import Console
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from fcl_lightning.data.datamodule import FederatedDataModule
 from fcl_lightning.federation.checkpoint import atomic_write_text
 from fcl_lightning.federation.config import Federation
+from fcl_lightning.federation.evaluate import evaluate_run
 from fcl_lightning.federation.loop import FederatedLoop
 from fcl_lightning.lit.base import FederatedModule
 from fcl_lightning.lit.pretrain import ContrastivePretrainModule
@@ -73,6 +75,23 @@ class FCLCLI(LightningCLI):
             config_text=config_text,
         )
         loop.run(ckpt_path)
+
+
+    def _evaluate(self, stage: str, model: FederatedModule, datamodule: FederatedDataModule | None,
+                  ckpt_path: str | None) -> None:
+        if datamodule is None:
+            raise ValueError(f"fcl-lightning {stage} needs a data section (data: ...)")
+        evaluate_run(model, datamodule, ckpt_path, self.trainer.default_root_dir, stage, Console(stderr=True))
+
+    def test(self, model: FederatedModule, datamodule: FederatedDataModule | None = None,
+             ckpt_path: str | None = None, **_: Any) -> None:
+        """Score the run's checkpoint on held-out volumes; writes ``test_per_patient.csv`` and ``test/*``."""
+        self._evaluate("test", model, datamodule, ckpt_path)
+
+    def validate(self, model: FederatedModule, datamodule: FederatedDataModule | None = None,
+                 ckpt_path: str | None = None, **_: Any) -> None:
+        """Score the run's checkpoint on each client's validation patients (``val/*``)."""
+        self._evaluate("val", model, datamodule, ckpt_path)
 
 
 def main(args: list[str] | None = None) -> None:

@@ -52,8 +52,8 @@ class ACDCSource(VolumeSource):
     ``load()`` reads and validates file content.
     """
 
-    def __init__(self, root: str, patients: str = "1-100", frames: tuple[str, ...] = FRAMES) -> None:
-        self.root = Path(root).expanduser()
+    def __init__(self, root: str = "", patients: str = "1-100", frames: tuple[str, ...] = FRAMES) -> None:
+        self.root = Path(root).expanduser() if str(root) else None
         self.patient_ids = parse_id_range(patients)
         frames = tuple(frames)
         bad = [f for f in frames if f not in FRAMES]
@@ -68,6 +68,8 @@ class ACDCSource(VolumeSource):
         return list(self._records)
 
     def _scan(self) -> list[VolumeRecord]:
+        if self.root is None:
+            raise DataError("ACDC root not set: pass --data.root PATH (the folder holding patientXXX folders)")
         if not self.root.is_dir():
             raise DataError(f"ACDC root folder not found: {self.root}")
         out: list[VolumeRecord] = []

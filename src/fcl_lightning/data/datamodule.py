@@ -7,6 +7,7 @@ pre-training batches or labelled slices) is the LightningModule's choice.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -22,7 +23,7 @@ from fcl_lightning.data.datasets import (
 )
 from fcl_lightning.data.phantom import PhantomSource
 from fcl_lightning.data.preprocess import Preprocessor, load_volumes
-from fcl_lightning.data.split import federated_split, train_val_split
+from fcl_lightning.data.split import federated_split, kfold_split, train_val_split
 from fcl_lightning.data.volume import DataError, Volume, VolumeSource
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,12 @@ class FederatedDataModule(pl.LightningDataModule):
         split: ``iid`` (random), ``group`` (non-IID by diagnostic group) or ``site`` (the
             source's own site/client ids, e.g. a manifest's ``client`` column).
         val_fraction: share of each client's patients held out for validation.
+        cv_folds: if set, k-fold cross-validation inside each client (the paper's protocol): fold
+            ``cv_fold`` of each client's patients is held out and scored, the rest is training data.
+        cv_fold: which fold is held out.
         test_source: a separate held-out test set (another root or id range); ``None``: none.
+        root: shortcut that sets ``root`` of ``source`` and ``test_source`` when they have one
+            (so ``--data.root PATH`` points an ACDC config at your copy of the data).
         num_partitions: S, partitions per volume along the slice axis.
         volumes_per_batch: V, volumes per pre-training batch (a batch holds V * S slices).
         batch_size: slices per fine-tuning batch.
@@ -58,7 +64,10 @@ class FederatedDataModule(pl.LightningDataModule):
         num_clients: int = 4,
         split: Literal["iid", "group", "site"] = "iid",
         val_fraction: float = 0.2,
+        cv_folds: int | None = None,
+        cv_fold: int = 0,
         test_source: VolumeSource | None = None,
+        root: str | None = None,
         num_partitions: int = 4,
         volumes_per_batch: int = 3,
         batch_size: int = 16,
@@ -79,9 +88,16 @@ class FederatedDataModule(pl.LightningDataModule):
         if num_partitions < 1 or volumes_per_batch < 1:
             raise ValueError("num_partitions and volumes_per_batch must be >= 1")
         self.source, self.test_source = source, test_source
+        if root:
+            for src in (source, test_source):
+                if src is not None and hasattr(src, "root"):
+                    src.root = Path(root).expanduser()
+                    if hasattr(src, "_records"):
+                        src._records = None
         self.num_clients, self.split, self.val_fraction = num_clients, split, val_fraction
         self.num_partitions, self.volumes_per_batch, self.batch_size = num_partitions, volumes_per_batch, batch_size
         self.labelled_per_client = labelled_per_client
+        self.cv_folds, self.cv_fold = cv_folds, cv_fold
         self.preprocessor = Preprocessor(spacing=spacing, size=img_size, cache_dir=cache_dir)
         self.augment_cfg, self.augment_pretrain, self.augment_finetune = augment, augment_pretrain, augment_finetune
         self.two_views, self.num_workers, self.seed = two_views, num_workers, seed
@@ -103,7 +119,10 @@ class FederatedDataModule(pl.LightningDataModule):
         self.volume_ids: list[list[int]] = []
         next_id = 0
         for c, patients in enumerate(clients):
-            tr, va = train_val_split(patients, self.val_fraction, self.seed + c)
+            if self.cv_folds:
+                tr, va = kfold_split(patients, self.cv_folds, self.cv_fold, self.seed + c)
+            else:
+                tr, va = train_val_split(patients, self.val_fraction, self.seed + c)
             self.train_patients.append(tr)
             tr_vols = load_volumes(self.source, [r for p in tr for r in by_patient[p]], self.preprocessor)
             va_vols = load_volumes(self.source, [r for p in va for r in by_patient[p]], self.preprocessor)
@@ -151,9 +170,12 @@ class FederatedDataModule(pl.LightningDataModule):
         )
 
     def eval_volumes(self, client: int) -> list[Volume]:
-        """What a client's model is scored on: the held-out test set if there is one, else the
-        client's own validation patients (never its training patients)."""
-        return self.test if self.test else self.val[client]
+        """What a client's model is scored on: its held-out cross-validation fold when ``cv_folds``
+        is set, else the held-out test set if there is one, else the client's own validation
+        patients (never its training patients)."""
+        if self.cv_folds or not self.test:
+            return self.val[client]
+        return self.test
 
     def finetune_loader(self, client: int, seed: int, n: int | None = None) -> DataLoader:
         """Labelled 2D slices of the client's first ``n`` labelled patients."""

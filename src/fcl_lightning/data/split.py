@@ -123,3 +123,17 @@ def train_val_split(patients: list[str], val_fraction: float, seed: int) -> tupl
     train = [p for i, p in enumerate(patients) if i not in val_idx]
     val = [p for i, p in enumerate(patients) if i in val_idx]
     return train, val
+
+
+def kfold_split(patients: list[str], num_folds: int, fold: int, seed: int) -> tuple[list[str], list[str]]:
+    """``(train, held_out)`` for fold ``fold`` of a seeded ``num_folds``-fold split of ``patients``
+    (the paper's cross-validation inside each client); both keep the input order."""
+    if num_folds < 2:
+        raise ValueError(f"cv_folds must be >= 2, got {num_folds}")
+    if not 0 <= fold < num_folds:
+        raise ValueError(f"cv_fold must be in [0, {num_folds}), got {fold}")
+    if len(patients) < num_folds:
+        raise DataError(f"{len(patients)} patients cannot be split into {num_folds} folds")
+    order = np.random.default_rng(seed).permutation(len(patients))
+    held = set(np.array_split(order, num_folds)[fold].tolist())
+    return [p for i, p in enumerate(patients) if i not in held], [p for i, p in enumerate(patients) if i in held]

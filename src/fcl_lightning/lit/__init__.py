@@ -2,5 +2,6 @@
 
 from fcl_lightning.lit.base import FederatedModule
 from fcl_lightning.lit.pretrain import ContrastivePretrainModule
+from fcl_lightning.lit.segment import SegmentationModule
 
-__all__ = ["FederatedModule", "ContrastivePretrainModule"]
+__all__ = ["FederatedModule", "ContrastivePretrainModule", "SegmentationModule"]

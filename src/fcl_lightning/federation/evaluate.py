@@ -1,0 +1,74 @@
+"""``test`` / ``validate`` of a fine-tuned run: load its checkpoint, score every client's model on
+whole held-out volumes, write a per-patient CSV and the ``test/*`` (``val/*``) summary keys."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from fcl_lightning.evaluation import STRUCTURES, evaluate_volumes, summarize, write_rows_csv
+from fcl_lightning.federation.checkpoint import load_checkpoint, resolve_ckpt_path, update_summary
+
+SUMMARY_KEYS = tuple(f"dice_{s}" for s in STRUCTURES) + ("dice_mean", "hd95_mean")
+
+
+def evaluate_run(module: Any, datamodule: Any, ckpt_path: str | None, root: str | Path,
+                 stage: str = "test", console: Console | None = None) -> dict[str, float]:
+    """Score the run in ``ckpt_path`` (``last`` = ``<root>/checkpoints/last.ckpt``; ``None``: the
+    module as configured). Federated runs have one global model; local runs one model per client,
+    and the summary is then the mean +- std over clients, as in the paper's tables."""
+    if not hasattr(module, "net"):
+        raise TypeError(f"{stage} scores segmentation models; {type(module).__name__} is a pre-training module "
+                        "(use federation.downstream to evaluate an encoder)")
+    root = Path(root)
+    datamodule.setup(stage)
+    C = datamodule.num_clients
+    weights: dict[int, dict] = {}
+    path = resolve_ckpt_path(ckpt_path, root)
+    if path is not None:
+        ckpt = load_checkpoint(path)
+        weights = {int(c): w for c, w in ckpt["client_weights"].items()}
+        if not weights:
+            weights = {c: ckpt["global"] for c in range(C)}
+    else:
+        current = module.global_state()
+        weights = {c: current for c in range(C)}
+    rows: list[dict[str, Any]] = []
+    per_client: list[dict[str, float]] = []
+    shared_test = stage == "test" and datamodule.test and not datamodule.cv_folds
+    global_only = len({id(w) for w in weights.values()}) == 1
+    clients = [0] if (shared_test and global_only) else sorted(weights)
+    for c in clients:
+        vols = datamodule.eval_volumes(c) if stage == "test" else datamodule.val[c]
+        if not vols:
+            raise ValueError(f"client {c} has no {stage} volumes (set data.test_source, data.cv_folds or val_fraction)")
+        module.load_global_state(weights[c])
+        r = evaluate_volumes(module.net, vols, module.eval_batch_size)
+        for row in r:
+            row["client"] = "global" if (shared_test and global_only) else c
+        rows.extend(r)
+        per_client.append(summarize(r))
+    out: dict[str, float] = {}
+    for k in SUMMARY_KEYS:
+        vals = np.array([p[k] for p in per_client], dtype=float)
+        out[f"{stage}/{k}"] = float(np.nanmean(vals)) if not np.isnan(vals).all() else math.nan
+        if len(per_client) > 1:
+            out[f"{stage}/{k}_std"] = float(np.nanstd(vals)) if not np.isnan(vals).all() else math.nan
+    out[f"{stage}/num_volumes"] = len(rows)
+    write_rows_csv(rows, root / f"{stage}_per_patient.csv")
+    update_summary(root, out)
+    if console is not None:
+        t = Table(title=f"{stage}: {len(rows)} volumes, {len(per_client)} model(s)"
+                        + (" - mean ± std over clients" if len(per_client) > 1 else ""))
+        for k in SUMMARY_KEYS:
+            t.add_column(k, justify="right")
+        t.add_row(*[f"{out[f'{stage}/{k}']:.3f}" + (f" ± {out[f'{stage}/{k}_std']:.3f}" if len(per_client) > 1 else "")
+                    for k in SUMMARY_KEYS])
+        console.print(t)
+        console.print(f"per-patient rows: {root / f'{stage}_per_patient.csv'}; summary: {root / 'summary.json'}")
+    return out
