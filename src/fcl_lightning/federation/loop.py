@@ -110,7 +110,7 @@ class FederatedLoop:
         C = self.dm.num_clients
         runtime = ClientRuntime(
             self.module, self.dm, self.make_trainer, self.seed, self.fed.rounds,
-            exchange=self.fed.exchange and self.fed.mode == "federated",
+            exchange=self.fed.exchange and self.fed.mode == "federated" and self.module.shares_features,
             exchange_per_partition=self.fed.exchange_per_partition,
             keep_optimizer_state=self.fed.keep_optimizer_state,
         )

@@ -22,6 +22,8 @@ class FederatedModule(pl.LightningModule):
     """
 
     global_prefixes: tuple[str, ...] = ()
+    #: whether ``export_features`` shares vectors between rounds (FCL's feature exchange)
+    shares_features: bool = False
     #: state-dict prefixes that are neither global nor client state (re-sent by the server each round)
     transient_prefixes: tuple[str, ...] = ()
 

@@ -37,6 +37,7 @@ class ContrastivePretrainModule(FederatedModule):
 
     global_prefixes = ("encoder.", "head.", "objective.")
     transient_prefixes = ("remote_bank.",)
+    shares_features = True
 
     def __init__(
         self,

@@ -1,0 +1,115 @@
+"""Stage 2: encoder loading by key, a tiny fine-tune that learns, test outputs, the demo end to end."""
+
+import csv
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from fcl_lightning.cli import main
+from fcl_lightning.data.datamodule import FederatedDataModule
+from fcl_lightning.data.phantom import PhantomSource
+from fcl_lightning.evaluation import evaluate_volumes, summarize
+from fcl_lightning.lit.pretrain import ContrastivePretrainModule
+from fcl_lightning.lit.segment import PretrainedWeightsError, SegmentationModule
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = [8, 16, 16, 16]
+
+
+def test_pretrained_encoder_loads_by_key(tmp_path):
+    pre = ContrastivePretrainModule(features=SMALL, proj_hidden=32, proj_dim=16)
+    torch.save(pre.encoder_state(), tmp_path / "encoder.pt")
+    seg = SegmentationModule(features=SMALL, pretrained=str(tmp_path / "encoder.pt"))
+    for k, v in pre.encoder.state_dict().items():
+        assert torch.equal(seg.net.encoder.state_dict()[k], v), k
+    fresh = SegmentationModule(features=SMALL)
+    assert not torch.equal(fresh.net.encoder.conv_0.conv_0.conv.weight, seg.net.encoder.conv_0.conv_0.conv.weight)
+
+
+def test_pretrained_mismatch_lists_keys(tmp_path):
+    pre = ContrastivePretrainModule(features=[8, 16, 16], proj_hidden=32, proj_dim=16)
+    torch.save(pre.encoder_state(), tmp_path / "encoder.pt")
+    with pytest.raises(PretrainedWeightsError, match=r"missing keys \['down_3"):
+        SegmentationModule(features=SMALL, pretrained=str(tmp_path / "encoder.pt"))
+    wide = ContrastivePretrainModule(features=[4, 16, 16, 16], proj_hidden=32, proj_dim=16)
+    torch.save(wide.encoder_state(), tmp_path / "wide.pt")
+    with pytest.raises(PretrainedWeightsError, match="shape mismatches"):
+        SegmentationModule(features=SMALL, pretrained=str(tmp_path / "wide.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(PretrainedWeightsError, match="cannot read"):
+        SegmentationModule(features=SMALL, pretrained=str(tmp_path / "junk.pt"))
+    with pytest.raises(PretrainedWeightsError, match="do not exist"):
+        SegmentationModule(features=SMALL, pretrained=str(tmp_path / "nope.pt"))
+
+
+def test_loads_from_federated_checkpoint(tmp_path, tiny):
+    main(tiny(tmp_path, rounds=1))
+    seg = SegmentationModule(features=SMALL, pretrained=str(tmp_path / "checkpoints" / "last.ckpt"))
+    enc = torch.load(tmp_path / "encoder.pt", weights_only=True)
+    assert all(torch.equal(seg.net.encoder.state_dict()[k], v) for k, v in enc.items())
+
+
+def test_tiny_finetune_beats_untrained():
+    pl.seed_everything(0)
+    dm = FederatedDataModule(PhantomSource(num_subjects=6, size=64), num_clients=1, val_fraction=0.0,
+                             test_source=PhantomSource(num_subjects=2, size=64, seed=99), labelled_per_client=2,
+                             img_size=32, spacing=3.0, augment_finetune=False)
+    dm.setup()
+    seg = SegmentationModule(features=SMALL, optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
+    before = summarize(evaluate_volumes(seg.net, dm.test))["dice_mean"]
+    trainer = pl.Trainer(max_steps=60, max_epochs=-1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(seg, train_dataloaders=dm.finetune_loader(0, seed=0))
+    after = summarize(evaluate_volumes(seg.net, dm.test))["dice_mean"]
+    assert after > before + 0.2, (before, after)
+
+
+FINETUNE = [
+    "--config", str(REPO / "configs" / "demo_finetune.yaml"),
+    "--trainer.accelerator=cpu", "--model.features=[8,16,16,16]", "--data.img_size=32", "--data.spacing=3.0",
+    "--data.source.num_subjects=8", "--data.source.size=64", "--data.source.num_sites=2", "--data.test_source.num_subjects=2",
+    "--data.test_source.size=64", "--data.num_clients=2", "--federation.local_steps=5", "--federation.rounds=1",
+]
+
+
+@pytest.mark.parametrize("mode", ["local", "federated"])
+def test_finetune_fit_then_test_writes_csv_and_summary(tmp_path, mode):
+    args = [*FINETUNE, f"--trainer.default_root_dir={tmp_path}", f"--federation.mode={mode}"]
+    main(["fit", *args])
+    main(["test", *args, "--ckpt_path=last"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for k in ("test/dice_rv", "test/dice_myo", "test/dice_lv", "test/dice_mean", "test/hd95_mean"):
+        assert k in summary
+        assert summary[k] == summary[k] or k == "test/hd95_mean"
+    assert 0.0 <= summary["test/dice_mean"] <= 1.0
+    rows = list(csv.DictReader((tmp_path / "test_per_patient.csv").open()))
+    # 2 test subjects x 2 frames; local mode scores each client's own model
+    assert len(rows) == (8 if mode == "local" else 4)
+    assert {"key", "patient", "frame", "dice_mean", "hd95_mean", "client"} <= set(rows[0])
+    if mode == "local":
+        assert "test/dice_mean_std" in summary
+        assert {r["client"] for r in rows} == {"0", "1"}
+
+
+def test_test_refuses_pretraining_module(tmp_path, tiny):
+    with pytest.raises(TypeError, match="pre-training module"):
+        main(["test", *tiny(tmp_path)[1:]])
+
+
+def test_demo_config_end_to_end_reduced(tmp_path):
+    main([
+        "fit", "--config", str(REPO / "configs" / "demo.yaml"), f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.accelerator=cpu", "--model.features=[8,16,16,16]", "--model.proj_hidden=32",
+        "--data.img_size=32", "--data.spacing=3.0", "--data.source.num_subjects=8", "--data.source.size=64", "--data.source.num_sites=2",
+        "--data.test_source.num_subjects=2", "--data.test_source.size=64", "--data.num_clients=2",
+        "--federation.rounds=1", "--federation.local_epochs=1", "--federation.downstream.steps=5",
+    ])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for init in ("fcl", "random"):
+        assert 0.0 <= summary[f"downstream/{init}/dice_mean"] <= 1.0
+    for fig in ("downstream.png", "embedding.png"):
+        assert (tmp_path / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "encoder.pt").exists()
