@@ -81,7 +81,8 @@ class FCLCLI(LightningCLI):
                   ckpt_path: str | None) -> None:
         if datamodule is None:
             raise ValueError(f"fcl-lightning {stage} needs a data section (data: ...)")
-        evaluate_run(model, datamodule, ckpt_path, self.trainer.default_root_dir, stage, Console(stderr=True))
+        evaluate_run(model, datamodule, ckpt_path, self.trainer.default_root_dir, stage, Console(stderr=True),
+                     device=self.trainer.strategy.root_device)
 
     def test(self, model: FederatedModule, datamodule: FederatedDataModule | None = None,
              ckpt_path: str | None = None, **_: Any) -> None:

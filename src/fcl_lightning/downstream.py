@@ -62,12 +62,13 @@ class DownstreamEvaluation:
             trainer = pl.Trainer(max_steps=self.steps, max_epochs=-1, logger=False, enable_checkpointing=False,
                                  enable_progress_bar=False, enable_model_summary=False, accelerator=self.accelerator)
             trainer.fit(module, train_dataloaders=loader)
-        return module.eval()
+        return module.to(trainer.strategy.root_device).eval()  # score on the training device
 
     def run(self, pretrain_module: Any, datamodule: Any, root: str | Path, seed: int,
             console: Console | None = None, final: bool = True) -> dict[str, float]:
         """Fine-tune and score every client from the module's encoder (and from random init)."""
         features, norm = list(pretrain_module.encoder.features), pretrain_module.hparams.get("norm", "instance")
+        pretrain_module.to("cuda" if torch.cuda.is_available() and self.accelerator in ("auto", "gpu", "cuda") else "cpu")
         encoder = pretrain_module.encoder_state()
         clients = self.clients if self.clients is not None else list(range(datamodule.num_clients))
         inits = {"fcl": encoder, **({"random": None} if self.compare_random else {})}
@@ -82,6 +83,8 @@ class DownstreamEvaluation:
                 per_client[name].append(summarize(evaluate_volumes(module.net, vols)))
                 if c == clients[0]:
                     example_nets[name] = module.net
+                else:
+                    module.cpu()
         metrics: dict[str, float] = {}
         for name, rows in per_client.items():
             for key in [f"dice_{s}" for s in STRUCTURES] + ["dice_mean", "hd95_mean"]:
@@ -132,3 +135,4 @@ class DownstreamEvaluation:
                 parts.append(partition_of(np.arange(v.num_slices), v.num_slices, datamodule.num_partitions))
         save_embedding_figure(root / "embedding.png", np.concatenate(feats), np.concatenate(parts),
                               title="pre-trained features of held-out slices (PCA), by partition")
+        pretrain_module.cpu()

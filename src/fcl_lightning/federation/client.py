@@ -101,7 +101,9 @@ def client_step(
     features = None
     if runtime.exchange:
         g = torch.Generator().manual_seed(s + 1)
+        module.to(trainer.strategy.root_device)  # Lightning moved it back to the CPU after fit
         features = module.export_features(runtime.datamodule, client, runtime.exchange_per_partition, g)
+        module.cpu()
     return ClientResult(
         update={k: v.cpu() for k, v in module.global_state().items()},
         num_samples=module.num_samples(runtime.datamodule, client),

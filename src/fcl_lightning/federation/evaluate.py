@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -18,7 +19,7 @@ SUMMARY_KEYS = tuple(f"dice_{s}" for s in STRUCTURES) + ("dice_mean", "hd95_mean
 
 
 def evaluate_run(module: Any, datamodule: Any, ckpt_path: str | None, root: str | Path,
-                 stage: str = "test", console: Console | None = None) -> dict[str, float]:
+                 stage: str = "test", console: Console | None = None, device: str | torch.device = "cpu") -> dict[str, float]:
     """Score the run in ``ckpt_path`` (``last`` = ``<root>/checkpoints/last.ckpt``; ``None``: the
     module as configured). Federated runs have one global model; local runs one model per client,
     and the summary is then the mean +- std over clients, as in the paper's tables."""
@@ -48,7 +49,7 @@ def evaluate_run(module: Any, datamodule: Any, ckpt_path: str | None, root: str 
         if not vols:
             raise ValueError(f"client {c} has no {stage} volumes (set data.test_source, data.cv_folds or val_fraction)")
         module.load_global_state(weights[c])
-        r = evaluate_volumes(module.net, vols, module.eval_batch_size)
+        r = evaluate_volumes(module.net.to(device), vols, module.eval_batch_size)
         for row in r:
             row["client"] = "global" if (shared_test and global_only) else c
         rows.extend(r)

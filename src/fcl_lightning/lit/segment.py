@@ -123,7 +123,7 @@ class SegmentationModule(FederatedModule):
 
     def _volume_step(self, batch: dict[str, Any], prefix: str) -> dict[str, float]:
         pred = predict_volume(self.net, batch["image"], self.eval_batch_size)
-        m = volume_metrics(pred, batch["label"], tuple(float(s) for s in batch["spacing"]))
+        m = volume_metrics(pred.cpu(), batch["label"].cpu(), tuple(float(s) for s in batch["spacing"]))
         for k, v in m.items():
             if k.startswith("dice") or v == v:  # skip nan HD95 in the epoch mean
                 self.log(f"{prefix}/{k}", v, on_step=False, on_epoch=True, batch_size=1)

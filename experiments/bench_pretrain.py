@@ -1,0 +1,516 @@
+#!/usr/bin/env python
+"""Benchmark: FCL pre-training through the project (FederatedLoop + per-client Lightning Trainers)
+against a bare PyTorch loop doing the same work, in one process, on the same data.
+
+What is measured
+----------------
+The same federated pre-training (R rounds x C clients x 1 local epoch, FedAvg, feature exchange)
+runs two ways:
+
+1. **project**: ``FederatedLoop(...).run()`` with a ``ContrastivePretrainModule``, a
+   ``FederatedDataModule`` and a ``Federation``, built in Python the way ``cli.py`` builds them,
+   ``trainer_kwargs={"accelerator": <device>, "devices": 1}``, checkpoints written to a temp dir.
+2. **bare**: a plain PyTorch loop built from the project's Lightning-free parts (``UNetEncoder``,
+   ``ProjectionHead``, ``MemoryBank``, ``update_momentum``, ``FCLObjective``, ``FedAvg``,
+   ``embed_slices``/``route``): per round and client it loads the global weights, embeds queries
+   (main encoder + head) and keys (momentum encoder + head, no grad), builds the bank
+   (local + remote ``BankEntries.cat``), calls ``FCLObjective``, backward, Adam step,
+   ``update_momentum``, enqueues the keys into the local bank; then FedAvg and exchange.
+   Each client keeps its momentum nets, banks and Adam state across rounds, as the project does
+   with ``keep_optimizer_state=True`` (the default). No checkpoints.
+
+Data loading and augmentation are excluded from both: augmentation is OFF in both paths
+(``augment_pretrain=False``, so the project's per-step loader only slices cached tensors), and the
+bare loop replays batches pre-built from ``datamodule.pretrain_loader(c, client_seed(seed, r, c))``,
+i.e. exactly the batches the project's client Trainers get in round r. Both paths are seeded like
+``client_step``, so their round losses should agree; the difference is printed as a check that the
+bare loop does the same work.
+
+Figures
+-------
+* slices/s: slices processed by training steps (V*S per step, summed over all steps of the timed
+  rounds) / wall time of the timed rounds (project: the whole ``FederatedLoop.run()`` call).
+* ratio: project slices/s / bare slices/s (target >= 0.85).
+* overhead: the project's round time not spent inside training steps, as a fraction of round time
+  (target < 10%), from ``round/time/*_s`` of the loop's history plus timers in this script, split into:
+  Trainer construction, fit setup (before the first step), between steps (batch fetch + Lightning
+  loop glue), fit teardown (after the last step), client state swap, exchange (feature embedding),
+  aggregation (FedAvg), checkpoint, other loop work (metrics, routing, logging, printing).
+  A "step" is the window from the ``on_train_batch_start`` callback to the end of the module's
+  ``on_train_batch_end`` (so it includes the momentum update), measured with a Callback and a
+  timing shim on the module instance (measurement only; no project code is changed). The bare
+  loop's own non-step share (exchange, FedAvg, weight loading) is printed as the floor.
+On CUDA the timers synchronise at step boundaries (in both paths).
+
+Profiles
+--------
+* ``tiny``: phantom, 2 clients x 6 patients (12 volumes), img 64, encoder [8,16,32,64,64,64],
+  demo-sized head/banks, 2 rounds: seconds, a smoke check.
+* ``acdc``: the ACDC config's scale: 10 clients x 10 patients (20 volumes), the phantom standing in
+  for ACDC (``PhantomSource(num_subjects=10*C, num_sites=C)``, ``split="site"``, ``val_fraction=0``;
+  C=10 gives ``PhantomSource(num_subjects=100, num_sites=10)``), img 128 (``--img-size``), encoder
+  [16,32,64,128,128,128], module defaults (head 1024 -> 128, K=512 negatives, banks 1024/4096),
+  V=3 volumes x S=4 partitions per batch, 1 local epoch, ``--rounds`` (default 2).
+
+Run
+---
+    python experiments/bench_pretrain.py --profile tiny
+    python experiments/bench_pretrain.py --profile acdc --rounds 2
+    python experiments/bench_pretrain.py --profile acdc --rounds 1 --clients 2 --device cpu --json bench.json
+
+Data preprocessing (phantom generation) happens once before any timing; ``--cache-dir`` keeps it on
+disk between runs. It is a benchmark, not a test: PASS/FAIL is printed, the exit code is always 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from torch import nn
+
+from fcl_lightning.data.datamodule import FederatedDataModule
+from fcl_lightning.data.phantom import PhantomSource
+from fcl_lightning.fcl.aggregate import FedAvg
+from fcl_lightning.fcl.exchange import embed_slices, route
+from fcl_lightning.fcl.memory_bank import BankEntries, MemoryBank
+from fcl_lightning.fcl.momentum import make_momentum_copy, update_momentum
+from fcl_lightning.fcl.objectives import ContrastiveInputs, FCLObjective
+from fcl_lightning.federation.client import client_seed, seed_all
+from fcl_lightning.federation.config import Federation
+from fcl_lightning.federation.loop import FederatedLoop
+from fcl_lightning.lit.pretrain import ContrastivePretrainModule
+from fcl_lightning.models.encoder import ProjectionHead, UNetEncoder
+
+TARGET_RATIO = 0.85
+TARGET_OVERHEAD = 0.10
+V, S = 3, 4  # volumes per batch, partitions per volume
+SEED = 0
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "tiny": dict(clients=2, patients_per_client=6, img_size=64, spacing=2.0, features=[8, 16, 32, 64, 64, 64],
+                 proj_hidden=256, proj_dim=128, num_negatives=256, local_bank=512, remote_bank=1024, rounds=2),
+    "acdc": dict(clients=10, patients_per_client=10, img_size=128, spacing=1.367, features=[16, 32, 64, 128, 128, 128],
+                 proj_hidden=1024, proj_dim=128, num_negatives=512, local_bank=1024, remote_bank=4096, rounds=2),
+}
+
+
+# ------------------------------------------------------------------------------------- timing
+class Clock:
+    """perf_counter that first waits for the GPU when there is one to wait for."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+class Meter:
+    """Accumulated seconds by name, plus step / slice counts."""
+
+    def __init__(self) -> None:
+        self.s: dict[str, float] = {}
+        self.steps = 0
+        self.slices = 0
+        self.step_times: list[float] = []
+
+    def add(self, name: str, dt: float) -> None:
+        self.s[name] = self.s.get(name, 0.0) + dt
+
+    def get(self, name: str) -> float:
+        return self.s.get(name, 0.0)
+
+
+class StepTimer(pl.Callback):
+    """Times every training step of every client Trainer and the Lightning time around them.
+
+    Together with the shims from :func:`instrument` it splits a client's ``fit`` into: fit setup
+    (Trainer built -> first ``on_train_batch_start``), steps (``on_train_batch_start`` -> end of the
+    module's ``on_train_batch_end``), between steps, and fit teardown (last step -> ``export_features``).
+    """
+
+    def __init__(self, meter: Meter, clock: Clock) -> None:
+        self.meter, self.clock = meter, clock
+        self.trainer_built: float | None = None  # set by the make_trainer shim
+        self.step_start: float | None = None
+        self.step_end: float | None = None  # end of the previous step of this fit (None: none yet)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        t = self.clock()
+        if self.step_end is None:
+            if self.trainer_built is not None:
+                self.meter.add("fit_setup", t - self.trainer_built)
+        else:
+            self.meter.add("between_steps", t - self.step_end)
+        self.step_start = t
+        self.meter.slices += int(batch["image"].shape[0])
+
+    def step_finished(self) -> None:  # called after the module's on_train_batch_end
+        t = self.clock()
+        if self.step_start is not None:
+            dt = t - self.step_start
+            self.meter.add("steps", dt)
+            self.meter.step_times.append(dt)
+            self.meter.steps += 1
+        self.step_start, self.step_end = None, t
+
+
+class RoundLogger:
+    """The tiny logger FederatedLoop needs (``log_metrics`` + ``save``): keeps round-level metrics."""
+
+    def __init__(self) -> None:
+        self.rounds: list[dict[str, float]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.rounds.append({k: float(v) for k, v in metrics.items() if k.startswith("round")})
+
+    def save(self) -> None:
+        pass
+
+
+def instrument(loop: FederatedLoop, module: ContrastivePretrainModule, meter: Meter, clock: Clock) -> StepTimer:
+    """Instance-level timing shims (this script only): Trainer construction, end of each step
+    (after the momentum update), feature export and the client state swap."""
+    timer = StepTimer(meter, clock)
+    loop.trainer_kwargs["callbacks"] = [timer]
+
+    make_trainer = loop.make_trainer
+
+    def timed_make_trainer():
+        t0 = clock()
+        trainer = make_trainer()
+        t1 = clock()
+        meter.add("make_trainer", t1 - t0)
+        timer.trainer_built, timer.step_start, timer.step_end = t1, None, None
+        return trainer
+
+    loop.make_trainer = timed_make_trainer  # run() builds its ClientRuntime from this attribute
+
+    on_batch_end = module.on_train_batch_end
+
+    def timed_on_train_batch_end(outputs, batch, batch_idx):
+        on_batch_end(outputs, batch, batch_idx)
+        timer.step_finished()
+
+    module.on_train_batch_end = timed_on_train_batch_end
+
+    export = module.export_features
+
+    def timed_export(*args, **kwargs):
+        t0 = clock()
+        if timer.step_end is not None:
+            meter.add("fit_teardown", t0 - timer.step_end)
+            timer.step_end = None
+        out = export(*args, **kwargs)
+        meter.add("exchange", clock() - t0)
+        return out
+
+    module.export_features = timed_export
+    return timer
+
+
+# ----------------------------------------------------------------------------------- building
+def build_data(p: dict[str, Any], clients: int, img_size: int, cache_dir: str | None) -> FederatedDataModule:
+    source = PhantomSource(num_subjects=p["patients_per_client"] * clients, num_sites=clients, seed=SEED)
+    dm = FederatedDataModule(
+        source=source, num_clients=clients, split="site", val_fraction=0.0, num_partitions=S,
+        volumes_per_batch=V, spacing=p["spacing"], img_size=img_size, cache_dir=cache_dir,
+        augment_pretrain=False, seed=SEED,
+    )
+    dm.setup("fit")
+    return dm
+
+
+def build_module(p: dict[str, Any]) -> ContrastivePretrainModule:
+    torch.manual_seed(SEED)
+    return ContrastivePretrainModule(
+        features=list(p["features"]), proj_hidden=p["proj_hidden"], proj_dim=p["proj_dim"],
+        objective=FCLObjective(temperature=0.1, num_negatives=p["num_negatives"]), momentum=0.99,
+        local_bank_size=p["local_bank"], remote_bank_size=p["remote_bank"], optimizer=torch.optim.Adam,
+    )
+
+
+# ------------------------------------------------------------------------------------ project
+def run_project(module: ContrastivePretrainModule, dm: FederatedDataModule, rounds: int, device: torch.device,
+                root: Path, console: Console) -> dict[str, Any]:
+    clock, meter, logger = Clock(device), Meter(), RoundLogger()
+    loop = FederatedLoop(
+        federation=Federation(rounds=rounds, local_epochs=1, exchange=True),
+        module=module, datamodule=dm,
+        trainer_kwargs={"accelerator": device.type, "devices": 1},
+        root_dir=root, loggers=[logger], seed=SEED, console=console,
+    )
+    instrument(loop, module, meter, clock)
+    t0 = clock()
+    loop.run()
+    wall = clock() - t0
+    hist = logger.rounds
+    sums = {k: sum(h[f"round/time/{k}_s"] for h in hist) for k in ("train", "aggregate", "checkpoint", "total")}
+    return {
+        "wall_s": wall, "steps": meter.steps, "slices": meter.slices, "meter": meter.s, "step_times": meter.step_times,
+        "rounds_time": sums, "losses": [h.get("round/train/loss", float("nan")) for h in hist],
+    }
+
+
+# --------------------------------------------------------------------------------------- bare
+class BareClient:
+    """One client's own state in the bare loop: momentum nets, local and remote banks, Adam."""
+
+    def __init__(self, net: nn.ModuleDict, p: dict[str, Any], device: torch.device) -> None:
+        self.m_encoder = make_momentum_copy(net["encoder"])
+        self.m_head = make_momentum_copy(net["head"])
+        self.local = MemoryBank(p["local_bank"], p["proj_dim"]).to(device)
+        self.remote = MemoryBank(p["remote_bank"], p["proj_dim"]).to(device)
+        self.opt = torch.optim.Adam(net.parameters())  # Adam state is per client, the parameters are shared
+
+    @torch.no_grad()
+    def embed_keys(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.m_head(self.m_encoder(x)[-1]), dim=1)
+
+
+def prebuild_batches(dm: FederatedDataModule, rounds: int) -> list[list[list[dict[str, torch.Tensor]]]]:
+    """batches[r][c]: the batches the project's client c Trainer gets in round r (loader iterated once here)."""
+    return [[list(dm.pretrain_loader(c, client_seed(SEED, r, c))) for c in range(dm.num_clients)] for r in range(rounds)]
+
+
+def run_bare(init_global: dict[str, torch.Tensor], p: dict[str, Any], dm: FederatedDataModule,
+             batches: list, rounds: int, device: torch.device) -> dict[str, Any]:
+    clock, meter = Clock(device), Meter()
+    C, dim, m = dm.num_clients, p["proj_dim"], 0.99
+    net = nn.ModuleDict({
+        "encoder": UNetEncoder(1, p["features"], "instance"),
+        "head": ProjectionHead(p["features"][-1], 4, p["proj_hidden"], dim),
+    }).to(device)
+    objective = FCLObjective(temperature=0.1, num_negatives=p["num_negatives"]).to(device)
+    aggregator = FedAvg()
+    volumes = {c: [v.image.to(device) for v in dm.train[c]] for c in range(C)}
+    clients: dict[int, BareClient] = {}
+    inbox: dict[int, BankEntries | None] = {c: None for c in range(C)}
+    global_w = {k: v.to(device) for k, v in init_global.items()}
+    losses: list[float] = []
+
+    t_run = clock()
+    for r in range(rounds):
+        updates, counts, round_loss = [], [], []
+        payloads: dict[int, BankEntries] = {}
+        for c in range(C):
+            t0 = clock()
+            seed_all(client_seed(SEED, r, c))
+            torch.empty((), dtype=torch.int64).random_()  # the draw a DataLoader iterator makes: same RNG stream as the project
+            net.load_state_dict(global_w)
+            net.train()
+            if c not in clients:
+                clients[c] = BareClient(net, p, device)
+            st = clients[c]
+            if inbox[c] is None:
+                st.remote.reset()
+            else:
+                st.remote.replace(inbox[c])
+            meter.add("state", clock() - t0)
+            client_losses = []
+            for batch in batches[r][c]:
+                t0 = clock()
+                b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                q = F.normalize(net["head"](net["encoder"](b["image"])[-1]), dim=1)
+                k = st.embed_keys(b.get("image_k", b["image"]))
+                bank = BankEntries.cat([st.local.entries(), st.remote.entries()], dim)
+                out = objective(ContrastiveInputs(q, k, b["partition"], b["volume"], bank))
+                st.local.enqueue(BankEntries(k, b["partition"], b["client"]))
+                st.opt.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                st.opt.step()
+                update_momentum(net["encoder"], st.m_encoder, m)
+                update_momentum(net["head"], st.m_head, m)
+                client_losses.append(out["loss"].detach())
+                dt = clock() - t0
+                meter.add("steps", dt)
+                meter.step_times.append(dt)
+                meter.steps += 1
+                meter.slices += int(b["image"].shape[0])
+            t0 = clock()
+            updates.append({kk: v.detach().clone() for kk, v in net.state_dict().items()})
+            counts.append(dm.num_train_samples(c))
+            round_loss.append(float(torch.stack(client_losses).mean()))
+            meter.add("state", clock() - t0)
+            t0 = clock()
+            g = torch.Generator().manual_seed(client_seed(SEED, r, c) + 1)
+            payloads[c] = embed_slices(st.embed_keys, volumes[c], dm.num_partitions, c, None, g)
+            meter.add("exchange", clock() - t0)
+        t0 = clock()
+        global_w = aggregator(updates, counts)
+        meter.add("aggregate", clock() - t0)
+        t0 = clock()
+        inbox = route(payloads, dim, recipients=range(C))
+        meter.add("exchange", clock() - t0)
+        losses.append(sum(l * n for l, n in zip(round_loss, counts)) / sum(counts))
+    wall = clock() - t_run
+    return {"wall_s": wall, "steps": meter.steps, "slices": meter.slices, "meter": meter.s,
+            "step_times": meter.step_times, "losses": losses}
+
+
+# ---------------------------------------------------------------------------------------- main
+def pct(x: float, total: float) -> str:
+    return f"{100 * x / total:5.1f}%" if total > 0 else "  n/a"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="See the module docstring for what is measured.")
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="tiny")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default: the profile's, 2)")
+    ap.add_argument("--clients", type=int, default=None, help="clients C (each keeps the profile's patients per client)")
+    ap.add_argument("--img-size", type=int, default=None, help="in-plane size (default: 64 tiny, 128 acdc)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                    help="one untimed warm-up round per path first (default: on)")
+    ap.add_argument("--json", type=Path, default=None, help="write the figures to this file")
+    ap.add_argument("--cache-dir", default=None, help="on-disk cache of preprocessed phantom volumes")
+    ap.add_argument("--root", type=Path, default=None, help="keep the project's checkpoints here (default: a temp dir)")
+    args = ap.parse_args(argv)
+
+    p = dict(PROFILES[args.profile])
+    C = args.clients or p["clients"]
+    R = args.rounds or p["rounds"]
+    img = args.img_size or p["img_size"]
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda but CUDA is not available", file=sys.stderr)
+        return 0
+    console = Console(stderr=True)
+
+    t0 = time.perf_counter()
+    dm = build_data(p, C, img, args.cache_dir)
+    vols = [dm.num_train_samples(c) for c in range(C)]
+    print(f"data: {C} clients x {vols[0]} volumes (phantom, {p['patients_per_client'] * C} patients, "
+          f"{C} sites), img {img}, prepared in {time.perf_counter() - t0:.1f} s (not timed)", file=sys.stderr)
+    module = build_module(p)
+    init_global = {k: v.cpu().clone() for k, v in module.global_state().items()}
+    batches = prebuild_batches(dm, R)
+
+    tmp = tempfile.TemporaryDirectory(prefix="fcl-bench-")
+    root = args.root or Path(tmp.name)
+    if args.warmup:
+        print("warm-up: project (1 round, untimed) ...", file=sys.stderr)
+        run_project(copy.deepcopy(module), dm, 1, device, Path(tmp.name) / "warmup", console)
+        print("warm-up: bare (1 round, untimed) ...", file=sys.stderr)
+        run_bare(init_global, p, dm, batches[:1], 1, device)
+
+    print(f"timed: project ({R} round(s)) ...", file=sys.stderr)
+    proj = run_project(module, dm, R, device, root / "project", console)
+    print(f"timed: bare ({R} round(s)) ...", file=sys.stderr)
+    bare = run_bare(init_global, p, dm, batches, R, device)
+    tmp.cleanup()
+
+    # ------------------------------------------------------------------------------- figures
+    sps_p = proj["slices"] / proj["wall_s"]
+    sps_b = bare["slices"] / bare["wall_s"]
+    ratio = sps_p / sps_b
+    rt, pm = proj["rounds_time"], proj["meter"]
+    total = rt["total"]
+    step_s = pm.get("steps", 0.0)
+    parts = {
+        "trainer_construction": pm.get("make_trainer", 0.0),
+        "fit_setup": pm.get("fit_setup", 0.0),
+        "between_steps": pm.get("between_steps", 0.0),
+        "fit_teardown": pm.get("fit_teardown", 0.0),
+        "exchange": pm.get("exchange", 0.0),
+    }
+    parts["client_state_swap"] = rt["train"] - step_s - sum(parts.values())
+    parts["aggregation"] = rt["aggregate"]
+    parts["checkpoint"] = rt["checkpoint"]
+    parts["other_loop"] = total - rt["train"] - rt["aggregate"] - rt["checkpoint"]
+    overhead_s = total - step_s
+    overhead = overhead_s / total
+    trainer_setup_teardown = sum(parts[k] for k in ("trainer_construction", "fit_setup", "between_steps",
+                                                    "fit_teardown", "client_state_swap"))
+    bm = bare["meter"]
+    bare_non_step = bare["wall_s"] - bm.get("steps", 0.0)
+    loss_diff = max((abs(a - b) for a, b in zip(proj["losses"], bare["losses"])), default=float("nan"))
+    ok_ratio, ok_over = ratio >= TARGET_RATIO, overhead < TARGET_OVERHEAD
+    ms = lambda xs: 1000 * sum(xs) / max(1, len(xs))  # noqa: E731
+
+    out = []
+    w = out.append
+    w("")
+    w(f"FCL pre-training benchmark: profile {args.profile}, {C} clients x {vols[0]} volumes, img {img}, "
+      f"encoder {p['features']}, head {p['proj_hidden']}->{p['proj_dim']}, K={p['num_negatives']}")
+    w(f"  V={V} volumes x S={S} partitions = {V * S} slices/step, 1 local epoch, {R} timed round(s), "
+      f"warm-up {'on' if args.warmup else 'off'}, device {device.type} "
+      f"({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}, "
+      f"{torch.get_num_threads()} threads), torch {torch.__version__}, lightning {lightning.__version__}")
+    w("  augmentation OFF in both paths (augment_pretrain=False; the bare loop replays the same batches from memory)")
+    w("")
+    w(f"{'':34}{'project':>12}{'bare':>12}")
+    w(f"{'optimizer steps':34}{proj['steps']:>12d}{bare['steps']:>12d}")
+    w(f"{'slices (V*S per step)':34}{proj['slices']:>12d}{bare['slices']:>12d}")
+    w(f"{'wall time of timed rounds (s)':34}{proj['wall_s']:>12.2f}{bare['wall_s']:>12.2f}")
+    w(f"{'  of which in training steps (s)':34}{step_s:>12.2f}{bm.get('steps', 0.0):>12.2f}")
+    w(f"{'mean step (ms)':34}{ms(proj['step_times']):>12.1f}{ms(bare['step_times']):>12.1f}")
+    w(f"{'slices/s':34}{sps_p:>12.1f}{sps_b:>12.1f}")
+    w(f"{'last round loss':34}{proj['losses'][-1]:>12.5f}{bare['losses'][-1]:>12.5f}   max |diff| over rounds {loss_diff:.2e}")
+    if proj["slices"] != bare["slices"]:
+        w("  WARNING: the two paths processed different numbers of slices")
+    w("")
+    w(f"ratio project/bare slices/s : {ratio:6.3f}   target >= {TARGET_RATIO:.2f}   {'PASS' if ok_ratio else 'FAIL'}")
+    w(f"project overhead            : {100 * overhead:5.1f}%   target <  {100 * TARGET_OVERHEAD:.0f}%   {'PASS' if ok_over else 'FAIL'}"
+      f"   ({overhead_s:.2f} s of {total:.2f} s round time not in training steps)")
+    w("")
+    w(f"project round time, summed over {R} round(s): {total:.2f} s")
+    w(f"  {'training steps':44}{step_s:8.2f} s {pct(step_s, total)}")
+    w(f"  {'overhead':44}{overhead_s:8.2f} s {pct(overhead_s, total)}")
+    w(f"    {'trainer setup+teardown (sum of the next 5)':42}{trainer_setup_teardown:8.2f} s {pct(trainer_setup_teardown, total)}")
+    labels = {
+        "trainer_construction": "Trainer construction (make_trainer)",
+        "fit_setup": "fit setup (Trainer built -> first step)",
+        "between_steps": "between steps (batch fetch + loop glue)",
+        "fit_teardown": "fit teardown (last step -> exchange)",
+        "client_state_swap": "client state swap + rest of client_step",
+        "exchange": "exchange (feature embedding)",
+        "aggregation": "aggregation (FedAvg)",
+        "checkpoint": "checkpoint",
+        "other_loop": "other loop work (metrics, route, log)",
+    }
+    for k, label in labels.items():
+        ind = "      " if k in ("trainer_construction", "fit_setup", "between_steps", "fit_teardown", "client_state_swap") else "    "
+        w(f"{ind}{label:{46 - len(ind)}}{parts[k]:8.2f} s {pct(parts[k], total)}")
+    proj_only = overhead_s - parts["exchange"] - parts["aggregation"]
+    w(f"  {'overhead the bare loop does not have':44}{proj_only:8.2f} s {pct(proj_only, total)}   (overhead minus exchange and FedAvg)")
+    w(f"bare loop non-step time: {bare_non_step:.2f} s of {bare['wall_s']:.2f} s = {pct(bare_non_step, bare['wall_s']).strip()} "
+      f"(exchange {bm.get('exchange', 0.0):.2f} s, FedAvg {bm.get('aggregate', 0.0):.2f} s, "
+      f"weights/banks {bm.get('state', 0.0):.2f} s; no checkpoint)")
+    print("\n".join(out), flush=True)
+
+    if args.json:
+        result = {
+            "profile": args.profile, "clients": C, "rounds": R, "img_size": img, "device": device.type,
+            "volumes_per_client": vols, "features": p["features"], "warmup": args.warmup, "augmentation": False,
+            "project": {k: v for k, v in proj.items() if k != "step_times"},
+            "bare": {k: v for k, v in bare.items() if k != "step_times"},
+            "slices_per_s": {"project": sps_p, "bare": sps_b}, "ratio": ratio, "overhead": overhead,
+            "overhead_breakdown_s": parts, "overhead_not_in_bare_s": proj_only, "round_total_s": total, "step_s": step_s, "loss_max_abs_diff": loss_diff,
+            "targets": {"ratio": TARGET_RATIO, "overhead": TARGET_OVERHEAD},
+            "pass": {"ratio": ok_ratio, "overhead": ok_over},
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
