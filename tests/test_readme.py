@@ -1,0 +1,37 @@
+"""The README's commands as a newcomer types them: every config it names exists and parses."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from fcl_lightning.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+
+
+def readme_commands() -> list[list[str]]:
+    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    text = "\n".join(blocks).replace("\\\n", " ")
+    return [shlex.split(line, comments=True) for line in text.splitlines() if line.strip().startswith("fcl-lightning")]
+
+
+def test_readme_has_the_two_newcomer_commands():
+    assert "fcl-lightning fit --config configs/demo.yaml" in README
+    assert "python -m pytest -q" in README
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "python -m pytest -q" in ci
+
+
+@pytest.mark.parametrize("argv", readme_commands(), ids=lambda a: " ".join(a[1:4]))
+def test_readme_command_parses(argv, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    args = [a for a in argv[1:]]
+    args = [a for i, a in enumerate(args) if a != "--print_config"]
+    # --print_config parses and validates the whole config without running anything
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--print_config"])
+    assert exc.value.code in (0, None)
+    assert "federation:" in capsys.readouterr().out
