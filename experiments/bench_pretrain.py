@@ -67,7 +67,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
+import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -381,7 +384,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="write the figures to this file")
     ap.add_argument("--cache-dir", default=None, help="on-disk cache of preprocessed phantom volumes")
     ap.add_argument("--root", type=Path, default=None, help="keep the project's checkpoints here (default: a temp dir)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="timed runs per path, alternating project/bare; the fastest of each is reported (default 1)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default: torch's); 1 is far less sensitive to a busy shared CPU")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     p = dict(PROFILES[args.profile])
     C = args.clients or p["clients"]
@@ -398,23 +407,32 @@ def main(argv: list[str] | None = None) -> int:
     vols = [dm.num_train_samples(c) for c in range(C)]
     print(f"data: {C} clients x {vols[0]} volumes (phantom, {p['patients_per_client'] * C} patients, "
           f"{C} sites), img {img}, prepared in {time.perf_counter() - t0:.1f} s (not timed)", file=sys.stderr)
-    module = build_module(p)
-    init_global = {k: v.cpu().clone() for k, v in module.global_state().items()}
+    pristine = build_module(p)  # every project run starts from a copy of it, the bare runs from its weights
+    init_global = {k: v.cpu().clone() for k, v in pristine.global_state().items()}
     batches = prebuild_batches(dm, R)
 
     tmp = tempfile.TemporaryDirectory(prefix="fcl-bench-")
     root = args.root or Path(tmp.name)
+    load_before = os.getloadavg()
     if args.warmup:
         print("warm-up: project (1 round, untimed) ...", file=sys.stderr)
-        run_project(copy.deepcopy(module), dm, 1, device, Path(tmp.name) / "warmup", console)
+        run_project(copy.deepcopy(pristine), dm, 1, device, Path(tmp.name) / "warmup", console)
         print("warm-up: bare (1 round, untimed) ...", file=sys.stderr)
         run_bare(init_global, p, dm, batches[:1], 1, device)
 
-    print(f"timed: project ({R} round(s)) ...", file=sys.stderr)
-    proj = run_project(module, dm, R, device, root / "project", console)
-    print(f"timed: bare ({R} round(s)) ...", file=sys.stderr)
-    bare = run_bare(init_global, p, dm, batches, R, device)
+    proj_runs, bare_runs = [], []
+    for i in range(max(1, args.repeats)):
+        print(f"timed {i + 1}/{args.repeats}: project ({R} round(s)) ...", file=sys.stderr)
+        run_root = root / f"project-{i}"
+        proj_runs.append(run_project(copy.deepcopy(pristine), dm, R, device, run_root, console))
+        if args.root is None:
+            shutil.rmtree(run_root, ignore_errors=True)  # checkpoints can be large; keep disk use flat
+        print(f"timed {i + 1}/{args.repeats}: bare ({R} round(s)) ...", file=sys.stderr)
+        bare_runs.append(run_bare(init_global, p, dm, batches, R, device))
     tmp.cleanup()
+    load_after = os.getloadavg()
+    proj = min(proj_runs, key=lambda r: r["wall_s"])
+    bare = min(bare_runs, key=lambda r: r["wall_s"])
 
     # ------------------------------------------------------------------------------- figures
     sps_p = proj["slices"] / proj["wall_s"]
@@ -443,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     loss_diff = max((abs(a - b) for a, b in zip(proj["losses"], bare["losses"])), default=float("nan"))
     ok_ratio, ok_over = ratio >= TARGET_RATIO, overhead < TARGET_OVERHEAD
     ms = lambda xs: 1000 * sum(xs) / max(1, len(xs))  # noqa: E731
+    med = lambda xs: 1000 * statistics.median(xs) if xs else float("nan")  # noqa: E731
+    noisy = [name for name, r in (("project", proj), ("bare", bare))
+             if r["step_times"] and max(r["step_times"]) > 3 * statistics.median(r["step_times"])]
 
     out = []
     w = out.append
@@ -460,9 +481,21 @@ def main(argv: list[str] | None = None) -> int:
     w(f"{'slices (V*S per step)':34}{proj['slices']:>12d}{bare['slices']:>12d}")
     w(f"{'wall time of timed rounds (s)':34}{proj['wall_s']:>12.2f}{bare['wall_s']:>12.2f}")
     w(f"{'  of which in training steps (s)':34}{step_s:>12.2f}{bm.get('steps', 0.0):>12.2f}")
-    w(f"{'mean step (ms)':34}{ms(proj['step_times']):>12.1f}{ms(bare['step_times']):>12.1f}")
+    w(f"{'step ms: mean':34}{ms(proj['step_times']):>12.1f}{ms(bare['step_times']):>12.1f}")
+    w(f"{'         median':34}{med(proj['step_times']):>12.1f}{med(bare['step_times']):>12.1f}"
+      f"   project/bare {med(proj['step_times']) / med(bare['step_times']):.3f}")
+    w(f"{'         min / max':34}{1000 * min(proj['step_times']):>5.0f} /{1000 * max(proj['step_times']):>5.0f}"
+      f"{1000 * min(bare['step_times']):>5.0f} /{1000 * max(bare['step_times']):>5.0f}")
     w(f"{'slices/s':34}{sps_p:>12.1f}{sps_b:>12.1f}")
     w(f"{'last round loss':34}{proj['losses'][-1]:>12.5f}{bare['losses'][-1]:>12.5f}   max |diff| over rounds {loss_diff:.2e}")
+    if len(proj_runs) > 1:
+        walls_p = " ".join(f"{r['wall_s']:.2f}" for r in proj_runs)
+        walls_b = " ".join(f"{r['wall_s']:.2f}" for r in bare_runs)
+        w(f"{'wall of each repeat (s)':34}{walls_p:>12}{walls_b:>12}   (fastest reported)")
+    w(f"  load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after, {os.cpu_count()} CPUs")
+    if noisy:
+        w(f"  WARNING: {', '.join(noisy)} had steps > 3x their median: the machine was busy (other processes?); "
+          "timings are unreliable, rerun with --repeats 3 and/or --threads 1 on a quiet machine")
     if proj["slices"] != bare["slices"]:
         w("  WARNING: the two paths processed different numbers of slices")
     w("")
@@ -504,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
             "slices_per_s": {"project": sps_p, "bare": sps_b}, "ratio": ratio, "overhead": overhead,
             "overhead_breakdown_s": parts, "overhead_not_in_bare_s": proj_only, "round_total_s": total, "step_s": step_s, "loss_max_abs_diff": loss_diff,
             "targets": {"ratio": TARGET_RATIO, "overhead": TARGET_OVERHEAD},
+            "repeats_wall_s": {"project": [r["wall_s"] for r in proj_runs], "bare": [r["wall_s"] for r in bare_runs]},
+            "step_ms_median": {"project": med(proj["step_times"]), "bare": med(bare["step_times"])},
+            "threads": torch.get_num_threads(), "loadavg": {"before": load_before, "after": load_after},
             "pass": {"ratio": ok_ratio, "overhead": ok_over},
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
