@@ -61,6 +61,11 @@ def evaluate_run(module: Any, datamodule: Any, ckpt_path: str | None, root: str 
         if len(per_client) > 1:
             out[f"{stage}/{k}_std"] = float(np.nanstd(vals)) if not np.isnan(vals).all() else math.nan
     out[f"{stage}/num_volumes"] = len(rows)
+    for frame in sorted({r["frame"] for r in rows if r["frame"]}):
+        out[f"{stage}/{frame}/dice_mean"] = summarize([r for r in rows if r["frame"] == frame])["dice_mean"]
+    if len(per_client) > 1:
+        for c, p in zip(clients, per_client):
+            out[f"{stage}/client{c}/dice_mean"] = p["dice_mean"]
     write_rows_csv(rows, root / f"{stage}_per_patient.csv")
     update_summary(root, out)
     if console is not None:
