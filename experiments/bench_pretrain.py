@@ -39,8 +39,11 @@ Figures
   A "step" is the window from the ``on_train_batch_start`` callback to the end of the module's
   ``on_train_batch_end`` (so it includes the momentum update), measured with a Callback and a
   timing shim on the module instance (measurement only; no project code is changed). The bare
-  loop's own non-step share (exchange, FedAvg, weight loading) is printed as the floor.
-On CUDA the timers synchronise at step boundaries (in both paths).
+  loop's own non-step share (exchange, FedAvg, weight loading) is printed as the floor, and
+  "overhead the bare loop does not have" (overhead minus exchange and FedAvg) separately.
+* step ms (mean, median, min/max) of both paths: the per-step cost of Lightning's loop and logging.
+On CUDA the timers synchronise at step boundaries (in both paths), and the script reports on which
+device the project's feature export ran.
 
 Profiles
 --------
@@ -58,8 +61,14 @@ Run
     python experiments/bench_pretrain.py --profile acdc --rounds 2
     python experiments/bench_pretrain.py --profile acdc --rounds 1 --clients 2 --device cpu --json bench.json
 
-Data preprocessing (phantom generation) happens once before any timing; ``--cache-dir`` keeps it on
-disk between runs. It is a benchmark, not a test: PASS/FAIL is printed, the exit code is always 0.
+On a shared, busy CPU, multi-threaded torch slows down by up to ~15x whenever another process
+competes for the cores, which swamps the comparison: the script warns when a path had steps over
+3x its median. Use ``--repeats 3`` (alternating runs, the fastest of each path is reported) and/or
+``--threads 1`` there.
+
+Data preprocessing (phantom generation, ~0.5 s per patient on one core, so about a minute for the
+full ACDC scale) happens once before any timing; ``--cache-dir`` keeps it on disk between runs.
+It is a benchmark, not a test: PASS/FAIL is printed, and the exit code is 0 either way.
 """
 
 from __future__ import annotations
@@ -131,6 +140,7 @@ class Meter:
         self.steps = 0
         self.slices = 0
         self.step_times: list[float] = []
+        self.export_devices: set[str] = set()  # where the project's feature export ran
 
     def add(self, name: str, dt: float) -> None:
         self.s[name] = self.s.get(name, 0.0) + dt
@@ -219,6 +229,7 @@ def instrument(loop: FederatedLoop, module: ContrastivePretrainModule, meter: Me
         if timer.step_end is not None:
             meter.add("fit_teardown", t0 - timer.step_end)
             timer.step_end = None
+        meter.export_devices.add(module.device.type)
         out = export(*args, **kwargs)
         meter.add("exchange", clock() - t0)
         return out
@@ -267,6 +278,7 @@ def run_project(module: ContrastivePretrainModule, dm: FederatedDataModule, roun
     return {
         "wall_s": wall, "steps": meter.steps, "slices": meter.slices, "meter": meter.s, "step_times": meter.step_times,
         "rounds_time": sums, "losses": [h.get("round/train/loss", float("nan")) for h in hist],
+        "export_devices": sorted(meter.export_devices),
     }
 
 
@@ -464,6 +476,10 @@ def main(argv: list[str] | None = None) -> int:
     med = lambda xs: 1000 * statistics.median(xs) if xs else float("nan")  # noqa: E731
     noisy = [name for name, r in (("project", proj), ("bare", bare))
              if r["step_times"] and max(r["step_times"]) > 3 * statistics.median(r["step_times"])]
+    if proj["step_times"] and bare["step_times"] and not noisy:
+        q = statistics.median(proj["step_times"]) / statistics.median(bare["step_times"])
+        if not 1 / 2 < q < 2:  # the same step cannot legitimately differ this much
+            noisy = ["project" if q > 1 else "bare"]
 
     out = []
     w = out.append
@@ -494,8 +510,12 @@ def main(argv: list[str] | None = None) -> int:
         w(f"{'wall of each repeat (s)':34}{walls_p:>12}{walls_b:>12}   (fastest reported)")
     w(f"  load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after, {os.cpu_count()} CPUs")
     if noisy:
-        w(f"  WARNING: {', '.join(noisy)} had steps > 3x their median: the machine was busy (other processes?); "
-          "timings are unreliable, rerun with --repeats 3 and/or --threads 1 on a quiet machine")
+        w(f"  WARNING: {', '.join(noisy)} step times look disturbed (a step > 3x the median, or a project/bare median "
+          "ratio outside 0.5-2): the machine was busy (other processes?); timings are unreliable, "
+          "rerun with --repeats 3 and/or --threads 1 on a quiet machine")
+    if device.type == "cuda" and proj["export_devices"] != ["cuda"]:
+        w(f"  NOTE: the project's feature export (export_features) ran on {'/'.join(proj['export_devices'])}, not cuda: "
+          "Lightning's Strategy.teardown moves the module to the CPU at the end of every fit, before client_step exports")
     if proj["slices"] != bare["slices"]:
         w("  WARNING: the two paths processed different numbers of slices")
     w("")

@@ -20,6 +20,7 @@ from fcl_lightning.fcl.exchange import payload_nbytes, route
 from fcl_lightning.federation.checkpoint import (
     FORMAT,
     CheckpointError,
+    atomic_copy,
     atomic_save,
     bank_from_dict,
     bank_to_dict,
@@ -268,9 +269,10 @@ class FederatedLoop:
             "config": self.config_text,
         }
         ckdir = self.root / "checkpoints"
-        atomic_save(ckpt, ckdir / "last.ckpt")
-        if periodic:
-            atomic_save(ckpt, ckdir / f"round-{done:03d}.ckpt")
+        if periodic:  # serialise once; last.ckpt is an atomic copy of the round file
+            atomic_copy(atomic_save(ckpt, ckdir / f"round-{done:03d}.ckpt"), ckdir / "last.ckpt")
+        else:
+            atomic_save(ckpt, ckdir / "last.ckpt")
 
     def _finish(self, global_w, client_w, history, comm, elapsed, wall) -> dict[str, Any]:
         if self.fed.mode == "federated" and hasattr(self.module, "encoder_state"):

@@ -3,7 +3,6 @@ which state is the client's own, and which loader to train on."""
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import lightning.pytorch as pl
@@ -43,7 +42,7 @@ class FederatedModule(pl.LightningModule):
 
     def load_global_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load aggregated weights; the key sets must match exactly."""
-        expected = set(self.global_state())
+        expected = {k for k in self.state_dict(keep_vars=True) if self._is_global(k)}
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
             raise KeyError(f"global weights do not match {type(self).__name__}: missing {missing}, unexpected {unexpected}")
@@ -58,7 +57,7 @@ class FederatedModule(pl.LightningModule):
         }
         out: dict[str, Any] = {"modules": sd}
         if self.keep_optimizer_state and self._optimizer_state is not None:
-            out["optimizer"] = copy.deepcopy(self._optimizer_state)
+            out["optimizer"] = self._optimizer_state  # owned by the caller from here on
         return out
 
     def load_client_state(self, state: dict[str, Any] | None) -> None:
@@ -68,7 +67,7 @@ class FederatedModule(pl.LightningModule):
             self.init_client_state()
             return
         self.load_state_dict(state["modules"], strict=False)
-        self._optimizer_state = copy.deepcopy(state.get("optimizer"))
+        self._optimizer_state = state.get("optimizer")  # Optimizer.load_state_dict copies it
 
     def init_client_state(self) -> None:
         """Fresh per-client state, derived from the current (global) weights."""
@@ -99,4 +98,5 @@ class FederatedModule(pl.LightningModule):
 
     def on_train_end(self) -> None:
         if self.keep_optimizer_state and self.trainer.optimizers:
-            self._optimizer_state = copy.deepcopy(self.trainer.optimizers[0].state_dict())
+            # the Trainer and its optimiser are discarded after the round: no copy needed
+            self._optimizer_state = self.trainer.optimizers[0].state_dict()
