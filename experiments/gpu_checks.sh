@@ -5,15 +5,15 @@
 # made by experiments/pack_acdc.py; never committed). Outputs go to $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD/src
 OUT=${OUT:-/tmp/out}
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee $OUT/gpu.txt
+mkdir -p $OUT; (nvidia-smi --query-gpu=name,memory.total --format=csv || echo no-gpu) | tee $OUT/gpu.txt
 python3 -c "import torch, lightning, monai; print(torch.__version__, lightning.__version__, monai.__version__)" | tee -a $OUT/gpu.txt
-timeout ${BENCH_TIMEOUT:-150} python3 experiments/bench_pretrain.py --profile acdc --rounds 2 --device cuda \
+timeout ${BENCH_TIMEOUT:-150} python3 experiments/bench_pretrain.py ${BENCH_ARGS:---profile acdc --rounds 2 --device cuda} \
     --json $OUT/bench_acdc_cuda.json 2>&1 | grep -v Warning | tee $OUT/bench.log | tail -40
-timeout ${EXP_TIMEOUT:-330} python3 experiments/acdc_fcl_vs_random.py --root .acdc_pack --size 160 \
-    --rounds ${ROUNDS:-20} --steps ${STEPS:-300} --ns 1,2 --accelerator gpu --num-workers 6 \
+timeout ${EXP_TIMEOUT:-330} python3 experiments/acdc_fcl_vs_random.py --root .acdc_pack --size ${SIZE:-160} \
+    --rounds ${ROUNDS:-15} --steps ${STEPS:-250} --ns 1,2 --accelerator ${ACCEL:-gpu} --num-workers ${WORKERS:-6} \
     --out $OUT/acdc 2>&1 | grep -vE "Warning|warn" | tee $OUT/acdc.log | tail -30
 cp $OUT/acdc/results.md $OUT/acdc/results.json $OUT/ 2>/dev/null
 cp $OUT/acdc/pretrain/logs/version_0/metrics.csv $OUT/pretrain_metrics.csv 2>/dev/null

@@ -28,10 +28,11 @@ class BankEntries(NamedTuple):
 
     @staticmethod
     def cat(parts: list["BankEntries"], dim: int) -> "BankEntries":
-        parts = [p for p in parts if len(p)]
-        if not parts:
-            return BankEntries.empty(dim)
-        return BankEntries(*(torch.cat(ts) for ts in zip(*parts)))
+        """Concatenate; an all-empty result stays on the device of the parts given."""
+        full = [p for p in parts if len(p)]
+        if not full:
+            return parts[0] if parts else BankEntries.empty(dim)
+        return BankEntries(*(torch.cat(ts) for ts in zip(*full)))
 
 
 class MemoryBank(nn.Module):
