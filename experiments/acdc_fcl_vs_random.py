@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--root", required=True)
     ap.add_argument("--out", default="runs/acdc_fcl_vs_random")
     ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--spacing", type=float, default=2.0,
+                    help="in-plane mm/pixel; 128 px x 2.0 mm keeps the whole heart in view")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--local-epochs", type=int, default=1)
     ap.add_argument("--steps", type=int, default=150, help="fine-tuning steps per client")
@@ -46,7 +48,8 @@ def main() -> None:
     ap.add_argument("--skip-pretrain", action="store_true")
     args = ap.parse_args()
     out = Path(args.out).resolve()
-    common = [f"--data.root={args.root}", f"--data.img_size={args.size}", f"--trainer.accelerator={args.accelerator}",
+    common = [f"--data.root={args.root}", f"--data.img_size={args.size}", f"--data.spacing={args.spacing}",
+              f"--trainer.accelerator={args.accelerator}",
               f"--data.num_workers={args.num_workers}"]
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

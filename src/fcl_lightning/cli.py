@@ -17,7 +17,7 @@ from rich.console import Console
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from fcl_lightning.data.datamodule import FederatedDataModule
-from fcl_lightning.federation.checkpoint import atomic_write_text
+from fcl_lightning.federation.checkpoint import atomic_write_text, load_checkpoint, resolve_ckpt_path
 from fcl_lightning.federation.config import Federation
 from fcl_lightning.federation.evaluate import evaluate_run
 from fcl_lightning.federation.loop import FederatedLoop
@@ -47,14 +47,32 @@ class FCLCLI(LightningCLI):
         checkpoint carries its resolved config instead, and ``fit`` validates the file itself."""
 
     def before_instantiate_classes(self) -> None:
-        """Default logger: a CSVLogger under ``default_root_dir`` (wandb etc. via ``trainer.logger``)."""
+        """Default logger: a CSVLogger under ``default_root_dir``. A WandbLogger (``trainer.logger``)
+        writes under ``default_root_dir`` too, and a ``fit --ckpt_path`` resume continues the wandb
+        run whose id the checkpoint holds."""
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
-        if cfg is None or cfg.trainer.logger not in (None, True):
+        if cfg is None:
             return
         root = cfg.trainer.default_root_dir or "."
-        cfg.trainer.logger = Namespace(
-            class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=root, name="logs")
-        )
+        if cfg.trainer.logger in (None, True):
+            cfg.trainer.logger = Namespace(
+                class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=root, name="logs")
+            )
+            return
+        loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
+        for lg in loggers:
+            if not (isinstance(lg, Namespace) and str(lg.get("class_path", "")).endswith("WandbLogger")):
+                continue
+            init = lg.init_args
+            if init.get("save_dir") in (None, ".") and init.get("dir") is None:
+                init.save_dir = root
+                Path(root).mkdir(parents=True, exist_ok=True)
+            if self.subcommand == "fit" and cfg.get("ckpt_path") and init.get("id") is None:
+                path = resolve_ckpt_path(cfg.ckpt_path, root)
+                rid = load_checkpoint(path).get("wandb_run_id") if path is not None else None
+                if rid:
+                    init.id = rid
+                    init.resume = "allow"
 
     def fit(self, model: FederatedModule, datamodule: FederatedDataModule | None = None,
             ckpt_path: str | None = None, **_: Any) -> None:

@@ -3,6 +3,7 @@ the server merges updates with the aggregator plug-in and routes exchanged featu
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -34,6 +35,15 @@ from fcl_lightning.federation.checkpoint import (
 from fcl_lightning.federation.client import ClientResult, ClientRuntime, client_step
 from fcl_lightning.federation.config import Federation
 from fcl_lightning.lit.base import FederatedModule
+from fcl_lightning.tracking import (
+    finish,
+    log_config,
+    log_dice_table,
+    log_images,
+    log_summary,
+    per_client_dice_rows,
+    wandb_run_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +130,7 @@ class FederatedLoop:
         states: dict[int, Any] = {c: None for c in range(C)}
         inbox: dict[int, Any] = {c: None for c in range(C)}
         history: list[dict[str, float]] = []
+        dice_rows: list[list[Any]] = []  # per-round, per-client Dice (a wandb table when wandb is on)
         comm = {"weights_down": 0, "weights_up": 0, "features_up": 0, "features_down": 0}
         start, elapsed = 0, 0.0
 
@@ -137,9 +148,12 @@ class FederatedLoop:
             states = {c: ckpt["clients"].get(str(c)) for c in range(C)}
             inbox = {c: bank_from_dict(ckpt["inbox"].get(str(c))) for c in range(C)}
             history, comm, start, elapsed = ckpt["history"], ckpt["comm"], ckpt["round"], ckpt["elapsed_s"]
+            dice_rows = [list(r) for r in ckpt.get("dice_rows", [])]
             set_rng_state(ckpt["rng"])
             self.console.print(f"[bold]resuming[/] from {path} after round {start}/{self.fed.rounds}")
 
+        log_config(self.loggers, self.config_text)
+        self.wandb_id = wandb_run_id(self.loggers)  # stored in checkpoints: a resume continues this run
         t_run = time.perf_counter()
         with self._progress() as progress:
             task = progress.add_task("rounds", total=self.fed.rounds, completed=start, info="")
@@ -171,22 +185,26 @@ class FederatedLoop:
                         comm["features_down"] += nb
                     metrics["round/comm/features_down_bytes"] = sum(
                         metrics[f"client{c}/comm/features_down_bytes"] for c in range(C))
-                t2 = time.perf_counter()
                 elapsed += time.perf_counter() - t0
                 metrics.update({"round/time/train_s": t_train, "round/time/aggregate_s": t_agg, "round": r + 1})
                 history.append({k: float(v) for k, v in metrics.items() if k.startswith("round/")})
-                if (r + 1) % self.fed.checkpoint_every == 0 or r + 1 == self.fed.rounds:
-                    self._checkpoint(r + 1, global_w, client_w, states, inbox, history, comm, elapsed, C, periodic=True)
-                else:
-                    self._checkpoint(r + 1, global_w, client_w, states, inbox, history, comm, elapsed, C, periodic=False)
-                metrics["round/time/checkpoint_s"] = time.perf_counter() - t2
-                metrics["round/time/total_s"] = time.perf_counter() - t0
-                history[-1].update({k: metrics[k] for k in ("round/time/checkpoint_s", "round/time/total_s")})
                 ds = self.fed.downstream
                 if ds is not None and ds.every_n_rounds and (r + 1) % ds.every_n_rounds == 0 and r + 1 < self.fed.rounds:
                     self.module.load_global_state(global_w)
-                    metrics.update(ds.run(self.module, self.dm, self.root, self.seed, self.console, final=False))
+                    down = ds.run(self.module, self.dm, self.root, self.seed, self.console, final=False)
+                    metrics.update(down)
+                    history[-1].update(down)
+                new_rows = per_client_dice_rows(metrics, r + 1)
+                dice_rows += new_rows
+                t2 = time.perf_counter()
+                periodic = (r + 1) % self.fed.checkpoint_every == 0 or r + 1 == self.fed.rounds
+                self._checkpoint(r + 1, global_w, client_w, states, inbox, history, comm, elapsed, C, periodic, dice_rows)
+                metrics["round/time/checkpoint_s"] = time.perf_counter() - t2
+                metrics["round/time/total_s"] = time.perf_counter() - t0
+                history[-1].update({k: metrics[k] for k in ("round/time/checkpoint_s", "round/time/total_s")})
                 self.log_metrics(metrics, step=r + 1)
+                if new_rows:
+                    log_dice_table(self.loggers, dice_rows, step=r + 1)
                 progress.update(task, advance=1, info=f"round {r + 1}/{self.fed.rounds} loss {metrics.get('round/train/loss', float('nan')):.4f}")
                 self.console.print(self._round_line(r, metrics), soft_wrap=True)
         if self.fed.mode == "federated":
@@ -199,8 +217,14 @@ class FederatedLoop:
             self.log_metrics(down, step=self.fed.rounds)
             update_summary(self.root, down)
             summary.update(down)
+            dice_rows += per_client_dice_rows(down, self.fed.rounds)
+            log_dice_table(self.loggers, dice_rows, step=self.fed.rounds)
+            log_images(self.loggers, {"downstream/examples": self.root / "downstream.png",
+                                      "downstream/embedding": self.root / "embedding.png"}, step=self.fed.rounds)
+        log_summary(self.loggers, json.loads((self.root / "summary.json").read_text()))
         for lg in self.loggers:
             lg.save()
+        finish(self.loggers)
         return summary
 
     # ------------------------------------------------------------- pieces
@@ -250,7 +274,7 @@ class FederatedLoop:
         parts.append(f"{m['round/time/total_s']:.1f} s")
         return " | ".join(parts)
 
-    def _checkpoint(self, done, global_w, client_w, states, inbox, history, comm, elapsed, C, periodic) -> None:
+    def _checkpoint(self, done, global_w, client_w, states, inbox, history, comm, elapsed, C, periodic, dice_rows) -> None:
         ckpt = {
             "format": FORMAT,
             "round": done,
@@ -267,6 +291,8 @@ class FederatedLoop:
             "elapsed_s": elapsed,
             "seed": self.seed,
             "config": self.config_text,
+            "wandb_run_id": self.wandb_id,
+            "dice_rows": dice_rows,
         }
         ckdir = self.root / "checkpoints"
         if periodic:  # serialise once; last.ckpt is an atomic copy of the round file
@@ -281,7 +307,8 @@ class FederatedLoop:
         summary = {
             "stage": type(self.module).__name__,
             "rounds_completed": len(history),
-            "final": {k[len("round/"):]: v for k, v in last.items() if k.startswith("round/train/")},
+            "final": {k[len("round/"):]: v for k, v in last.items()
+                      if k.startswith("round/train/") or k.startswith("round/val/")},
             "bytes": dict(comm),
             "wall_time_s": elapsed,
         }

@@ -1,0 +1,99 @@
+"""Experiment tracking on top of Lightning's loggers: the resolved config, the run summary,
+media, and the wandb run id that lets ``--ckpt_path last`` continue the same wandb run.
+
+The federation owns the loggers (one run per ``fit``, not one per client or round); the
+per-client Trainers run with ``logger=False``. Everything here is a no-op for loggers that lack
+the feature, so CSV-only runs pay nothing, and nothing here touches the network itself: wandb
+decides that from ``WANDB_MODE`` (online, offline, disabled).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch.loggers import Logger, WandbLogger
+
+
+def wandb_loggers(loggers: Iterable[Logger]) -> list[WandbLogger]:
+    return [lg for lg in loggers if isinstance(lg, WandbLogger)]
+
+
+def wandb_run_id(loggers: Iterable[Logger]) -> str | None:
+    """The id of the wandb run these loggers write to (``None`` without a WandbLogger or when
+    wandb is disabled)."""
+    for lg in wandb_loggers(loggers):
+        run = lg.experiment
+        rid = getattr(run, "id", None)
+        if isinstance(rid, str) and rid and not getattr(run, "disabled", False):
+            return rid
+    return None
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a/b": 1}`` (wandb summaries and tables want flat keys)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def log_config(loggers: Iterable[Logger], config_text: str) -> None:
+    """Every logger records the resolved config (CSV: ``hparams.yaml``; wandb: the run config)."""
+    if not config_text:
+        return
+    cfg = yaml.safe_load(config_text) or {}
+    for lg in loggers:
+        lg.log_hyperparams(cfg)
+
+
+def log_summary(loggers: Iterable[Logger], summary: Mapping[str, Any]) -> None:
+    """Copy ``summary.json``'s figures into the wandb run summary."""
+    flat = {k: v for k, v in flatten(summary).items() if isinstance(v, (int, float, str, bool))}
+    for lg in wandb_loggers(loggers):
+        lg.experiment.summary.update(flat)
+
+
+def log_images(loggers: Iterable[Logger], images: Mapping[str, Path], step: int | None = None) -> None:
+    """Log existing PNG files as wandb images (key -> path); missing files are skipped."""
+    for key, path in images.items():
+        if Path(path).is_file():
+            for lg in wandb_loggers(loggers):
+                lg.log_image(key=key, images=[str(path)], step=step)
+
+
+def per_client_dice_rows(metrics: Mapping[str, float], round_idx: int) -> list[list[Any]]:
+    """Rows ``[round, client, source, dice_mean]`` from one round's metrics: the clients' own
+    validation Dice (``client{c}/val/dice_mean``) and the downstream evaluation's per-client Dice
+    (``downstream/{init}/client{c}/dice_mean``)."""
+    rows = []
+    for key, value in sorted(metrics.items()):
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0].startswith("client") and parts[1:] == ["val", "dice_mean"]:
+            rows.append([round_idx, int(parts[0][6:]), "val", float(value)])
+        elif len(parts) == 4 and parts[0] == "downstream" and parts[2].startswith("client") and parts[3] == "dice_mean":
+            rows.append([round_idx, int(parts[2][6:]), f"downstream/{parts[1]}", float(value)])
+    return rows
+
+
+def log_dice_table(loggers: Iterable[Logger], rows: list[list[Any]], step: int | None = None) -> None:
+    """The per-round, per-client Dice table (all rows so far) as a wandb table."""
+    if not rows:
+        return
+    for lg in wandb_loggers(loggers):
+        lg.log_table(key="per_client_dice", columns=["round", "client", "source", "dice_mean"], data=rows, step=step)
+
+
+def finish(loggers: Iterable[Logger]) -> None:
+    """Close the wandb run at the end of a fit (one run per fit; a later fit in the same process,
+    e.g. a resume, starts or continues a run of its own instead of writing into this one)."""
+    for lg in wandb_loggers(loggers):
+        if lg._experiment is not None:  # never create a run just to close it
+            lg._experiment.finish()
+            lg._experiment = None
