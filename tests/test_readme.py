@@ -15,7 +15,7 @@ README = (REPO / "README.md").read_text()
 def readme_commands() -> list[list[str]]:
     blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
     text = "\n".join(blocks).replace("\\\n", " ")
-    return [shlex.split(line, comments=True) for line in text.splitlines() if line.strip().startswith("fcl-lightning")]
+    return [shlex.split(line, comments=True) for line in text.splitlines() if line.strip().startswith("fcl-lightning ")]
 
 
 def test_readme_has_the_two_newcomer_commands():
@@ -35,3 +35,13 @@ def test_readme_command_parses(argv, monkeypatch, capsys):
         main([*args, "--print_config"])
     assert exc.value.code in (0, None)
     assert "federation:" in capsys.readouterr().out
+
+
+def test_readme_sweep_files_exist_and_validate():
+    from fcl_lightning.sweep import load_sweep
+
+    named = set(re.findall(r"configs/sweeps/[\w.]+\.yaml", README))
+    assert named, "the README names no sweep file"
+    for rel in named:
+        load_sweep(REPO / rel)
+    assert "fcl-lightning-sweep configs/sweeps/fcl_pretrain.yaml --count 8" in README
