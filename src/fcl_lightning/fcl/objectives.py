@@ -1,11 +1,15 @@
 """Pre-training objectives: plug-ins selected with ``class_path`` in ``model.init_args.objective``.
 
-An objective sees one :class:`ContrastiveInputs` per step and returns a dict of scalars that
-holds ``loss``. It may own parameters (they are trained and federated with the encoder).
+The pre-training module hands every step a :class:`PretrainStep` (two augmented views, partition
+and volume tags, the nets as callables, the memory bank); the objective returns a dict of scalars
+holding ``loss`` and the keys to enqueue in the local bank (``None`` for objectives without a
+bank). Objectives may own parameters (a classifier, prototypes): they are trained and federated
+with the encoder. FCL is here; the baselines are in :mod:`fcl_lightning.baselines`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +30,36 @@ class ContrastiveInputs:
     bank: BankEntries  # Q: local bank + remote bank, as before this batch
 
 
+@dataclass
+class PretrainStep:
+    """One training step as an objective sees it; the nets are called only if it needs them."""
+
+    views: tuple[torch.Tensor, torch.Tensor]  # two augmented views [B, 1, H, W] of the same slices
+    partitions: torch.Tensor  # [B] partition index of each slice
+    volumes: torch.Tensor  # [B] volume index of each slice (within the batch's client)
+    embed: Callable[[torch.Tensor], torch.Tensor]  # main encoder + head, L2-normalised
+    embed_keys: Callable[[torch.Tensor], torch.Tensor]  # momentum encoder + head, no gradient
+    encode: Callable[[torch.Tensor], torch.Tensor]  # main encoder bottleneck feature map
+    bank: BankEntries  # Q: local bank + remote bank, as before this batch
+
+
 class PretrainObjective(nn.Module):
-    """Base class of pre-training objectives."""
+    """Base class of pre-training objectives.
+
+    ``uses_bank``: the objective contrasts against the memory banks, so the module enqueues its
+    keys and the federation exchanges features (FCL); baselines without banks set it ``False``.
+    """
+
+    uses_bank: bool = True
+
+    def build(self, feature_channels: int, embed_dim: int) -> None:
+        """Create parameters that depend on the encoder (bottleneck channels) or head (vector size)."""
+
+    def step(self, s: PretrainStep) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Loss and metrics of one step, and the keys to enqueue (default: MoCo-style q/k)."""
+        q = s.embed(s.views[0])
+        k = s.embed_keys(s.views[1])
+        return self(ContrastiveInputs(q, k, s.partitions, s.volumes, s.bank)), k
 
     def forward(self, inputs: ContrastiveInputs) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -119,6 +119,9 @@ class FederatedLoop:
         """Train all rounds (resuming from ``ckpt_path`` if given) and return the summary."""
         self.dm.setup("fit")
         C = self.dm.num_clients
+        if self.fed.mode == "federated" and self.module.per_client_init:
+            raise ValueError("a per-client pretrained path ('{client}' in model.pretrained) needs "
+                             "federation.mode local; federated fine-tuning starts every client from one model")
         runtime = ClientRuntime(
             self.module, self.dm, self.make_trainer, self.seed, self.fed.rounds,
             exchange=self.fed.exchange and self.fed.mode == "federated" and self.module.shares_features,
@@ -163,7 +166,10 @@ class FederatedLoop:
                 results: dict[int, ClientResult] = {}
                 for i, c in enumerate(selected):
                     progress.update(task, info=f"round {r + 1}/{self.fed.rounds} client {i + 1}/{len(selected)} (#{c})")
-                    start_w = client_w.get(c, global_w) if self.fed.mode == "local" else global_w
+                    if self.fed.mode == "local":
+                        start_w = client_w[c] if c in client_w else self.module.client_initial_weights(c, global_w)
+                    else:
+                        start_w = global_w
                     results[c] = client_step(start_w, states[c], inbox[c], client=c, round_idx=r, runtime=runtime)
                     states[c] = to_cpu(results[c].state)
                 t_train = time.perf_counter() - t0
@@ -302,6 +308,17 @@ class FederatedLoop:
 
     def _finish(self, global_w, client_w, history, comm, elapsed, wall) -> dict[str, Any]:
         if self.fed.mode == "federated" and hasattr(self.module, "encoder_state"):
+            atomic_save(self.module.encoder_state(), self.root / "encoder.pt")
+        elif hasattr(self.module, "encoder_state") and client_w:
+            # local pre-training (e.g. Local CL): one encoder per client, and their FedAvg as
+            # encoder.pt, the common start of federated fine-tuning
+            clients = sorted(client_w)
+            for c in clients:
+                self.module.load_global_state(client_w[c])
+                atomic_save(self.module.encoder_state(), self.root / "encoders" / f"client{c}.pt")
+            merged = self.fed.aggregator([client_w[c] for c in clients],
+                                         [self.module.num_samples(self.dm, c) for c in clients])
+            self.module.load_global_state(merged)
             atomic_save(self.module.encoder_state(), self.root / "encoder.pt")
         last = history[-1] if history else {}
         summary = {

@@ -72,6 +72,14 @@ class FederatedModule(pl.LightningModule):
     def init_client_state(self) -> None:
         """Fresh per-client state, derived from the current (global) weights."""
 
+    #: whether clients start from different weights (``client_initial_weights``); local mode only
+    per_client_init: bool = False
+
+    def client_initial_weights(self, client: int, global_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The weights ``client`` starts from before its first round in local mode (default: the
+        global ones; the segmentation module loads a per-client pre-trained encoder here)."""
+        return global_weights
+
     # ------------------------------------------------------------ training
     def train_loader(self, datamodule: Any, client: int, seed: int) -> DataLoader:
         """The loader this module trains on for ``client``."""

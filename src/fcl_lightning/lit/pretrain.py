@@ -14,7 +14,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from fcl_lightning.fcl.exchange import embed_slices
 from fcl_lightning.fcl.memory_bank import BankEntries, MemoryBank
 from fcl_lightning.fcl.momentum import cosine_schedule, make_momentum_copy, update_momentum
-from fcl_lightning.fcl.objectives import ContrastiveInputs, FCLObjective, PretrainObjective
+from fcl_lightning.fcl.objectives import FCLObjective, PretrainObjective, PretrainStep
 from fcl_lightning.lit.base import FederatedModule
 from fcl_lightning.models.encoder import DEFAULT_FEATURES, ProjectionHead, UNetEncoder
 
@@ -37,7 +37,6 @@ class ContrastivePretrainModule(FederatedModule):
 
     global_prefixes = ("encoder.", "head.", "objective.")
     transient_prefixes = ("remote_bank.",)
-    shares_features = True
 
     def __init__(
         self,
@@ -60,6 +59,7 @@ class ContrastivePretrainModule(FederatedModule):
         self.encoder = UNetEncoder(1, features, norm)
         self.head = ProjectionHead(self.encoder.features[-1], 4, proj_hidden, proj_dim)
         self.objective = copy.deepcopy(objective)  # a config default instance is shared; never mutate it
+        self.objective.build(self.encoder.features[-1], proj_dim)
         self.use_momentum = use_momentum
         self.momentum_encoder = make_momentum_copy(self.encoder)
         self.momentum_head = make_momentum_copy(self.head)
@@ -89,15 +89,27 @@ class ContrastivePretrainModule(FederatedModule):
         step_in_round = self.trainer.global_step if self._trainer is not None else 0
         return cosine_schedule(int(1000 * (r + step_in_round / steps)), 1000 * total, self.momentum, self.momentum_end)
 
+    @property
+    def shares_features(self) -> bool:
+        """FCL exchanges features; objectives without memory banks (the baselines) do not."""
+        return self.objective.uses_bank
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The main encoder's bottleneck feature map (what rotation prediction classifies)."""
+        return self.encoder(x)[-1]
+
     # ------------------------------------------------------------- training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x_q = batch["image"]
         x_k = batch.get("image_k", x_q)
-        q = self.embed(x_q)
-        k = self.embed_keys(x_k)
-        bank = BankEntries.cat([self.local_bank.entries(), self.remote_bank.entries()], self.proj_dim)
-        out = self.objective(ContrastiveInputs(q, k, batch["partition"], batch["volume"], bank))
-        self.local_bank.enqueue(BankEntries(k, batch["partition"], batch["client"]))
+        if self.objective.uses_bank:
+            bank = BankEntries.cat([self.local_bank.entries(), self.remote_bank.entries()], self.proj_dim)
+        else:
+            bank = BankEntries.empty(self.proj_dim, x_q.device)
+        out, keys = self.objective.step(PretrainStep((x_q, x_k), batch["partition"], batch["volume"], self.embed,
+                                                     self.embed_keys, self.encode, bank))
+        if keys is not None:
+            self.local_bank.enqueue(BankEntries(keys, batch["partition"], batch["client"]))
         bs = x_q.shape[0]
         for name, value in out.items():
             self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=bs)

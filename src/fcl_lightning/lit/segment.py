@@ -79,6 +79,8 @@ class SegmentationModule(FederatedModule):
         features, norm: U-Net encoder architecture (must match pre-training).
         num_classes: output classes (ACDC: background, RV, Myo, LV).
         pretrained: ``encoder.pt`` or a federated pre-training checkpoint; ``None``: random init.
+            A path with ``{client}`` (e.g. ``runs/local_cl/encoders/client{client}.pt``) gives each
+            client its own encoder (local fine-tuning after local pre-training).
         freeze_encoder_epochs: keep the encoder frozen for this many epochs (per client Trainer).
         loss: segmentation loss (MONAI ``DiceCELoss`` on softmax / one-hot labels by default).
         optimizer, scheduler: optimiser and optional LR scheduler factories.
@@ -102,11 +104,26 @@ class SegmentationModule(FederatedModule):
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
         self.net = UNet(1, num_classes, features, norm)
-        if pretrained:
-            load_encoder(self.net, encoder_state_from_file(pretrained), f"pretrained weights {pretrained}")
+        if pretrained:  # per-client paths are checked here with client 0's file
+            first = pretrained.replace("{client}", "0")
+            load_encoder(self.net, encoder_state_from_file(first), f"pretrained weights {first}")
         self.loss_fn = copy.deepcopy(loss)  # a config default instance is shared; never mutate it
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.freeze_encoder_epochs, self.eval_batch_size = freeze_encoder_epochs, eval_batch_size
+        self.pretrained = pretrained
+
+    @property
+    def per_client_init(self) -> bool:
+        return bool(self.pretrained) and "{client}" in self.pretrained
+
+    def client_initial_weights(self, client: int, global_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """With a ``{client}`` pretrained path: the global weights with this client's encoder."""
+        if not self.per_client_init:
+            return global_weights
+        path = self.pretrained.replace("{client}", str(client))
+        self.load_global_state(global_weights)
+        load_encoder(self.net, encoder_state_from_file(path), f"pretrained weights {path}")
+        return {k: v.cpu() for k, v in self.global_state().items()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
