@@ -1,0 +1,306 @@
+"""Regenerate the FCL paper's Tables 1 and 2 (local and federated fine-tuning, Dice against the
+number N of labelled patients per client) for a list of methods, on the phantom or on ACDC.
+
+For every method it pre-trains once (``configs/methods/<method>.yaml`` on top of the profile's
+pre-training config; ``random`` skips pre-training), then for every setting (local, federated),
+N, fold and seed fine-tunes from that encoder and tests. It writes, under ``--out``:
+
+- ``results.csv``: method, setting, N, client, fold, seed, Dice per structure and mean, HD95;
+- ``results.md``: the two tables, mean +- std over clients (after averaging folds and seeds);
+- ``dice_vs_n_local.png``, ``dice_vs_n_federated.png``: Dice against N per method.
+
+It resumes: a finished cell (pre-training with its ``encoder.pt``, fine-tuning with its test
+figures) is never run again, and an interrupted pre-training continues from its last round.
+
+    python experiments/run_tables.py --profile quick
+    python experiments/run_tables.py --profile acdc-cpu --root /path/to/ACDC/training
+    python experiments/run_tables.py --profile paper --root /path/to/ACDC/training   # a GPU
+
+Profiles: ``quick`` (phantom, CPU, minutes), ``acdc-cpu`` (real ACDC at reduced image size and
+rounds, about an hour on 2 CPU cores), ``paper`` (ACDC at the paper's scale: 10 clients x 10
+patients, 5-fold CV inside each client, N in 1/2/4/8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS_DIR = REPO / "configs" / "methods"
+NO_PRETRAIN = "random"  # random init: no pre-training cell
+COLUMNS = ["method", "setting", "N", "client", "fold", "seed", "dice_rv", "dice_myo", "dice_lv", "dice_mean",
+           "hd95_mean"]
+LABELS = {"random": "Random init", "local_cl": "Local CL", "fedsimclr": "FedSimCLR", "fedrotation": "FedRotation",
+          "fedswav": "FedSwAV", "fcl": "FCL", "fcl_no_exchange": "FCL w/o exchange",
+          "fcl_no_remote": "FCL w/o remote term", "fcl_no_momentum": "FCL w/o momentum encoder"}
+PAPER_METHODS = ["random", "local_cl", "fedrotation", "fedsimclr", "fedswav", "fcl"]
+ABLATIONS = ["fcl_no_exchange", "fcl_no_remote", "fcl_no_momentum"]
+
+
+@dataclass
+class Profile:
+    pretrain: list[str]  # CLI arguments of every pre-training run (config first)
+    finetune: list[str]  # CLI arguments of every fine-tuning run
+    ns: list[int]
+    methods: list[str]
+    settings: list[str] = field(default_factory=lambda: ["local", "federated"])
+    folds: list[int | None] = field(default_factory=lambda: [None])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    needs_root: bool = False
+
+
+ACDC_CPU_DATA = ["--data.img_size=96", "--data.spacing=2.5", "--data.num_clients=5", "--data.split=group"]
+PROFILES: dict[str, Profile] = {
+    # the phantom: 4 clients (one per site), held-out phantom test set
+    "quick": Profile(
+        pretrain=["--config", "configs/demo_pretrain.yaml", "--federation.rounds=3", "--federation.local_epochs=1"],
+        finetune=["--config", "configs/demo_finetune.yaml", "--federation.rounds=2", "--federation.local_steps=30"],
+        ns=[1, 2], methods=PAPER_METHODS + ABLATIONS,
+    ),
+    # real ACDC on a CPU: 5 clients x 20 patients (one per ACDC group), 96 px at 2.5 mm; pre-train
+    # on all patients' images, fine-tune on N labelled patients and score on 10 held-out patients
+    # of each client
+    "acdc-cpu": Profile(
+        pretrain=["--config", "configs/acdc/fcl_pretrain.yaml", *ACDC_CPU_DATA, "--federation.rounds=4",
+                  "--model.proj_hidden=512"],
+        finetune=["--config", "configs/acdc/finetune.yaml", *ACDC_CPU_DATA, "--data.cv_folds=null",
+                  "--data.val_fraction=0.5", "--federation.rounds=2", "--federation.local_steps=60"],
+        ns=[1, 2], methods=PAPER_METHODS, needs_root=True,
+    ),
+    # the paper's setting: 10 clients x 10 patients, 192 px, 5-fold CV inside each client
+    "paper": Profile(
+        pretrain=["--config", "configs/acdc/fcl_pretrain.yaml"],
+        finetune=["--config", "configs/acdc/finetune.yaml", "--data.cv_folds=5"],
+        ns=[1, 2, 4, 8], methods=PAPER_METHODS + ABLATIONS, folds=[0, 1, 2, 3, 4], needs_root=True,
+    ),
+}
+
+
+def cli(args: list[str]) -> None:
+    """One ``fcl-lightning`` command, in this process (no interpreter start-up per cell); config
+    files are named relative to the repository."""
+    from fcl_lightning.cli import main
+
+    main([str(REPO / a) if prev == "--config" and not os.path.isabs(a) else a for prev, a in zip(["", *args], args)])
+
+
+def pretrain_uses_local_mode(method: str) -> bool:
+    import yaml
+
+    cfg = yaml.safe_load((METHODS_DIR / f"{method}.yaml").read_text()) or {}
+    return (cfg.get("federation") or {}).get("mode") == "local"
+
+
+class Runner:
+    def __init__(self, profile: Profile, out: Path, common: list[str], extra_pretrain: list[str],
+                 extra_finetune: list[str], log=print) -> None:
+        self.p, self.out, self.common = profile, out, common
+        self.extra_pretrain, self.extra_finetune = extra_pretrain, extra_finetune
+        self.log = log
+        self.times: dict[str, list[float]] = {"pretrain": [], "finetune": []}
+
+    # ---------------------------------------------------------------- cells
+    def pretrain_dir(self, method: str) -> Path:
+        return self.out / "pretrain" / method
+
+    def finetune_dir(self, method: str, setting: str, n: int, fold: int | None, seed: int) -> Path:
+        return self.out / "finetune" / method / f"{setting}_N{n}_fold{'-' if fold is None else fold}_seed{seed}"
+
+    def pretrain_done(self, method: str) -> bool:
+        return method == NO_PRETRAIN or (self.pretrain_dir(method) / "encoder.pt").is_file()
+
+    def finetune_done(self, d: Path) -> bool:
+        s = d / "summary.json"
+        return s.is_file() and "test/dice_mean" in json.loads(s.read_text()) and (d / "test_per_patient.csv").is_file()
+
+    def run_pretrain(self, method: str) -> None:
+        d = self.pretrain_dir(method)
+        args = ["fit", *self.p.pretrain, "--config", str(METHODS_DIR / f"{method}.yaml"), *self.common,
+                *self.extra_pretrain, f"--trainer.default_root_dir={d}"]
+        if (d / "checkpoints" / "last.ckpt").is_file():
+            args.append("--ckpt_path=last")  # an interrupted pre-training continues at its next round
+        cli(args)
+
+    def run_finetune(self, method: str, setting: str, n: int, fold: int | None, seed: int) -> None:
+        d = self.finetune_dir(method, setting, n, fold, seed)
+        args = [*self.p.finetune, *self.common, *self.extra_finetune, f"--data.labelled_per_client={n}",
+                f"--federation.mode={setting}", f"--seed_everything={seed}", f"--trainer.default_root_dir={d}"]
+        if fold is not None:
+            args.append(f"--data.cv_fold={fold}")
+        if method != NO_PRETRAIN:
+            pre = self.pretrain_dir(method)
+            if setting == "local" and (pre / "encoders").is_dir():
+                args.append(f"--model.pretrained={pre}/encoders/client{{client}}.pt")  # each client its own
+            else:
+                args.append(f"--model.pretrained={pre}/encoder.pt")
+        if (d / "checkpoints").is_dir():  # a half-finished fine-tuning starts again from scratch
+            import shutil
+
+            shutil.rmtree(d)
+        cli(["fit", *args])
+        cli(["test", *args, "--ckpt_path=last"])
+
+    # ------------------------------------------------------------------ run
+    def cells(self, methods: list[str]) -> list[tuple]:
+        out: list[tuple] = []
+        for m in methods:
+            out.append(("pretrain", m))
+            for setting in self.p.settings:
+                for n in self.p.ns:
+                    for fold in self.p.folds:
+                        for seed in self.p.seeds:
+                            out.append(("finetune", m, setting, n, fold, seed))
+        return out
+
+    def is_done(self, cell: tuple) -> bool:
+        if cell[0] == "pretrain":
+            return self.pretrain_done(cell[1])
+        return self.finetune_done(self.finetune_dir(*cell[1:]))
+
+    def eta(self, todo: list[tuple]) -> str:
+        est = 0.0
+        for kind in ("pretrain", "finetune"):
+            if not self.times[kind]:
+                return "ETA after the first cells"
+            left = sum(1 for c in todo if c[0] == kind and not (kind == "pretrain" and c[1] == NO_PRETRAIN))
+            est += left * float(np.mean(self.times[kind]))
+        return f"ETA {est / 60:.1f} min"
+
+    def run(self, methods: list[str]) -> None:
+        cells = self.cells(methods)
+        todo = [c for c in cells if not self.is_done(c)]
+        self.log(f"{len(cells)} cells, {len(cells) - len(todo)} already finished, {len(todo)} to run")
+        for i, cell in enumerate(todo):
+            name = " ".join("-" if x is None else str(x) for x in cell)
+            self.log(f"[cell {i + 1}/{len(todo)}] {name} ({self.eta(todo[i:])})")
+            t0 = time.perf_counter()
+            if cell[0] == "pretrain":
+                if cell[1] == NO_PRETRAIN:
+                    continue
+                self.run_pretrain(cell[1])
+            else:
+                self.run_finetune(*cell[1:])
+            self.times[cell[0]].append(time.perf_counter() - t0)
+            self.log(f"[cell {i + 1}/{len(todo)}] done in {time.perf_counter() - t0:.0f} s")
+
+    # -------------------------------------------------------------- results
+    def rows(self, methods: list[str]) -> list[dict]:
+        """One row per (cell, client): the client's mean over its test volumes."""
+        rows = []
+        for cell in self.cells(methods):
+            if cell[0] != "finetune" or not self.is_done(cell):
+                continue
+            method, setting, n, fold, seed = cell[1:]
+            per: dict[str, list[dict]] = {}
+            with open(self.finetune_dir(*cell[1:]) / "test_per_patient.csv") as fh:
+                for r in csv.DictReader(fh):
+                    per.setdefault(r["client"], []).append(r)
+            for client, vols in sorted(per.items()):
+                row = {"method": method, "setting": setting, "N": n, "client": client,
+                       "fold": "" if fold is None else fold, "seed": seed}
+                for k in COLUMNS[6:]:
+                    vals = np.array([float(v[k]) if v.get(k) not in (None, "", "nan") else math.nan for v in vols])
+                    row[k] = float(np.nanmean(vals)) if not np.isnan(vals).all() else math.nan
+                rows.append(row)
+        return rows
+
+
+def table(rows: list[dict], methods: list[str], ns: list[int], setting: str) -> tuple[str, dict]:
+    """Markdown shaped like the paper's tables: mean +- std over clients of each client's Dice
+    (averaged over folds and seeds first)."""
+    stats: dict[str, dict[int, tuple[float, float]]] = {}
+    lines = ["| method | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+    for m in methods:
+        cells = []
+        for n in ns:
+            by_client: dict[str, list[float]] = {}
+            for r in rows:
+                if r["method"] == m and r["setting"] == setting and r["N"] == n:
+                    by_client.setdefault(str(r["client"]), []).append(r["dice_mean"])
+            if not by_client:
+                cells.append("-")
+                continue
+            vals = np.array([np.nanmean(v) for v in by_client.values()])
+            stats.setdefault(LABELS.get(m, m), {})[n] = (float(np.mean(vals)), float(np.std(vals)))
+            cells.append(f"{np.mean(vals):.3f} ± {np.std(vals):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}")
+        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), stats
+
+
+def write_results(runner: Runner, methods: list[str], profile_name: str, wall_s: float) -> str:
+    sys.path.insert(0, str(REPO / "src"))
+    from fcl_lightning.federation.checkpoint import atomic_write_text
+    from fcl_lightning.figures import save_dice_vs_n_figure
+
+    rows = runner.rows(methods)
+    tmp = runner.out / "results.csv.tmp"
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, runner.out / "results.csv")
+    parts = [f"# FCL tables, profile `{profile_name}`", "",
+             f"Dice (mean over RV, Myo, LV) per client, mean ± std over clients; {len(rows)} client rows; "
+             f"this call's wall time {wall_s / 60:.1f} min.", ""]
+    for setting, title in (("local", "Table 1: local fine-tuning"), ("federated", "Table 2: federated fine-tuning")):
+        if setting not in runner.p.settings:
+            continue
+        md, stats = table(rows, methods, runner.p.ns, setting)
+        parts += [f"## {title}", "", md, ""]
+        if stats:
+            save_dice_vs_n_figure(runner.out / f"dice_vs_n_{setting}.png", stats, title=f"{title} ({profile_name})")
+    text = "\n".join(parts)
+    atomic_write_text(text, runner.out / "results.md")
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    ap.add_argument("--root", default=None, help="ACDC training folder (acdc-cpu and paper profiles)")
+    ap.add_argument("--out", default=None, help="default: runs/tables/<profile>")
+    ap.add_argument("--methods", default=None, help=f"comma list (default: the profile's); any of {sorted(LABELS)}")
+    ap.add_argument("--ns", default=None, help="comma list of N (default: the profile's)")
+    ap.add_argument("--settings", default=None, help="local,federated (default both)")
+    ap.add_argument("--accelerator", default="auto")
+    ap.add_argument("--pretrain-arg", action="append", default=[], help="extra CLI argument of every pre-training")
+    ap.add_argument("--finetune-arg", action="append", default=[], help="extra CLI argument of every fine-tuning")
+    args = ap.parse_args(argv)
+
+    profile = PROFILES[args.profile]
+    if args.ns:
+        profile = Profile(**{**profile.__dict__, "ns": [int(x) for x in args.ns.split(",")]})
+    if args.settings:
+        profile = Profile(**{**profile.__dict__, "settings": args.settings.split(",")})
+    methods = args.methods.split(",") if args.methods else profile.methods
+    unknown = [m for m in methods if m != NO_PRETRAIN and not (METHODS_DIR / f"{m}.yaml").is_file()]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}: no configs/methods/<name>.yaml; known: {sorted(LABELS)}")
+    if profile.needs_root and not args.root:
+        raise SystemExit(f"profile {args.profile} needs --root /path/to/ACDC/training")
+    common = [f"--trainer.accelerator={args.accelerator}"]
+    if args.root:
+        common.append(f"--data.root={args.root}")
+    out = Path(args.out or REPO / "runs" / "tables" / args.profile).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    common.append(f"--data.cache_dir={out / 'cache'}")  # preprocess every volume once for all cells
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    runner = Runner(profile, out, common, args.pretrain_arg, args.finetune_arg)
+    t0 = time.perf_counter()
+    runner.run(methods)
+    print(write_results(runner, methods, args.profile, time.perf_counter() - t0))
+    print(f"\nwrote {out / 'results.csv'}, {out / 'results.md'} and the Dice-vs-N figures")
+
+
+if __name__ == "__main__":
+    main()
