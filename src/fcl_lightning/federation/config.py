@@ -29,6 +29,9 @@ class Federation:
         downstream: opt-in downstream evaluation after pre-training (and every k rounds): brief
             fine-tuning from the global encoder and from random init; logs ``downstream/*``.
         checkpoint_every: write ``round-NNN.ckpt`` every this many rounds (``last.ckpt`` always).
+        min_clients: a round in which fewer clients reply fails (Flower: failed or timed-out
+            clients are left out of the round's aggregate; in-process every client replies).
+        round_timeout: seconds the Flower server waits for a round's replies (``None``: no limit).
     """
 
     def __init__(
@@ -44,6 +47,8 @@ class Federation:
         keep_optimizer_state: bool = True,
         checkpoint_every: int = 1,
         downstream: DownstreamEvaluation | None = None,
+        min_clients: int = 1,
+        round_timeout: float | None = None,
     ) -> None:
         if rounds < 1 or local_epochs < 1:
             raise ValueError(f"rounds and local_epochs must be >= 1 (got {rounds}, {local_epochs})")
@@ -57,3 +62,6 @@ class Federation:
         self.checkpoint_every = checkpoint_every
         self.local_steps = local_steps
         self.downstream = downstream
+        if min_clients < 1:
+            raise ValueError(f"min_clients must be >= 1, got {min_clients}")
+        self.min_clients, self.round_timeout = min_clients, round_timeout

@@ -48,6 +48,53 @@ from fcl_lightning.tracking import (
 log = logging.getLogger(__name__)
 
 
+class Clients:
+    """Runs the client steps of one round for the loop. Subclasses: :class:`InProcessClients`
+    (default) and the Flower grid in ``fcl_lightning.flower.server``."""
+
+    num_clients: int
+    #: client -> why it was left out of the last round
+    failures: dict[int, str]
+
+    def train_round(self, round_idx: int, starts: dict[int, dict[str, torch.Tensor]], inbox: dict[int, Any],
+                    progress: Any) -> dict[int, ClientResult]:
+        """Train every client in ``starts`` from its start weights and remote features; return the
+        results of the clients that succeeded."""
+        raise NotImplementedError
+
+    def states(self) -> dict[int, Any]:
+        """Per-client state the server's checkpoint holds (none when clients keep their own)."""
+        return {}
+
+    def load_states(self, states: dict[int, Any]) -> None:
+        """Restore what :meth:`states` returned, when resuming."""
+
+
+class InProcessClients(Clients):
+    """Every client in this process, one after another, sharing one module instance (its state
+    is swapped in and out by :func:`client_step`)."""
+
+    def __init__(self, runtime: ClientRuntime, num_clients: int) -> None:
+        self.runtime, self.num_clients = runtime, num_clients
+        self._states: dict[int, Any] = {}
+        self.failures = {}
+
+    def train_round(self, round_idx, starts, inbox, progress) -> dict[int, ClientResult]:
+        results: dict[int, ClientResult] = {}
+        for i, (c, start) in enumerate(sorted(starts.items())):
+            progress(i, c)
+            results[c] = client_step(start, self._states.get(c), inbox.get(c), client=c, round_idx=round_idx,
+                                     runtime=self.runtime)
+            self._states[c] = to_cpu(results[c].state)
+        return results
+
+    def states(self) -> dict[int, Any]:
+        return dict(self._states)
+
+    def load_states(self, states: dict[int, Any]) -> None:
+        self._states = dict(states)
+
+
 class FederatedLoop:
     """Runs ``federation.rounds`` rounds of ``client_step`` over the datamodule's clients.
 
@@ -115,22 +162,30 @@ class FederatedLoop:
             lg.log_metrics(metrics, step=step)
 
     # ------------------------------------------------------------------ run
-    def run(self, ckpt_path: str | None = None) -> dict[str, Any]:
-        """Train all rounds (resuming from ``ckpt_path`` if given) and return the summary."""
-        self.dm.setup("fit")
-        C = self.dm.num_clients
-        if self.fed.mode == "federated" and self.module.per_client_init:
-            raise ValueError("a per-client pretrained path ('{client}' in model.pretrained) needs "
-                             "federation.mode local; federated fine-tuning starts every client from one model")
-        runtime = ClientRuntime(
+    def client_runtime(self) -> ClientRuntime:
+        """What every client step runs with (the in-process clients and the Flower ClientApp)."""
+        return ClientRuntime(
             self.module, self.dm, self.make_trainer, self.seed, self.fed.rounds,
             exchange=self.fed.exchange and self.fed.mode == "federated" and self.module.shares_features,
             exchange_per_partition=self.fed.exchange_per_partition,
             keep_optimizer_state=self.fed.keep_optimizer_state,
         )
+
+    def run(self, ckpt_path: str | None = None, clients: "Clients | None" = None) -> dict[str, Any]:
+        """Train all rounds (resuming from ``ckpt_path`` if given) and return the summary.
+
+        ``clients`` runs the client steps of a round: in this process by default
+        (:class:`InProcessClients`), or on Flower nodes (``fcl_lightning.flower``).
+        """
+        if clients is None:
+            self.dm.setup("fit")
+            clients = InProcessClients(self.client_runtime(), self.dm.num_clients)
+        C = clients.num_clients
+        if self.fed.mode == "federated" and self.module.per_client_init:
+            raise ValueError("a per-client pretrained path ('{client}' in model.pretrained) needs "
+                             "federation.mode local; federated fine-tuning starts every client from one model")
         global_w = {k: v.cpu() for k, v in self.module.global_state().items()}
         client_w: dict[int, dict[str, torch.Tensor]] = {}
-        states: dict[int, Any] = {c: None for c in range(C)}
         inbox: dict[int, Any] = {c: None for c in range(C)}
         history: list[dict[str, float]] = []
         dice_rows: list[list[Any]] = []  # per-round, per-client Dice (a wandb table when wandb is on)
@@ -148,7 +203,7 @@ class FederatedLoop:
                 raise CheckpointError(f"{path} does not fit the configured model: {exc}") from exc
             global_w = ckpt["global"]
             client_w = {int(c): w for c, w in ckpt["client_weights"].items()}
-            states = {c: ckpt["clients"].get(str(c)) for c in range(C)}
+            clients.load_states({int(c): s for c, s in ckpt["clients"].items()})
             inbox = {c: bank_from_dict(ckpt["inbox"].get(str(c))) for c in range(C)}
             history, comm, start, elapsed = ckpt["history"], ckpt["comm"], ckpt["round"], ckpt["elapsed_s"]
             dice_rows = [list(r) for r in ckpt.get("dice_rows", [])]
@@ -162,16 +217,25 @@ class FederatedLoop:
             task = progress.add_task("rounds", total=self.fed.rounds, completed=start, info="")
             for r in range(start, self.fed.rounds):
                 t0 = time.perf_counter()
-                selected = self.select_clients(r, C)
-                results: dict[int, ClientResult] = {}
-                for i, c in enumerate(selected):
-                    progress.update(task, info=f"round {r + 1}/{self.fed.rounds} client {i + 1}/{len(selected)} (#{c})")
+                wanted = self.select_clients(r, C)
+                starts = {}
+                for c in wanted:
                     if self.fed.mode == "local":
-                        start_w = client_w[c] if c in client_w else self.module.client_initial_weights(c, global_w)
+                        starts[c] = client_w[c] if c in client_w else self.module.client_initial_weights(c, global_w)
                     else:
-                        start_w = global_w
-                    results[c] = client_step(start_w, states[c], inbox[c], client=c, round_idx=r, runtime=runtime)
-                    states[c] = to_cpu(results[c].state)
+                        starts[c] = global_w
+
+                def show(i: int, c: int, n: int = len(wanted), r: int = r) -> None:
+                    progress.update(task, info=f"round {r + 1}/{self.fed.rounds} client {i + 1}/{n} (#{c})")
+
+                results = clients.train_round(r, starts, {c: inbox[c] for c in wanted}, show)
+                selected = sorted(results)
+                if len(selected) < self.fed.min_clients:
+                    raise RuntimeError(f"round {r + 1}: only {len(selected)} of {len(wanted)} clients replied "
+                                       f"(federation.min_clients is {self.fed.min_clients})")
+                for c in sorted(set(wanted) - set(selected)):
+                    self.console.print(f"[yellow]round {r + 1}: client {c} left out of this round "
+                                       f"({clients.failures.get(c, 'no reply')})[/]")
                 t_train = time.perf_counter() - t0
 
                 t1 = time.perf_counter()
@@ -182,7 +246,7 @@ class FederatedLoop:
                 t_agg = time.perf_counter() - t1
 
                 metrics = self._round_metrics(r, selected, results, global_w, inbox, comm)
-                if runtime.exchange:
+                if any(res.features is not None for res in results.values()):
                     dim = next(int(res.features.vectors.shape[1]) for res in results.values())
                     inbox = route({c: results[c].features for c in selected}, dim, recipients=range(C))
                     for c in range(C):
@@ -204,7 +268,7 @@ class FederatedLoop:
                 dice_rows += new_rows
                 t2 = time.perf_counter()
                 periodic = (r + 1) % self.fed.checkpoint_every == 0 or r + 1 == self.fed.rounds
-                self._checkpoint(r + 1, global_w, client_w, states, inbox, history, comm, elapsed, C, periodic, dice_rows)
+                self._checkpoint(r + 1, global_w, client_w, clients.states(), inbox, history, comm, elapsed, C, periodic, dice_rows)
                 metrics["round/time/checkpoint_s"] = time.perf_counter() - t2
                 metrics["round/time/total_s"] = time.perf_counter() - t0
                 history[-1].update({k: metrics[k] for k in ("round/time/checkpoint_s", "round/time/total_s")})
