@@ -78,8 +78,14 @@ def client_step(
     client: int,
     round_idx: int,
     runtime: ClientRuntime,
+    data_client: int | None = None,
 ) -> ClientResult:
-    """Train ``client`` for one round starting from ``global_weights`` and its own ``state``."""
+    """Train ``client`` for one round starting from ``global_weights`` and its own ``state``.
+
+    ``data_client`` is the datamodule's index of this client's data when it differs from the
+    federation-wide id ``client`` (a Flower node whose datamodule holds only its own site).
+    """
+    d = client if data_client is None else data_client
     s = client_seed(runtime.seed, round_idx, client)
     seed_all(s)
     module = runtime.module
@@ -89,12 +95,12 @@ def client_step(
     module.load_global_state(global_weights)
     module.load_client_state(state)
     module.receive_features(remote)
-    loader = module.train_loader(runtime.datamodule, client, s)
+    loader = module.train_loader(runtime.datamodule, d, s)
     with quiet_lightning():
         trainer = runtime.make_trainer()
         trainer.fit(module, train_dataloaders=loader)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
-        val = module.val_loader(runtime.datamodule, client)
+        val = module.val_loader(runtime.datamodule, d)
         if val is not None:  # once per round, on the client's own validation patients
             for res in trainer.validate(module, dataloaders=val, verbose=False):
                 metrics.update({k: float(v) for k, v in res.items()})
@@ -102,11 +108,13 @@ def client_step(
     if runtime.exchange:
         g = torch.Generator().manual_seed(s + 1)
         module.to(trainer.strategy.root_device)  # Lightning moved it back to the CPU after fit
-        features = module.export_features(runtime.datamodule, client, runtime.exchange_per_partition, g)
+        features = module.export_features(runtime.datamodule, d, runtime.exchange_per_partition, g)
         module.cpu()
+        if d != client:  # tag the vectors with the federation-wide client id
+            features = features._replace(clients=torch.full_like(features.clients, client))
     return ClientResult(
         update={k: v.cpu() for k, v in module.global_state().items()},
-        num_samples=module.num_samples(runtime.datamodule, client),
+        num_samples=module.num_samples(runtime.datamodule, d),
         state=module.client_state(),
         features=features,
         metrics=metrics,

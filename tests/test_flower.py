@@ -1,0 +1,83 @@
+"""Flower without a network: the ServerApp/ClientApp logic through an in-process grid gives the
+in-process loop's weights, routes vectors only to the other clients, weights FedAvg by sample
+counts, and leaves failing clients out."""
+
+import shlex
+
+import pytest
+import torch
+
+from fcl_lightning.cli import main
+from fcl_lightning.fcl.aggregate import FedAvg
+from fcl_lightning.flower.apps import client_app
+from fcl_lightning.flower.codec import record_to_weights
+from fcl_lightning.flower.server import run_server
+from flower_grid import LocalGrid
+
+
+def flower_run(tmp_path, tiny, root, clients=2, rounds=2, extra=(), **grid_kw):
+    base = tmp_path / "base.yaml"
+    base.write_text("seed_everything: 0\n")
+    overrides = tiny(root, rounds=rounds, clients=clients, extra=extra)[1:]
+    run_config = {"config": str(base), "overrides": " ".join(shlex.quote(a) for a in overrides), "wait-s": 5}
+    grid = LocalGrid(client_app, run_config, {100 + c: {"partition-id": c} for c in range(clients)}, **grid_kw)
+    summary = run_server(grid, run_config)
+    return grid, summary
+
+
+def train_messages(grid, round_idx):
+    return [m for m in grid.sent if m.metadata.message_type == "train" and m.metadata.group_id == str(round_idx)]
+
+
+def test_flower_equals_in_process_loop(tmp_path, tiny):
+    main(tiny(tmp_path / "inproc", rounds=2))
+    grid, summary = flower_run(tmp_path, tiny, tmp_path / "flower", rounds=2)
+    a = torch.load(tmp_path / "inproc/encoder.pt", weights_only=True)
+    b = torch.load(tmp_path / "flower/encoder.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bitwise: same client step, seeds, FedAvg and routing
+    assert summary["rounds_completed"] == 2 and summary["bytes"]["features_up"] > 0
+    # client state lives on the nodes, never in the server's checkpoint
+    ckpt = torch.load(tmp_path / "flower/checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["clients"] == {}
+    assert all("fcl-client" in ctx.state for ctx in grid.contexts.values())
+
+
+def test_routing_and_sample_weighting(tmp_path, tiny):
+    grid, _ = flower_run(tmp_path, tiny, tmp_path / "run", clients=3, rounds=2)
+    node_client = {100 + c: c for c in range(3)}
+    # round 1 carries the vectors of round 0: each node gets only the other clients' vectors
+    for m in train_messages(grid, 1):
+        c = node_client[m.metadata.dst_node_id]
+        feats = m.content["features"].to_torch_state_dict()
+        assert set(feats) == {"vectors", "partitions", "clients"}  # vectors and integer tags, no pixels
+        assert feats["vectors"].ndim == 2 and feats["vectors"].shape[1] == 16
+        assert set(feats["clients"].tolist()) == {0, 1, 2} - {c}
+    # the weights sent in round 1 are the sample-weighted mean of round 0's updates
+    r0 = [r for r in grid.replies if r.metadata.message_type == "train" and r.metadata.group_id == "0"]
+    updates = [record_to_weights(r.content["update"]) for r in r0]
+    counts = [int(r.content["metrics"]["num-examples"]) for r in r0]
+    assert len(set(counts)) > 1  # the clients differ in size, so the weighting matters
+    want = FedAvg()(updates, counts)
+    sent = record_to_weights(train_messages(grid, 1)[0].content["weights"])
+    for k in want:
+        assert torch.equal(sent[k], want[k]), k
+
+
+def test_failing_client_is_left_out(tmp_path, tiny, capsys):
+    grid, summary = flower_run(tmp_path, tiny, tmp_path / "run", clients=3, rounds=2,
+                               fail={0: {102}}, silent={1: {101}})
+    ckpt = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
+    assert [h["round/clients"] for h in ckpt["history"]] == [2, 2]
+    err = capsys.readouterr().err
+    assert "client 2 left out" in err and "crashed" in err and "client 1 left out" in err
+    # a failed client gets the others' vectors next round all the same, and never its own
+    m = [m for m in train_messages(grid, 1) if m.metadata.dst_node_id == 102][0]
+    assert set(m.content["features"].to_torch_state_dict()["clients"].tolist()) == {0, 1}
+
+
+def test_too_few_replies_fail_the_round(tmp_path, tiny):
+    with pytest.raises(RuntimeError, match="only 1 of 2 clients replied"):
+        flower_run(tmp_path, tiny, tmp_path / "run", clients=2, rounds=1, extra=["--federation.min_clients=2"],
+                   fail={0: {101}})
