@@ -2,10 +2,15 @@
 in-process loop's weights, routes vectors only to the other clients, weights FedAvg by sample
 counts, and leaves failing clients out."""
 
+import os
 import shlex
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+pytest.importorskip("flwr")
 
 from fcl_lightning.cli import main
 from fcl_lightning.fcl.aggregate import FedAvg
@@ -81,3 +86,13 @@ def test_too_few_replies_fail_the_round(tmp_path, tiny):
     with pytest.raises(RuntimeError, match="only 1 of 2 clients replied"):
         flower_run(tmp_path, tiny, tmp_path / "run", clients=2, rounds=1, extra=["--federation.min_clients=2"],
                    fail={0: {101}})
+
+
+@pytest.mark.skipif(os.environ.get("FCL_FLOWER_LOOPBACK") != "1", reason="set FCL_FLOWER_LOOPBACK=1 (starts Flower processes)")
+def test_loopback_deployment_matches_in_process(tmp_path):
+    """One flower-superlink and 2 flower-supernode processes on 127.0.0.1, `flwr run` for 2 rounds."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    from flower_loopback import run_loopback
+
+    res = run_loopback(tmp_path, rounds=2, clients=2, timeout=300)
+    assert res["bitwise_equal"], res

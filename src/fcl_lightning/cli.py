@@ -113,6 +113,16 @@ class FCLCLI(LightningCLI):
         self._evaluate("val", model, datamodule, ckpt_path)
 
 
+def build(args: list[str]) -> FCLCLI:
+    """Parse and instantiate a config (model, data, trainer, federation) without running it: how
+    the Flower apps read the same YAML files as ``fcl-lightning fit``."""
+    import warnings
+
+    with warnings.catch_warnings():  # the Flower processes have argv of their own; args are what count
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+        return FCLCLI(args=args, run=False)
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry point."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)

@@ -48,13 +48,13 @@ def config_args(run_config: dict[str, Any], data_root: str | None = None) -> lis
 
 def get_runtime(run_config: dict[str, Any], node_config: dict[str, Any]) -> ClientRuntime:
     """Build (once per process) the module, datamodule and Trainer factory from the project config."""
-    from fcl_lightning.cli import FCLCLI
+    from fcl_lightning.cli import build
     from fcl_lightning.federation.loop import FederatedLoop
 
     args = config_args(run_config, node_config.get("data-root"))
     key = (*args, node_config.get("partition-id"))
     if key not in _RUNTIMES:
-        cli = FCLCLI(args=args, run=False)
+        cli = build(args)
         loop = FederatedLoop(cli.config_init["federation"], cli.model, cli.datamodule,
                              trainer_kwargs=dict(cli.config_init["trainer"]), root_dir=cli.trainer.default_root_dir,
                              seed=int(cli.config.get("seed_everything") or 0))

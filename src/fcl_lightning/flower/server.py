@@ -102,10 +102,10 @@ class FlowerClients(Clients):
 
 def run_server(grid: Grid, run_config: dict[str, Any], console: Console | None = None) -> dict[str, Any]:
     """Build the project config and run the federated loop with Flower clients."""
-    from fcl_lightning.cli import FCLCLI
+    from fcl_lightning.cli import build
 
     console = console or Console(stderr=True)
-    cli = FCLCLI(args=config_args(run_config), run=False)
+    cli = build(config_args(run_config))
     fed = cli.config_init["federation"]
     if fed.mode != "federated":
         raise ValueError("Flower runs federation.mode federated (local mode needs no server)")

@@ -1,0 +1,122 @@
+"""Loopback smoke run of the Flower deployment: one ``flower-superlink`` and C ``flower-supernode``
+processes on 127.0.0.1, ``flwr run flower/`` for R rounds on the phantom, then the same config
+through the in-process loop; prints both wall times and whether the global encoders are equal.
+Every process it starts is stopped at the end (also on errors). Telemetry is off.
+
+    python experiments/flower_loopback.py --rounds 2 --clients 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_overrides(root: Path, rounds: int, clients: int) -> list[str]:
+    """The phantom at a size a CPU does in seconds (the config of the test suite's tiny runs)."""
+    return [f"--trainer.default_root_dir={root}", "--trainer.accelerator=cpu", f"--data.num_clients={clients}",
+            "--data.source.num_subjects=8", "--data.source.size=64", "--data.img_size=32", "--data.volumes_per_batch=2",
+            "--model.features=[8,16,16,16]", "--model.proj_hidden=32", "--model.proj_dim=16",
+            "--model.objective.num_negatives=32", f"--federation.rounds={rounds}"]
+
+
+def run_loopback(work: Path, rounds: int, clients: int, timeout: float = 600.0) -> dict:
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(work / "flwr_home"), "WANDB_MODE": "disabled"}
+    link = free_port()  # Flower 1.4x serves the Fleet, Control and ServerApp APIs on one HTTP port
+    (work / "flwr_home").mkdir(parents=True, exist_ok=True)
+    (work / "flwr_home" / "config.toml").write_text(
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+    base = work / "base.yaml"
+    base.write_text("seed_everything: 0\n")
+    flower_root, inproc_root = work / "flower_run", work / "inprocess_run"
+    procs: list[subprocess.Popen] = []
+    logs = []
+
+    def start(name: str, cmd: list[str]) -> None:
+        log = open(work / f"{name}.log", "w")
+        logs.append(log)
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                      start_new_session=True))
+
+    try:
+        start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--host=127.0.0.1", f"--port={link}",
+                            f"--database={work / 'state.db'}", "--disable-runtime-dependency-installation"])
+        time.sleep(3)
+        for c in range(clients):
+            start(f"supernode{c}", [str(BIN / "flower-supernode"), "--insecure", f"--superlink=127.0.0.1:{link}",
+                                    f"--port={free_port()}", f"--node-config=partition-id={c}"])
+        time.sleep(3)
+        run_config = {"config": str(base), "overrides": " ".join(map(shlex.quote, tiny_overrides(flower_root, rounds, clients))),
+                      "wait-s": 60}
+        rc_arg = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+        t0 = time.perf_counter()
+        subprocess.run([str(BIN / "flwr"), "run", str(REPO / "flower"), "loopback", "--run-config", rc_arg, "--stream"],
+                       env=env, cwd=REPO, timeout=timeout, check=True)
+        deadline = time.monotonic() + timeout
+        while not (flower_root / "summary.json").is_file():  # the stream may end before the server writes
+            if time.monotonic() > deadline:
+                raise TimeoutError("the Flower run wrote no summary.json")
+            time.sleep(0.5)
+        flower_s = time.perf_counter() - t0
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        for log in logs:
+            log.close()
+    left = [p.pid for p in procs if p.poll() is None]
+    if left:
+        raise RuntimeError(f"processes still running after cleanup: {left}")
+
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "fcl_lightning.cli", "fit", "--config", str(base),
+                    *tiny_overrides(inproc_root, rounds, clients)], env=env, cwd=REPO, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    inproc_s = time.perf_counter() - t0
+
+    import torch
+
+    a = torch.load(flower_root / "encoder.pt", weights_only=True)
+    b = torch.load(inproc_root / "encoder.pt", weights_only=True)
+    equal = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return {"flower_s": flower_s, "in_process_s": inproc_s, "bitwise_equal": equal, "rounds": rounds, "clients": clients}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--clients", type=int, default=2)
+    ap.add_argument("--work", default=None, help="working folder (default: a temp dir)")
+    args = ap.parse_args()
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fcl_flower_"))
+    res = run_loopback(work.resolve(), args.rounds, args.clients)
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
