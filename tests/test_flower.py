@@ -20,12 +20,13 @@ from fcl_lightning.flower.server import run_server
 from flower_grid import LocalGrid
 
 
-def flower_run(tmp_path, tiny, root, clients=2, rounds=2, extra=(), **grid_kw):
+def flower_run(tmp_path, tiny, root, clients=2, rounds=2, extra=(), node_extra=None, **grid_kw):
     base = tmp_path / "base.yaml"
     base.write_text("seed_everything: 0\n")
     overrides = tiny(root, rounds=rounds, clients=clients, extra=extra)[1:]
     run_config = {"config": str(base), "overrides": " ".join(shlex.quote(a) for a in overrides), "wait-s": 5}
-    grid = LocalGrid(client_app, run_config, {100 + c: {"partition-id": c} for c in range(clients)}, **grid_kw)
+    nodes = {100 + c: {"partition-id": c, **(node_extra or {})} for c in range(clients)}
+    grid = LocalGrid(client_app, run_config, nodes, **grid_kw)
     summary = run_server(grid, run_config)
     return grid, summary
 
@@ -80,6 +81,19 @@ def test_failing_client_is_left_out(tmp_path, tiny, capsys):
     # a failed client gets the others' vectors next round all the same, and never its own
     m = [m for m in train_messages(grid, 1) if m.metadata.dst_node_id == 102][0]
     assert set(m.content["features"].to_torch_state_dict()["clients"].tolist()) == {0, 1}
+
+
+def test_site_nodes_hold_only_their_own_data(tmp_path, tiny):
+    """With a data-root each node's datamodule is one site (num_clients 1); its vectors still carry
+    its federation-wide id, so routing works as before."""
+    grid, summary = flower_run(tmp_path, tiny, tmp_path / "run", clients=2, rounds=2,
+                               node_extra={"data-root": str(tmp_path), "overrides": "--data.val_fraction=0.0"})
+    for m in train_messages(grid, 1):
+        c = m.metadata.dst_node_id - 100
+        assert set(m.content["features"].to_torch_state_dict()["clients"].tolist()) == {1 - c}
+    r0 = [r for r in grid.replies if r.metadata.message_type == "train" and r.metadata.group_id == "0"]
+    assert [int(r.content["metrics"]["num-examples"]) for r in r0] == [16, 16]  # all 8 phantom subjects x 2 frames
+    assert summary["rounds_completed"] == 2
 
 
 def test_too_few_replies_fail_the_round(tmp_path, tiny):

@@ -111,7 +111,7 @@ def client_step(
         features = module.export_features(runtime.datamodule, d, runtime.exchange_per_partition, g)
         module.cpu()
         if d != client:  # tag the vectors with the federation-wide client id
-            features = features._replace(clients=torch.full_like(features.clients, client))
+            features = BankEntries(features.vectors, features.partitions, torch.full_like(features.clients, client))
     return ClientResult(
         update={k: v.cpu() for k, v in module.global_state().items()},
         num_samples=module.num_samples(runtime.datamodule, d),

@@ -3,8 +3,10 @@ function the in-process loop calls, and keeps its state (momentum encoder, local
 on the node: in ``Context.state`` and, when the node config names a ``state-dir``, on its disk.
 
 Node config (``flower-supernode --node-config``): ``partition-id`` (this client's id in the
-federation, 0..C-1), optional ``data-root`` (this site's data folder, overrides ``data.root``),
-optional ``state-dir``. Run config (``pyproject.toml`` / ``flwr run --run-config``): ``config``
+federation, 0..C-1); optional ``data-root``: this site's own data folder, which makes the node's
+datamodule hold only that site (``data.root`` set, ``data.num_clients`` 1); optional
+``overrides`` (CLI-style arguments for this site only, e.g. ``--data.source.patients=1-10``);
+optional ``state-dir`` (the client state also on disk, for restarts). Run config (``pyproject.toml`` / ``flwr run --run-config``): ``config``
 (the project YAML), optional ``overrides`` (CLI-style arguments, space-separated).
 """
 
@@ -36,13 +38,15 @@ STATE_FORMAT = "fcl-lightning/client-state-v1"
 _RUNTIMES: dict[tuple, ClientRuntime] = {}  # one built module + datamodule per process and config
 
 
-def config_args(run_config: dict[str, Any], data_root: str | None = None) -> list[str]:
-    """CLI arguments of the project config named by the Flower run config."""
+def config_args(run_config: dict[str, Any], node_config: dict[str, Any] | None = None) -> list[str]:
+    """CLI arguments of the project config named by the Flower run config (and a site's node config)."""
     if "config" not in run_config:
         raise ValueError("the Flower run config needs `config` (the project YAML, e.g. configs/demo_pretrain.yaml)")
     args = ["--config", str(run_config["config"]), *shlex.split(str(run_config.get("overrides", "")))]
-    if data_root:
-        args.append(f"--data.root={data_root}")
+    node_config = node_config or {}
+    if node_config.get("data-root"):  # a real site: its datamodule holds its own data only
+        args += [f"--data.root={node_config['data-root']}", "--data.num_clients=1", "--data.split=iid"]
+    args += shlex.split(str(node_config.get("overrides", "")))
     return args
 
 
@@ -51,7 +55,7 @@ def get_runtime(run_config: dict[str, Any], node_config: dict[str, Any]) -> Clie
     from fcl_lightning.cli import build
     from fcl_lightning.federation.loop import FederatedLoop
 
-    args = config_args(run_config, node_config.get("data-root"))
+    args = config_args(run_config, node_config)
     key = (*args, node_config.get("partition-id"))
     if key not in _RUNTIMES:
         cli = build(args)

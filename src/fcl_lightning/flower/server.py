@@ -3,7 +3,7 @@
 of each round sent to Flower nodes instead of run in-process.
 
 Run config (``pyproject.toml`` of ``flower/``, or ``flwr run --run-config``): ``config`` (the
-project YAML), optional ``overrides`` (space-separated CLI arguments), ``num-clients`` (default:
+project YAML), optional ``overrides`` (space-separated CLI arguments), ``num-clients`` (0 or unset:
 the config's ``data.num_clients``), ``ckpt-path`` (``last`` to resume), ``wait-s`` (how long to
 wait for ``federation.min_clients`` nodes to connect).
 """
@@ -119,7 +119,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], console: Console | None =
     loop = FederatedLoop(fed, cli.model, cli.datamodule, trainer_kwargs=dict(cli.config_init["trainer"]),
                          root_dir=root, loggers=cli.trainer.loggers, seed=int(cli.config.get("seed_everything") or 0),
                          config_text=config_text, console=console)
-    num_clients = int(run_config.get("num-clients", cli.datamodule.num_clients))
+    num_clients = int(run_config.get("num-clients", 0)) or cli.datamodule.num_clients
     clients = FlowerClients(grid, num_clients, timeout=fed.round_timeout, min_nodes=fed.min_clients,
                             wait_s=float(run_config.get("wait-s", 60.0)), console=console)
     ckpt = str(run_config.get("ckpt-path", "")) or None
