@@ -74,7 +74,8 @@ PROFILES: dict[str, Profile] = {
         pretrain=["--config", "configs/acdc/fcl_pretrain.yaml", *ACDC_CPU_DATA, "--federation.rounds=4",
                   "--model.proj_hidden=512"],
         finetune=["--config", "configs/acdc/finetune.yaml", *ACDC_CPU_DATA, "--data.cv_folds=null",
-                  "--data.val_fraction=0.5", "--federation.rounds=2", "--federation.local_steps=60"],
+                  "--data.val_fraction=0.5", "--data.batch_size=8", "--federation.rounds=2",
+                  "--federation.local_steps=40"],
         ns=[1, 2], methods=PAPER_METHODS, needs_root=True,
     ),
     # the paper's setting: 10 clients x 10 patients, 192 px, 5-fold CV inside each client
