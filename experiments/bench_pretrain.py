@@ -261,10 +261,10 @@ def build_module(p: dict[str, Any]) -> ContrastivePretrainModule:
 
 # ------------------------------------------------------------------------------------ project
 def run_project(module: ContrastivePretrainModule, dm: FederatedDataModule, rounds: int, device: torch.device,
-                root: Path, console: Console) -> dict[str, Any]:
+                root: Path, console: Console, exchange_source: str = "embed") -> dict[str, Any]:
     clock, meter, logger = Clock(device), Meter(), RoundLogger()
     loop = FederatedLoop(
-        federation=Federation(rounds=rounds, local_epochs=1, exchange=True),
+        federation=Federation(rounds=rounds, local_epochs=1, exchange=True, exchange_source=exchange_source),
         module=module, datamodule=dm,
         trainer_kwargs={"accelerator": device.type, "devices": 1},
         root_dir=root, loggers=[logger], seed=SEED, console=console,
@@ -304,7 +304,7 @@ def prebuild_batches(dm: FederatedDataModule, rounds: int) -> list[list[list[dic
 
 
 def run_bare(init_global: dict[str, torch.Tensor], p: dict[str, Any], dm: FederatedDataModule,
-             batches: list, rounds: int, device: torch.device) -> dict[str, Any]:
+             batches: list, rounds: int, device: torch.device, exchange_source: str = "embed") -> dict[str, Any]:
     clock, meter = Clock(device), Meter()
     C, dim, m = dm.num_clients, p["proj_dim"], 0.99
     net = nn.ModuleDict({
@@ -337,7 +337,7 @@ def run_bare(init_global: dict[str, torch.Tensor], p: dict[str, Any], dm: Federa
             else:
                 st.remote.replace(inbox[c])
             meter.add("state", clock() - t0)
-            client_losses = []
+            client_losses, round_keys = [], 0
             for batch in batches[r][c]:
                 t0 = clock()
                 b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -346,6 +346,7 @@ def run_bare(init_global: dict[str, torch.Tensor], p: dict[str, Any], dm: Federa
                 bank = BankEntries.cat([st.local.entries(), st.remote.entries()], dim)
                 out = objective(ContrastiveInputs(q, k, b["partition"], b["volume"], bank))
                 st.local.enqueue(BankEntries(k, b["partition"], b["client"]))
+                round_keys += len(k)
                 st.opt.zero_grad(set_to_none=True)
                 out["loss"].backward()
                 st.opt.step()
@@ -364,7 +365,13 @@ def run_bare(init_global: dict[str, torch.Tensor], p: dict[str, Any], dm: Federa
             meter.add("state", clock() - t0)
             t0 = clock()
             g = torch.Generator().manual_seed(client_seed(SEED, r, c) + 1)
-            payloads[c] = embed_slices(st.embed_keys, volumes[c], dm.num_partitions, c, None, g)
+            if exchange_source == "keys":  # the keys this round computed, as the project shares them
+                e = st.local.entries()
+                n = min(len(e.vectors), round_keys)
+                payloads[c] = BankEntries(e.vectors[len(e.vectors) - n:].cpu(), e.partitions[len(e.vectors) - n:].cpu(),
+                                          torch.full((n,), c, dtype=torch.long))
+            else:
+                payloads[c] = embed_slices(st.embed_keys, volumes[c], dm.num_partitions, c, None, g)
             meter.add("exchange", clock() - t0)
         t0 = clock()
         global_w = aggregator(updates, counts)
@@ -398,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", type=Path, default=None, help="keep the project's checkpoints here (default: a temp dir)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="timed runs per path, alternating project/bare; the fastest of each is reported (default 1)")
+    ap.add_argument("--exchange-source", choices=["embed", "keys"], default="embed",
+                    help="federation.exchange_source of both paths (embed: the paper's extra pass over every slice)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: torch's); 1 is far less sensitive to a busy shared CPU")
     args = ap.parse_args(argv)
@@ -428,19 +437,19 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     if args.warmup:
         print("warm-up: project (1 round, untimed) ...", file=sys.stderr)
-        run_project(copy.deepcopy(pristine), dm, 1, device, Path(tmp.name) / "warmup", console)
+        run_project(copy.deepcopy(pristine), dm, 1, device, Path(tmp.name) / "warmup", console, args.exchange_source)
         print("warm-up: bare (1 round, untimed) ...", file=sys.stderr)
-        run_bare(init_global, p, dm, batches[:1], 1, device)
+        run_bare(init_global, p, dm, batches[:1], 1, device, args.exchange_source)
 
     proj_runs, bare_runs = [], []
     for i in range(max(1, args.repeats)):
         print(f"timed {i + 1}/{args.repeats}: project ({R} round(s)) ...", file=sys.stderr)
         run_root = root / f"project-{i}"
-        proj_runs.append(run_project(copy.deepcopy(pristine), dm, R, device, run_root, console))
+        proj_runs.append(run_project(copy.deepcopy(pristine), dm, R, device, run_root, console, args.exchange_source))
         if args.root is None:
             shutil.rmtree(run_root, ignore_errors=True)  # checkpoints can be large; keep disk use flat
         print(f"timed {i + 1}/{args.repeats}: bare ({R} round(s)) ...", file=sys.stderr)
-        bare_runs.append(run_bare(init_global, p, dm, batches, R, device))
+        bare_runs.append(run_bare(init_global, p, dm, batches, R, device, args.exchange_source))
     tmp.cleanup()
     load_after = os.getloadavg()
     proj = min(proj_runs, key=lambda r: r["wall_s"])

@@ -81,3 +81,16 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path, tiny):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         main(tiny(tmp_path, rounds=1, extra=[f"--ckpt_path={bad}"]))
+
+
+def test_exchange_source_keys_shares_this_rounds_keys(tmp_path, tiny):
+    """exchange_source=keys shares the momentum keys computed during the round: one per partition
+    and volume per epoch, tagged with the sender, at no extra forward pass."""
+    main(tiny(tmp_path, rounds=2, extra=["--federation.exchange_source=keys", "--federation.local_epochs=2"]))
+    ckpt = load_checkpoint(tmp_path / "checkpoints/last.ckpt")
+    for c, inbox in ckpt["inbox"].items():
+        other = 1 - int(c)
+        assert set(inbox["clients"].tolist()) == {other}
+        enqueued = ckpt["clients"][str(other)]["modules"]["local_bank.count"].item()  # 2 equal rounds, bank not full
+        assert enqueued < 1024 and len(inbox["vectors"]) == enqueued // 2  # exactly the last round's keys
+        assert set(inbox["partitions"].tolist()) == {0, 1, 2, 3}

@@ -38,14 +38,30 @@ def embed_slices(
         raise ValueError(f"client {client} has no volumes to embed")
     x, p = torch.cat(slices), torch.cat(parts).long()
     if per_partition is not None:
-        keep = []
-        for s in range(num_partitions):
-            idx = torch.nonzero(p == s).flatten()
-            keep.append(idx[torch.randperm(len(idx), generator=generator)[:per_partition]])
-        order = torch.cat(keep).sort().values
+        order = per_partition_indices(p, num_partitions, per_partition, generator)
         x, p = x[order], p[order]
     vecs = torch.cat([embed(x[i : i + batch_size]).float().cpu() for i in range(0, len(x), batch_size)])
     return BankEntries(vecs, p, torch.full_like(p, client))
+
+
+def per_partition_indices(partitions: torch.Tensor, num_partitions: int, per_partition: int,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """Indices of at most ``per_partition`` random items of each partition, in ascending order."""
+    partitions = partitions.cpu()
+    keep = []
+    for s in range(num_partitions):
+        idx = torch.nonzero(partitions == s).flatten()
+        keep.append(idx[torch.randperm(len(idx), generator=generator)[:per_partition]])
+    return torch.cat(keep).sort().values
+
+
+def subsample_per_partition(entries: BankEntries, num_partitions: int, per_partition: int | None,
+                            generator: torch.Generator | None = None) -> BankEntries:
+    """At most ``per_partition`` randomly chosen entries of each partition, in their original order."""
+    if per_partition is None:
+        return entries
+    order = per_partition_indices(entries.partitions, num_partitions, per_partition, generator)
+    return BankEntries(*(t[order.to(t.device)] for t in entries))
 
 
 def check_payload(payload: BankEntries) -> None:

@@ -31,6 +31,7 @@ class ClientRuntime:
     rounds: int
     exchange: bool = True
     exchange_per_partition: int | None = None
+    exchange_source: str = "embed"
     keep_optimizer_state: bool = True
 
 
@@ -108,7 +109,8 @@ def client_step(
     if runtime.exchange:
         g = torch.Generator().manual_seed(s + 1)
         module.to(trainer.strategy.root_device)  # Lightning moved it back to the CPU after fit
-        features = module.export_features(runtime.datamodule, d, runtime.exchange_per_partition, g)
+        features = module.export_features(runtime.datamodule, d, runtime.exchange_per_partition, g,
+                                          source=runtime.exchange_source)
         module.cpu()
         if d != client:  # tag the vectors with the federation-wide client id
             features = BankEntries(features.vectors, features.partitions, torch.full_like(features.clients, client))

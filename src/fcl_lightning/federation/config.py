@@ -25,6 +25,10 @@ class Federation:
         exchange: share momentum-encoder features between rounds (``False``: the
             "FedAvg + partition loss" ablation).
         exchange_per_partition: vectors each client shares per partition (``None``: all its slices).
+        exchange_source: ``embed``: after the round, embed the client's slices with its momentum
+            encoder (the paper; costs one forward pass over every slice); ``keys``: share the
+            momentum-encoder keys the round already computed (augmented views, one slice per
+            partition and volume per epoch; no extra compute, for weak devices).
         keep_optimizer_state: keep each client's optimiser state across rounds.
         downstream: opt-in downstream evaluation after pre-training (and every k rounds): brief
             fine-tuning from the global encoder and from random init; logs ``downstream/*``.
@@ -44,6 +48,7 @@ class Federation:
         aggregator: Aggregator = lazy_instance(FedAvg),
         exchange: bool = True,
         exchange_per_partition: int | None = None,
+        exchange_source: Literal["embed", "keys"] = "embed",
         keep_optimizer_state: bool = True,
         checkpoint_every: int = 1,
         downstream: DownstreamEvaluation | None = None,
@@ -59,6 +64,7 @@ class Federation:
         self.rounds, self.local_epochs, self.clients_per_round = rounds, local_epochs, clients_per_round
         self.mode, self.aggregator, self.exchange = mode, aggregator, exchange
         self.exchange_per_partition, self.keep_optimizer_state = exchange_per_partition, keep_optimizer_state
+        self.exchange_source = exchange_source
         self.checkpoint_every = checkpoint_every
         self.local_steps = local_steps
         self.downstream = downstream

@@ -168,6 +168,7 @@ class FederatedLoop:
             self.module, self.dm, self.make_trainer, self.seed, self.fed.rounds,
             exchange=self.fed.exchange and self.fed.mode == "federated" and self.module.shares_features,
             exchange_per_partition=self.fed.exchange_per_partition,
+            exchange_source=self.fed.exchange_source,
             keep_optimizer_state=self.fed.keep_optimizer_state,
         )
 

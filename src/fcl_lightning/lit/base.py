@@ -96,7 +96,8 @@ class FederatedModule(pl.LightningModule):
     def receive_features(self, entries: BankEntries | None) -> None:
         """Take the vectors other clients shared (only modules that exchange features)."""
 
-    def export_features(self, datamodule: Any, client: int, per_partition: int | None, generator: torch.Generator) -> BankEntries | None:
+    def export_features(self, datamodule: Any, client: int, per_partition: int | None, generator: torch.Generator,
+                        source: str = "embed") -> BankEntries | None:
         """Vectors this client shares after a round (``None``: this module shares nothing)."""
         return None
 

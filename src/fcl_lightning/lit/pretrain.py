@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import OptimizerCallable
 
-from fcl_lightning.fcl.exchange import embed_slices
+from fcl_lightning.fcl.exchange import embed_slices, subsample_per_partition
 from fcl_lightning.fcl.memory_bank import BankEntries, MemoryBank
 from fcl_lightning.fcl.momentum import cosine_schedule, make_momentum_copy, update_momentum
 from fcl_lightning.fcl.objectives import FCLObjective, PretrainObjective, PretrainStep
@@ -68,6 +68,7 @@ class ContrastivePretrainModule(FederatedModule):
         self.momentum, self.momentum_end = momentum, momentum_end
         self.optimizer_factory = optimizer
         self.proj_dim = proj_dim
+        self._round_keys = 0
 
     # ---------------------------------------------------------------- nets
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,6 +111,7 @@ class ContrastivePretrainModule(FederatedModule):
                                                      self.embed_keys, self.encode, bank))
         if keys is not None:
             self.local_bank.enqueue(BankEntries(keys, batch["partition"], batch["client"]))
+            self._round_keys += len(keys)
         bs = x_q.shape[0]
         for name, value in out.items():
             self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=bs)
@@ -144,8 +146,20 @@ class ContrastivePretrainModule(FederatedModule):
         else:
             self.remote_bank.replace(entries)
 
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._round_keys = 0  # keys enqueued this round (what exchange_source="keys" shares)
+
     @torch.no_grad()
-    def export_features(self, datamodule: Any, client: int, per_partition: int | None, generator: torch.Generator) -> BankEntries:
+    def export_features(self, datamodule: Any, client: int, per_partition: int | None, generator: torch.Generator,
+                        source: str = "embed") -> BankEntries:
+        if source == "keys":
+            recent = self.local_bank.entries()
+            recent = BankEntries(*(t[len(t) - min(len(t), self._round_keys):].cpu() for t in recent))
+            recent = BankEntries(recent.vectors, recent.partitions, torch.full_like(recent.clients, client))
+            return subsample_per_partition(recent, datamodule.num_partitions, per_partition, generator)
+        if source != "embed":
+            raise ValueError(f"exchange_source must be 'embed' or 'keys', got {source!r}")
         was_training = self.training
         self.eval()
         vols = [v.image.to(self.device) for v in datamodule.train[client]]
