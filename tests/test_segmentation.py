@@ -113,3 +113,25 @@ def test_demo_config_end_to_end_reduced(tmp_path):
     for fig in ("downstream.png", "embedding.png"):
         assert (tmp_path / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "encoder.pt").exists()
+
+
+def test_per_client_encoders_start_local_clients_apart(tmp_path):
+    """`{client}` in model.pretrained: each client of a local fine-tuning starts from its own
+    encoder file; a federated run refuses it (one start model for all)."""
+    encs = {}
+    for c in range(2):
+        torch.manual_seed(c)
+        encs[c] = SegmentationModule(features=[8, 16, 16, 16]).net.encoder.state_dict()
+        (tmp_path / "encoders").mkdir(exist_ok=True)
+        torch.save(encs[c], tmp_path / "encoders" / f"client{c}.pt")
+    args = [*FINETUNE, f"--model.pretrained={tmp_path}/encoders/client{{client}}.pt"]
+    seg = SegmentationModule(features=[8, 16, 16, 16], pretrained=f"{tmp_path}/encoders/client{{client}}.pt")
+    g = seg.global_state()
+    for c in range(2):
+        w = seg.client_initial_weights(c, g)
+        for k, v in encs[c].items():
+            assert torch.equal(w[f"net.encoder.{k}"], v), (c, k)
+    with pytest.raises(PretrainedWeightsError, match="client5.pt do not exist"):
+        seg.client_initial_weights(5, g)
+    with pytest.raises(ValueError, match="needs federation.mode local"):
+        main(["fit", *args, f"--trainer.default_root_dir={tmp_path / 'fed'}", "--federation.mode=federated"])
