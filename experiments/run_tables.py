@@ -90,9 +90,13 @@ PROFILES: dict[str, Profile] = {
 def cli(args: list[str]) -> None:
     """One ``fcl-lightning`` command, in this process (no interpreter start-up per cell); config
     files are named relative to the repository."""
+    import warnings
+
     from fcl_lightning.cli import main
 
-    main([str(REPO / a) if prev == "--config" and not os.path.isabs(a) else a for prev, a in zip(["", *args], args)])
+    with warnings.catch_warnings():  # this script's own argv is not the command's
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+        main([str(REPO / a) if prev == "--config" and not os.path.isabs(a) else a for prev, a in zip(["", *args], args)])
 
 
 def pretrain_uses_local_mode(method: str) -> bool:
