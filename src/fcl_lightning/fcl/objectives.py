@@ -103,11 +103,12 @@ class FCLObjective(PretrainObjective):
             pos_mask = local_positive_mask(inputs.partitions, inputs.volumes, self.self_positive)
             sim = inputs.q @ inputs.k.T
             pos_sim = sim[pos_mask].mean() if pos_mask.any() else sim.new_tensor(float("nan"))
-            neg_sim = (inputs.q @ negs.vectors.T).mean() if len(negs) else sim.new_tensor(float("nan"))
-        return {
+        out = {
             "loss": self.w_local * l_local + self.w_remote * l_remote,
             "loss_local": l_local.detach(),
             "loss_remote": l_remote.detach(),
             "pos_sim": pos_sim,
-            "neg_sim": neg_sim,
         }
+        if len(negs):  # the very first step has an empty bank: no figure rather than a NaN in the epoch mean
+            out["neg_sim"] = (inputs.q @ negs.vectors.T).mean().detach()
+        return out
