@@ -258,7 +258,7 @@ def write_results(runner: Runner, methods: list[str], profile_name: str, wall_s:
              f"Dice (mean over RV, Myo, LV) per client, mean ± std over clients; {len(rows)} client rows; "
              f"this call's wall time {wall_s / 60:.1f} min.", ""]
     for setting, title in (("local", "Table 1: local fine-tuning"), ("federated", "Table 2: federated fine-tuning")):
-        if setting not in runner.p.settings:
+        if setting not in runner.p.settings or not any(r["setting"] == setting for r in rows):
             continue
         md, stats = table(rows, methods, runner.p.ns, setting)
         parts += [f"## {title}", "", md, ""]
@@ -278,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ns", default=None, help="comma list of N (default: the profile's)")
     ap.add_argument("--settings", default=None, help="local,federated (default both)")
     ap.add_argument("--accelerator", default="auto")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: write results.csv/.md and the figures from the cells finished so far")
     ap.add_argument("--pretrain-arg", action="append", default=[], help="extra CLI argument of every pre-training")
     ap.add_argument("--finetune-arg", action="append", default=[], help="extra CLI argument of every fine-tuning")
     args = ap.parse_args(argv)
@@ -302,7 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("WANDB_MODE", "disabled")
     runner = Runner(profile, out, common, args.pretrain_arg, args.finetune_arg)
     t0 = time.perf_counter()
-    runner.run(methods)
+    if not args.report_only:
+        runner.run(methods)
     print(write_results(runner, methods, args.profile, time.perf_counter() - t0))
     print(f"\nwrote {out / 'results.csv'}, {out / 'results.md'} and the Dice-vs-N figures")
 

@@ -56,6 +56,11 @@ def test_runner_writes_csv_table_and_resumes(tables, tmp_path, monkeypatch):
     # the second call finds every cell finished and runs nothing
     assert run(tables, out, monkeypatch) == []
     assert list(csv.DictReader(open(out / "results.csv"))) == rows
+    # --report-only on a wider grid runs nothing and reports only the finished cells
+    tables.main(["--profile", "quick", "--methods", "random,local_cl,fcl", "--ns", "1,2", "--out", str(out),
+                 "--report-only"])
+    assert list(csv.DictReader(open(out / "results.csv"))) == rows
+    assert "| FCL | - | - |" in (out / "results.md").read_text()
 
 
 def test_unknown_method_is_a_clear_error(tables):
