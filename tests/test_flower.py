@@ -110,3 +110,42 @@ def test_loopback_deployment_matches_in_process(tmp_path):
 
     res = run_loopback(tmp_path, rounds=2, clients=2, timeout=300)
     assert res["bitwise_equal"], res
+
+
+def test_server_resumes_from_its_checkpoint(tmp_path, tiny):
+    """The server stops after round 1 and resumes with ckpt-path=last; the nodes kept their own
+    state, so the result is the uninterrupted run's, bitwise."""
+    main(tiny(tmp_path / "inproc", rounds=2))
+    base = tmp_path / "base.yaml"
+    base.write_text("seed_everything: 0\n")
+
+    def config(rounds, **extra):
+        ov = tiny(tmp_path / "flower", rounds=rounds)[1:]
+        return {"config": str(base), "overrides": " ".join(shlex.quote(a) for a in ov), "wait-s": 5, **extra}
+
+    grid = LocalGrid(client_app, config(1), {100 + c: {"partition-id": c} for c in range(2)})
+    run_server(grid, config(1))
+    for ctx in grid.contexts.values():  # the nodes run on; the next run's config comes with its messages
+        ctx.run_config = config(2, **{"ckpt-path": "last"})
+    summary = run_server(grid, config(2, **{"ckpt-path": "last"}))
+    assert summary["rounds_completed"] == 2
+    a = torch.load(tmp_path / "inproc/encoder.pt", weights_only=True)
+    b = torch.load(tmp_path / "flower/encoder.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_federated_finetuning_on_flower(tmp_path):
+    """Stage 2 runs the same way: FedAvg of the whole U-Net, no features exchanged."""
+    from test_segmentation import FINETUNE
+
+    args = [a for a in FINETUNE if a != "--config"]
+    cfg, overrides = args[0], args[1:] + ["--federation.mode=federated", "--federation.rounds=2"]
+    main(["fit", "--config", cfg, *overrides, f"--trainer.default_root_dir={tmp_path / 'inproc'}"])
+    run_config = {"config": cfg, "overrides": " ".join(map(shlex.quote, [*overrides, f"--trainer.default_root_dir={tmp_path / 'flower'}"])),
+                  "wait-s": 5}
+    grid = LocalGrid(client_app, run_config, {100 + c: {"partition-id": c} for c in range(2)})
+    summary = run_server(grid, run_config)
+    assert summary["bytes"]["features_up"] == 0 and summary["rounds_completed"] == 2
+    a = torch.load(tmp_path / "inproc/checkpoints/last.ckpt", weights_only=True)["global"]
+    b = torch.load(tmp_path / "flower/checkpoints/last.ckpt", weights_only=True)["global"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
