@@ -28,6 +28,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -149,8 +150,6 @@ class Runner:
             else:
                 args.append(f"--model.pretrained={pre}/encoder.pt")
         if (d / "checkpoints").is_dir():  # a half-finished fine-tuning starts again from scratch
-            import shutil
-
             shutil.rmtree(d)
         cli(["fit", *args])
         cli(["test", *args, "--ckpt_path=last"])

@@ -8,35 +8,18 @@ other-label (other-partition) embeddings, which is G_D's definition."""
 from __future__ import annotations
 
 import torch
-from pytorch_metric_learning.losses import NTXentLoss
 
-from fcl_lightning.fcl.objectives import PretrainObjective, PretrainStep
+from fcl_lightning.baselines.simclr import SimCLRObjective
+from fcl_lightning.fcl.objectives import PretrainStep
 
 
-class PartitionContrastObjective(PretrainObjective):
-    """G_D over the two views of a partition-sampled batch (no memory bank).
+class PartitionContrastObjective(SimCLRObjective):
+    """G_D over the two views of a partition-sampled batch (no memory bank): NT-Xent whose label
+    is the slice's partition instead of the slice itself.
 
     Args:
         temperature: NT-Xent temperature (Chaitanya et al.: 0.1).
     """
 
-    uses_bank = False
-
-    def __init__(self, temperature: float = 0.1) -> None:
-        super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
-        self.loss_fn = NTXentLoss(temperature=temperature)
-
-    def step(self, s: PretrainStep) -> tuple[dict[str, torch.Tensor], None]:
-        z = torch.cat([s.embed(s.views[0]), s.embed(s.views[1])])
-        labels = s.partitions.repeat(2)
-        loss = self.loss_fn(z, labels)
-        with torch.no_grad():
-            same = labels[:, None] == labels[None, :]
-            eye = torch.eye(len(labels), dtype=torch.bool, device=z.device)
-            sim = z @ z.T
-            pos_sim = sim[same & ~eye].mean()
-            neg_sim = sim[~same].mean() if (~same).any() else sim.new_tensor(float("nan"))
-        return {"loss": loss, "pos_sim": pos_sim, "neg_sim": neg_sim}, None
+    def labels(self, s: PretrainStep) -> torch.Tensor:
+        return s.partitions.repeat(2)

@@ -25,11 +25,19 @@ class SimCLRObjective(PretrainObjective):
         self.temperature = temperature
         self.loss_fn = NTXentLoss(temperature=temperature)
 
+    def labels(self, s: PretrainStep) -> torch.Tensor:
+        """NT-Xent labels of ``cat(view 1, view 2)``: same label = positive pair. SimCLR: the slice."""
+        return torch.arange(len(s.partitions), device=s.partitions.device).repeat(2)
+
     def step(self, s: PretrainStep) -> tuple[dict[str, torch.Tensor], None]:
-        z1, z2 = s.embed(s.views[0]), s.embed(s.views[1])
-        b = z1.shape[0]
-        labels = torch.arange(b, device=z1.device).repeat(2)
-        loss = self.loss_fn(torch.cat([z1, z2]), labels)
+        z = torch.cat([s.embed(s.views[0]), s.embed(s.views[1])])
+        labels = self.labels(s)
+        loss = self.loss_fn(z, labels)
         with torch.no_grad():
-            pos_sim = (z1 * z2).sum(1).mean()
-        return {"loss": loss, "pos_sim": pos_sim}, None
+            same = labels[:, None] == labels[None, :]
+            eye = torch.eye(len(labels), dtype=torch.bool, device=z.device)
+            sim = z @ z.T
+            out = {"loss": loss, "pos_sim": sim[same & ~eye].mean()}
+            if (~same).any():
+                out["neg_sim"] = sim[~same].mean()
+        return out, None

@@ -73,7 +73,9 @@ class FlowerClients(Clients):
             if c not in self.node_of:
                 self.failures[c] = "no node connected"
                 continue
-            rec = weight_records.setdefault(id(start), weights_to_record(start))
+            if id(start) not in weight_records:  # federated: one record of the global weights for all
+                weight_records[id(start)] = weights_to_record(start)
+            rec = weight_records[id(start)]
             content = RecordDict({"weights": rec, "config": ConfigRecord({"round": round_idx})})
             if inbox.get(c) is not None:
                 content["features"] = features_to_record(inbox[c])

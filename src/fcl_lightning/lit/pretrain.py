@@ -154,9 +154,10 @@ class ContrastivePretrainModule(FederatedModule):
     def export_features(self, datamodule: Any, client: int, per_partition: int | None, generator: torch.Generator,
                         source: str = "embed") -> BankEntries:
         if source == "keys":
-            recent = self.local_bank.entries()
-            recent = BankEntries(*(t[len(t) - min(len(t), self._round_keys):].cpu() for t in recent))
-            recent = BankEntries(recent.vectors, recent.partitions, torch.full_like(recent.clients, client))
+            bank = self.local_bank.entries()
+            n = min(len(bank), self._round_keys)  # the newest n entries are this round's keys
+            vectors, partitions = bank.vectors[len(bank) - n:].cpu(), bank.partitions[len(bank) - n:].cpu()
+            recent = BankEntries(vectors, partitions, torch.full_like(partitions, client))
             return subsample_per_partition(recent, datamodule.num_partitions, per_partition, generator)
         if source != "embed":
             raise ValueError(f"exchange_source must be 'embed' or 'keys', got {source!r}")
