@@ -72,7 +72,7 @@ PROFILES: dict[str, Profile] = {
     # on all patients' images, fine-tune on N labelled patients and score on 10 held-out patients
     # of each client
     "acdc-cpu": Profile(
-        pretrain=["--config", "configs/acdc/fcl_pretrain.yaml", *ACDC_CPU_DATA, "--federation.rounds=4",
+        pretrain=["--config", "configs/acdc/fcl_pretrain.yaml", *ACDC_CPU_DATA, "--federation.rounds=10",
                   "--model.proj_hidden=512"],
         finetune=["--config", "configs/acdc/finetune.yaml", *ACDC_CPU_DATA, "--data.cv_folds=null",
                   "--data.val_fraction=0.5", "--data.batch_size=8", "--federation.rounds=2",
