@@ -7,8 +7,9 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -96,6 +97,57 @@ def to_cpu(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_cpu(v) for v in obj)
     return obj
+
+
+def snapshot(obj: Any) -> Any:
+    """A CPU copy of every tensor in a nested structure (``to_cpu`` without sharing storage), so
+    that training may go on mutating the originals (e.g. Adam's moments) while it is written."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
+class BackgroundWriter:
+    """Runs checkpoint writes on one background thread, at most one in flight, so that serialising
+    and writing round r's checkpoint overlaps round r+1's training.
+
+    ``submit`` waits for the previous write first; ``wait`` joins and re-raises a write's error.
+    The thread is not a daemon: an interrupted run still finishes the write it started, and every
+    file is written atomically, so a checkpoint on disk is always whole.
+    ``enabled=False`` writes in the caller's thread.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, write: Callable[[], Any]) -> None:
+        self.wait()
+        if not self.enabled:
+            write()
+            return
+
+        def target() -> None:
+            try:
+                write()
+            except BaseException as exc:  # handed to the main thread by wait()
+                self._error = exc
+
+        self._thread = threading.Thread(target=target, name="fcl-checkpoint-writer")
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise CheckpointError(f"writing a round checkpoint failed: {type(err).__name__}: {err}") from err
 
 
 def rng_state() -> dict[str, Any]:

@@ -33,6 +33,8 @@ class Federation:
         downstream: opt-in downstream evaluation after pre-training (and every k rounds): brief
             fine-tuning from the global encoder and from random init; logs ``downstream/*``.
         checkpoint_every: write ``round-NNN.ckpt`` every this many rounds (``last.ckpt`` always).
+        checkpoint_async: write each round's checkpoint on a background thread while the next
+            round trains (its contents are copied first; ``False``: write before going on).
         min_clients: a round in which fewer clients reply fails (Flower: failed or timed-out
             clients are left out of the round's aggregate; in-process every client replies).
         round_timeout: seconds the Flower server waits for a round's replies (``None``: no limit).
@@ -51,6 +53,7 @@ class Federation:
         exchange_source: Literal["embed", "keys"] = "embed",
         keep_optimizer_state: bool = True,
         checkpoint_every: int = 1,
+        checkpoint_async: bool = True,
         downstream: DownstreamEvaluation | None = None,
         min_clients: int = 1,
         round_timeout: float | None = None,
@@ -65,7 +68,7 @@ class Federation:
         self.mode, self.aggregator, self.exchange = mode, aggregator, exchange
         self.exchange_per_partition, self.keep_optimizer_state = exchange_per_partition, keep_optimizer_state
         self.exchange_source = exchange_source
-        self.checkpoint_every = checkpoint_every
+        self.checkpoint_every, self.checkpoint_async = checkpoint_every, checkpoint_async
         self.local_steps = local_steps
         self.downstream = downstream
         if min_clients < 1:

@@ -1,0 +1,116 @@
+"""Round checkpoints written on a background thread: copies taken first, errors surfaced, and the
+files equal to the ones written in the loop's own thread."""
+
+import threading
+
+import pytest
+import torch
+
+from fcl_lightning.cli import main
+from fcl_lightning.federation.checkpoint import BackgroundWriter, CheckpointError, load_checkpoint, snapshot
+
+
+def test_snapshot_does_not_share_storage():
+    src = {"a": torch.zeros(3), "b": [torch.ones(2), ("x", torch.arange(2))], "n": 1}
+    snap = snapshot(src)
+    src["a"].add_(5)
+    src["b"][0].mul_(3)
+    src["b"][1][1].add_(7)
+    assert torch.equal(snap["a"], torch.zeros(3))
+    assert torch.equal(snap["b"][0], torch.ones(2))
+    assert torch.equal(snap["b"][1][1], torch.arange(2))
+    assert snap["n"] == 1 and snap["b"][1][0] == "x" and isinstance(snap["b"][1], tuple)
+
+
+def test_writer_runs_one_write_at_a_time_in_order():
+    order, inflight, peak = [], [0], [0]
+    lock = threading.Lock()
+
+    def job(i):
+        def run():
+            with lock:
+                inflight[0] += 1
+                peak[0] = max(peak[0], inflight[0])
+            threading.Event().wait(0.02)
+            order.append(i)
+            with lock:
+                inflight[0] -= 1
+        return run
+
+    w = BackgroundWriter()
+    for i in range(4):
+        w.submit(job(i))
+    w.wait()
+    assert order == [0, 1, 2, 3] and peak[0] == 1
+
+
+def test_writer_error_surfaces_on_wait_and_next_submit():
+    def boom():
+        raise OSError("No space left on device")
+
+    w = BackgroundWriter()
+    w.submit(boom)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        w.wait()
+    w.wait()  # reported once
+    w.submit(boom)
+    with pytest.raises(CheckpointError):
+        w.submit(lambda: None)
+
+
+def test_writer_disabled_writes_inline():
+    seen = []
+    w = BackgroundWriter(enabled=False)
+    w.submit(lambda: seen.append(threading.current_thread() is threading.main_thread()))
+    assert seen == [True]
+
+
+def test_async_checkpoints_equal_sync_ones(tmp_path, tiny, monkeypatch):
+    """Round 1's file, held back until round 2 has trained (and mutated Adam's moments in place),
+    holds exactly what the synchronous writer stores."""
+    import fcl_lightning.federation.loop as loop_mod
+
+    round2_done = threading.Event()
+    save, train_round = loop_mod.atomic_save, loop_mod.InProcessClients.train_round
+
+    def slow_save(obj, path):
+        if obj.get("round") == 1:
+            assert round2_done.wait(60)
+        return save(obj, path)
+
+    def tracked_train_round(self, round_idx, *args, **kwargs):
+        out = train_round(self, round_idx, *args, **kwargs)
+        if round_idx == 1:
+            round2_done.set()
+        return out
+
+    monkeypatch.setattr(loop_mod, "atomic_save", slow_save)
+    monkeypatch.setattr(loop_mod.InProcessClients, "train_round", tracked_train_round)
+    main(tiny(tmp_path / "async", rounds=2))
+    assert round2_done.is_set()
+    monkeypatch.undo()
+    main(tiny(tmp_path / "sync", rounds=2, extra=["--federation.checkpoint_async=false"]))
+    for name in ("round-001.ckpt", "last.ckpt"):
+        a = load_checkpoint(tmp_path / "async" / "checkpoints" / name)
+        b = load_checkpoint(tmp_path / "sync" / "checkpoints" / name)
+        assert a["round"] == b["round"]
+        for part in ("global", "clients", "inbox"):
+            fa, fb = _flat(a[part]), _flat(b[part])
+            assert fa.keys() == fb.keys() and fa
+            for k in fa:
+                assert torch.equal(fa[k], fb[k]), (name, part, k)
+    opt = _flat(load_checkpoint(tmp_path / "async" / "checkpoints" / "round-001.ckpt")["clients"]["0"]["optimizer"])
+    assert any("exp_avg" in k for k in opt)
+
+
+def _flat(obj, prefix=""):
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    out = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}/{k}"))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(_flat(v, f"{prefix}/{i}"))
+    return out
