@@ -267,10 +267,12 @@ def build_module(p: dict[str, Any]) -> ContrastivePretrainModule:
 
 # ------------------------------------------------------------------------------------ project
 def run_project(module: ContrastivePretrainModule, dm: FederatedDataModule, rounds: int, device: torch.device,
-                root: Path, console: Console, exchange_source: str = "embed") -> dict[str, Any]:
+                root: Path, console: Console, exchange_source: str = "embed",
+                checkpoint_async: bool | None = None) -> dict[str, Any]:
     clock, meter, logger = Clock(device), Meter(), RoundLogger()
     loop = FederatedLoop(
-        federation=Federation(rounds=rounds, local_epochs=1, exchange=True, exchange_source=exchange_source),
+        federation=Federation(rounds=rounds, local_epochs=1, exchange=True, exchange_source=exchange_source,
+                              checkpoint_async=checkpoint_async),
         module=module, datamodule=dm,
         trainer_kwargs={"accelerator": device.type, "devices": 1},
         root_dir=root, loggers=[logger], seed=SEED, console=console,
@@ -414,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exchange-source", choices=["embed", "keys"], default=None,
                     help="federation.exchange_source of both paths (default: the profile's; acdc: keys, as the ACDC "
                          "config; embed: an extra pass over every slice after the round)")
+    ap.add_argument("--checkpoint-async", action=argparse.BooleanOptionalAction, default=None,
+                    help="federation.checkpoint_async of the project run (default: the project's default)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: torch's); 1 is far less sensitive to a busy shared CPU")
     args = ap.parse_args(argv)
@@ -445,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     if args.warmup:
         print("warm-up: project (1 round, untimed) ...", file=sys.stderr)
-        run_project(copy.deepcopy(pristine), dm, 1, device, Path(tmp.name) / "warmup", console, args.exchange_source)
+        run_project(copy.deepcopy(pristine), dm, 1, device, Path(tmp.name) / "warmup", console, args.exchange_source,
+                    args.checkpoint_async)
         print("warm-up: bare (1 round, untimed) ...", file=sys.stderr)
         run_bare(init_global, p, dm, batches[:1], 1, device, args.exchange_source)
 
@@ -453,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(max(1, args.repeats)):
         print(f"timed {i + 1}/{args.repeats}: project ({R} round(s)) ...", file=sys.stderr)
         run_root = root / f"project-{i}"
-        proj_runs.append(run_project(copy.deepcopy(pristine), dm, R, device, run_root, console, args.exchange_source))
+        proj_runs.append(run_project(copy.deepcopy(pristine), dm, R, device, run_root, console, args.exchange_source,
+                                     args.checkpoint_async))
         if args.root is None:
             shutil.rmtree(run_root, ignore_errors=True)  # checkpoints can be large; keep disk use flat
         print(f"timed {i + 1}/{args.repeats}: bare ({R} round(s)) ...", file=sys.stderr)

@@ -86,7 +86,7 @@ def test_async_checkpoints_equal_sync_ones(tmp_path, tiny, monkeypatch):
 
     monkeypatch.setattr(loop_mod, "atomic_save", slow_save)
     monkeypatch.setattr(loop_mod.InProcessClients, "train_round", tracked_train_round)
-    main(tiny(tmp_path / "async", rounds=2))
+    main(tiny(tmp_path / "async", rounds=2, extra=["--federation.checkpoint_async=true"]))
     assert round2_done.is_set()
     monkeypatch.undo()
     main(tiny(tmp_path / "sync", rounds=2, extra=["--federation.checkpoint_async=false"]))
@@ -114,3 +114,34 @@ def _flat(obj, prefix=""):
         for i, v in enumerate(obj):
             out.update(_flat(v, f"{prefix}/{i}"))
     return out
+
+
+def test_last_ckpt_links_the_newest_round_file(tmp_path, tiny):
+    main(tiny(tmp_path, rounds=2))
+    ck = tmp_path / "checkpoints"
+    last = ck / "last.ckpt"
+    assert last.is_symlink() and last.resolve() == (ck / "round-002.ckpt").resolve()
+    assert load_checkpoint(last)["round"] == 2
+    assert not list(ck.glob(".*tmp"))  # no temp files left behind
+    from fcl_lightning.federation.checkpoint import _UMASK
+
+    # a plain file's mode under the umask, not mkstemp's private 0600
+    assert (ck / "round-001.ckpt").stat().st_mode & 0o777 == 0o666 & ~_UMASK
+
+
+def test_atomic_link_replaces_a_file_and_falls_back_to_a_copy(tmp_path, monkeypatch):
+    from fcl_lightning.federation import checkpoint
+
+    (tmp_path / "a").write_text("A")
+    (tmp_path / "last").write_text("old")
+    checkpoint.atomic_link(tmp_path / "a", tmp_path / "last")
+    assert (tmp_path / "last").is_symlink() and (tmp_path / "last").read_text() == "A"
+
+    def no_symlinks(*args, **kwargs):
+        raise OSError("symbolic links are not supported here")
+
+    monkeypatch.setattr(checkpoint.os, "symlink", no_symlinks)
+    (tmp_path / "b").write_text("B")
+    checkpoint.atomic_link(tmp_path / "b", tmp_path / "last")
+    assert not (tmp_path / "last").is_symlink() and (tmp_path / "last").read_text() == "B"
+    assert (tmp_path / "a").read_text() == "A"

@@ -55,6 +55,7 @@ def test_resume_gives_same_final_weights(tmp_path, tiny):
     main(tiny(full, rounds=3))
     main(tiny(cut, rounds=3))
     # simulate a crash after round 2: only round 2's checkpoint survives as last.ckpt
+    (cut / "checkpoints" / "last.ckpt").unlink()  # a link to round-003.ckpt
     shutil.copy(cut / "checkpoints" / "round-002.ckpt", cut / "checkpoints" / "last.ckpt")
     (cut / "encoder.pt").unlink()
     main(tiny(cut, rounds=3, extra=["--ckpt_path=last"]))

@@ -46,6 +46,7 @@ def test_resume_continues_the_same_run(offline, tmp_path, tiny):
     root = tmp_path / "run"
     main(tiny(root, rounds=2, extra=WANDB))
     first = run_info(run_files(root)[0])
+    (root / "checkpoints/last.ckpt").unlink()  # a link to the newest round file
     shutil.copy(root / "checkpoints/round-001.ckpt", root / "checkpoints/last.ckpt")  # "crash" after round 1
     main(tiny(root, rounds=2, extra=[*WANDB, "--ckpt_path=last"]))
     files = run_files(root)

@@ -17,6 +17,8 @@ import torch
 from fcl_lightning.fcl.memory_bank import BankEntries
 
 FORMAT = "fcl-lightning/federated-v1"
+_UMASK = os.umask(0)  # read once, at import (os.umask sets as it reads; not thread-safe later)
+os.umask(_UMASK)
 
 
 class CheckpointError(ValueError):
@@ -30,6 +32,7 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; give it a plain file's mode
         torch.save(obj, tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -51,6 +54,25 @@ def atomic_copy(src: str | Path, dst: str | Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return dst
+
+
+def atomic_link(target: str | Path, link: str | Path) -> Path:
+    """Point ``link`` at ``target`` in the same folder: a relative symbolic link swapped in
+    atomically (as Lightning's ``ModelCheckpoint(save_last="link")``), so the newest checkpoint is
+    written once, not twice; a plain copy where the file system has no symbolic links."""
+    target, link = Path(target), Path(link)
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.symlink(os.path.relpath(target, link.parent), tmp)
+    except (OSError, NotImplementedError):
+        return atomic_copy(target, link)
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return link
 
 
 def atomic_write_text(text: str, path: str | Path) -> Path:

@@ -23,7 +23,7 @@ from fcl_lightning.federation.checkpoint import (
     FORMAT,
     BackgroundWriter,
     CheckpointError,
-    atomic_copy,
+    atomic_link,
     atomic_save,
     bank_from_dict,
     bank_to_dict,
@@ -358,17 +358,18 @@ class FederatedLoop:
         return " | ".join(parts)
 
     def _checkpoint(self, done, global_w, client_w, states, inbox, history, comm, elapsed, C, periodic, dice_rows) -> None:
+        cpu = snapshot if self._writer.enabled else to_cpu
         ckpt = {
             "format": FORMAT,
             "round": done,
             "rounds": self.fed.rounds,
             "num_clients": C,
             "module": type(self.module).__name__,
-            # copies: the next round may mutate these (Adam's moments) while the writer runs
-            "global": snapshot(global_w),
-            "client_weights": {str(c): snapshot(w) for c, w in client_w.items()},
-            "clients": {str(c): snapshot(s) for c, s in states.items() if s is not None},
-            "inbox": {str(c): snapshot(bank_to_dict(b)) for c, b in inbox.items() if b is not None},
+            # copies when written in the background: the next round mutates some (Adam's moments)
+            "global": cpu(global_w),
+            "client_weights": {str(c): cpu(w) for c, w in client_w.items()},
+            "clients": {str(c): cpu(s) for c, s in states.items() if s is not None},
+            "inbox": {str(c): cpu(bank_to_dict(b)) for c, b in inbox.items() if b is not None},
             "rng": rng_state(),
             "history": copy.deepcopy(history),
             "comm": dict(comm),
@@ -381,8 +382,8 @@ class FederatedLoop:
         ckdir = self.root / "checkpoints"
 
         def write() -> None:
-            if periodic:  # serialise once; last.ckpt is an atomic copy of the round file
-                atomic_copy(atomic_save(ckpt, ckdir / f"round-{done:03d}.ckpt"), ckdir / "last.ckpt")
+            if periodic:  # serialise once; last.ckpt is a link to the round file
+                atomic_link(atomic_save(ckpt, ckdir / f"round-{done:03d}.ckpt"), ckdir / "last.ckpt")
             else:
                 atomic_save(ckpt, ckdir / "last.ckpt")
 
