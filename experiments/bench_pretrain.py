@@ -272,7 +272,7 @@ def run_project(module: ContrastivePretrainModule, dm: FederatedDataModule, roun
     clock, meter, logger = Clock(device), Meter(), RoundLogger()
     loop = FederatedLoop(
         federation=Federation(rounds=rounds, local_epochs=1, exchange=True, exchange_source=exchange_source,
-                              checkpoint_async=checkpoint_async),
+                              **({} if checkpoint_async is None else {"checkpoint_async": checkpoint_async})),
         module=module, datamodule=dm,
         trainer_kwargs={"accelerator": device.type, "devices": 1},
         root_dir=root, loggers=[logger], seed=SEED, console=console,
@@ -285,7 +285,7 @@ def run_project(module: ContrastivePretrainModule, dm: FederatedDataModule, roun
     sums = {k: sum(h[f"round/time/{k}_s"] for h in hist) for k in ("train", "aggregate", "checkpoint", "total")}
     return {
         "wall_s": wall, "steps": meter.steps, "slices": meter.slices, "meter": meter.s, "step_times": meter.step_times,
-        "rounds_time": sums, "losses": [h.get("round/train/loss", float("nan")) for h in hist],
+        "rounds_time": sums, "checkpoint_s_per_round": [h["round/time/checkpoint_s"] for h in hist], "losses": [h.get("round/train/loss", float("nan")) for h in hist],
         "export_devices": sorted(meter.export_devices),
     }
 

@@ -22,6 +22,19 @@ def test_snapshot_does_not_share_storage():
     assert snap["n"] == 1 and snap["b"][1][0] == "x" and isinstance(snap["b"][1], tuple)
 
 
+def test_snapshot_reuses_an_earlier_snapshots_tensors():
+    src = {"w": torch.randn(4, 3), "opt": [torch.randn(5)], "bank": torch.randn(2, 3)}
+    old = snapshot(src)
+    ptrs = (old["w"].data_ptr(), old["opt"][0].data_ptr())
+    src["w"].add_(1)
+    src["bank"] = torch.randn(6, 3)  # a bank that grew: new shape, new tensor
+    new = snapshot(src, into=old)
+    assert (new["w"].data_ptr(), new["opt"][0].data_ptr()) == ptrs
+    assert torch.equal(new["w"], src["w"]) and torch.equal(new["bank"], src["bank"])
+    src["w"].add_(1)
+    assert not torch.equal(new["w"], src["w"])  # still a copy
+
+
 def test_writer_runs_one_write_at_a_time_in_order():
     order, inflight, peak = [], [0], [0]
     lock = threading.Lock()

@@ -218,6 +218,7 @@ class FederatedLoop:
         self.wandb_id = wandb_run_id(self.loggers)  # stored in checkpoints: a resume continues this run
         t_run = time.perf_counter()
         self._writer = BackgroundWriter(self.fed.checkpoint_async)
+        self._written = None  # the last checkpoint handed to the writer (its copies are reused)
         try:
             with self._progress() as progress:
                 task = progress.add_task("rounds", total=self.fed.rounds, completed=start, info="")
@@ -358,18 +359,26 @@ class FederatedLoop:
         return " | ".join(parts)
 
     def _checkpoint(self, done, global_w, client_w, states, inbox, history, comm, elapsed, C, periodic, dice_rows) -> None:
-        cpu = snapshot if self._writer.enabled else to_cpu
+        if self._writer.enabled:  # copies: the next round mutates some of these (Adam's moments)
+            self._writer.wait()  # the previous write is done: its copies are reused, not reallocated
+            spare = self._written or {}
+
+            def cpu(obj: Any, key: str, sub: str | None = None) -> Any:
+                old = spare.get(key)
+                return snapshot(obj, old.get(sub) if sub is not None and isinstance(old, dict) else old)
+        else:
+            def cpu(obj: Any, key: str, sub: str | None = None) -> Any:
+                return to_cpu(obj)
         ckpt = {
             "format": FORMAT,
             "round": done,
             "rounds": self.fed.rounds,
             "num_clients": C,
             "module": type(self.module).__name__,
-            # copies when written in the background: the next round mutates some (Adam's moments)
-            "global": cpu(global_w),
-            "client_weights": {str(c): cpu(w) for c, w in client_w.items()},
-            "clients": {str(c): cpu(s) for c, s in states.items() if s is not None},
-            "inbox": {str(c): cpu(bank_to_dict(b)) for c, b in inbox.items() if b is not None},
+            "global": cpu(global_w, "global"),
+            "client_weights": {str(c): cpu(w, "client_weights", str(c)) for c, w in client_w.items()},
+            "clients": {str(c): cpu(s, "clients", str(c)) for c, s in states.items() if s is not None},
+            "inbox": {str(c): cpu(bank_to_dict(b), "inbox", str(c)) for c, b in inbox.items() if b is not None},
             "rng": rng_state(),
             "history": copy.deepcopy(history),
             "comm": dict(comm),
@@ -388,6 +397,7 @@ class FederatedLoop:
                 atomic_save(ckpt, ckdir / "last.ckpt")
 
         self._writer.submit(write)
+        self._written = ckpt if self._writer.enabled else None
 
     def _finish(self, global_w, client_w, history, comm, elapsed, wall) -> dict[str, Any]:
         if self.fed.mode == "federated" and hasattr(self.module, "encoder_state"):
