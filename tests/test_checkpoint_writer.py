@@ -158,3 +158,17 @@ def test_atomic_link_replaces_a_file_and_falls_back_to_a_copy(tmp_path, monkeypa
     checkpoint.atomic_link(tmp_path / "b", tmp_path / "last")
     assert not (tmp_path / "last").is_symlink() and (tmp_path / "last").read_text() == "B"
     assert (tmp_path / "a").read_text() == "A"
+
+
+def test_writer_block_waits_and_keeps_the_blocks_own_error(caplog):
+    def boom():
+        raise OSError("disk gone")
+
+    with pytest.raises(CheckpointError, match="disk gone"):
+        with BackgroundWriter() as w:
+            w.submit(boom)
+    with pytest.raises(KeyError, match="round failed"):
+        with BackgroundWriter() as w:
+            w.submit(boom)
+            raise KeyError("round failed")
+    assert "disk gone" in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -15,6 +16,8 @@ import numpy as np
 import torch
 
 from fcl_lightning.fcl.memory_bank import BankEntries
+
+log = logging.getLogger(__name__)
 
 FORMAT = "fcl-lightning/federated-v1"
 _UMASK = os.umask(0)  # read once, at import (os.umask sets as it reads; not thread-safe later)
@@ -148,8 +151,9 @@ class BackgroundWriter:
     """Runs checkpoint writes on one background thread, at most one in flight, so that serialising
     and writing round r's checkpoint overlaps round r+1's training.
 
-    ``submit`` waits for the previous write first; ``wait`` joins and re-raises a write's error.
-    The thread is not a daemon: an interrupted run still finishes the write it started, and every
+    ``submit`` waits for the previous write first; ``wait`` joins and re-raises a write's error;
+    leaving a ``with`` block waits too (logging, not raising, a write's error when the block itself
+    failed: that error is the one to report). The thread is not a daemon: an interrupted run still finishes the write it started, and every
     file is written atomically, so a checkpoint on disk is always whole.
     ``enabled=False`` writes in the caller's thread.
     """
@@ -173,6 +177,18 @@ class BackgroundWriter:
 
         self._thread = threading.Thread(target=target, name="fcl-checkpoint-writer")
         self._thread.start()
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.wait()
+            return
+        try:
+            self.wait()
+        except CheckpointError as err:
+            log.error("%s", err)
 
     def wait(self) -> None:
         if self._thread is not None:

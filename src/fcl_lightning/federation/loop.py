@@ -3,7 +3,6 @@ the server merges updates with the aggregator plug-in and routes exchanged featu
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -219,78 +218,71 @@ class FederatedLoop:
         t_run = time.perf_counter()
         self._writer = BackgroundWriter(self.fed.checkpoint_async)
         self._written = None  # the last checkpoint handed to the writer (its copies are reused)
-        try:
-            with self._progress() as progress:
-                task = progress.add_task("rounds", total=self.fed.rounds, completed=start, info="")
-                for r in range(start, self.fed.rounds):
-                    t0 = time.perf_counter()
-                    wanted = self.select_clients(r, C)
-                    starts = {}
-                    for c in wanted:
-                        if self.fed.mode == "local":
-                            starts[c] = client_w[c] if c in client_w else self.module.client_initial_weights(c, global_w)
-                        else:
-                            starts[c] = global_w
-
-                    def show(i: int, c: int, n: int = len(wanted), r: int = r) -> None:
-                        progress.update(task, info=f"round {r + 1}/{self.fed.rounds} client {i + 1}/{n} (#{c})")
-
-                    results = clients.train_round(r, starts, {c: inbox[c] for c in wanted}, show)
-                    selected = sorted(results)
-                    if len(selected) < self.fed.min_clients:
-                        raise RuntimeError(f"round {r + 1}: only {len(selected)} of {len(wanted)} clients replied "
-                                           f"(federation.min_clients is {self.fed.min_clients})")
-                    for c in sorted(set(wanted) - set(selected)):
-                        self.console.print(f"[yellow]round {r + 1}: client {c} left out of this round "
-                                           f"({clients.failures.get(c, 'no reply')})[/]")
-                    t_train = time.perf_counter() - t0
-
-                    t1 = time.perf_counter()
-                    if self.fed.mode == "federated":
-                        global_w = self.fed.aggregator([results[c].update for c in selected], [results[c].num_samples for c in selected])
+        # the writer's exit: the last checkpoint is on disk (or its error raised) before going on
+        with self._writer, self._progress() as progress:
+            task = progress.add_task("rounds", total=self.fed.rounds, completed=start, info="")
+            for r in range(start, self.fed.rounds):
+                t0 = time.perf_counter()
+                wanted = self.select_clients(r, C)
+                starts = {}
+                for c in wanted:
+                    if self.fed.mode == "local":
+                        starts[c] = client_w[c] if c in client_w else self.module.client_initial_weights(c, global_w)
                     else:
-                        client_w.update({c: results[c].update for c in selected})
-                    t_agg = time.perf_counter() - t1
+                        starts[c] = global_w
 
-                    metrics = self._round_metrics(r, selected, results, global_w, inbox, comm)
-                    if any(res.features is not None for res in results.values()):
-                        dim = next(int(res.features.vectors.shape[1]) for res in results.values())
-                        inbox = route({c: results[c].features for c in selected}, dim, recipients=range(C))
-                        for c in range(C):
-                            nb = payload_nbytes(inbox[c]) if inbox[c] is not None else 0
-                            metrics[f"client{c}/comm/features_down_bytes"] = nb
-                            comm["features_down"] += nb
-                        metrics["round/comm/features_down_bytes"] = sum(
-                            metrics[f"client{c}/comm/features_down_bytes"] for c in range(C))
-                    elapsed += time.perf_counter() - t0
-                    metrics.update({"round/time/train_s": t_train, "round/time/aggregate_s": t_agg, "round": r + 1})
-                    history.append({k: float(v) for k, v in metrics.items() if k.startswith("round/")})
-                    ds = self.fed.downstream
-                    if ds is not None and ds.every_n_rounds and (r + 1) % ds.every_n_rounds == 0 and r + 1 < self.fed.rounds:
-                        self.module.load_global_state(global_w)
-                        down = ds.run(self.module, self.dm, self.root, self.seed, self.console, final=False)
-                        metrics.update(down)
-                        history[-1].update(down)
-                    new_rows = per_client_dice_rows(metrics, r + 1)
-                    dice_rows += new_rows
-                    t2 = time.perf_counter()
-                    periodic = (r + 1) % self.fed.checkpoint_every == 0 or r + 1 == self.fed.rounds
-                    self._checkpoint(r + 1, global_w, client_w, clients.states(), inbox, history, comm, elapsed, C, periodic, dice_rows)
-                    metrics["round/time/checkpoint_s"] = time.perf_counter() - t2
-                    metrics["round/time/total_s"] = time.perf_counter() - t0
-                    history[-1].update({k: metrics[k] for k in ("round/time/checkpoint_s", "round/time/total_s")})
-                    self.log_metrics(metrics, step=r + 1)
-                    if new_rows:
-                        log_dice_table(self.loggers, dice_rows, step=r + 1)
-                    progress.update(task, advance=1, info=f"round {r + 1}/{self.fed.rounds} loss {metrics.get('round/train/loss', float('nan')):.4f}")
-                    self.console.print(self._round_line(r, metrics), soft_wrap=True)
-        except BaseException:
-            try:  # let the write in flight land; the round's own error is the one to report
-                self._writer.wait()
-            except CheckpointError as err:
-                log.error("%s", err)
-            raise
-        self._writer.wait()  # the last checkpoint is on disk (or its error raised) before going on
+                def show(i: int, c: int, n: int = len(wanted), r: int = r) -> None:
+                    progress.update(task, info=f"round {r + 1}/{self.fed.rounds} client {i + 1}/{n} (#{c})")
+
+                results = clients.train_round(r, starts, {c: inbox[c] for c in wanted}, show)
+                selected = sorted(results)
+                if len(selected) < self.fed.min_clients:
+                    raise RuntimeError(f"round {r + 1}: only {len(selected)} of {len(wanted)} clients replied "
+                                       f"(federation.min_clients is {self.fed.min_clients})")
+                for c in sorted(set(wanted) - set(selected)):
+                    self.console.print(f"[yellow]round {r + 1}: client {c} left out of this round "
+                                       f"({clients.failures.get(c, 'no reply')})[/]")
+                t_train = time.perf_counter() - t0
+
+                t1 = time.perf_counter()
+                if self.fed.mode == "federated":
+                    global_w = self.fed.aggregator([results[c].update for c in selected], [results[c].num_samples for c in selected])
+                else:
+                    client_w.update({c: results[c].update for c in selected})
+                t_agg = time.perf_counter() - t1
+
+                metrics = self._round_metrics(r, selected, results, global_w, inbox, comm)
+                if any(res.features is not None for res in results.values()):
+                    dim = next(int(res.features.vectors.shape[1]) for res in results.values())
+                    inbox = route({c: results[c].features for c in selected}, dim, recipients=range(C))
+                    for c in range(C):
+                        nb = payload_nbytes(inbox[c]) if inbox[c] is not None else 0
+                        metrics[f"client{c}/comm/features_down_bytes"] = nb
+                        comm["features_down"] += nb
+                    metrics["round/comm/features_down_bytes"] = sum(
+                        metrics[f"client{c}/comm/features_down_bytes"] for c in range(C))
+                elapsed += time.perf_counter() - t0
+                metrics.update({"round/time/train_s": t_train, "round/time/aggregate_s": t_agg, "round": r + 1})
+                history.append({k: float(v) for k, v in metrics.items() if k.startswith("round/")})
+                ds = self.fed.downstream
+                if ds is not None and ds.every_n_rounds and (r + 1) % ds.every_n_rounds == 0 and r + 1 < self.fed.rounds:
+                    self.module.load_global_state(global_w)
+                    down = ds.run(self.module, self.dm, self.root, self.seed, self.console, final=False)
+                    metrics.update(down)
+                    history[-1].update(down)
+                new_rows = per_client_dice_rows(metrics, r + 1)
+                dice_rows += new_rows
+                t2 = time.perf_counter()
+                periodic = (r + 1) % self.fed.checkpoint_every == 0 or r + 1 == self.fed.rounds
+                self._checkpoint(r + 1, global_w, client_w, clients.states(), inbox, history, comm, elapsed, C, periodic, dice_rows)
+                metrics["round/time/checkpoint_s"] = time.perf_counter() - t2
+                metrics["round/time/total_s"] = time.perf_counter() - t0
+                history[-1].update({k: metrics[k] for k in ("round/time/checkpoint_s", "round/time/total_s")})
+                self.log_metrics(metrics, step=r + 1)
+                if new_rows:
+                    log_dice_table(self.loggers, dice_rows, step=r + 1)
+                progress.update(task, advance=1, info=f"round {r + 1}/{self.fed.rounds} loss {metrics.get('round/train/loss', float('nan')):.4f}")
+                self.console.print(self._round_line(r, metrics), soft_wrap=True)
         if self.fed.mode == "federated":
             self.module.load_global_state(global_w)
         summary = self._finish(global_w, client_w, history, comm, elapsed, time.perf_counter() - t_run)
@@ -359,35 +351,34 @@ class FederatedLoop:
         return " | ".join(parts)
 
     def _checkpoint(self, done, global_w, client_w, states, inbox, history, comm, elapsed, C, periodic, dice_rows) -> None:
-        if self._writer.enabled:  # copies: the next round mutates some of these (Adam's moments)
-            self._writer.wait()  # the previous write is done: its copies are reused, not reallocated
-            spare = self._written or {}
-
-            def cpu(obj: Any, key: str, sub: str | None = None) -> Any:
-                old = spare.get(key)
-                return snapshot(obj, old.get(sub) if sub is not None and isinstance(old, dict) else old)
-        else:
-            def cpu(obj: Any, key: str, sub: str | None = None) -> Any:
-                return to_cpu(obj)
         ckpt = {
             "format": FORMAT,
             "round": done,
             "rounds": self.fed.rounds,
             "num_clients": C,
             "module": type(self.module).__name__,
-            "global": cpu(global_w, "global"),
-            "client_weights": {str(c): cpu(w, "client_weights", str(c)) for c, w in client_w.items()},
-            "clients": {str(c): cpu(s, "clients", str(c)) for c, s in states.items() if s is not None},
-            "inbox": {str(c): cpu(bank_to_dict(b), "inbox", str(c)) for c, b in inbox.items() if b is not None},
+            "global": global_w,
+            "client_weights": {str(c): w for c, w in client_w.items()},
+            "clients": {str(c): s for c, s in states.items() if s is not None},
+            "inbox": {str(c): bank_to_dict(b) for c, b in inbox.items() if b is not None},
             "rng": rng_state(),
-            "history": copy.deepcopy(history),
-            "comm": dict(comm),
+            "history": history,
+            "comm": comm,
             "elapsed_s": elapsed,
             "seed": self.seed,
             "config": self.config_text,
             "wandb_run_id": self.wandb_id,
-            "dice_rows": copy.deepcopy(dice_rows),
+            "dice_rows": dice_rows,
         }
+        # both rebuild every dict and list (the loop appends to history later); in the background,
+        # tensors are copied too, into the previous checkpoint's buffers once its write is done,
+        # because the next round mutates some of them in place (Adam's moments)
+        if self._writer.enabled:
+            self._writer.wait()
+            ckpt = snapshot(ckpt, into=self._written)
+            self._written = ckpt
+        else:
+            ckpt = to_cpu(ckpt)
         ckdir = self.root / "checkpoints"
 
         def write() -> None:
@@ -397,7 +388,6 @@ class FederatedLoop:
                 atomic_save(ckpt, ckdir / "last.ckpt")
 
         self._writer.submit(write)
-        self._written = ckpt if self._writer.enabled else None
 
     def _finish(self, global_w, client_w, history, comm, elapsed, wall) -> dict[str, Any]:
         if self.fed.mode == "federated" and hasattr(self.module, "encoder_state"):
