@@ -55,6 +55,21 @@ def test_local_loss_matches_reference(B, K, d, S, t, self_positive):
     assert got.item() == pytest.approx(ref_mean(terms), rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.parametrize("B,K,d,S", [(12, 16, 8, 4), (8, 0, 4, 4), (9, 40, 8, 3)])
+@pytest.mark.parametrize("batch_negatives,same_part", [(True, True), (True, False), (False, False)])
+def test_local_loss_negative_variants_match_reference(B, K, d, S, batch_negatives, same_part):
+    q, k, parts, vols, negs = make(B, K, d, S, seed=B + K + 11)
+    got = local_loss(q, k, parts, vols, negs, 0.2, batch_negatives=batch_negatives, same_partition_negatives=same_part)
+    terms = []
+    for i in range(B):
+        pos = [k[j] for j in range(B) if parts[j] == parts[i] and vols[j] != vols[i]]
+        neg = [negs.vectors[n] for n in range(K) if same_part or negs.partitions[n] != parts[i]]
+        if batch_negatives:
+            neg += [k[j] for j in range(B) if parts[j] != parts[i]]
+        terms.append(ref_term(q[i], pos, neg, 0.2))
+    assert got.item() == pytest.approx(ref_mean(terms), rel=1e-9, abs=1e-12)
+
+
 @pytest.mark.parametrize("B,K,d,S", [(12, 16, 8, 4), (8, 1, 4, 4), (6, 30, 16, 2)])
 @pytest.mark.parametrize("t", [0.07, 0.1, 1.0])
 def test_remote_loss_matches_reference(B, K, d, S, t):
@@ -86,7 +101,7 @@ def test_gradient_flows_to_queries_only():
     out["loss"].backward()
     assert q.grad is not None and q.grad.abs().sum() > 0
     assert not k.requires_grad
-    assert set(out) >= {"loss", "loss_local", "loss_remote", "pos_sim", "neg_sim"}
+    assert set(out) >= {"loss", "loss_local", "loss_remote", "pos_sim", "neg_sim", "bank_sim"}
 
 
 def test_objective_weights_and_sampling():

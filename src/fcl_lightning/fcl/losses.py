@@ -55,6 +55,10 @@ def local_positive_mask(partitions: torch.Tensor, volumes: torch.Tensor, self_po
     return mask
 
 
+#: logit of a candidate masked out of a denominator (``exp`` of it is exactly 0, its gradient too)
+MASKED = -1e9
+
+
 def local_loss(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -63,10 +67,25 @@ def local_loss(
     negatives: BankEntries,
     temperature: float,
     self_positive: bool = False,
+    batch_negatives: bool = False,
+    same_partition_negatives: bool = True,
 ) -> torch.Tensor:
-    """``L_local``: positives are the batch keys in ``P(q)``, negatives ``Q'``."""
+    """``L_local``: positives are the batch keys in ``P(q)``; the denominator holds ``Q'`` and/or
+    the batch's keys of other partitions.
+
+    Args:
+        batch_negatives: also put the batch's keys of *other* partitions in the denominator. They
+            are as fresh as the positives, so a content-free (constant) embedding cannot tell the
+            two apart; bank entries are older, which is what makes the freshness shortcut.
+        same_partition_negatives: keep bank entries of ``q``'s own partition in the denominator
+            (the paper's formula). ``False`` drops them: they are positives of the remote term.
+    """
     pos = q @ k.T / temperature
     neg = q @ negatives.vectors.T / temperature
+    if not same_partition_negatives and neg.shape[1]:
+        neg = neg.masked_fill(partitions[:, None] == negatives.partitions[None, :], MASKED)
+    if batch_negatives:
+        neg = torch.cat([neg, pos.masked_fill(partitions[:, None] == partitions[None, :], MASKED)], dim=1)
     return masked_infonce(pos, local_positive_mask(partitions, volumes, self_positive), neg)
 
 

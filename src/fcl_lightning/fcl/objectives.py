@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -68,12 +69,27 @@ class PretrainObjective(nn.Module):
 class FCLObjective(PretrainObjective):
     """``L = w_local * L_local + w_remote * L_remote`` (FCL, Wu et al. 2021, Sec. 2).
 
+    The paper's local term divides fresh in-batch positives by bank negatives only. Keys in a
+    bank were written by an older momentum encoder (earlier steps, before FedAvg, or another
+    client's last round), so a *constant* embedding that drifts over time already separates the
+    positives from every negative, and on real data the embedding collapses to one vector
+    (issue 12). The default therefore draws the local term's negatives from the batch itself:
+    keys of the other partitions, computed by the same encoder at the same step as the positives.
+    The bank ``Q'`` (local + remote, tagged with partitions) feeds the global structural matching
+    term, whose positives and negatives are drawn from the same bank, so their age cannot tell
+    them apart either. ``local_negatives="bank"`` with ``same_partition_negatives=True`` is the
+    paper's literal formula (collapses on ACDC, kept as an ablation).
+
     Args:
         temperature: ``t`` of the InfoNCE terms (Chaitanya et al. use 0.1).
         num_negatives: ``K``, size of ``Q'`` drawn uniformly from local + remote banks.
         w_local: weight of the local partition-aware term (paper: 1).
         w_remote: weight of the global structural matching term (paper: 1; 0 = ablation).
         self_positive: also count the query's own momentum key as a local positive.
+        local_negatives: denominator of the local term: ``batch`` (the batch's keys of other
+            partitions; default, freshness-proof), ``bank`` (``Q'``, the paper) or ``both``.
+        same_partition_negatives: with bank negatives in the local term, keep ``Q'`` entries of
+            the query's own partition there (the paper) instead of dropping them.
     """
 
     def __init__(
@@ -83,32 +99,51 @@ class FCLObjective(PretrainObjective):
         w_local: float = 1.0,
         w_remote: float = 1.0,
         self_positive: bool = False,
+        local_negatives: Literal["batch", "bank", "both"] = "batch",
+        same_partition_negatives: bool = False,
     ) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if num_negatives < 0:
             raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
+        if local_negatives not in ("batch", "bank", "both"):
+            raise ValueError(f"local_negatives must be 'batch', 'bank' or 'both', got {local_negatives!r}")
         self.temperature = temperature
         self.num_negatives = num_negatives
         self.w_local = w_local
         self.w_remote = w_remote
         self.self_positive = self_positive
+        self.local_negatives = local_negatives
+        self.same_partition_negatives = same_partition_negatives
 
     def forward(self, inputs: ContrastiveInputs) -> dict[str, torch.Tensor]:
         negs = sample_negatives(inputs.bank, self.num_negatives)
-        l_local = local_loss(inputs.q, inputs.k, inputs.partitions, inputs.volumes, negs, self.temperature, self.self_positive)
+        local_negs = negs if self.local_negatives != "batch" else BankEntries(*(t[:0] for t in negs))
+        l_local = local_loss(inputs.q, inputs.k, inputs.partitions, inputs.volumes, local_negs, self.temperature,
+                             self.self_positive, batch_negatives=self.local_negatives != "bank",
+                             same_partition_negatives=self.same_partition_negatives)
         l_remote = remote_loss(inputs.q, inputs.partitions, negs, self.temperature)
-        with torch.no_grad():
-            pos_mask = local_positive_mask(inputs.partitions, inputs.volumes, self.self_positive)
-            sim = inputs.q @ inputs.k.T
-            pos_sim = sim[pos_mask].mean() if pos_mask.any() else sim.new_tensor(float("nan"))
         out = {
             "loss": self.w_local * l_local + self.w_remote * l_remote,
             "loss_local": l_local.detach(),
             "loss_remote": l_remote.detach(),
-            "pos_sim": pos_sim,
+            **same_age_similarities(inputs.q, inputs.k, inputs.partitions, inputs.volumes, self.self_positive),
         }
         if len(negs):  # the very first step has an empty bank: no figure rather than a NaN in the epoch mean
-            out["neg_sim"] = (inputs.q @ negs.vectors.T).mean().detach()
+            out["bank_sim"] = (inputs.q @ negs.vectors.T).mean().detach()
         return out
+
+
+@torch.no_grad()
+def same_age_similarities(q: torch.Tensor, k: torch.Tensor, partitions: torch.Tensor, volumes: torch.Tensor,
+                          self_positive: bool = False) -> dict[str, torch.Tensor]:
+    """Mean cosine of queries to their local positives (``pos_sim``) and to the batch's keys of
+    other partitions (``neg_sim``): keys of the same age, so the gap measures content. (Against
+    bank entries the gap would measure how much older the bank is.)"""
+    sim = q @ k.T
+    pos_mask = local_positive_mask(partitions, volumes, self_positive)
+    neg_mask = partitions[:, None] != partitions[None, :]
+    nan = sim.new_tensor(float("nan"))
+    return {"pos_sim": sim[pos_mask].mean() if pos_mask.any() else nan,
+            "neg_sim": sim[neg_mask].mean() if neg_mask.any() else nan}

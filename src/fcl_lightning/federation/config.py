@@ -8,6 +8,7 @@ from jsonargparse import lazy_instance
 
 from fcl_lightning.downstream import DownstreamEvaluation
 from fcl_lightning.fcl.aggregate import Aggregator, FedAvg
+from fcl_lightning.fcl.monitor import CollapseMonitor
 
 
 class Federation:
@@ -38,6 +39,9 @@ class Federation:
         min_clients: a round in which fewer clients reply fails (Flower: failed or timed-out
             clients are left out of the round's aggregate; in-process every client replies).
         round_timeout: seconds the Flower server waits for a round's replies (``None``: no limit).
+        monitor: collapse and learning monitors of the global encoder after each round
+            (``round/monitor/*``: embedding spread, k-NN partition probe on held-out patients);
+            pre-training modules only; ``null`` turns them off.
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class Federation:
         downstream: DownstreamEvaluation | None = None,
         min_clients: int = 1,
         round_timeout: float | None = None,
+        monitor: CollapseMonitor | None = lazy_instance(CollapseMonitor),
     ) -> None:
         if rounds < 1 or local_epochs < 1:
             raise ValueError(f"rounds and local_epochs must be >= 1 (got {rounds}, {local_epochs})")
@@ -74,3 +79,4 @@ class Federation:
         if min_clients < 1:
             raise ValueError(f"min_clients must be >= 1, got {min_clients}")
         self.min_clients, self.round_timeout = min_clients, round_timeout
+        self.monitor = monitor

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +253,7 @@ class FederatedLoop:
                 t_agg = time.perf_counter() - t1
 
                 metrics = self._round_metrics(r, selected, results, global_w, inbox, comm)
+                metrics.update(self._monitor(r + 1, global_w))
                 if any(res.features is not None for res in results.values()):
                     dim = next(int(res.features.vectors.shape[1]) for res in results.values())
                     inbox = route({c: results[c].features for c in selected}, dim, recipients=range(C))
@@ -336,13 +338,52 @@ class FederatedLoop:
                   "round/comm/features_up_bytes": feat_up, "round/clients": len(selected), "round/train_volumes": n_total})
         return m
 
+    def _probe_volumes(self) -> tuple[list, bool] | None:
+        """The monitor's fixed probe set: held-out volumes (validation patients of every client,
+        interleaved, then the test set), else the training volumes; and whether they are held out."""
+        if not getattr(self.dm, "_ready", False):  # e.g. a Flower server without data
+            return None
+        held = [v for vs in zip_longest(*self.dm.val) for v in vs if v is not None] + list(self.dm.test)
+        if held:
+            return held, True
+        return [v for vs in zip_longest(*self.dm.train) for v in vs if v is not None], False
+
+    def _monitor(self, done: int, global_w: dict[str, torch.Tensor]) -> dict[str, float]:
+        """``round/monitor/*``: the collapse and learning monitors of the global encoder."""
+        mon = self.fed.monitor
+        embed = getattr(self.module, "embed", None)
+        if mon is None or embed is None or self.fed.mode != "federated" or not mon.due(done, self.fed.rounds):
+            return {}
+        probe = self._probe_volumes()
+        if probe is None:
+            return {}
+        vols, held_out = probe
+        if not held_out and not getattr(self, "_warned_probe", False):
+            self._warned_probe = True
+            log.warning("monitor: no held-out patients (data.val_fraction is 0 and no test_source); the partition "
+                        "probe scores training patients (leave-one-patient-out)")
+        self.module.load_global_state(global_w)
+        was_training = self.module.training
+        self.module.eval()
+        figures = mon.measure(embed, getattr(self.module, "encode", None), [v.image for v in vols],
+                              [v.record.patient for v in vols], self.dm.num_partitions,
+                              device=next(self.module.parameters()).device)
+        self.module.train(was_training)
+        out = {f"round/monitor/{k}": v for k, v in figures.items()}
+        out["round/monitor/probe_held_out"] = float(held_out)
+        out["round/monitor/collapsed"] = float(figures["spread"] < mon.collapse_spread)
+        return out
+
     @staticmethod
     def _round_line(r: int, m: dict[str, float]) -> str:
         parts = [f"round {r + 1:>3}"]
         for key, label in (("round/train/loss", "loss"), ("round/train/loss_local", "local"),
-                           ("round/train/loss_remote", "remote")):
+                           ("round/train/loss_remote", "remote"), ("round/monitor/probe_acc", "probe"),
+                           ("round/monitor/spread", "spread")):
             if key in m:
-                parts.append(f"{label} {m[key]:.4f}")
+                parts.append(f"{label} {m[key]:.4f}" if "monitor" not in key else f"{label} {m[key]:.2f}")
+        if m.get("round/monitor/collapsed"):
+            parts.append("[bold red]COLLAPSED: every slice embeds to nearly the same vector[/]")
         up = m.get("round/comm/weights_up_bytes", 0) / 2**20
         down = m.get("round/comm/weights_down_bytes", 0) / 2**20
         feats = m.get("round/comm/features_up_bytes", 0) / 2**10
@@ -408,7 +449,7 @@ class FederatedLoop:
             "stage": type(self.module).__name__,
             "rounds_completed": len(history),
             "final": {k[len("round/"):]: v for k, v in last.items()
-                      if k.startswith("round/train/") or k.startswith("round/val/")},
+                      if k.startswith(("round/train/", "round/val/", "round/monitor/"))},
             "bytes": dict(comm),
             "wall_time_s": elapsed,
         }
