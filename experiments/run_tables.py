@@ -60,7 +60,10 @@ class Profile:
     needs_root: bool = False
 
 
-ACDC_CPU_DATA = ["--data.img_size=96", "--data.spacing=2.5", "--data.num_clients=5", "--data.split=group"]
+# 5 clients (one ACDC disease group each) x 20 patients, 64 px at 3.5 mm; a quarter of every
+# client's patients is held out of pre-training *and* fine-tuning and is what both are scored on
+ACDC_CPU_DATA = ["--data.img_size=64", "--data.spacing=3.5", "--data.num_clients=5", "--data.split=group",
+                 "--data.val_fraction=0.25"]
 PROFILES: dict[str, Profile] = {
     # the phantom: 4 clients (one per site), held-out phantom test set
     "quick": Profile(
@@ -68,16 +71,15 @@ PROFILES: dict[str, Profile] = {
         finetune=["--config", "configs/demo_finetune.yaml", "--federation.rounds=2", "--federation.local_steps=30"],
         ns=[1, 2], methods=PAPER_METHODS + ABLATIONS,
     ),
-    # real ACDC on a CPU: 5 clients x 20 patients (one per ACDC group), 96 px at 2.5 mm; pre-train
-    # on all patients' images, fine-tune on N labelled patients and score on 10 held-out patients
-    # of each client
+    # real ACDC on a CPU: pre-train on 15 patients per client (16 rounds x 40 steps = 640 steps
+    # per client), fine-tune on N of them (6 rounds x 50 steps, validated on the held-out patients
+    # after every round: the Dice-vs-steps curve) and score on the 5 held-out patients per client
     "acdc-cpu": Profile(
-        pretrain=["--config", "configs/acdc/fcl_pretrain.yaml", *ACDC_CPU_DATA, "--federation.rounds=10",
-                  "--model.proj_hidden=512"],
+        pretrain=["--config", "configs/acdc/fcl_pretrain.yaml", *ACDC_CPU_DATA, "--federation.rounds=16",
+                  "--federation.local_steps=40", "--model.proj_hidden=512"],
         finetune=["--config", "configs/acdc/finetune.yaml", *ACDC_CPU_DATA, "--data.cv_folds=null",
-                  "--data.val_fraction=0.5", "--data.batch_size=8", "--federation.rounds=2",
-                  "--federation.local_steps=40"],
-        ns=[1, 2], methods=PAPER_METHODS, needs_root=True,
+                  "--data.batch_size=8", "--federation.rounds=6", "--federation.local_steps=50"],
+        ns=[1, 2], methods=["random", "fcl"], settings=["local"], seeds=[0, 1], needs_root=True,
     ),
     # the paper's setting: 10 clients x 10 patients, 192 px, 5-fold CV inside each client
     "paper": Profile(
@@ -125,6 +127,12 @@ class Runner:
     def pretrain_done(self, method: str) -> bool:
         return method == NO_PRETRAIN or (self.pretrain_dir(method) / "encoder.pt").is_file()
 
+    def encoder_path(self, method: str) -> str:
+        """``method`` (the end of its pre-training) or ``method@R`` (its round-R checkpoint)."""
+        base, _, rnd = method.partition("@")
+        pre = self.pretrain_dir(base)
+        return str(pre / "checkpoints" / f"round-{int(rnd):03d}.ckpt") if rnd else str(pre / "encoder.pt")
+
     def finetune_done(self, d: Path) -> bool:
         s = d / "summary.json"
         return s.is_file() and "test/dice_mean" in json.loads(s.read_text()) and (d / "test_per_patient.csv").is_file()
@@ -145,10 +153,10 @@ class Runner:
             args.append(f"--data.cv_fold={fold}")
         if method != NO_PRETRAIN:
             pre = self.pretrain_dir(method)
-            if setting == "local" and (pre / "encoders").is_dir():
+            if setting == "local" and (pre / "encoders").is_dir() and "@" not in method:
                 args.append(f"--model.pretrained={pre}/encoders/client{{client}}.pt")  # each client its own
             else:
-                args.append(f"--model.pretrained={pre}/encoder.pt")
+                args.append(f"--model.pretrained={self.encoder_path(method)}")
         if (d / "checkpoints").is_dir():  # a half-finished fine-tuning starts again from scratch
             shutil.rmtree(d)
         cli(["fit", *args])
@@ -158,7 +166,9 @@ class Runner:
     def cells(self, methods: list[str]) -> list[tuple]:
         out: list[tuple] = []
         for m in methods:
-            out.append(("pretrain", m))
+            base = m.partition("@")[0]
+            if ("pretrain", base) not in out:
+                out.append(("pretrain", base))
             for setting in self.p.settings:
                 for n in self.p.ns:
                     for fold in self.p.folds:
@@ -241,6 +251,51 @@ def table(rows: list[dict], methods: list[str], ns: list[int], setting: str) -> 
     return "\n".join(lines), stats
 
 
+def read_rounds(run_dir: Path, key: str) -> dict[int, float]:
+    """round -> ``key`` from a run's ``metrics.csv`` files (every ``logs/version_*``, later
+    versions winning: a resumed run writes a new one). Round 0: measured at initialisation."""
+    by_round: dict[int, float] = {}
+    for log in sorted((run_dir / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1])):
+        if (log / "metrics.csv").is_file():
+            with open(log / "metrics.csv") as fh:
+                by_round.update({int(float(r["round"])): float(r[key]) for r in csv.DictReader(fh)
+                                 if r.get(key) not in (None, "") and r.get("round") not in (None, "")})
+    return dict(sorted(by_round.items()))
+
+
+def curves(runner: Runner, methods: list[str]) -> list[str]:
+    """Markdown: pre-training monitors per round, and held-out Dice after each fine-tuning round
+    (mean over clients, then over seeds): the gain against fine-tuning steps."""
+    out = []
+    for m in sorted({m.partition("@")[0] for m in methods} - {NO_PRETRAIN}):
+        pre = runner.pretrain_dir(m)
+        rows = [(label, read_rounds(pre, f"round/monitor/{key}")) for label, key in (
+            ("k-NN partition probe, head", "probe_acc"), ("k-NN partition probe, encoder", "probe_acc_encoder"),
+            ("spread", "spread"))]
+        if rows[0][1]:
+            rounds = list(rows[0][1])
+            out += [f"## Pre-training monitors: {LABELS.get(m, m)} (probe chance 1/S; round 0: initialisation)", "",
+                    "| round | " + " | ".join(map(str, rounds)) + " |", "|---|" + "---|" * len(rounds),
+                    *("| " + label + " | " + " | ".join(f"{vals.get(r, math.nan):.2f}" for r in rounds) + " |"
+                      for label, vals in rows), ""]
+    for setting in runner.p.settings:
+        lines = []
+        for m in methods:
+            for n in runner.p.ns:
+                runs = [list(read_rounds(runner.finetune_dir(m, setting, n, f, sd), "round/val/dice_mean").values())
+                        for f in runner.p.folds for sd in runner.p.seeds]
+                runs = [c for c in runs if c]
+                if not runs:
+                    continue
+                r = min(len(c) for c in runs)
+                mean = np.mean([c[:r] for c in runs], axis=0)
+                lines.append(f"| {LABELS.get(m, m)} | {n} | {len(runs)} | " + " / ".join(f"{v:.3f}" for v in mean) + " |")
+        if lines:
+            out += [f"## Held-out Dice after each fine-tuning round ({setting})", "",
+                    "| method | N | runs | Dice after fine-tuning round 1 / 2 / ... |", "|---|---|---|---|", *lines, ""]
+    return out
+
+
 def write_results(runner: Runner, methods: list[str], profile_name: str, wall_s: float) -> str:
     sys.path.insert(0, str(REPO / "src"))
     from fcl_lightning.federation.checkpoint import atomic_write_text
@@ -263,6 +318,7 @@ def write_results(runner: Runner, methods: list[str], profile_name: str, wall_s:
         parts += [f"## {title}", "", md, ""]
         if stats:
             save_dice_vs_n_figure(runner.out / f"dice_vs_n_{setting}.png", stats, title=f"{title} ({profile_name})")
+    parts += curves(runner, methods)
     text = "\n".join(parts)
     atomic_write_text(text, runner.out / "results.md")
     return text
@@ -273,9 +329,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     ap.add_argument("--root", default=None, help="ACDC training folder (acdc-cpu and paper profiles)")
     ap.add_argument("--out", default=None, help="default: runs/tables/<profile>")
-    ap.add_argument("--methods", default=None, help=f"comma list (default: the profile's); any of {sorted(LABELS)}")
+    ap.add_argument("--methods", default=None, help=f"comma list (default: the profile's); any of {sorted(LABELS)}, "
+                    "or METHOD@R to fine-tune from round R of METHOD's pre-training")
     ap.add_argument("--ns", default=None, help="comma list of N (default: the profile's)")
-    ap.add_argument("--settings", default=None, help="local,federated (default both)")
+    ap.add_argument("--settings", default=None, help="local,federated (default: the profile's)")
+    ap.add_argument("--seeds", default=None, help="comma list of fine-tuning seeds (default: the profile's)")
     ap.add_argument("--accelerator", default="auto")
     ap.add_argument("--report-only", action="store_true",
                     help="run nothing: write results.csv/.md and the figures from the cells finished so far")
@@ -286,10 +344,12 @@ def main(argv: list[str] | None = None) -> None:
     profile = PROFILES[args.profile]
     if args.ns:
         profile = Profile(**{**profile.__dict__, "ns": [int(x) for x in args.ns.split(",")]})
+    if args.seeds:
+        profile = Profile(**{**profile.__dict__, "seeds": [int(x) for x in args.seeds.split(",")]})
     if args.settings:
         profile = Profile(**{**profile.__dict__, "settings": args.settings.split(",")})
     methods = args.methods.split(",") if args.methods else profile.methods
-    unknown = [m for m in methods if m != NO_PRETRAIN and not (METHODS_DIR / f"{m}.yaml").is_file()]
+    unknown = [m for m in methods if m != NO_PRETRAIN and not (METHODS_DIR / f"{m.partition('@')[0]}.yaml").is_file()]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}: no configs/methods/<name>.yaml; known: {sorted(LABELS)}")
     if profile.needs_root and not args.root:

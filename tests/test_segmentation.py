@@ -135,3 +135,15 @@ def test_per_client_encoders_start_local_clients_apart(tmp_path):
         seg.client_initial_weights(5, g)
     with pytest.raises(ValueError, match="needs federation.mode local"):
         main(["fit", *args, f"--trainer.default_root_dir={tmp_path / 'fed'}", "--federation.mode=federated"])
+
+
+def test_encoder_lr_scale_sets_the_encoders_learning_rate():
+    m = SegmentationModule(features=[4, 8, 8], encoder_lr_scale=0.1,
+                           optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+    opt = m.configure_optimizers()
+    enc, rest = opt.param_groups
+    assert enc["lr"] == pytest.approx(1e-4) and rest["lr"] == pytest.approx(1e-3)
+    assert {id(p) for p in enc["params"]} == {id(p) for p in m.net.encoder.parameters()}
+    assert len(enc["params"]) + len(rest["params"]) == len(list(m.parameters()))
+    with pytest.raises(ValueError, match="encoder_lr_scale"):
+        SegmentationModule(features=[4, 8, 8], encoder_lr_scale=-1)

@@ -66,3 +66,13 @@ def test_runner_writes_csv_table_and_resumes(tables, tmp_path, monkeypatch):
 def test_unknown_method_is_a_clear_error(tables):
     with pytest.raises(SystemExit, match="unknown method"):
         tables.main(["--methods", "fcl,nope"])
+
+
+def test_method_at_round_fine_tunes_from_that_rounds_checkpoint(tables, tmp_path):
+    """``fcl@4`` reuses fcl's pre-training cell and fine-tunes from its round-4 checkpoint."""
+    runner = tables.Runner(tables.PROFILES["quick"], tmp_path, [], [], [])
+    cells = runner.cells(["random", "fcl", "fcl@4"])
+    assert [c for c in cells if c[0] == "pretrain"] == [("pretrain", "random"), ("pretrain", "fcl")]
+    assert runner.encoder_path("fcl@4") == str(tmp_path / "pretrain/fcl/checkpoints/round-004.ckpt")
+    assert runner.encoder_path("fcl") == str(tmp_path / "pretrain/fcl/encoder.pt")
+    assert {c[1] for c in cells if c[0] == "finetune"} == {"random", "fcl", "fcl@4"}

@@ -5,6 +5,7 @@ labelled patients per client, score on held-out volumes. It is the figure sweeps
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,13 +75,19 @@ class DownstreamEvaluation:
         inits = {"fcl": encoder, **({"random": None} if self.compare_random else {})}
         per_client: dict[str, list[dict[str, float]]] = {k: [] for k in inits}
         example_nets: dict[str, torch.nn.Module] = {}
-        for c in clients:
+        for i, c in enumerate(clients):
             vols = datamodule.eval_volumes(c)
             if not vols:
                 raise ValueError(f"client {c} has no held-out volumes to score (set data.test_source or val_fraction > 0)")
             for name, enc in inits.items():
+                t0 = time.perf_counter()
                 module = self.finetune(enc, features, norm, datamodule, c, seed * 31 + c)
                 per_client[name].append(summarize(evaluate_volumes(module.net, vols)))
+                if console is not None:  # progress: fine-tuning is most of the demo's time
+                    console.print(f"downstream: client {i + 1}/{len(clients)} (#{c}) from "
+                                  f"{'the pre-trained encoder' if name == 'fcl' else 'random init'}: "
+                                  f"{self.steps} steps, Dice {per_client[name][-1]['dice_mean']:.3f} on "
+                                  f"{len(vols)} held-out volumes ({time.perf_counter() - t0:.1f} s)")
                 if c == clients[0]:
                     example_nets[name] = module.net
                 else:

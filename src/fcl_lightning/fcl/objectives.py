@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from fcl_lightning.fcl.dense import dense_local_loss, intensity_view, region_vectors
 from fcl_lightning.fcl.losses import local_loss, local_positive_mask, remote_loss, sample_negatives
 from fcl_lightning.fcl.memory_bank import BankEntries
 
@@ -42,6 +44,7 @@ class PretrainStep:
     embed_keys: Callable[[torch.Tensor], torch.Tensor]  # momentum encoder + head, no gradient
     encode: Callable[[torch.Tensor], torch.Tensor]  # main encoder bottleneck feature map
     bank: BankEntries  # Q: local bank + remote bank, as before this batch
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # main encoder + first decoder blocks
 
 
 class PretrainObjective(nn.Module):
@@ -52,9 +55,14 @@ class PretrainObjective(nn.Module):
     """
 
     uses_bank: bool = True
+    #: the objective trains decoder blocks too (``model.decoder_levels`` must be >= 1)
+    needs_decoder: bool = False
 
     def build(self, feature_channels: int, embed_dim: int) -> None:
         """Create parameters that depend on the encoder (bottleneck channels) or head (vector size)."""
+
+    def build_decoder(self, decoder_channels: int) -> None:
+        """Create parameters that depend on the channels of the pre-trained decoder's output."""
 
     def step(self, s: PretrainStep) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Loss and metrics of one step, and the keys to enqueue (default: MoCo-style q/k)."""
@@ -147,3 +155,46 @@ def same_age_similarities(q: torch.Tensor, k: torch.Tensor, partitions: torch.Te
     nan = sim.new_tensor(float("nan"))
     return {"pos_sim": sim[pos_mask].mean() if pos_mask.any() else nan,
             "neg_sim": sim[neg_mask].mean() if neg_mask.any() else nan}
+
+
+class DenseFCLObjective(FCLObjective):
+    """FCL plus a local (dense) contrastive term on decoder features (Chaitanya et al. 2020's
+    L_l; an opt-in extension, not in Wu et al.): ``L_FCL + w_dense * L_dense``. Needs
+    ``model.decoder_levels >= 1``; those decoder blocks are federated with the encoder and
+    ``encoder.pt`` carries them to fine-tuning.
+
+    Args:
+        w_dense: weight of the dense term.
+        grid: the decoder feature map is cut into ``grid x grid`` regions.
+        dense_temperature: temperature of the dense term.
+        dense_dim: size of the region embeddings (a 1x1-conv projection of decoder features).
+        **fcl: the arguments of :class:`FCLObjective`.
+    """
+
+    needs_decoder = True
+
+    def __init__(self, w_dense: float = 1.0, grid: int = 4, dense_temperature: float = 0.1, dense_dim: int = 64,
+                 temperature: float = 0.1, num_negatives: int = 512, w_local: float = 1.0, w_remote: float = 1.0,
+                 self_positive: bool = False, local_negatives: Literal["batch", "bank", "both"] = "batch",
+                 same_partition_negatives: bool = False) -> None:
+        super().__init__(temperature, num_negatives, w_local, w_remote, self_positive, local_negatives,
+                         same_partition_negatives)
+        if grid < 2 or dense_temperature <= 0 or dense_dim < 1:
+            raise ValueError("DenseFCLObjective: grid must be >= 2, dense_temperature > 0, dense_dim >= 1")
+        self.w_dense, self.grid, self.dense_temperature, self.dense_dim = w_dense, grid, dense_temperature, dense_dim
+
+    def build_decoder(self, decoder_channels: int) -> None:
+        self.dense_head = nn.Sequential(nn.Linear(decoder_channels, decoder_channels), nn.ReLU(inplace=True),
+                                        nn.Linear(decoder_channels, self.dense_dim))
+
+    def step(self, s: PretrainStep) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        if s.decode is None or not hasattr(self, "dense_head"):
+            raise ValueError("DenseFCLObjective needs decoder blocks: set model.init_args.decoder_levels >= 1")
+        out, keys = super().step(s)
+        x = s.views[0]
+        z1, z2 = (F.normalize(self.dense_head(region_vectors(s.decode(v), self.grid)), dim=-1)
+                  for v in (x, intensity_view(x)))
+        l_dense = dense_local_loss(z1, z2, self.dense_temperature)
+        out["loss"] = out["loss"] + self.w_dense * l_dense
+        out["loss_dense"] = l_dense.detach()
+        return out, keys

@@ -222,6 +222,12 @@ class FederatedLoop:
         # the writer's exit: the last checkpoint is on disk (or its error raised) before going on
         with self._writer, self._progress() as progress:
             task = progress.add_task("rounds", total=self.fed.rounds, completed=start, info="")
+            if start == 0:  # the monitors at initialisation: the baseline the rounds are read against
+                init = self._monitor(0, global_w)
+                if init:
+                    self.log_metrics({**init, "round": 0}, step=0)
+                    self.console.print(f"round   0 | at initialisation | probe {init['round/monitor/probe_acc']:.2f} | "
+                                       f"spread {init['round/monitor/spread']:.2f}", soft_wrap=True)
             for r in range(start, self.fed.rounds):
                 t0 = time.perf_counter()
                 wanted = self.select_clients(r, C)
@@ -344,7 +350,7 @@ class FederatedLoop:
         if not getattr(self.dm, "_ready", False):  # e.g. a Flower server without data
             return None
         held = [v for vs in zip_longest(*self.dm.val) for v in vs if v is not None] + list(self.dm.test)
-        if held:
+        if len({v.record.patient for v in held[: self.fed.monitor.max_volumes]}) >= 2:  # leave-one-patient-out needs two
             return held, True
         return [v for vs in zip_longest(*self.dm.train) for v in vs if v is not None], False
 
@@ -358,6 +364,8 @@ class FederatedLoop:
         if probe is None:
             return {}
         vols, held_out = probe
+        if len({v.record.patient for v in vols[: mon.max_volumes]}) < 2:
+            return {}  # one patient: no leave-one-patient-out probe
         if not held_out and not getattr(self, "_warned_probe", False):
             self._warned_probe = True
             log.warning("monitor: no held-out patients (data.val_fraction is 0 and no test_source); the partition "

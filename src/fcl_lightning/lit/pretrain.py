@@ -17,6 +17,7 @@ from fcl_lightning.fcl.momentum import cosine_schedule, make_momentum_copy, upda
 from fcl_lightning.fcl.objectives import FCLObjective, PretrainObjective, PretrainStep
 from fcl_lightning.lit.base import FederatedModule
 from fcl_lightning.models.encoder import DEFAULT_FEATURES, ProjectionHead, UNetEncoder
+from fcl_lightning.models.unet import decode, decoder_blocks
 
 
 class ContrastivePretrainModule(FederatedModule):
@@ -30,12 +31,14 @@ class ContrastivePretrainModule(FederatedModule):
         momentum: EMA coefficient m of the momentum encoder.
         momentum_end: if set, m follows a cosine schedule from ``momentum`` to this value over the run.
         use_momentum: ``False`` embeds keys with the main encoder (no-grad) instead (ablation).
+        decoder_levels: also hold (and pre-train, federate and export) the U-Net's first this many
+            decoder blocks; objectives with a dense term need them (``DenseFCLObjective``).
         local_bank_size: capacity of the local memory bank.
         remote_bank_size: capacity of the remote bank (vectors received from other clients).
         optimizer: optimiser factory (``class_path`` of any ``torch.optim`` class).
     """
 
-    global_prefixes = ("encoder.", "head.", "objective.")
+    global_prefixes = ("encoder.", "decoder.", "head.", "objective.")
     transient_prefixes = ("remote_bank.",)
 
     def __init__(
@@ -48,6 +51,7 @@ class ContrastivePretrainModule(FederatedModule):
         momentum: float = 0.99,
         momentum_end: float | None = None,
         use_momentum: bool = True,
+        decoder_levels: int = 0,
         local_bank_size: int = 1024,
         remote_bank_size: int = 4096,
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -60,6 +64,13 @@ class ContrastivePretrainModule(FederatedModule):
         self.head = ProjectionHead(self.encoder.features[-1], 4, proj_hidden, proj_dim)
         self.objective = copy.deepcopy(objective)  # a config default instance is shared; never mutate it
         self.objective.build(self.encoder.features[-1], proj_dim)
+        if not 0 <= decoder_levels < len(self.encoder.features):
+            raise ValueError(f"decoder_levels must be in [0, {len(self.encoder.features) - 1}], got {decoder_levels}")
+        if self.objective.needs_decoder and decoder_levels == 0:
+            raise ValueError(f"{type(self.objective).__name__} trains decoder blocks: set model.init_args.decoder_levels >= 1")
+        self.decoder = decoder_blocks(self.encoder.features, norm, levels=decoder_levels) if decoder_levels else None
+        if decoder_levels:
+            self.objective.build_decoder(self.encoder.features[-1 - decoder_levels])
         self.use_momentum = use_momentum
         self.momentum_encoder = make_momentum_copy(self.encoder)
         self.momentum_head = make_momentum_copy(self.head)
@@ -99,6 +110,10 @@ class ContrastivePretrainModule(FederatedModule):
         """The main encoder's bottleneck feature map (what rotation prediction classifies)."""
         return self.encoder(x)[-1]
 
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """The main encoder and the pre-trained decoder blocks: their last feature map."""
+        return decode(self.encoder, self.decoder, x)
+
     # ------------------------------------------------------------- training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x_q = batch["image"]
@@ -108,7 +123,8 @@ class ContrastivePretrainModule(FederatedModule):
         else:
             bank = BankEntries.empty(self.proj_dim, x_q.device)
         out, keys = self.objective.step(PretrainStep((x_q, x_k), batch["partition"], batch["volume"], self.embed,
-                                                     self.embed_keys, self.encode, bank))
+                                                     self.embed_keys, self.encode, bank,
+                                                     self.decode if self.decoder is not None else None))
         if keys is not None:
             self.local_bank.enqueue(BankEntries(keys, batch["partition"], batch["client"]))
             self._round_keys += len(keys)
@@ -169,5 +185,9 @@ class ContrastivePretrainModule(FederatedModule):
         return out
 
     def encoder_state(self) -> dict[str, torch.Tensor]:
-        """The main encoder's plain state dict: what ``encoder.pt`` holds and the U-Net loads."""
-        return {k: v.detach().cpu().clone() for k, v in self.encoder.state_dict().items()}
+        """The main encoder's plain state dict (and the pre-trained decoder blocks under
+        ``decoder.``): what ``encoder.pt`` holds and the U-Net loads."""
+        out = {k: v.detach().cpu().clone() for k, v in self.encoder.state_dict().items()}
+        if self.decoder is not None:
+            out.update({f"decoder.{k}": v.detach().cpu().clone() for k, v in self.decoder.state_dict().items()})
+        return out

@@ -34,7 +34,8 @@ def encoder_state_from_file(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as exc:
         raise PretrainedWeightsError(f"cannot read pretrained weights {path}: {type(exc).__name__}: {exc}") from exc
     if isinstance(obj, dict) and "format" in obj and "global" in obj:
-        obj = {k[len("encoder."):]: v for k, v in obj["global"].items() if k.startswith("encoder.")}
+        obj = {(k[len("encoder."):] if k.startswith("encoder.") else k): v for k, v in obj["global"].items()
+               if k.startswith(("encoder.", "decoder."))}
     elif isinstance(obj, dict) and "state_dict" in obj:  # a Lightning checkpoint of the pre-training module
         obj = {k[len("encoder."):]: v for k, v in obj["state_dict"].items() if k.startswith("encoder.")}
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -43,8 +44,17 @@ def encoder_state_from_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_encoder(net: UNet, state: dict[str, torch.Tensor], source: str = "pretrained weights") -> None:
-    """Load ``state`` into ``net.encoder``; any missing, unexpected or mis-shaped key is an error
-    listing them all (never a silent partial load)."""
+    """Load ``state`` into ``net.encoder`` (and its ``decoder.*`` entries, pre-trained decoder
+    blocks, into ``net.decoder``); any missing, unexpected or mis-shaped encoder key, or a decoder
+    key the U-Net lacks, is an error listing them all (never a silent partial load)."""
+    dec = {k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")}
+    state = {k: v for k, v in state.items() if not k.startswith("decoder.")}
+    own_dec = net.decoder.state_dict()
+    bad_dec = sorted(f"decoder.{k}" for k, v in dec.items() if k not in own_dec or own_dec[k].shape != v.shape)
+    if bad_dec:
+        raise PretrainedWeightsError(f"{source}: decoder entries {bad_dec} do not fit the U-Net's decoder")
+    if dec:
+        net.decoder.load_state_dict(dec, strict=False)
     own = net.encoder.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -82,6 +92,8 @@ class SegmentationModule(FederatedModule):
             A path with ``{client}`` (e.g. ``runs/local_cl/encoders/client{client}.pt``) gives each
             client its own encoder (local fine-tuning after local pre-training).
         freeze_encoder_epochs: keep the encoder frozen for this many epochs (per client Trainer).
+        encoder_lr_scale: the encoder's learning rate as a multiple of the optimiser's (the rest
+            of the U-Net trains at the full rate); below 1 keeps more of a pre-trained encoder.
         loss: segmentation loss (MONAI ``DiceCELoss`` on softmax / one-hot labels by default).
         optimizer, scheduler: optimiser and optional LR scheduler factories.
         eval_batch_size: slices per forward pass when predicting a volume.
@@ -96,6 +108,7 @@ class SegmentationModule(FederatedModule):
         num_classes: int = 4,
         pretrained: str | None = None,
         freeze_encoder_epochs: int = 0,
+        encoder_lr_scale: float = 1.0,
         loss: nn.Module = lazy_instance(DiceCELoss, to_onehot_y=True, softmax=True),
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: LRSchedulerCallable | None = None,
@@ -111,6 +124,9 @@ class SegmentationModule(FederatedModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.freeze_encoder_epochs, self.eval_batch_size = freeze_encoder_epochs, eval_batch_size
         self.pretrained = pretrained
+        if encoder_lr_scale < 0:
+            raise ValueError(f"encoder_lr_scale must be >= 0, got {encoder_lr_scale}")
+        self.encoder_lr_scale = encoder_lr_scale
 
     @property
     def per_client_init(self) -> bool:
@@ -153,7 +169,10 @@ class SegmentationModule(FederatedModule):
         self._volume_step(batch, "test")
 
     def configure_optimizers(self) -> Any:
-        opt = self.optimizer_factory(self.parameters())
+        enc = [p for n, p in self.named_parameters() if n.startswith("net.encoder.")]
+        rest = [p for n, p in self.named_parameters() if not n.startswith("net.encoder.")]
+        opt = self.optimizer_factory([{"params": enc}, {"params": rest}])
+        opt.param_groups[0]["lr"] *= self.encoder_lr_scale
         if self.scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": self.scheduler_factory(opt)}

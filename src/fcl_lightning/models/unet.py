@@ -11,6 +11,28 @@ from torch import nn
 from fcl_lightning.models.encoder import DEFAULT_FEATURES, UNetEncoder, norm_layer
 
 
+def decoder_blocks(features: Sequence[int], norm: str = "instance", dropout: float = 0.0,
+                   levels: int | None = None) -> nn.ModuleList:
+    """The U-Net's expanding path (MONAI ``UpCat``), deepest block first; ``levels`` keeps only the
+    first (deepest) ones, which is what pre-training with a dense term trains (same keys)."""
+    act = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True})
+    nrm = norm_layer(norm)
+    fea = tuple(features)
+    blocks = [UpCat(2, fea[i], fea[i - 1], fea[i - 1], act, nrm, True, dropout, halves=fea[i] > 1)
+              for i in range(len(fea) - 1, 0, -1)]
+    return nn.ModuleList(blocks if levels is None else blocks[:levels])
+
+
+def decode(encoder: UNetEncoder, decoder: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    """Encoder, then the given decoder blocks with their skip connections: the feature map after
+    the last block in ``decoder``."""
+    skips = encoder(x)
+    h = skips[-1]
+    for up, skip in zip(decoder, reversed(skips[:-1])):
+        h = up(h, skip)
+    return h
+
+
 class UNet(nn.Module):
     """U-Net = pre-trainable :class:`UNetEncoder` + MONAI ``UpCat`` decoder + 1x1 output conv."""
 
@@ -24,18 +46,8 @@ class UNet(nn.Module):
     ) -> None:
         super().__init__()
         self.encoder = UNetEncoder(in_channels, features, norm, dropout)
-        fea = self.encoder.features
-        act = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True})
-        nrm = norm_layer(norm)
-        self.decoder = nn.ModuleList(
-            UpCat(2, fea[i], fea[i - 1], fea[i - 1], act, nrm, True, dropout, halves=fea[i] > 1)
-            for i in range(len(fea) - 1, 0, -1)
-        )
-        self.final_conv = nn.Conv2d(fea[0], out_channels, kernel_size=1)
+        self.decoder = decoder_blocks(self.encoder.features, norm, dropout)
+        self.final_conv = nn.Conv2d(self.encoder.features[0], out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = self.encoder(x)
-        h = skips[-1]
-        for up, skip in zip(self.decoder, reversed(skips[:-1])):
-            h = up(h, skip)
-        return self.final_conv(h)
+        return self.final_conv(decode(self.encoder, self.decoder, x))
