@@ -33,6 +33,8 @@ class DownstreamEvaluation:
         clients: which clients fine-tune (``None``: all).
         figure: write ``downstream.png`` (examples) and ``embedding.png`` (PCA of features by partition).
         accelerator: Lightning accelerator of the fine-tuning Trainers.
+        encoder_lr_scale: the encoder's learning rate as a multiple of ``lr``, for both inits
+            (``SegmentationModule.encoder_lr_scale``).
     """
 
     def __init__(
@@ -45,16 +47,17 @@ class DownstreamEvaluation:
         clients: list[int] | None = None,
         figure: bool = True,
         accelerator: str = "auto",
+        encoder_lr_scale: float = 1.0,
     ) -> None:
         self.labelled_per_client, self.steps, self.lr = labelled_per_client, steps, lr
         self.every_n_rounds, self.compare_random, self.clients = every_n_rounds, compare_random, clients
-        self.figure, self.accelerator = figure, accelerator
+        self.figure, self.accelerator, self.encoder_lr_scale = figure, accelerator, encoder_lr_scale
 
     def finetune(self, encoder: dict[str, torch.Tensor] | None, features: list[int], norm: str,
                  datamodule: Any, client: int, seed: int) -> SegmentationModule:
         """One client's fine-tuning run from ``encoder`` (``None``: random init)."""
         seed_all(seed)
-        module = SegmentationModule(features=features, norm=norm,
+        module = SegmentationModule(features=features, norm=norm, encoder_lr_scale=self.encoder_lr_scale,
                                     optimizer=lambda p: torch.optim.Adam(p, lr=self.lr))
         if encoder is not None:
             load_encoder(module.net, encoder, "pre-trained encoder")
