@@ -147,3 +147,18 @@ def test_encoder_lr_scale_sets_the_encoders_learning_rate():
     assert len(enc["params"]) + len(rest["params"]) == len(list(m.parameters()))
     with pytest.raises(ValueError, match="encoder_lr_scale"):
         SegmentationModule(features=[4, 8, 8], encoder_lr_scale=-1)
+
+
+def test_select_best_keeps_each_clients_best_validation_round(tmp_path):
+    from fcl_lightning.federation.checkpoint import load_checkpoint
+
+    args = [*FINETUNE, f"--trainer.default_root_dir={tmp_path}", "--federation.mode=local", "--federation.rounds=2",
+            "--federation.local_steps=2", "--federation.select_best=true", "--data.val_fraction=0.5"]
+    main(["fit", *args])
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert set(ckpt["best_client_weights"]) == {"0", "1"}
+    for c in ("0", "1"):
+        per_round = [row[3] for row in ckpt["dice_rows"] if row[1] == int(c) and row[2] == "val"]
+        assert len(per_round) == 2 and ckpt["best_val_dice"][c] == pytest.approx(max(per_round))
+    with pytest.raises(ValueError, match="select_best"):
+        main(["fit", *args[:-1], "--data.val_fraction=0.0", f"--trainer.default_root_dir={tmp_path / 'b'}"])

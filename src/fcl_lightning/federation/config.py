@@ -42,6 +42,10 @@ class Federation:
         monitor: collapse and learning monitors of the global encoder after each round
             (``round/monitor/*``: embedding spread, k-NN partition probe on held-out patients);
             pre-training modules only; ``null`` turns them off.
+        select_best: local fine-tuning: keep each client's weights from the round with its best
+            validation Dice (``val/dice_mean``, on the client's validation patients), which is
+            what ``test`` then scores (the paper selects its checkpoint so). Scoring the same
+            patients the selection looked at is optimistic: hold out others for the figures.
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class Federation:
         min_clients: int = 1,
         round_timeout: float | None = None,
         monitor: CollapseMonitor | None = lazy_instance(CollapseMonitor),
+        select_best: bool = False,
     ) -> None:
         if rounds < 1 or local_epochs < 1:
             raise ValueError(f"rounds and local_epochs must be >= 1 (got {rounds}, {local_epochs})")
@@ -80,3 +85,4 @@ class Federation:
             raise ValueError(f"min_clients must be >= 1, got {min_clients}")
         self.min_clients, self.round_timeout = min_clients, round_timeout
         self.monitor = monitor
+        self.select_best = select_best

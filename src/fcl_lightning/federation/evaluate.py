@@ -34,6 +34,7 @@ def evaluate_run(module: Any, datamodule: Any, ckpt_path: str | None, root: str 
     if path is not None:
         ckpt = load_checkpoint(path)
         weights = {int(c): w for c, w in ckpt["client_weights"].items()}
+        weights.update({int(c): w for c, w in ckpt.get("best_client_weights", {}).items()})  # select_best
         if not weights:
             weights = {c: ckpt["global"] for c in range(C)}
     else:

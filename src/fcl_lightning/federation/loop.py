@@ -185,11 +185,15 @@ class FederatedLoop:
             self.dm.setup("fit")
             clients = InProcessClients(self.client_runtime(), self.dm.num_clients)
         C = clients.num_clients
+        if self.fed.select_best and (self.fed.mode != "local" or not any(getattr(self.dm, "val", None) or [])):
+            raise ValueError("federation.select_best needs federation.mode local and validation patients "
+                             "(data.val_fraction > 0 or data.cv_folds)")
         if self.fed.mode == "federated" and self.module.per_client_init:
             raise ValueError("a per-client pretrained path ('{client}' in model.pretrained) needs "
                              "federation.mode local; federated fine-tuning starts every client from one model")
         global_w = {k: v.cpu() for k, v in self.module.global_state().items()}
         client_w: dict[int, dict[str, torch.Tensor]] = {}
+        best: dict[int, tuple[float, dict[str, torch.Tensor]]] = {}  # select_best: client -> (val Dice, weights)
         inbox: dict[int, Any] = {c: None for c in range(C)}
         history: list[dict[str, float]] = []
         dice_rows: list[list[Any]] = []  # per-round, per-client Dice (a wandb table when wandb is on)
@@ -207,6 +211,7 @@ class FederatedLoop:
                 raise CheckpointError(f"{path} does not fit the configured model: {exc}") from exc
             global_w = ckpt["global"]
             client_w = {int(c): w for c, w in ckpt["client_weights"].items()}
+            best = {int(c): (float(ckpt["best_val_dice"][c]), w) for c, w in ckpt.get("best_client_weights", {}).items()}
             clients.load_states({int(c): s for c, s in ckpt["clients"].items()})
             inbox = {c: bank_from_dict(ckpt["inbox"].get(str(c))) for c in range(C)}
             history, comm, start, elapsed = ckpt["history"], ckpt["comm"], ckpt["round"], ckpt["elapsed_s"]
@@ -256,6 +261,11 @@ class FederatedLoop:
                     global_w = self.fed.aggregator([results[c].update for c in selected], [results[c].num_samples for c in selected])
                 else:
                     client_w.update({c: results[c].update for c in selected})
+                    if self.fed.select_best:
+                        for c in selected:
+                            d = results[c].metrics.get("val/dice_mean")
+                            if d is not None and (c not in best or d > best[c][0]):
+                                best[c] = (float(d), results[c].update)
                 t_agg = time.perf_counter() - t1
 
                 metrics = self._round_metrics(r, selected, results, global_w, inbox, comm)
@@ -282,7 +292,8 @@ class FederatedLoop:
                 dice_rows += new_rows
                 t2 = time.perf_counter()
                 periodic = (r + 1) % self.fed.checkpoint_every == 0 or r + 1 == self.fed.rounds
-                self._checkpoint(r + 1, global_w, client_w, clients.states(), inbox, history, comm, elapsed, C, periodic, dice_rows)
+                self._checkpoint(r + 1, global_w, client_w, clients.states(), inbox, history, comm, elapsed, C, periodic,
+                                 dice_rows, best)
                 metrics["round/time/checkpoint_s"] = time.perf_counter() - t2
                 metrics["round/time/total_s"] = time.perf_counter() - t0
                 history[-1].update({k: metrics[k] for k in ("round/time/checkpoint_s", "round/time/total_s")})
@@ -399,7 +410,8 @@ class FederatedLoop:
         parts.append(f"{m['round/time/total_s']:.1f} s")
         return " | ".join(parts)
 
-    def _checkpoint(self, done, global_w, client_w, states, inbox, history, comm, elapsed, C, periodic, dice_rows) -> None:
+    def _checkpoint(self, done, global_w, client_w, states, inbox, history, comm, elapsed, C, periodic, dice_rows,
+                    best) -> None:
         ckpt = {
             "format": FORMAT,
             "round": done,
@@ -418,6 +430,9 @@ class FederatedLoop:
             "config": self.config_text,
             "wandb_run_id": self.wandb_id,
             "dice_rows": dice_rows,
+            # select_best: each client's weights from its round with the best validation Dice (what `test` scores)
+            "best_client_weights": {str(c): w for c, (_, w) in best.items()},
+            "best_val_dice": {str(c): d for c, (d, _) in best.items()},
         }
         # both rebuild every dict and list (the loop appends to history later); in the background,
         # tensors are copied too, into the previous checkpoint's buffers once its write is done,
