@@ -44,7 +44,7 @@ COLUMNS = ["method", "setting", "N", "client", "fold", "seed", "dice_rv", "dice_
 LABELS = {"random": "Random init", "local_cl": "Local CL", "fedsimclr": "FedSimCLR", "fedrotation": "FedRotation",
           "fedswav": "FedSwAV", "fcl": "FCL", "fcl_no_exchange": "FCL w/o exchange",
           "fcl_no_remote": "FCL w/o remote term", "fcl_no_momentum": "FCL w/o momentum encoder",
-          "fcl_paper_local": "FCL, paper's literal local term", "fcl_dense": "FCL + dense term (extension)"}
+          "fcl_literal": "FCL, paper's literal local term", "fcl_dense": "FCL + dense term (extension)"}
 PAPER_METHODS = ["random", "local_cl", "fedrotation", "fedsimclr", "fedswav", "fcl"]
 ABLATIONS = ["fcl_no_exchange", "fcl_no_remote", "fcl_no_momentum"]
 
