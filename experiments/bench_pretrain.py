@@ -271,7 +271,10 @@ def run_project(module: ContrastivePretrainModule, dm: FederatedDataModule, roun
                 checkpoint_async: bool | None = None) -> dict[str, Any]:
     clock, meter, logger = Clock(device), Meter(), RoundLogger()
     loop = FederatedLoop(
+        # monitor=None: the per-round probe is evaluation the bare loop does not do (a forward pass
+        # over <= 40 volumes a round); the figures here are the training loop's own overhead
         federation=Federation(rounds=rounds, local_epochs=1, exchange=True, exchange_source=exchange_source,
+                              monitor=None,
                               **({} if checkpoint_async is None else {"checkpoint_async": checkpoint_async})),
         module=module, datamodule=dm,
         trainer_kwargs={"accelerator": device.type, "devices": 1},
