@@ -68,9 +68,9 @@ def test_monitor_measures_volumes():
         vols.append(v)
     mon = CollapseMonitor(k=3)
     onehot = lambda x: F.one_hot(x.mean(dim=(1, 2, 3)).floor().long(), S).float()  # noqa: E731
-    good = mon.measure(onehot, None, vols, [f"p{i // 2}" for i in range(6)], S)
+    good = mon.measure(lambda x: (onehot(x), None), vols, [f"p{i // 2}" for i in range(6)], S)
     assert good["probe_acc"] == 1.0 and "probe_acc_encoder" not in good
-    bad = mon.measure(lambda x: torch.ones(len(x), 3), lambda x: onehot(x)[:, :, None, None], vols, [f"p{i}" for i in range(6)], S)
+    bad = mon.measure(lambda x: (torch.ones(len(x), 3), onehot(x)), vols, [f"p{i}" for i in range(6)], S)
     assert bad["spread"] < mon.collapse_spread and bad["probe_acc_encoder"] == 1.0
 
 

@@ -11,7 +11,7 @@ embedded to the same vector). These figures do:
   generalises; ``probe_acc_encoder`` does the same on the encoder's pooled bottleneck, below the
   projection head (what fine-tuning inherits).
 
-Framework-free: :class:`CollapseMonitor` takes the callables that embed slices.
+Framework-free: :class:`CollapseMonitor` takes a callable that embeds slices.
 """
 
 from __future__ import annotations
@@ -70,10 +70,13 @@ class CollapseMonitor:
         return done % self.every_n_rounds == 0 or done == rounds
 
     @torch.no_grad()
-    def measure(self, embed: Callable[[torch.Tensor], torch.Tensor], encode: Callable[[torch.Tensor], torch.Tensor] | None,
+    def measure(self, features: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
                 volumes: Sequence[torch.Tensor], patients: Sequence[str], num_partitions: int,
                 device: torch.device | str = "cpu", batch_size: int = 64) -> dict[str, float]:
-        """Figures for ``volumes`` (``[1, H, W, D]`` images, with the patient each belongs to)."""
+        """Figures for ``volumes`` (``[1, H, W, D]`` images, with the patient each belongs to).
+
+        ``features`` maps ``[N, 1, H, W]`` slices to their embeddings ``[N, d]`` and, optionally,
+        the encoder's pooled features ``[N, c]`` (one encoder pass for both)."""
         vols, pats = list(volumes)[: self.max_volumes], list(patients)[: self.max_volumes]
         x = torch.cat([v.permute(3, 0, 1, 2) for v in vols])  # [N, 1, H, W]
         parts = torch.cat([torch.as_tensor(partition_of(np.arange(v.shape[-1]), v.shape[-1], num_partitions))
@@ -82,10 +85,10 @@ class CollapseMonitor:
         groups = torch.cat([torch.full((v.shape[-1],), ids[p]) for v, p in zip(vols, pats)])
         z, h = [], []
         for i in range(0, len(x), batch_size):
-            xb = x[i : i + batch_size].to(device)
-            z.append(embed(xb).float().cpu())
-            if encode is not None:
-                h.append(encode(xb).float().mean(dim=(2, 3)).cpu())  # global average pool of the bottleneck
+            zb, hb = features(x[i : i + batch_size].to(device))
+            z.append(zb.float().cpu())
+            if hb is not None:
+                h.append(hb.float().cpu())
         z = torch.cat(z)
         out = {**embedding_spread(z), "probe_acc": knn_probe_accuracy(z, parts, groups, self.k)}
         if h:

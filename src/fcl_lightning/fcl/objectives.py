@@ -188,7 +188,7 @@ class DenseFCLObjective(FCLObjective):
                                         nn.Linear(decoder_channels, self.dense_dim))
 
     def step(self, s: PretrainStep) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        if s.decode is None or not hasattr(self, "dense_head"):
+        if s.decode is None:
             raise ValueError("DenseFCLObjective needs decoder blocks: set model.init_args.decoder_levels >= 1")
         out, keys = super().step(s)
         x = s.views[0]

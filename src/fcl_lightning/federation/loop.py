@@ -130,6 +130,8 @@ class FederatedLoop:
         self.loggers = list(loggers or [])
         self.seed, self.config_text = int(seed), config_text
         self.console = console or Console(stderr=True)
+        self._probe: tuple[list, bool] | None = None
+        self._probe_chosen = False  # the monitor's probe set is chosen once, at its first use
 
     # -------------------------------------------------------------- helpers
     def make_trainer(self) -> pl.Trainer:
@@ -355,38 +357,42 @@ class FederatedLoop:
                   "round/comm/features_up_bytes": feat_up, "round/clients": len(selected), "round/train_volumes": n_total})
         return m
 
-    def _probe_volumes(self) -> tuple[list, bool] | None:
-        """The monitor's fixed probe set: held-out volumes (validation patients of every client,
-        interleaved, then the test set), else the training volumes; and whether they are held out."""
-        if not getattr(self.dm, "_ready", False):  # e.g. a Flower server without data
-            return None
-        held = [v for vs in zip_longest(*self.dm.val) for v in vs if v is not None] + list(self.dm.test)
-        if len({v.record.patient for v in held[: self.fed.monitor.max_volumes]}) >= 2:  # leave-one-patient-out needs two
-            return held, True
-        return [v for vs in zip_longest(*self.dm.train) for v in vs if v is not None], False
+    def _probe_set(self, max_volumes: int) -> tuple[list, bool] | None:
+        """The monitor's fixed probe set, chosen once: the first ``max_volumes`` held-out volumes
+        (validation patients of every client, interleaved, then the test set), else training
+        volumes (with a warning); and whether they are held out. ``None``: no data here (a Flower
+        server) or fewer than two patients (no leave-one-patient-out probe)."""
+        if not self._probe_chosen:
+            self._probe_chosen = True
+            if getattr(self.dm, "_ready", False):
+                def interleaved(groups: list) -> list:
+                    return [v for vs in zip_longest(*groups) for v in vs if v is not None]
+
+                held = (interleaved(self.dm.val) + list(self.dm.test))[:max_volumes]
+                for vols, held_out in ((held, True), (interleaved(self.dm.train)[:max_volumes], False)):
+                    if len({v.record.patient for v in vols}) >= 2:
+                        self._probe = (vols, held_out)
+                        break
+                if self._probe is not None and not self._probe[1]:
+                    log.warning("monitor: no held-out patients (data.val_fraction is 0 and no test_source); the "
+                                "partition probe scores training patients (leave-one-patient-out)")
+        return self._probe
 
     def _monitor(self, done: int, global_w: dict[str, torch.Tensor]) -> dict[str, float]:
         """``round/monitor/*``: the collapse and learning monitors of the global encoder."""
         mon = self.fed.monitor
-        embed = getattr(self.module, "embed", None)
-        if mon is None or embed is None or self.fed.mode != "federated" or not mon.due(done, self.fed.rounds):
+        features = getattr(self.module, "probe_features", None)
+        if mon is None or features is None or self.fed.mode != "federated" or not mon.due(done, self.fed.rounds):
             return {}
-        probe = self._probe_volumes()
+        probe = self._probe_set(mon.max_volumes)
         if probe is None:
             return {}
         vols, held_out = probe
-        if len({v.record.patient for v in vols[: mon.max_volumes]}) < 2:
-            return {}  # one patient: no leave-one-patient-out probe
-        if not held_out and not getattr(self, "_warned_probe", False):
-            self._warned_probe = True
-            log.warning("monitor: no held-out patients (data.val_fraction is 0 and no test_source); the partition "
-                        "probe scores training patients (leave-one-patient-out)")
         self.module.load_global_state(global_w)
         was_training = self.module.training
         self.module.eval()
-        figures = mon.measure(embed, getattr(self.module, "encode", None), [v.image for v in vols],
-                              [v.record.patient for v in vols], self.dm.num_partitions,
-                              device=next(self.module.parameters()).device)
+        figures = mon.measure(features, [v.image for v in vols], [v.record.patient for v in vols],
+                              self.dm.num_partitions, device=next(self.module.parameters()).device)
         self.module.train(was_training)
         out = {f"round/monitor/{k}": v for k, v in figures.items()}
         out["round/monitor/probe_held_out"] = float(held_out)
@@ -396,11 +402,11 @@ class FederatedLoop:
     @staticmethod
     def _round_line(r: int, m: dict[str, float]) -> str:
         parts = [f"round {r + 1:>3}"]
-        for key, label in (("round/train/loss", "loss"), ("round/train/loss_local", "local"),
-                           ("round/train/loss_remote", "remote"), ("round/monitor/probe_acc", "probe"),
-                           ("round/monitor/spread", "spread")):
+        for key, label, digits in (("round/train/loss", "loss", 4), ("round/train/loss_local", "local", 4),
+                                   ("round/train/loss_remote", "remote", 4), ("round/monitor/probe_acc", "probe", 2),
+                                   ("round/monitor/spread", "spread", 2)):
             if key in m:
-                parts.append(f"{label} {m[key]:.4f}" if "monitor" not in key else f"{label} {m[key]:.2f}")
+                parts.append(f"{label} {m[key]:.{digits}f}")
         if m.get("round/monitor/collapsed"):
             parts.append("[bold red]COLLAPSED: every slice embeds to nearly the same vector[/]")
         up = m.get("round/comm/weights_up_bytes", 0) / 2**20

@@ -110,6 +110,11 @@ class ContrastivePretrainModule(FederatedModule):
         """The main encoder's bottleneck feature map (what rotation prediction classifies)."""
         return self.encoder(x)[-1]
 
+    def probe_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and the pooled bottleneck from one encoder pass (what the monitors probe)."""
+        b = self.encoder(x)[-1]
+        return F.normalize(self.head(b), dim=1), b.mean(dim=(2, 3))
+
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """The main encoder and the pre-trained decoder blocks: their last feature map."""
         return decode(self.encoder, self.decoder, x)
