@@ -167,18 +167,15 @@ class DenseFCLObjective(FCLObjective):
         w_dense: weight of the dense term.
         grid: the decoder feature map is cut into ``grid x grid`` regions.
         dense_temperature: temperature of the dense term.
-        dense_dim: size of the region embeddings (a 1x1-conv projection of decoder features).
+        dense_dim: size of the region embeddings (an MLP on each region's mean decoder feature).
         **fcl: the arguments of :class:`FCLObjective`.
     """
 
     needs_decoder = True
 
     def __init__(self, w_dense: float = 1.0, grid: int = 4, dense_temperature: float = 0.1, dense_dim: int = 64,
-                 temperature: float = 0.1, num_negatives: int = 512, w_local: float = 1.0, w_remote: float = 1.0,
-                 self_positive: bool = False, local_negatives: Literal["batch", "bank", "both"] = "batch",
-                 same_partition_negatives: bool = False) -> None:
-        super().__init__(temperature, num_negatives, w_local, w_remote, self_positive, local_negatives,
-                         same_partition_negatives)
+                 **fcl) -> None:
+        super().__init__(**fcl)
         if grid < 2 or dense_temperature <= 0 or dense_dim < 1:
             raise ValueError("DenseFCLObjective: grid must be >= 2, dense_temperature > 0, dense_dim >= 1")
         self.w_dense, self.grid, self.dense_temperature, self.dense_dim = w_dense, grid, dense_temperature, dense_dim
