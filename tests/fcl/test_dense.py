@@ -68,3 +68,40 @@ def test_dense_objective_without_decoder_is_a_clear_error():
 
     with pytest.raises(ValueError, match="decoder_levels"):
         ContrastivePretrainModule(features=[8, 16, 16], objective=DenseFCLObjective())
+
+
+def test_across_batch_loss_is_the_loss_over_all_regions_of_the_batch():
+    g = torch.Generator().manual_seed(3)
+    z1 = F.normalize(torch.randn(3, 4, 5, generator=g, dtype=torch.float64), dim=-1)
+    z2 = F.normalize(torch.randn(3, 4, 5, generator=g, dtype=torch.float64), dim=-1)
+    b, r, d = z1.shape
+    ref = ref_dense(z1.reshape(1, b * r, d), z2.reshape(1, b * r, d), 0.2)  # every region of the batch is a negative
+    assert dense_local_loss(z1, z2, 0.2, across_batch=True).item() == pytest.approx(ref, rel=1e-9)
+    assert dense_local_loss(z1, z2, 0.2, across_batch=True).item() > dense_local_loss(z1, z2, 0.2).item()
+
+
+def test_crop_warp_stays_inside_the_image_and_maps_features_like_pixels():
+    from fcl_lightning.fcl.dense import random_crop_warp, warp
+
+    theta = random_crop_warp(64, max_rotate_deg=45, scale=(0.5, 0.7), generator=torch.Generator().manual_seed(0))
+    grid = F.affine_grid(theta, [64, 1, 9, 9], align_corners=False)
+    assert grid.abs().max() < 1  # every sample point lands inside the image, never in padding
+    # a coordinate image: warping it returns, at each output pixel, the input point it samples
+    n, h = 4, 32
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h + 1)[:-1] + 1 / h, torch.linspace(-1, 1, h + 1)[:-1] + 1 / h,
+                            indexing="ij")
+    coords = torch.stack([xs, ys])[None].repeat(n, 1, 1, 1)
+    th = theta[:n]
+    out = warp(coords, th)
+    expect = F.affine_grid(th, [n, 2, h, h], align_corners=False).permute(0, 3, 1, 2)
+    assert torch.allclose(out, expect, atol=1e-5)
+    # the same map warps a coarser feature map of the image consistently (normalised coordinates)
+    small = F.avg_pool2d(coords, 4)
+    assert torch.allclose(F.avg_pool2d(warp(coords, th), 4), warp(small, th), atol=0.02)
+
+
+def test_crop_warp_rejects_a_window_that_cannot_fit():
+    from fcl_lightning.fcl.dense import random_crop_warp
+
+    with pytest.raises(ValueError, match="scale"):
+        random_crop_warp(2, max_rotate_deg=15, scale=(0.5, 0.9))

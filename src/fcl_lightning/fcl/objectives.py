@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fcl_lightning.fcl.dense import dense_local_loss, intensity_view, region_vectors
+from fcl_lightning.fcl.dense import dense_local_loss, intensity_view, random_crop_warp, region_vectors, warp
 from fcl_lightning.fcl.losses import local_loss, local_positive_mask, remote_loss, sample_negatives
 from fcl_lightning.fcl.memory_bank import BankEntries
 
@@ -44,7 +44,8 @@ class PretrainStep:
     embed_keys: Callable[[torch.Tensor], torch.Tensor]  # momentum encoder + head, no gradient
     encode: Callable[[torch.Tensor], torch.Tensor]  # main encoder bottleneck feature map
     bank: BankEntries  # Q: local bank + remote bank, as before this batch
-    decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # main encoder + first decoder blocks
+    #: one main-encoder pass: queries and the feature map of the pre-trained decoder blocks
+    embed_decode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class PretrainObjective(nn.Module):
@@ -158,40 +159,60 @@ def same_age_similarities(q: torch.Tensor, k: torch.Tensor, partitions: torch.Te
 
 
 class DenseFCLObjective(FCLObjective):
-    """FCL plus a local (dense) contrastive term on decoder features (Chaitanya et al. 2020's
-    L_l; an opt-in extension, not in Wu et al.): ``L_FCL + w_dense * L_dense``. Needs
+    """FCL plus a local (dense) contrastive term on decoder features (after Chaitanya et al.
+    2020's L_l; an opt-in extension, not in Wu et al.): ``L_FCL + w_dense * L_dense``. Needs
     ``model.decoder_levels >= 1``; those decoder blocks are federated with the encoder and
     ``encoder.pt`` carries them to fine-tuning.
+
+    The second view is the first one with new intensities and, with ``warp``, a random rotated
+    zoom-in crop; the first view's decoder features are warped by the same map, so each region
+    is matched to the same anatomy (:mod:`fcl_lightning.fcl.dense`). ``warp=False,
+    across_batch=False`` is the aligned, same-slice variant, which the network solves from
+    position alone within a round on ACDC (experiments/README.md).
 
     Args:
         w_dense: weight of the dense term.
         grid: the decoder feature map is cut into ``grid x grid`` regions.
         dense_temperature: temperature of the dense term.
         dense_dim: size of the region embeddings (an MLP on each region's mean decoder feature).
+        warp: the second view is a random rotated crop of the first (features warped to match).
+        across_batch: a region's negatives are all other regions of the batch (else its slice's).
+        max_rotate_deg: largest rotation of the crop.
+        crop_scale: range of the crop's side relative to the image's.
         **fcl: the arguments of :class:`FCLObjective`.
     """
 
     needs_decoder = True
 
     def __init__(self, w_dense: float = 1.0, grid: int = 4, dense_temperature: float = 0.1, dense_dim: int = 64,
-                 **fcl) -> None:
+                 warp: bool = True, across_batch: bool = True, max_rotate_deg: float = 15.0,
+                 crop_scale: tuple[float, float] = (0.6, 0.8), **fcl) -> None:
         super().__init__(**fcl)
         if grid < 2 or dense_temperature <= 0 or dense_dim < 1:
             raise ValueError("DenseFCLObjective: grid must be >= 2, dense_temperature > 0, dense_dim >= 1")
+        random_crop_warp(1, max_rotate_deg, tuple(crop_scale))  # validates crop_scale now, not at the first step
         self.w_dense, self.grid, self.dense_temperature, self.dense_dim = w_dense, grid, dense_temperature, dense_dim
+        self.warp, self.across_batch = warp, across_batch
+        self.max_rotate_deg, self.crop_scale = max_rotate_deg, tuple(crop_scale)
 
     def build_decoder(self, decoder_channels: int) -> None:
         self.dense_head = nn.Sequential(nn.Linear(decoder_channels, decoder_channels), nn.ReLU(inplace=True),
                                         nn.Linear(decoder_channels, self.dense_dim))
 
     def step(self, s: PretrainStep) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        if s.decode is None:
+        if s.embed_decode is None:
             raise ValueError("DenseFCLObjective needs decoder blocks: set model.init_args.decoder_levels >= 1")
-        out, keys = super().step(s)
         x = s.views[0]
-        z1, z2 = (F.normalize(self.dense_head(region_vectors(s.decode(v), self.grid)), dim=-1)
-                  for v in (x, intensity_view(x)))
-        l_dense = dense_local_loss(z1, z2, self.dense_temperature)
+        q, f1 = s.embed_decode(x)  # the query view's encoder pass serves both terms
+        keys = s.embed_keys(s.views[1])
+        out = self(ContrastiveInputs(q, keys, s.partitions, s.volumes, s.bank))
+        x2 = intensity_view(x)
+        if self.warp:  # the second view is a crop of the first; f1 is cut by the same map
+            theta = random_crop_warp(len(x), self.max_rotate_deg, self.crop_scale).to(x.device)
+            f1, x2 = warp(f1, theta), warp(x2, theta)
+        f2 = s.embed_decode(x2)[1]
+        z1, z2 = (F.normalize(self.dense_head(region_vectors(f, self.grid)), dim=-1) for f in (f1, f2))
+        l_dense = dense_local_loss(z1, z2, self.dense_temperature, self.across_batch)
         out["loss"] = out["loss"] + self.w_dense * l_dense
         out["loss_dense"] = l_dense.detach()
         return out, keys

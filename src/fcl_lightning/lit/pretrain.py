@@ -17,7 +17,7 @@ from fcl_lightning.fcl.momentum import cosine_schedule, make_momentum_copy, upda
 from fcl_lightning.fcl.objectives import FCLObjective, PretrainObjective, PretrainStep
 from fcl_lightning.lit.base import FederatedModule
 from fcl_lightning.models.encoder import DEFAULT_FEATURES, ProjectionHead, UNetEncoder
-from fcl_lightning.models.unet import decode, decoder_blocks
+from fcl_lightning.models.unet import decode_skips, decoder_blocks
 
 
 class ContrastivePretrainModule(FederatedModule):
@@ -115,9 +115,10 @@ class ContrastivePretrainModule(FederatedModule):
         b = self.encoder(x)[-1]
         return F.normalize(self.head(b), dim=1), b.mean(dim=(2, 3))
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """The main encoder and the pre-trained decoder blocks: their last feature map."""
-        return decode(self.encoder, self.decoder, x)
+    def embed_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of the main encoder: the queries and the last pre-trained decoder block's map."""
+        skips = self.encoder(x)
+        return F.normalize(self.head(skips[-1]), dim=1), decode_skips(self.decoder, skips)
 
     # ------------------------------------------------------------- training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -129,7 +130,7 @@ class ContrastivePretrainModule(FederatedModule):
             bank = BankEntries.empty(self.proj_dim, x_q.device)
         out, keys = self.objective.step(PretrainStep((x_q, x_k), batch["partition"], batch["volume"], self.embed,
                                                      self.embed_keys, self.encode, bank,
-                                                     self.decode if self.decoder is not None else None))
+                                                     self.embed_decode if self.decoder is not None else None))
         if keys is not None:
             self.local_bank.enqueue(BankEntries(keys, batch["partition"], batch["client"]))
             self._round_keys += len(keys)

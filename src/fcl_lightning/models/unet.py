@@ -26,7 +26,11 @@ def decoder_blocks(features: Sequence[int], norm: str = "instance", dropout: flo
 def decode(encoder: UNetEncoder, decoder: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
     """Encoder, then the given decoder blocks with their skip connections: the feature map after
     the last block in ``decoder``."""
-    skips = encoder(x)
+    return decode_skips(decoder, encoder(x))
+
+
+def decode_skips(decoder: nn.ModuleList, skips: list[torch.Tensor]) -> torch.Tensor:
+    """The given decoder blocks on an encoder's output (every level, bottleneck last)."""
     h = skips[-1]
     for up, skip in zip(decoder, reversed(skips[:-1])):
         h = up(h, skip)
