@@ -13,16 +13,46 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace, lazy_instance
-from rich.console import Console
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from fcl_lightning.console import output_console
 from fcl_lightning.data.datamodule import FederatedDataModule
-from fcl_lightning.federation.checkpoint import atomic_write_text, load_checkpoint, resolve_ckpt_path
+from fcl_lightning.errors import ConfigError, as_config_error, debug_requested, run_reporting_errors
+from fcl_lightning.federation.checkpoint import load_checkpoint, resolve_ckpt_path
 from fcl_lightning.federation.config import Federation
 from fcl_lightning.federation.evaluate import evaluate_run
 from fcl_lightning.federation.loop import FederatedLoop
 from fcl_lightning.lit.base import FederatedModule
 from fcl_lightning.lit.pretrain import ContrastivePretrainModule
+
+
+def condense_parser_message(message: str) -> str:
+    """jsonargparse's error text on one line: its first line and the reasons it lists, without
+    the dumps of whole namespaces and the union members that did not apply."""
+    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
+    if not lines:
+        return "invalid arguments"
+    keep = []
+    for ln in lines:
+        if (ln.startswith(("Given value", "Subclass types expected", "Does not validate against any"))
+                or "NoneType" in ln or ln == "Errors:"):
+            continue
+        keep.append(ln.lstrip("- ").rstrip(":"))
+    return ": ".join(dict.fromkeys(keep))[:600] or lines[0]
+
+
+class FCLArgumentParser(LightningArgumentParser):
+    """Parse errors end the command with one ``error:`` line (exit 2), not the whole usage."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or DEBUG:
+            return super().error(message, ex)
+        sys.stderr.write(f"error: {condense_parser_message(message)} (see: fcl-lightning fit --help)\n")
+        self.exit(2)
+
+
+#: set by ``--debug`` / ``FCL_DEBUG=1`` (:func:`console_main`): full tracebacks and parser errors
+DEBUG = False
 
 
 class FCLCLI(LightningCLI):
@@ -36,7 +66,19 @@ class FCLCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("parser_kwargs", {"description": __doc__})
+        kwargs.setdefault("parser_class", FCLArgumentParser)
         super().__init__(*args, **kwargs)
+
+    def instantiate_classes(self) -> None:
+        """Build the config's classes; a constructor's check that fails (``temperature -1``, weights
+        that do not fit) surfaces as the one :class:`ConfigError` behind jsonargparse's wrapping."""
+        try:
+            super().instantiate_classes()
+        except Exception as exc:
+            user = as_config_error(exc)
+            if user is None:
+                raise
+            raise user from exc
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(Federation, "federation")
@@ -54,10 +96,15 @@ class FCLCLI(LightningCLI):
         if cfg is None:
             return
         root = cfg.trainer.default_root_dir or "."
+        resumed: dict[str, Any] = {}
+        if self.subcommand == "fit" and cfg.get("ckpt_path"):
+            path = resolve_ckpt_path(cfg.ckpt_path, root)
+            resumed = load_checkpoint(path, mmap=True) if path is not None else {}
         if cfg.trainer.logger in (None, True):
-            cfg.trainer.logger = Namespace(
-                class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=root, name="logs")
-            )
+            init = Namespace(save_dir=root, name="logs")
+            if resumed.get("csv_version") is not None:  # a resume goes on writing the same metrics.csv
+                init.version = resumed["csv_version"]
+            cfg.trainer.logger = Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=init)
             return
         loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
         for lg in loggers:
@@ -67,21 +114,18 @@ class FCLCLI(LightningCLI):
             if init.get("save_dir") in (None, ".") and init.get("dir") is None:
                 init.save_dir = root
                 Path(root).mkdir(parents=True, exist_ok=True)
-            if self.subcommand == "fit" and cfg.get("ckpt_path") and init.get("id") is None:
-                path = resolve_ckpt_path(cfg.ckpt_path, root)
-                rid = load_checkpoint(path).get("wandb_run_id") if path is not None else None
-                if rid:
-                    init.id = rid
-                    init.resume = "allow"
+            rid = resumed.get("wandb_run_id")
+            if rid and init.get("id") is None:
+                init.id = rid
+                init.resume = "allow"
 
     def fit(self, model: FederatedModule, datamodule: FederatedDataModule | None = None,
             ckpt_path: str | None = None, **_: Any) -> None:
         sub = self.subcommand or "fit"
         if datamodule is None:
-            raise ValueError("fcl-lightning fit needs a data section (data: ...)")
+            raise ConfigError("fcl-lightning fit needs a data section (data: ...)")
         config_text = self._parser(sub).dump(self.config[sub], skip_none=False)
         root = Path(self.trainer.default_root_dir)
-        atomic_write_text(config_text, root / "config.yaml")
         loop = FederatedLoop(
             federation=self.config_init[sub]["federation"],
             module=model,
@@ -98,8 +142,8 @@ class FCLCLI(LightningCLI):
     def _evaluate(self, stage: str, model: FederatedModule, datamodule: FederatedDataModule | None,
                   ckpt_path: str | None) -> None:
         if datamodule is None:
-            raise ValueError(f"fcl-lightning {stage} needs a data section (data: ...)")
-        evaluate_run(model, datamodule, ckpt_path, self.trainer.default_root_dir, stage, Console(stderr=True),
+            raise ConfigError(f"fcl-lightning {stage} needs a data section (data: ...)")
+        evaluate_run(model, datamodule, ckpt_path, self.trainer.default_root_dir, stage, output_console(),
                      device=self.trainer.strategy.root_device)
 
     def test(self, model: FederatedModule, datamodule: FederatedDataModule | None = None,
@@ -123,11 +167,39 @@ def build(args: list[str]) -> FCLCLI:
         return FCLCLI(args=args, run=False)
 
 
+class _DropStartupNoise(logging.Filter):
+    """Lightning's advertising and device lines ("GPU available: ...", "💡 Tip: ..."), printed by
+    every Trainer the CLI builds; the device actually used is in the config and the round lines."""
+
+    NOISE = ("💡 Tip", "GPU available:", "TPU available:", "HPU available:", "IPU available:")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOISE)
+
+
 def main(args: list[str] | None = None) -> None:
-    """Console entry point."""
+    """Run one command; errors propagate (what scripts and tests call)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if not DEBUG:
+        for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+            lg = logging.getLogger(name)
+            if not any(isinstance(f, _DropStartupNoise) for f in lg.filters):
+                lg.addFilter(_DropStartupNoise())
     FCLCLI(args=args)
 
 
+def console_main(argv: list[str] | None = None) -> None:
+    """The ``fcl-lightning`` command: bad input ends it with one ``error:`` line and exit 2, an
+    internal error with exit 1; ``--debug`` or ``FCL_DEBUG=1`` prints the tracebacks."""
+    global DEBUG
+    if argv is None:  # LightningCLI reads sys.argv itself (given args too, it warns)
+        DEBUG, rest = debug_requested(sys.argv[1:])
+        sys.argv[1:] = rest
+        run_reporting_errors(lambda: main(None), DEBUG)
+    else:
+        DEBUG, rest = debug_requested(list(argv))
+        run_reporting_errors(lambda: main(rest), DEBUG)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    console_main()

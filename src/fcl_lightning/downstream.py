@@ -15,6 +15,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from fcl_lightning.console import log_console
 from fcl_lightning.fcl.partition import partition_of
 from fcl_lightning.evaluation import STRUCTURES, evaluate_volumes, predict_volume, summarize
 from fcl_lightning.federation.client import quiet_lightning, seed_all
@@ -86,8 +87,8 @@ class DownstreamEvaluation:
                 t0 = time.perf_counter()
                 module = self.finetune(enc, features, norm, datamodule, c, seed * 31 + c)
                 per_client[name].append(summarize(evaluate_volumes(module.net, vols)))
-                if console is not None:  # progress: fine-tuning is most of the demo's time
-                    console.print(f"downstream: client {i + 1}/{len(clients)} (#{c}) from "
+                if console is not None:  # progress (stderr): fine-tuning is most of the demo's time
+                    log_console().print(f"downstream: client {i + 1}/{len(clients)} (#{c}) from "
                                   f"{'the pre-trained encoder' if name == 'fcl' else 'random init'}: "
                                   f"{self.steps} steps, Dice {per_client[name][-1]['dice_mean']:.3f} on "
                                   f"{len(vols)} held-out volumes ({time.perf_counter() - t0:.1f} s)")

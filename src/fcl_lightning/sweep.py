@@ -29,12 +29,13 @@ from typing import Any
 import yaml
 from rich.console import Console
 
+from fcl_lightning.errors import UserError
 from fcl_lightning.federation.checkpoint import atomic_write_text
 
 METHODS = ("grid", "random", "bayes")
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """A sweep file that cannot run; raised before any trial starts."""
 
 

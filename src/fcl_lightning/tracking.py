@@ -13,8 +13,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import csv
+import warnings
+
 import yaml
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 
 def wandb_loggers(loggers: Iterable[Logger]) -> list[WandbLogger]:
@@ -30,6 +33,36 @@ def wandb_run_id(loggers: Iterable[Logger]) -> str | None:
         if isinstance(rid, str) and rid and not getattr(run, "disabled", False):
             return rid
     return None
+
+
+def csv_version(loggers: Iterable[Logger]) -> int | str | None:
+    """The version (``logs/version_N``) of the run's CSVLogger; a resume writes to it again."""
+    return next((lg.version for lg in loggers if isinstance(lg, CSVLogger)), None)
+
+
+def continue_csv_logs(loggers: Iterable[Logger], done: int) -> int:
+    """On resume, keep the rows of a CSVLogger's ``metrics.csv`` up to round ``done`` (what the
+    checkpoint holds) and go on appending to the same file: after any number of kills it has one
+    row per round. (Lightning's CSV writer deletes an existing file when it starts; the rows are
+    read first and written back.) Returns the number of rows kept."""
+    kept = 0
+    for lg in loggers:
+        if not isinstance(lg, CSVLogger):
+            continue
+        path = Path(lg.log_dir) / "metrics.csv"
+        rows = []
+        if path.is_file():
+            with open(path, newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if r.get("step") not in (None, "") and float(r["step"]) <= done]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Experiment logs directory.*exists and is not empty.*")
+            writer = lg.experiment  # removes the old file
+        for r in rows:
+            step = int(float(r.pop("step")))
+            writer.log_metrics({k: float(v) for k, v in r.items() if v not in (None, "")}, step=step)
+        lg.save()
+        kept += len(rows)
+    return kept
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -87,6 +87,16 @@ class FederatedDataModule(pl.LightningDataModule):
             raise ValueError(f"num_clients must be >= 1, got {num_clients}")
         if num_partitions < 1 or volumes_per_batch < 1:
             raise ValueError("num_partitions and volumes_per_batch must be >= 1")
+        if batch_size < 1 or (labelled_per_client is not None and labelled_per_client < 1):
+            raise ValueError(f"data.batch_size and data.labelled_per_client must be >= 1 (got {batch_size}, "
+                             f"{labelled_per_client})")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        if cv_folds is not None and not (cv_folds >= 2 and 0 <= cv_fold < cv_folds):
+            raise ValueError(f"data.cv_folds must be >= 2 and data.cv_fold in [0, cv_folds), got {cv_folds}, {cv_fold}")
+        if spacing <= 0 or img_size < 1:
+            raise ValueError(f"data.spacing must be > 0 and data.img_size >= 1 (got {spacing}, {img_size})")
+        self.img_size = int(img_size)
         self.source, self.test_source = source, test_source
         if root:
             for src in (source, test_source):

@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fcl_lightning.errors import UserError
+
 #: ACDC label convention used everywhere in the project.
 LABELS: dict[int, str] = {0: "background", 1: "rv", 2: "myo", 3: "lv"}
 NUM_CLASSES = len(LABELS)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data (file, manifest, patient folder). The message names what is wrong and where."""
 
 

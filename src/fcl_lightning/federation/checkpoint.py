@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -15,7 +16,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from fcl_lightning.errors import UserError
 from fcl_lightning.fcl.memory_bank import BankEntries
+from fcl_lightning.io import safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -24,22 +27,54 @@ _UMASK = os.umask(0)  # read once, at import (os.umask sets as it reads; not thr
 os.umask(_UMASK)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be resumed from; the message names the file and the problem."""
+
+
+class WriteError(CheckpointError):
+    """A file of the run could not be written (disk full, read-only folder, ...)."""
+
+
+def write_failure(path: Path, exc: BaseException) -> WriteError:
+    """``cannot write <path>: <reason>``, with the operating system's reason where there is one.
+    ``torch.save`` reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc]
+    ... unexpected pos``; the folder's free space tells that case apart."""
+    if isinstance(exc, OSError) and exc.strerror:
+        reason = exc.strerror
+    else:
+        try:
+            full = shutil.disk_usage(path.parent).free < 64 * 2**20
+        except OSError:
+            full = False
+        reason = os.strerror(errno.ENOSPC) if full else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    return WriteError(f"cannot write {path}: {reason}")
+
+
+def _temp_in(path: Path) -> str:
+    """A new private temp file beside ``path`` (``.<name>.<random>.tmp``; removed at the next
+    start if a kill leaves it), with a plain file's mode."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private
+    return tmp
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temp file in the same folder, then rename: never a half-written file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; give it a plain file's mode
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_in(path)
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except Exception as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise write_failure(path, exc) from exc
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
@@ -79,17 +114,61 @@ def atomic_link(target: str | Path, link: str | Path) -> Path:
 
 
 def atomic_write_text(text: str, path: str | Path) -> Path:
+    """Write ``text`` to a temp file in the same folder, then rename (same mode as every file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
-        with os.fdopen(fd, "w") as fh:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_in(path)
+        with open(tmp, "w") as fh:
             fh.write(text)
         os.replace(tmp, path)
+    except Exception as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise write_failure(path, exc) from exc
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def check_writable(folder: str | Path) -> None:
+    """Fail now, naming the folder, if the run could not write its outputs there: creates and
+    removes a probe file in ``folder`` or its nearest existing parent (nothing is left behind)."""
+    folder = Path(folder)
+    probe_dir = folder
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    try:
+        if not probe_dir.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(probe_dir))
+        fd, tmp = tempfile.mkstemp(prefix=".fcl-write-check.", dir=probe_dir)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise WriteError(f"cannot write to the output folder {folder} (trainer.default_root_dir): "
+                         f"{exc.strerror or exc} at {probe_dir}") from None
+
+
+#: temp files of the project's atomic writes: ``.<name>.<random>.tmp``, ``.<name>.<pid>[.link].tmp``
+TEMP_GLOBS = (".*.tmp",)
+
+
+def remove_interrupted_writes(root: str | Path) -> list[Path]:
+    """Delete the temp files an interrupted (killed) write left in ``root`` and its
+    ``checkpoints/`` folder; the files they were to replace are whole (writes are atomic)."""
+    removed = []
+    for d in (Path(root), Path(root) / "checkpoints"):
+        if d.is_dir():
+            for p in d.glob(TEMP_GLOBS[0]):
+                if p.is_file() or p.is_symlink():
+                    p.unlink(missing_ok=True)
+                    removed.append(p)
+    if removed:
+        log.info("removed %d temp file(s) of interrupted writes in %s", len(removed), root)
+    return removed
 
 
 def update_summary(root: str | Path, values: dict[str, Any]) -> Path:
@@ -190,12 +269,19 @@ class BackgroundWriter:
         except CheckpointError as err:
             log.error("%s", err)
 
+    def check(self) -> None:
+        """Re-raise the error of a write that has already finished (does not wait for one in flight)."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
+
     def wait(self) -> None:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         if self._error is not None:
             err, self._error = self._error, None
+            if isinstance(err, CheckpointError):
+                raise err
             raise CheckpointError(f"writing a round checkpoint failed: {type(err).__name__}: {err}") from err
 
 
@@ -226,12 +312,10 @@ def resolve_ckpt_path(ckpt_path: str | None, root: str | Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a federated round checkpoint with ``weights_only=True`` and check its format."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt, truncated, not a torch file, unsafe pickle
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Load a federated round checkpoint with ``weights_only=True`` and check its format
+    (``mmap``: tensors are read only when used)."""
+    ckpt = safe_torch_load(path, "checkpoint", CheckpointError, mmap=mmap)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an fcl-lightning federated checkpoint (expected format {FORMAT!r})")
     return ckpt

@@ -17,6 +17,8 @@ from lightning.pytorch.loggers import Logger
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fcl_lightning.console import log_console, output_console
+from fcl_lightning.errors import ConfigError
 from fcl_lightning.fcl.aggregate import state_nbytes
 from fcl_lightning.fcl.exchange import payload_nbytes, route
 from fcl_lightning.federation.checkpoint import (
@@ -25,9 +27,12 @@ from fcl_lightning.federation.checkpoint import (
     CheckpointError,
     atomic_link,
     atomic_save,
+    atomic_write_text,
     bank_from_dict,
+    check_writable,
     bank_to_dict,
     load_checkpoint,
+    remove_interrupted_writes,
     resolve_ckpt_path,
     rng_state,
     set_rng_state,
@@ -39,6 +44,8 @@ from fcl_lightning.federation.client import ClientResult, ClientRuntime, client_
 from fcl_lightning.federation.config import Federation
 from fcl_lightning.lit.base import FederatedModule
 from fcl_lightning.tracking import (
+    continue_csv_logs,
+    csv_version,
     finish,
     log_config,
     log_dice_table,
@@ -129,7 +136,8 @@ class FederatedLoop:
         self.root = Path(root_dir)
         self.loggers = list(loggers or [])
         self.seed, self.config_text = int(seed), config_text
-        self.console = console or Console(stderr=True)
+        self.console = console or output_console()  # round lines, tables: results
+        self.log_console = log_console()  # the progress bar, notices
         self._probe: tuple[list, bool] | None = None
         self._probe_chosen = False  # the monitor's probe set is chosen once, at its first use
 
@@ -183,16 +191,20 @@ class FederatedLoop:
         ``clients`` runs the client steps of a round: in this process by default
         (:class:`InProcessClients`), or on Flower nodes (``fcl_lightning.flower``).
         """
+        # everything that needs no data is checked before any is loaded, and nothing is written
+        # for a run that fails its checks
+        path = resolve_ckpt_path(ckpt_path, self.root)
+        ckpt = load_checkpoint(path) if path is not None else None
+        C = clients.num_clients if clients is not None else self.dm.num_clients
+        self.validate(ckpt, path, C)
+        remove_interrupted_writes(self.root)
         if clients is None:
             self.dm.setup("fit")
             clients = InProcessClients(self.client_runtime(), self.dm.num_clients)
-        C = clients.num_clients
-        if self.fed.select_best and (self.fed.mode != "local" or not any(getattr(self.dm, "val", None) or [])):
-            raise ValueError("federation.select_best needs federation.mode local and validation patients "
-                             "(data.val_fraction > 0 or data.cv_folds)")
-        if self.fed.mode == "federated" and self.module.per_client_init:
-            raise ValueError("a per-client pretrained path ('{client}' in model.pretrained) needs "
-                             "federation.mode local; federated fine-tuning starts every client from one model")
+        if self.fed.select_best and not any(getattr(self.dm, "val", None) or []):
+            raise ConfigError("federation.select_best needs validation patients (data.val_fraction > 0 or data.cv_folds)")
+        if self.config_text:
+            atomic_write_text(self.config_text, self.root / "config.yaml")
         global_w = {k: v.cpu() for k, v in self.module.global_state().items()}
         client_w: dict[int, dict[str, torch.Tensor]] = {}
         best: dict[int, tuple[float, dict[str, torch.Tensor]]] = {}  # select_best: client -> (val Dice, weights)
@@ -202,15 +214,8 @@ class FederatedLoop:
         comm = {"weights_down": 0, "weights_up": 0, "features_up": 0, "features_down": 0}
         start, elapsed = 0, 0.0
 
-        path = resolve_ckpt_path(ckpt_path, self.root)
-        if path is not None:
-            ckpt = load_checkpoint(path)
-            if ckpt["num_clients"] != C:
-                raise CheckpointError(f"{path} was written with {ckpt['num_clients']} clients, the config has {C}")
-            try:
-                self.module.load_global_state(ckpt["global"])
-            except KeyError as exc:
-                raise CheckpointError(f"{path} does not fit the configured model: {exc}") from exc
+        if ckpt is not None:
+            self.module.load_global_state(ckpt["global"])
             global_w = ckpt["global"]
             client_w = {int(c): w for c, w in ckpt["client_weights"].items()}
             best = {int(c): (float(ckpt["best_val_dice"][c]), w) for c, w in ckpt.get("best_client_weights", {}).items()}
@@ -219,7 +224,8 @@ class FederatedLoop:
             history, comm, start, elapsed = ckpt["history"], ckpt["comm"], ckpt["round"], ckpt["elapsed_s"]
             dice_rows = [list(r) for r in ckpt.get("dice_rows", [])]
             set_rng_state(ckpt["rng"])
-            self.console.print(f"[bold]resuming[/] from {path} after round {start}/{self.fed.rounds}")
+            self.log_console.print(f"[bold]resuming[/] from {path} after round {start}/{self.fed.rounds}")
+            continue_csv_logs(self.loggers, start)
 
         log_config(self.loggers, self.config_text)
         self.wandb_id = wandb_run_id(self.loggers)  # stored in checkpoints: a resume continues this run
@@ -236,6 +242,7 @@ class FederatedLoop:
                     self.console.print(f"round   0 | at initialisation | probe {init['round/monitor/probe_acc']:.2f} | "
                                        f"spread {init['round/monitor/spread']:.2f}", soft_wrap=True)
             for r in range(start, self.fed.rounds):
+                self._writer.check()  # the previous round's checkpoint failed: stop before training on
                 t0 = time.perf_counter()
                 wanted = self.select_clients(r, C)
                 starts = {}
@@ -300,6 +307,8 @@ class FederatedLoop:
                 metrics["round/time/total_s"] = time.perf_counter() - t0
                 history[-1].update({k: metrics[k] for k in ("round/time/checkpoint_s", "round/time/total_s")})
                 self.log_metrics(metrics, step=r + 1)
+                for lg in self.loggers:  # every round on disk: a killed run keeps its rows
+                    lg.save()
                 if new_rows:
                     log_dice_table(self.loggers, dice_rows, step=r + 1)
                 progress.update(task, advance=1, info=f"round {r + 1}/{self.fed.rounds} loss {metrics.get('round/train/loss', float('nan')):.4f}")
@@ -319,16 +328,45 @@ class FederatedLoop:
             log_images(self.loggers, {"downstream/examples": self.root / "downstream.png",
                                       "downstream/embedding": self.root / "embedding.png"}, step=self.fed.rounds)
         log_summary(self.loggers, json.loads((self.root / "summary.json").read_text()))
+        self.console.print(f"outputs in {self.root}: " + ", ".join(
+            n for n in ("encoder.pt", "encoders/", "summary.json", "checkpoints/", "logs/", "downstream.png")
+            if (self.root / n).exists()), soft_wrap=True)
         for lg in self.loggers:
             lg.save()
         finish(self.loggers)
         return summary
 
+    def validate(self, ckpt: dict[str, Any] | None, path: Path | None, num_clients: int) -> None:
+        """The checks that need no data: image size against the encoder's depth, the output
+        folder, and a checkpoint to resume from against the config (clients, rounds, shapes)."""
+        size, multiple = getattr(self.dm, "img_size", None), self.module.input_multiple
+        if size is not None and size % multiple:
+            raise ConfigError(f"data.img_size={size} must be a multiple of {multiple}: the encoder halves the image "
+                              f"{multiple.bit_length() - 1} times (model features); try {max(multiple, round(size / multiple) * multiple)}")
+        if self.fed.select_best and self.fed.mode != "local":
+            raise ConfigError("federation.select_best needs federation.mode local")
+        if self.fed.mode == "federated" and self.module.per_client_init:
+            raise ConfigError("a per-client pretrained path ('{client}' in model.pretrained) needs "
+                              "federation.mode local; federated fine-tuning starts every client from one model")
+        check_writable(self.root)
+        if ckpt is None:
+            return
+        if ckpt["num_clients"] != num_clients:
+            raise CheckpointError(f"{path} was written with {ckpt['num_clients']} clients, the config has {num_clients} "
+                                  "(data.num_clients)")
+        if ckpt["round"] > self.fed.rounds:
+            raise CheckpointError(f"{path} is from round {ckpt['round']}, after the configured "
+                                  f"federation.rounds={self.fed.rounds}: set federation.rounds >= {ckpt['round']} to go on")
+        problem = self.module.global_state_mismatch(ckpt["global"])
+        if problem:
+            raise CheckpointError(f"{path} does not fit the configured model ({type(self.module).__name__}): {problem}; "
+                                  "resume with the config the run was started with")
+
     # ------------------------------------------------------------- pieces
     def _progress(self) -> Progress:
         return Progress(
             TextColumn("[bold]FCL[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), console=self.console, transient=True, disable=not self.console.is_terminal,
+            TimeElapsedColumn(), console=self.log_console, transient=True, disable=not self.log_console.is_terminal,
         )
 
     def _round_metrics(self, r, selected, results, global_w, inbox, comm) -> dict[str, float]:
@@ -435,6 +473,7 @@ class FederatedLoop:
             "seed": self.seed,
             "config": self.config_text,
             "wandb_run_id": self.wandb_id,
+            "csv_version": csv_version(self.loggers),
             "dice_rows": dice_rows,
             # select_best: each client's weights from its round with the best validation Dice (what `test` scores)
             "best_client_weights": {str(c): w for c, (_, w) in best.items()},
@@ -452,10 +491,14 @@ class FederatedLoop:
         ckdir = self.root / "checkpoints"
 
         def write() -> None:
-            if periodic:  # serialise once; last.ckpt is a link to the round file
-                atomic_link(atomic_save(ckpt, ckdir / f"round-{done:03d}.ckpt"), ckdir / "last.ckpt")
-            else:
-                atomic_save(ckpt, ckdir / "last.ckpt")
+            try:
+                if periodic:  # serialise once; last.ckpt is a link to the round file
+                    atomic_link(atomic_save(ckpt, ckdir / f"round-{done:03d}.ckpt"), ckdir / "last.ckpt")
+                else:
+                    atomic_save(ckpt, ckdir / "last.ckpt")
+            except CheckpointError as err:
+                before = f"round {done - 1}'s (--ckpt_path last resumes there)" if done > 1 else "none"
+                raise type(err)(f"round {done}'s checkpoint: {err}; the last whole checkpoint is {before}") from err
 
         self._writer.submit(write)
 

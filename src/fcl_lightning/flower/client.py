@@ -22,6 +22,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 import torch
 
 from fcl_lightning.federation.checkpoint import CheckpointError, atomic_save, to_cpu
+from fcl_lightning.io import safe_torch_load
 from fcl_lightning.federation.client import ClientRuntime, client_step
 from fcl_lightning.flower.codec import (
     bytes_to_state,
@@ -86,10 +87,7 @@ def load_state(context: Context) -> Any:
     d = context.node_config.get("state-dir")
     path = Path(d) / "client_state.pt" if d else None
     if path is not None and path.is_file():  # a restarted node picks up its own state
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"cannot read client state {path}: {type(exc).__name__}: {exc}") from exc
+        saved = safe_torch_load(path, "client state", CheckpointError)
         if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
             raise CheckpointError(f"{path} is not an fcl-lightning client state ({STATE_FORMAT})")
         return saved["state"]

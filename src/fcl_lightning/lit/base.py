@@ -40,13 +40,31 @@ class FederatedModule(pl.LightningModule):
         """Copies of the weights the server aggregates."""
         return {k: v.detach().clone() for k, v in self.state_dict().items() if self._is_global(k)}
 
+    def global_state_mismatch(self, state: dict[str, torch.Tensor]) -> str | None:
+        """Why ``state`` cannot be this module's global weights (counts, and the first key that
+        is missing, unexpected or of another shape), or ``None`` if it fits."""
+        own = {k: v for k, v in self.state_dict(keep_vars=True).items() if self._is_global(k)}
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+        if not (missing or unexpected or shapes):
+            return None
+        parts = [f"{len(missing)} missing (first: {missing[0]})" if missing else "",
+                 f"{len(unexpected)} unexpected (first: {unexpected[0]})" if unexpected else "",
+                 f"{len(shapes)} of another shape (first: {shapes[0]}: {tuple(state[shapes[0]].shape)} there, "
+                 f"{tuple(own[shapes[0]].shape)} in the configured {type(self).__name__})" if shapes else ""]
+        return "weights " + ", ".join(p for p in parts if p)
+
     def load_global_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Load aggregated weights; the key sets must match exactly."""
-        expected = {k for k in self.state_dict(keep_vars=True) if self._is_global(k)}
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        if missing or unexpected:
-            raise KeyError(f"global weights do not match {type(self).__name__}: missing {missing}, unexpected {unexpected}")
+        """Load aggregated weights; keys and shapes must match exactly."""
+        problem = self.global_state_mismatch(state)
+        if problem:
+            raise KeyError(f"global weights do not match {type(self).__name__}: {problem}")
         self.load_state_dict(state, strict=False)
+
+    @property
+    def input_multiple(self) -> int:
+        """Image sides must be a multiple of this (the encoder halves them at every level)."""
+        return 1
 
     def client_state(self) -> dict[str, Any]:
         """Copies of what this client keeps across rounds."""

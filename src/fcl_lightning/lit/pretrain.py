@@ -71,6 +71,12 @@ class ContrastivePretrainModule(FederatedModule):
         self.decoder = decoder_blocks(self.encoder.features, norm, levels=decoder_levels) if decoder_levels else None
         if decoder_levels:
             self.objective.build_decoder(self.encoder.features[-1 - decoder_levels])
+        k = int(getattr(self.objective, "num_negatives", 0) or 0)
+        if self.objective.uses_bank and k > local_bank_size + remote_bank_size:
+            raise ValueError(f"the objective samples num_negatives={k} from the memory banks, which hold at most "
+                             f"local_bank_size + remote_bank_size = {local_bank_size + remote_bank_size}")
+        if min(local_bank_size, remote_bank_size) < 1:
+            raise ValueError(f"local_bank_size and remote_bank_size must be >= 1, got {local_bank_size}, {remote_bank_size}")
         self.use_momentum = use_momentum
         self.momentum_encoder = make_momentum_copy(self.encoder)
         self.momentum_head = make_momentum_copy(self.head)
@@ -80,6 +86,10 @@ class ContrastivePretrainModule(FederatedModule):
         self.optimizer_factory = optimizer
         self.proj_dim = proj_dim
         self._round_keys = 0
+
+    @property
+    def input_multiple(self) -> int:
+        return self.encoder.downsampling
 
     # ---------------------------------------------------------------- nets
     def embed(self, x: torch.Tensor) -> torch.Tensor:

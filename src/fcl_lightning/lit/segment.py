@@ -13,13 +13,15 @@ from monai.losses import DiceCELoss
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fcl_lightning.errors import UserError
 from fcl_lightning.evaluation import predict_volume, volume_metrics
+from fcl_lightning.io import safe_torch_load
 from fcl_lightning.lit.base import FederatedModule
 from fcl_lightning.models.encoder import DEFAULT_FEATURES
 from fcl_lightning.models.unet import UNet
 
 
-class PretrainedWeightsError(ValueError):
+class PretrainedWeightsError(UserError):
     """A pre-trained file that does not fit the U-Net encoder; names the file and the keys."""
 
 
@@ -27,12 +29,7 @@ def encoder_state_from_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read encoder weights from ``encoder.pt`` (plain state dict) or a federated round checkpoint
     (its global ``encoder.*`` weights), always with ``weights_only=True``."""
     path = Path(path)
-    if not path.is_file():
-        raise PretrainedWeightsError(f"pretrained weights {path} do not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise PretrainedWeightsError(f"cannot read pretrained weights {path}: {type(exc).__name__}: {exc}") from exc
+    obj = safe_torch_load(path, "pretrained weights", PretrainedWeightsError)
     if isinstance(obj, dict) and "format" in obj and "global" in obj:
         obj = {(k[len("encoder."):] if k.startswith("encoder.") else k): v for k, v in obj["global"].items()
                if k.startswith(("encoder.", "decoder."))}
@@ -127,6 +124,10 @@ class SegmentationModule(FederatedModule):
         if encoder_lr_scale < 0:
             raise ValueError(f"encoder_lr_scale must be >= 0, got {encoder_lr_scale}")
         self.encoder_lr_scale = encoder_lr_scale
+
+    @property
+    def input_multiple(self) -> int:
+        return self.net.encoder.downsampling
 
     @property
     def per_client_init(self) -> bool:
