@@ -136,10 +136,10 @@ class FCLObjective(PretrainObjective):
         out = {
             "loss": self.w_local * l_local + self.w_remote * l_remote,
             "loss_local": l_local.detach(),
-            "loss_remote": l_remote.detach(),
             **same_age_similarities(inputs.q, inputs.k, inputs.partitions, inputs.volumes, self.self_positive),
         }
-        if len(negs):  # the very first step has an empty bank: no figure rather than a NaN in the epoch mean
+        if len(negs):  # the first steps have an empty bank: no figure rather than a NaN or a 0 in the epoch mean
+            out["loss_remote"] = l_remote.detach()
             out["bank_sim"] = (inputs.q @ negs.vectors.T).mean().detach()
         return out
 

@@ -1,0 +1,28 @@
+# Two commands for a newcomer: `make demo` (sets up .venv, then runs the demo) and `make test`.
+# On a GPU machine pick the torch build: make demo TORCH="torch==2.13.0 --index-url <your CUDA wheel index>"
+PYTHON ?= python3
+VENV ?= .venv
+# the CPU build of torch that lies on this project's machines (a bare `torch` pulls a CUDA build)
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test test-slow
+
+setup: $(BIN)/fcl-lightning
+
+$(BIN)/fcl-lightning: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/fcl-lightning fit --config configs/demo.yaml
+
+# the test command (.ci/run runs it too); wandb never touches the network in tests
+test: setup
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q
+
+# the real-process tests left out of `make test` (SIGKILL at random points, then resume)
+test-slow: setup
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m slow
