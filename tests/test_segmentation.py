@@ -39,9 +39,9 @@ def test_pretrained_mismatch_lists_keys(tmp_path):
     with pytest.raises(PretrainedWeightsError, match="shape mismatches"):
         SegmentationModule(features=SMALL, pretrained=str(tmp_path / "wide.pt"))
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(PretrainedWeightsError, match="cannot read"):
+    with pytest.raises(PretrainedWeightsError, match="is not a file written by torch.save"):
         SegmentationModule(features=SMALL, pretrained=str(tmp_path / "junk.pt"))
-    with pytest.raises(PretrainedWeightsError, match="do not exist"):
+    with pytest.raises(PretrainedWeightsError, match="does not exist"):
         SegmentationModule(features=SMALL, pretrained=str(tmp_path / "nope.pt"))
 
 
@@ -131,7 +131,7 @@ def test_per_client_encoders_start_local_clients_apart(tmp_path):
         w = seg.client_initial_weights(c, g)
         for k, v in encs[c].items():
             assert torch.equal(w[f"net.encoder.{k}"], v), (c, k)
-    with pytest.raises(PretrainedWeightsError, match="client5.pt do not exist"):
+    with pytest.raises(PretrainedWeightsError, match="client5.pt does not exist"):
         seg.client_initial_weights(5, g)
     with pytest.raises(ValueError, match="needs federation.mode local"):
         main(["fit", *args, f"--trainer.default_root_dir={tmp_path / 'fed'}", "--federation.mode=federated"])
