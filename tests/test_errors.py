@@ -186,24 +186,57 @@ def test_sigkill_at_random_points_then_resume(tmp_path, tiny):
     """A real process, killed with SIGKILL several times at random points: the resumed run ends
     with the weights of an uninterrupted one, one metrics row per round, no temp files, and a
     loadable last.ckpt."""
-    rounds = 5
+    rounds = 6
     ref = tmp_path / "ref"
     main(tiny(ref, rounds=rounds))
     run = tmp_path / "run"
     args = tiny(run, rounds=rounds)
     cmd = [sys.executable, "-m", "fcl_lightning.cli", *args]
     rng = torch.Generator().manual_seed(0)
+    last = run / "checkpoints" / "last.ckpt"
+
+    def done_rounds() -> int:
+        return load_checkpoint(last)["round"] if last.exists() else 0
+
+    resumed_from = []
     for kill in range(3):
-        resume = ["--ckpt_path=last"] if (run / "checkpoints" / "last.ckpt").exists() else []
+        before = done_rounds()
+        resume = ["--ckpt_path=last"] if before else []
+        resumed_from.append(before)
         p = subprocess.Popen(cmd + resume, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(6 + 6 * float(torch.rand(1, generator=rng)))
+        t0 = time.monotonic()  # kill at a random point of the round after the next checkpoint
+        while done_rounds() == before and p.poll() is None and time.monotonic() - t0 < 300:
+            time.sleep(0.2)
+        time.sleep(2.0 * float(torch.rand(1, generator=rng)))
         p.send_signal(signal.SIGKILL)
         p.wait()
-    resume = ["--ckpt_path=last"] if (run / "checkpoints" / "last.ckpt").exists() else []
-    subprocess.run(cmd + resume, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    assert resumed_from[1:] and all(0 < r < rounds for r in resumed_from[1:]), resumed_from  # real resumes happened
+    subprocess.run(cmd + ["--ckpt_path=last"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   timeout=600)
     a = torch.load(ref / "encoder.pt", weights_only=True)
     b = torch.load(run / "encoder.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert metrics_rounds(run) == list(range(rounds + 1))
     assert not list(run.rglob(".*.tmp"))
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["round"] == rounds
+
+
+def test_piped_output_is_not_wrapped_at_80_columns(capsys):
+    from fcl_lightning.console import PIPE_WIDTH, output_console
+
+    console = output_console()  # pytest captures stdout: not a terminal
+    assert console.width == PIPE_WIDTH
+    console.print("x" * 150)
+    assert "x" * 150 in capsys.readouterr().out
+
+
+def test_remote_term_is_not_logged_while_the_banks_are_empty():
+    import torch.nn.functional as F
+
+    from fcl_lightning.fcl.memory_bank import BankEntries
+    from fcl_lightning.fcl.objectives import ContrastiveInputs, FCLObjective
+
+    q = F.normalize(torch.randn(8, 4), dim=1)
+    parts, vols = torch.arange(4).repeat(2), torch.arange(2).repeat_interleave(4)
+    out = FCLObjective()(ContrastiveInputs(q, q, parts, vols, BankEntries.empty(4, q.device)))
+    assert "loss_remote" not in out and out["loss"].item() > 0  # no 0.0000 for a term that had nothing to match
