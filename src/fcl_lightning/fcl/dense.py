@@ -7,12 +7,13 @@ map is cut into a ``grid x grid`` set of regions; a region's positive is the sam
 other view, its negatives other regions.
 
 With views that differ in intensity only and negatives from the same slice (Chaitanya et al.'s
-L_l as first built here) the term is solved within a round: a region is told from its
-neighbours by where it sits. The default therefore (1) warps the second view with a random
-zoom-in crop and rotation (:func:`random_crop_warp`) and warps the first view's feature map by
-the same map (:func:`warp`), so regions correspond by anatomy, not by position in the image, and
-(2) draws negatives from every region of every slice in the batch, including the same grid cell
-of other slices, which shares its position but not its content. Hand-written: no maintained
+L_l; the default) the term is solved within a round: a region is told from its neighbours by
+where it sits. Two harder options: (1) warp the second view with a random zoom-in crop and
+rotation (:func:`random_crop_warp`) and the first view's feature map by the same map
+(:func:`warp`), so regions correspond by anatomy, not by position in the image; (2) draw
+negatives from every region of the batch, including the same grid cell of other slices, which
+shares its position but not its content. On ACDC both keep a loss but gave a smaller
+fine-tuning gain than the default (experiments/README.md). Hand-written: no maintained
 library has this loss (the warp is ``torch``'s ``affine_grid``/``grid_sample``).
 """
 
