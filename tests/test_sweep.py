@@ -76,6 +76,7 @@ def test_metric_lookup():
         load_sweep("/no/such/sweep.yaml")
 
 
+@pytest.mark.slow  # about 35 s of real trial runs: make test-slow
 def test_two_trial_local_sweep_writes_table_and_best_config(tmp_path, monkeypatch, tiny):
     """A grid of 2 temperatures, each trial a real tiny pre-training run with downstream scoring."""
     monkeypatch.chdir(tmp_path)
