@@ -59,24 +59,28 @@ def _temp_in(path: Path) -> str:
     return tmp
 
 
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temp file in the same folder, then rename: never a half-written file."""
+def _atomic(path: str | Path, write: Callable[[str], Any]) -> Path:
+    """``write`` a temp file beside ``path``, then rename it over ``path``: never a half-written
+    file; a failure removes the temp file and names ``path`` (:func:`write_failure`)."""
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = _temp_in(path)
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
-    except Exception as exc:
+    except BaseException as exc:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        raise write_failure(path, exc) from exc
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, Exception):
+            raise write_failure(path, exc) from exc
         raise
     return path
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` atomically."""
+    return _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_copy(src: str | Path, dst: str | Path) -> Path:
@@ -114,24 +118,8 @@ def atomic_link(target: str | Path, link: str | Path) -> Path:
 
 
 def atomic_write_text(text: str, path: str | Path) -> Path:
-    """Write ``text`` to a temp file in the same folder, then rename (same mode as every file)."""
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temp_in(path)
-        with open(tmp, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except Exception as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise write_failure(path, exc) from exc
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``text`` atomically (same mode as every file)."""
+    return _atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def check_writable(folder: str | Path) -> None:
@@ -153,7 +141,7 @@ def check_writable(folder: str | Path) -> None:
 
 
 #: temp files of the project's atomic writes: ``.<name>.<random>.tmp``, ``.<name>.<pid>[.link].tmp``
-TEMP_GLOBS = (".*.tmp",)
+TEMP_GLOB = ".*.tmp"
 
 
 def remove_interrupted_writes(root: str | Path) -> list[Path]:
@@ -162,7 +150,7 @@ def remove_interrupted_writes(root: str | Path) -> list[Path]:
     removed = []
     for d in (Path(root), Path(root) / "checkpoints"):
         if d.is_dir():
-            for p in d.glob(TEMP_GLOBS[0]):
+            for p in d.glob(TEMP_GLOB):
                 if p.is_file() or p.is_symlink():
                     p.unlink(missing_ok=True)
                     removed.append(p)
