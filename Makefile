@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-slow
+.PHONY: setup demo lint test test-slow
 
 setup: $(BIN)/fcl-lightning
 
@@ -19,8 +19,13 @@ $(BIN)/fcl-lightning: setup.cfg pyproject.toml
 demo: setup
 	$(BIN)/fcl-lightning fit --config configs/demo.yaml
 
-# the test command (.ci/run runs it too); wandb never touches the network in tests
-test: setup
+# lint and format check (ruff, configured in pyproject.toml)
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# the test command (.ci/run runs it too): lint, then the suite; wandb never touches the network
+test: lint
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q
 
 # the real-process tests left out of `make test` (SIGKILL at random points, then resume)

@@ -37,8 +37,9 @@ def main() -> None:
     ap.add_argument("--root", required=True)
     ap.add_argument("--out", default="runs/acdc_fcl_vs_random")
     ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--spacing", type=float, default=2.0,
-                    help="in-plane mm/pixel; 128 px x 2.0 mm keeps the whole heart in view")
+    ap.add_argument(
+        "--spacing", type=float, default=2.0, help="in-plane mm/pixel; 128 px x 2.0 mm keeps the whole heart in view"
+    )
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--local-epochs", type=int, default=1)
     ap.add_argument("--steps", type=int, default=150, help="fine-tuning steps per client")
@@ -48,25 +49,51 @@ def main() -> None:
     ap.add_argument("--skip-pretrain", action="store_true")
     args = ap.parse_args()
     out = Path(args.out).resolve()
-    common = [f"--data.root={args.root}", f"--data.img_size={args.size}", f"--data.spacing={args.spacing}",
-              f"--trainer.accelerator={args.accelerator}",
-              f"--data.num_workers={args.num_workers}"]
+    common = [
+        f"--data.root={args.root}",
+        f"--data.img_size={args.size}",
+        f"--data.spacing={args.spacing}",
+        f"--trainer.accelerator={args.accelerator}",
+        f"--data.num_workers={args.num_workers}",
+    ]
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if not args.skip_pretrain:
-        cli("fit", "--config", "configs/acdc/fcl_pretrain.yaml", *common, f"--data.source.patients={PRETRAIN_PATIENTS}",
-            "--data.num_clients=6", f"--federation.rounds={args.rounds}", f"--federation.local_epochs={args.local_epochs}",
-            f"--trainer.default_root_dir={out}/pretrain")
+        cli(
+            "fit",
+            "--config",
+            "configs/acdc/fcl_pretrain.yaml",
+            *common,
+            f"--data.source.patients={PRETRAIN_PATIENTS}",
+            "--data.num_clients=6",
+            f"--federation.rounds={args.rounds}",
+            f"--federation.local_epochs={args.local_epochs}",
+            f"--trainer.default_root_dir={out}/pretrain",
+        )
     timings["pretrain_s"] = time.perf_counter() - t0
-    results = json.loads((out / "pretrain" / "summary.json").read_text()) if (out / "pretrain" / "summary.json").exists() else {}
+    results = (
+        json.loads((out / "pretrain" / "summary.json").read_text())
+        if (out / "pretrain" / "summary.json").exists()
+        else {}
+    )
     table = {}
     for n in [int(x) for x in args.ns.split(",")]:
         for init in ("fcl", "random"):
             run = out / f"finetune_{init}_N{n}"
-            ft = ["--config", "configs/acdc/finetune.yaml", *common, f"--data.source.patients={FINETUNE_PATIENTS}",
-                  "--data.num_clients=4", "--data.cv_folds=null", "--data.val_fraction=0.5",
-                  f"--data.labelled_per_client={n}", "--federation.mode=local", "--federation.rounds=1",
-                  f"--federation.local_steps={args.steps}", f"--trainer.default_root_dir={run}"]
+            ft = [
+                "--config",
+                "configs/acdc/finetune.yaml",
+                *common,
+                f"--data.source.patients={FINETUNE_PATIENTS}",
+                "--data.num_clients=4",
+                "--data.cv_folds=null",
+                "--data.val_fraction=0.5",
+                f"--data.labelled_per_client={n}",
+                "--federation.mode=local",
+                "--federation.rounds=1",
+                f"--federation.local_steps={args.steps}",
+                f"--trainer.default_root_dir={run}",
+            ]
             if init == "fcl":
                 ft.append(f"--model.pretrained={out}/pretrain/encoder.pt")
             t1 = time.perf_counter()
@@ -75,15 +102,31 @@ def main() -> None:
             timings[f"{init}_N{n}_s"] = time.perf_counter() - t1
             s = json.loads((run / "summary.json").read_text())
             table[(init, n)] = s
-    lines = ["| init | N | Dice RV | Dice Myo | Dice LV | Dice mean | HD95 mean (mm) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| init | N | Dice RV | Dice Myo | Dice LV | Dice mean | HD95 mean (mm) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for (init, n), s in sorted(table.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        cells = [f"{s[f'test/{k}']:.3f} ± {s[f'test/{k}_std']:.3f}" for k in ("dice_rv", "dice_myo", "dice_lv", "dice_mean")]
-        lines.append(f"| {'FCL' if init == 'fcl' else 'random'} | {n} | " + " | ".join(cells) + f" | {s['test/hd95_mean']:.1f} |")
+        cells = [
+            f"{s[f'test/{k}']:.3f} ± {s[f'test/{k}_std']:.3f}" for k in ("dice_rv", "dice_myo", "dice_lv", "dice_mean")
+        ]
+        lines.append(
+            f"| {'FCL' if init == 'fcl' else 'random'} | {n} | " + " | ".join(cells) + f" | {s['test/hd95_mean']:.1f} |"
+        )
     md = "\n".join(lines)
     print(md)
     (out / "results.md").write_text(md + "\n")
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "timings": timings, "pretrain": results.get("pretrain"),
-                                                  "finetune": {f"{i}_N{n}": s for (i, n), s in table.items()}}, indent=2))
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "timings": timings,
+                "pretrain": results.get("pretrain"),
+                "finetune": {f"{i}_N{n}": s for (i, n), s in table.items()},
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -104,11 +104,12 @@ from fcl_lightning.fcl.exchange import embed_slices, route
 from fcl_lightning.fcl.memory_bank import BankEntries, MemoryBank
 from fcl_lightning.fcl.momentum import make_momentum_copy, update_momentum
 from fcl_lightning.fcl.objectives import ContrastiveInputs, FCLObjective
-from fcl_lightning.federation.client import client_seed, seed_all
+from fcl_lightning.federation.client import client_seed
 from fcl_lightning.federation.config import Federation
 from fcl_lightning.federation.loop import FederatedLoop
 from fcl_lightning.lit.pretrain import ContrastivePretrainModule
 from fcl_lightning.models.encoder import ProjectionHead, UNetEncoder
+from fcl_lightning.runtime import seed_all
 
 TARGET_RATIO = 0.85
 TARGET_OVERHEAD = 0.10
@@ -116,12 +117,34 @@ V, S = 3, 4  # volumes per batch, partitions per volume
 SEED = 0
 
 PROFILES: dict[str, dict[str, Any]] = {
-    "tiny": dict(clients=2, patients_per_client=6, img_size=64, spacing=2.0, features=[8, 16, 32, 64, 64, 64],
-                 proj_hidden=256, proj_dim=128, num_negatives=256, local_bank=512, remote_bank=1024, rounds=2,
-                 exchange_source="embed"),
-    "acdc": dict(clients=10, patients_per_client=10, img_size=128, spacing=1.367, features=[16, 32, 64, 128, 128, 128],
-                 proj_hidden=1024, proj_dim=128, num_negatives=512, local_bank=1024, remote_bank=4096, rounds=2,
-                 exchange_source="keys"),  # as configs/acdc/fcl_pretrain.yaml
+    "tiny": dict(
+        clients=2,
+        patients_per_client=6,
+        img_size=64,
+        spacing=2.0,
+        features=[8, 16, 32, 64, 64, 64],
+        proj_hidden=256,
+        proj_dim=128,
+        num_negatives=256,
+        local_bank=512,
+        remote_bank=1024,
+        rounds=2,
+        exchange_source="embed",
+    ),
+    "acdc": dict(
+        clients=10,
+        patients_per_client=10,
+        img_size=128,
+        spacing=1.367,
+        features=[16, 32, 64, 128, 128, 128],
+        proj_hidden=1024,
+        proj_dim=128,
+        num_negatives=512,
+        local_bank=1024,
+        remote_bank=4096,
+        rounds=2,
+        exchange_source="keys",
+    ),  # as configs/acdc/fcl_pretrain.yaml
 }
 
 
@@ -248,9 +271,17 @@ def instrument(loop: FederatedLoop, module: ContrastivePretrainModule, meter: Me
 def build_data(p: dict[str, Any], clients: int, img_size: int, cache_dir: str | None) -> FederatedDataModule:
     source = PhantomSource(num_subjects=p["patients_per_client"] * clients, num_sites=clients, seed=SEED)
     dm = FederatedDataModule(
-        source=source, num_clients=clients, split="site", val_fraction=0.0, num_partitions=S,
-        volumes_per_batch=V, spacing=p["spacing"], img_size=img_size, cache_dir=cache_dir,
-        augment_pretrain=False, seed=SEED,
+        source=source,
+        num_clients=clients,
+        split="site",
+        val_fraction=0.0,
+        num_partitions=S,
+        volumes_per_batch=V,
+        spacing=p["spacing"],
+        img_size=img_size,
+        cache_dir=cache_dir,
+        augment_pretrain=False,
+        seed=SEED,
     )
     dm.setup("fit")
     return dm
@@ -259,26 +290,47 @@ def build_data(p: dict[str, Any], clients: int, img_size: int, cache_dir: str | 
 def build_module(p: dict[str, Any]) -> ContrastivePretrainModule:
     torch.manual_seed(SEED)
     return ContrastivePretrainModule(
-        features=list(p["features"]), proj_hidden=p["proj_hidden"], proj_dim=p["proj_dim"],
-        objective=FCLObjective(temperature=0.1, num_negatives=p["num_negatives"]), momentum=0.99,
-        local_bank_size=p["local_bank"], remote_bank_size=p["remote_bank"], optimizer=torch.optim.Adam,
+        features=list(p["features"]),
+        proj_hidden=p["proj_hidden"],
+        proj_dim=p["proj_dim"],
+        objective=FCLObjective(temperature=0.1, num_negatives=p["num_negatives"]),
+        momentum=0.99,
+        local_bank_size=p["local_bank"],
+        remote_bank_size=p["remote_bank"],
+        optimizer=torch.optim.Adam,
     )
 
 
 # ------------------------------------------------------------------------------------ project
-def run_project(module: ContrastivePretrainModule, dm: FederatedDataModule, rounds: int, device: torch.device,
-                root: Path, console: Console, exchange_source: str = "embed",
-                checkpoint_async: bool | None = None) -> dict[str, Any]:
+def run_project(
+    module: ContrastivePretrainModule,
+    dm: FederatedDataModule,
+    rounds: int,
+    device: torch.device,
+    root: Path,
+    console: Console,
+    exchange_source: str = "embed",
+    checkpoint_async: bool | None = None,
+) -> dict[str, Any]:
     clock, meter, logger = Clock(device), Meter(), RoundLogger()
     loop = FederatedLoop(
         # monitor=None: the per-round probe is evaluation the bare loop does not do (a forward pass
         # over <= 40 volumes a round); the figures here are the training loop's own overhead
-        federation=Federation(rounds=rounds, local_epochs=1, exchange=True, exchange_source=exchange_source,
-                              monitor=None,
-                              **({} if checkpoint_async is None else {"checkpoint_async": checkpoint_async})),
-        module=module, datamodule=dm,
+        federation=Federation(
+            rounds=rounds,
+            local_epochs=1,
+            exchange=True,
+            exchange_source=exchange_source,
+            monitor=None,
+            **({} if checkpoint_async is None else {"checkpoint_async": checkpoint_async}),
+        ),
+        module=module,
+        datamodule=dm,
         trainer_kwargs={"accelerator": device.type, "devices": 1},
-        root_dir=root, loggers=[logger], seed=SEED, console=console,
+        root_dir=root,
+        loggers=[logger],
+        seed=SEED,
+        console=console,
     )
     instrument(loop, module, meter, clock)
     t0 = clock()
@@ -287,8 +339,14 @@ def run_project(module: ContrastivePretrainModule, dm: FederatedDataModule, roun
     hist = logger.rounds
     sums = {k: sum(h[f"round/time/{k}_s"] for h in hist) for k in ("train", "aggregate", "checkpoint", "total")}
     return {
-        "wall_s": wall, "steps": meter.steps, "slices": meter.slices, "meter": meter.s, "step_times": meter.step_times,
-        "rounds_time": sums, "checkpoint_s_per_round": [h["round/time/checkpoint_s"] for h in hist], "losses": [h.get("round/train/loss", float("nan")) for h in hist],
+        "wall_s": wall,
+        "steps": meter.steps,
+        "slices": meter.slices,
+        "meter": meter.s,
+        "step_times": meter.step_times,
+        "rounds_time": sums,
+        "checkpoint_s_per_round": [h["round/time/checkpoint_s"] for h in hist],
+        "losses": [h.get("round/train/loss", float("nan")) for h in hist],
         "export_devices": sorted(meter.export_devices),
     }
 
@@ -311,17 +369,28 @@ class BareClient:
 
 def prebuild_batches(dm: FederatedDataModule, rounds: int) -> list[list[list[dict[str, torch.Tensor]]]]:
     """batches[r][c]: the batches the project's client c Trainer gets in round r (loader iterated once here)."""
-    return [[list(dm.pretrain_loader(c, client_seed(SEED, r, c))) for c in range(dm.num_clients)] for r in range(rounds)]
+    return [
+        [list(dm.pretrain_loader(c, client_seed(SEED, r, c))) for c in range(dm.num_clients)] for r in range(rounds)
+    ]
 
 
-def run_bare(init_global: dict[str, torch.Tensor], p: dict[str, Any], dm: FederatedDataModule,
-             batches: list, rounds: int, device: torch.device, exchange_source: str = "embed") -> dict[str, Any]:
+def run_bare(
+    init_global: dict[str, torch.Tensor],
+    p: dict[str, Any],
+    dm: FederatedDataModule,
+    batches: list,
+    rounds: int,
+    device: torch.device,
+    exchange_source: str = "embed",
+) -> dict[str, Any]:
     clock, meter = Clock(device), Meter()
     C, dim, m = dm.num_clients, p["proj_dim"], 0.99
-    net = nn.ModuleDict({
-        "encoder": UNetEncoder(1, p["features"], "instance"),
-        "head": ProjectionHead(p["features"][-1], 4, p["proj_hidden"], dim),
-    }).to(device)
+    net = nn.ModuleDict(
+        {
+            "encoder": UNetEncoder(1, p["features"], "instance"),
+            "head": ProjectionHead(p["features"][-1], 4, p["proj_hidden"], dim),
+        }
+    ).to(device)
     objective = FCLObjective(temperature=0.1, num_negatives=p["num_negatives"]).to(device)
     aggregator = FedAvg()
     volumes = {c: [v.image.to(device) for v in dm.train[c]] for c in range(C)}
@@ -337,7 +406,9 @@ def run_bare(init_global: dict[str, torch.Tensor], p: dict[str, Any], dm: Federa
         for c in range(C):
             t0 = clock()
             seed_all(client_seed(SEED, r, c))
-            torch.empty((), dtype=torch.int64).random_()  # the draw a DataLoader iterator makes: same RNG stream as the project
+            torch.empty(
+                (), dtype=torch.int64
+            ).random_()  # the draw a DataLoader iterator makes: same RNG stream as the project
             net.load_state_dict(global_w)
             net.train()
             if c not in clients:
@@ -379,8 +450,11 @@ def run_bare(init_global: dict[str, torch.Tensor], p: dict[str, Any], dm: Federa
             if exchange_source == "keys":  # the keys this round computed, as the project shares them
                 e = st.local.entries()
                 n = min(len(e.vectors), round_keys)
-                payloads[c] = BankEntries(e.vectors[len(e.vectors) - n:].cpu(), e.partitions[len(e.vectors) - n:].cpu(),
-                                          torch.full((n,), c, dtype=torch.long))
+                payloads[c] = BankEntries(
+                    e.vectors[len(e.vectors) - n :].cpu(),
+                    e.partitions[len(e.vectors) - n :].cpu(),
+                    torch.full((n,), c, dtype=torch.long),
+                )
             else:
                 payloads[c] = embed_slices(st.embed_keys, volumes[c], dm.num_partitions, c, None, g)
             meter.add("exchange", clock() - t0)
@@ -390,10 +464,16 @@ def run_bare(init_global: dict[str, torch.Tensor], p: dict[str, Any], dm: Federa
         t0 = clock()
         inbox = route(payloads, dim, recipients=range(C))
         meter.add("exchange", clock() - t0)
-        losses.append(sum(l * n for l, n in zip(round_loss, counts)) / sum(counts))
+        losses.append(sum(loss * n for loss, n in zip(round_loss, counts)) / sum(counts))
     wall = clock() - t_run
-    return {"wall_s": wall, "steps": meter.steps, "slices": meter.slices, "meter": meter.s,
-            "step_times": meter.step_times, "losses": losses}
+    return {
+        "wall_s": wall,
+        "steps": meter.steps,
+        "slices": meter.slices,
+        "meter": meter.s,
+        "step_times": meter.step_times,
+        "losses": losses,
+    }
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -402,27 +482,52 @@ def pct(x: float, total: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="See the module docstring for what is measured.")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="See the module docstring for what is measured.",
+    )
     ap.add_argument("--profile", choices=sorted(PROFILES), default="tiny")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default: the profile's, 2)")
-    ap.add_argument("--clients", type=int, default=None, help="clients C (each keeps the profile's patients per client)")
+    ap.add_argument(
+        "--clients", type=int, default=None, help="clients C (each keeps the profile's patients per client)"
+    )
     ap.add_argument("--img-size", type=int, default=None, help="in-plane size (default: 64 tiny, 128 acdc)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
-                    help="one untimed warm-up round per path first (default: on)")
+    ap.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one untimed warm-up round per path first (default: on)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the figures to this file")
     ap.add_argument("--cache-dir", default=None, help="on-disk cache of preprocessed phantom volumes")
     ap.add_argument("--root", type=Path, default=None, help="keep the project's checkpoints here (default: a temp dir)")
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="timed runs per path, alternating project/bare; the fastest of each is reported (default 1)")
-    ap.add_argument("--exchange-source", choices=["embed", "keys"], default=None,
-                    help="federation.exchange_source of both paths (default: the profile's; acdc: keys, as the ACDC "
-                         "config; embed: an extra pass over every slice after the round)")
-    ap.add_argument("--checkpoint-async", action=argparse.BooleanOptionalAction, default=None,
-                    help="federation.checkpoint_async of the project run (default: the project's default)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch.set_num_threads (default: torch's); 1 is far less sensitive to a busy shared CPU")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="timed runs per path, alternating project/bare; the fastest of each is reported (default 1)",
+    )
+    ap.add_argument(
+        "--exchange-source",
+        choices=["embed", "keys"],
+        default=None,
+        help="federation.exchange_source of both paths (default: the profile's; acdc: keys, as the ACDC "
+        "config; embed: an extra pass over every slice after the round)",
+    )
+    ap.add_argument(
+        "--checkpoint-async",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="federation.checkpoint_async of the project run (default: the project's default)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: torch's); 1 is far less sensitive to a busy shared CPU",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -441,8 +546,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     dm = build_data(p, C, img, args.cache_dir)
     vols = [dm.num_train_samples(c) for c in range(C)]
-    print(f"data: {C} clients x {vols[0]} volumes (phantom, {p['patients_per_client'] * C} patients, "
-          f"{C} sites), img {img}, prepared in {time.perf_counter() - t0:.1f} s (not timed)", file=sys.stderr)
+    print(
+        f"data: {C} clients x {vols[0]} volumes (phantom, {p['patients_per_client'] * C} patients, "
+        f"{C} sites), img {img}, prepared in {time.perf_counter() - t0:.1f} s (not timed)",
+        file=sys.stderr,
+    )
     pristine = build_module(p)  # every project run starts from a copy of it, the bare runs from its weights
     init_global = {k: v.cpu().clone() for k, v in pristine.global_state().items()}
     batches = prebuild_batches(dm, R)
@@ -452,8 +560,16 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     if args.warmup:
         print("warm-up: project (1 round, untimed) ...", file=sys.stderr)
-        run_project(copy.deepcopy(pristine), dm, 1, device, Path(tmp.name) / "warmup", console, args.exchange_source,
-                    args.checkpoint_async)
+        run_project(
+            copy.deepcopy(pristine),
+            dm,
+            1,
+            device,
+            Path(tmp.name) / "warmup",
+            console,
+            args.exchange_source,
+            args.checkpoint_async,
+        )
         print("warm-up: bare (1 round, untimed) ...", file=sys.stderr)
         run_bare(init_global, p, dm, batches[:1], 1, device, args.exchange_source)
 
@@ -461,8 +577,11 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(max(1, args.repeats)):
         print(f"timed {i + 1}/{args.repeats}: project ({R} round(s)) ...", file=sys.stderr)
         run_root = root / f"project-{i}"
-        proj_runs.append(run_project(copy.deepcopy(pristine), dm, R, device, run_root, console, args.exchange_source,
-                                     args.checkpoint_async))
+        proj_runs.append(
+            run_project(
+                copy.deepcopy(pristine), dm, R, device, run_root, console, args.exchange_source, args.checkpoint_async
+            )
+        )
         if args.root is None:
             shutil.rmtree(run_root, ignore_errors=True)  # checkpoints can be large; keep disk use flat
         print(f"timed {i + 1}/{args.repeats}: bare ({R} round(s)) ...", file=sys.stderr)
@@ -495,16 +614,20 @@ def main(argv: list[str] | None = None) -> int:
     parts["outside_rounds"] = total - rt["total"]
     overhead_s = total - step_s
     overhead = overhead_s / total
-    trainer_setup_teardown = sum(parts[k] for k in ("trainer_construction", "fit_setup", "between_steps",
-                                                    "fit_teardown", "client_state_swap"))
+    trainer_setup_teardown = sum(
+        parts[k] for k in ("trainer_construction", "fit_setup", "between_steps", "fit_teardown", "client_state_swap")
+    )
     bm = bare["meter"]
     bare_non_step = bare["wall_s"] - bm.get("steps", 0.0)
     loss_diff = max((abs(a - b) for a, b in zip(proj["losses"], bare["losses"])), default=float("nan"))
     ok_ratio, ok_over = ratio >= TARGET_RATIO, overhead < TARGET_OVERHEAD
     ms = lambda xs: 1000 * sum(xs) / max(1, len(xs))  # noqa: E731
     med = lambda xs: 1000 * statistics.median(xs) if xs else float("nan")  # noqa: E731
-    noisy = [name for name, r in (("project", proj), ("bare", bare))
-             if r["step_times"] and max(r["step_times"]) > 3 * statistics.median(r["step_times"])]
+    noisy = [
+        name
+        for name, r in (("project", proj), ("bare", bare))
+        if r["step_times"] and max(r["step_times"]) > 3 * statistics.median(r["step_times"])
+    ]
     if proj["step_times"] and bare["step_times"] and not noisy:
         q = statistics.median(proj["step_times"]) / statistics.median(bare["step_times"])
         if not 1 / 2 < q < 2:  # the same step cannot legitimately differ this much
@@ -513,12 +636,16 @@ def main(argv: list[str] | None = None) -> int:
     out = []
     w = out.append
     w("")
-    w(f"FCL pre-training benchmark: profile {args.profile}, {C} clients x {vols[0]} volumes, img {img}, "
-      f"encoder {p['features']}, head {p['proj_hidden']}->{p['proj_dim']}, K={p['num_negatives']}")
-    w(f"  V={V} volumes x S={S} partitions = {V * S} slices/step, 1 local epoch, {R} timed round(s), "
-      f"warm-up {'on' if args.warmup else 'off'}, exchange source {args.exchange_source}, device {device.type} "
-      f"({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}, "
-      f"{torch.get_num_threads()} threads), torch {torch.__version__}, lightning {lightning.__version__}")
+    w(
+        f"FCL pre-training benchmark: profile {args.profile}, {C} clients x {vols[0]} volumes, img {img}, "
+        f"encoder {p['features']}, head {p['proj_hidden']}->{p['proj_dim']}, K={p['num_negatives']}"
+    )
+    w(
+        f"  V={V} volumes x S={S} partitions = {V * S} slices/step, 1 local epoch, {R} timed round(s), "
+        f"warm-up {'on' if args.warmup else 'off'}, exchange source {args.exchange_source}, device {device.type} "
+        f"({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}, "
+        f"{torch.get_num_threads()} threads), torch {torch.__version__}, lightning {lightning.__version__}"
+    )
     w("  augmentation OFF in both paths (augment_pretrain=False; the bare loop replays the same batches from memory)")
     w("")
     w(f"{'':34}{'project':>12}{'bare':>12}")
@@ -527,35 +654,49 @@ def main(argv: list[str] | None = None) -> int:
     w(f"{'wall time of timed rounds (s)':34}{proj['wall_s']:>12.2f}{bare['wall_s']:>12.2f}")
     w(f"{'  of which in training steps (s)':34}{step_s:>12.2f}{bm.get('steps', 0.0):>12.2f}")
     w(f"{'step ms: mean':34}{ms(proj['step_times']):>12.1f}{ms(bare['step_times']):>12.1f}")
-    w(f"{'         median':34}{med(proj['step_times']):>12.1f}{med(bare['step_times']):>12.1f}"
-      f"   project/bare {med(proj['step_times']) / med(bare['step_times']):.3f}")
-    w(f"{'         min / max':34}{1000 * min(proj['step_times']):>5.0f} /{1000 * max(proj['step_times']):>5.0f}"
-      f"{1000 * min(bare['step_times']):>5.0f} /{1000 * max(bare['step_times']):>5.0f}")
+    w(
+        f"{'         median':34}{med(proj['step_times']):>12.1f}{med(bare['step_times']):>12.1f}"
+        f"   project/bare {med(proj['step_times']) / med(bare['step_times']):.3f}"
+    )
+    w(
+        f"{'         min / max':34}{1000 * min(proj['step_times']):>5.0f} /{1000 * max(proj['step_times']):>5.0f}"
+        f"{1000 * min(bare['step_times']):>5.0f} /{1000 * max(bare['step_times']):>5.0f}"
+    )
     w(f"{'slices/s':34}{sps_p:>12.1f}{sps_b:>12.1f}")
-    w(f"{'last round loss':34}{proj['losses'][-1]:>12.5f}{bare['losses'][-1]:>12.5f}   max |diff| over rounds {loss_diff:.2e}")
+    w(
+        f"{'last round loss':34}{proj['losses'][-1]:>12.5f}{bare['losses'][-1]:>12.5f}   max |diff| over rounds {loss_diff:.2e}"
+    )
     if len(proj_runs) > 1:
         walls_p = " ".join(f"{r['wall_s']:.2f}" for r in proj_runs)
         walls_b = " ".join(f"{r['wall_s']:.2f}" for r in bare_runs)
         w(f"{'wall of each repeat (s)':34}{walls_p:>12}{walls_b:>12}   (fastest reported)")
     w(f"  load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after, {os.cpu_count()} CPUs")
     if noisy:
-        w(f"  WARNING: {', '.join(noisy)} step times look disturbed (a step > 3x the median, or a project/bare median "
-          "ratio outside 0.5-2): the machine was busy (other processes?); timings are unreliable, "
-          "rerun with --repeats 3 and/or --threads 1 on a quiet machine")
+        w(
+            f"  WARNING: {', '.join(noisy)} step times look disturbed (a step > 3x the median, or a project/bare median "
+            "ratio outside 0.5-2): the machine was busy (other processes?); timings are unreliable, "
+            "rerun with --repeats 3 and/or --threads 1 on a quiet machine"
+        )
     if device.type == "cuda" and proj["export_devices"] != ["cuda"]:
-        w(f"  NOTE: the project's feature export (export_features) ran on {'/'.join(proj['export_devices'])}, not cuda: "
-          "Lightning's Strategy.teardown moves the module to the CPU at the end of every fit, before client_step exports")
+        w(
+            f"  NOTE: the project's feature export (export_features) ran on {'/'.join(proj['export_devices'])}, not cuda: "
+            "Lightning's Strategy.teardown moves the module to the CPU at the end of every fit, before client_step exports"
+        )
     if proj["slices"] != bare["slices"]:
         w("  WARNING: the two paths processed different numbers of slices")
     w("")
     w(f"ratio project/bare slices/s : {ratio:6.3f}   target >= {TARGET_RATIO:.2f}   {'PASS' if ok_ratio else 'FAIL'}")
-    w(f"project overhead            : {100 * overhead:5.1f}%   target <  {100 * TARGET_OVERHEAD:.0f}%   {'PASS' if ok_over else 'FAIL'}"
-      f"   ({overhead_s:.2f} s of {total:.2f} s round time not in training steps)")
+    w(
+        f"project overhead            : {100 * overhead:5.1f}%   target <  {100 * TARGET_OVERHEAD:.0f}%   {'PASS' if ok_over else 'FAIL'}"
+        f"   ({overhead_s:.2f} s of {total:.2f} s round time not in training steps)"
+    )
     w("")
     w(f"project run time ({R} round(s) + finishing): {total:.2f} s")
     w(f"  {'training steps':44}{step_s:8.2f} s {pct(step_s, total)}")
     w(f"  {'overhead':44}{overhead_s:8.2f} s {pct(overhead_s, total)}")
-    w(f"    {'trainer setup+teardown (sum of the next 5)':42}{trainer_setup_teardown:8.2f} s {pct(trainer_setup_teardown, total)}")
+    w(
+        f"    {'trainer setup+teardown (sum of the next 5)':42}{trainer_setup_teardown:8.2f} s {pct(trainer_setup_teardown, total)}"
+    )
     labels = {
         "trainer_construction": "Trainer construction (make_trainer)",
         "fit_setup": "fit setup (Trainer built -> first step)",
@@ -569,27 +710,50 @@ def main(argv: list[str] | None = None) -> int:
         "outside_rounds": "outside rounds (last checkpoint, encoder.pt)",
     }
     for k, label in labels.items():
-        ind = "      " if k in ("trainer_construction", "fit_setup", "between_steps", "fit_teardown", "client_state_swap") else "    "
+        ind = (
+            "      "
+            if k in ("trainer_construction", "fit_setup", "between_steps", "fit_teardown", "client_state_swap")
+            else "    "
+        )
         w(f"{ind}{label:{46 - len(ind)}}{parts[k]:8.2f} s {pct(parts[k], total)}")
     proj_only = overhead_s - parts["exchange"] - parts["aggregation"]
-    w(f"  {'overhead the bare loop does not have':44}{proj_only:8.2f} s {pct(proj_only, total)}   (overhead minus exchange and FedAvg)")
-    w(f"bare loop non-step time: {bare_non_step:.2f} s of {bare['wall_s']:.2f} s = {pct(bare_non_step, bare['wall_s']).strip()} "
-      f"(exchange {bm.get('exchange', 0.0):.2f} s, FedAvg {bm.get('aggregate', 0.0):.2f} s, "
-      f"weights/banks {bm.get('state', 0.0):.2f} s; no checkpoint)")
+    w(
+        f"  {'overhead the bare loop does not have':44}{proj_only:8.2f} s {pct(proj_only, total)}   (overhead minus exchange and FedAvg)"
+    )
+    w(
+        f"bare loop non-step time: {bare_non_step:.2f} s of {bare['wall_s']:.2f} s = {pct(bare_non_step, bare['wall_s']).strip()} "
+        f"(exchange {bm.get('exchange', 0.0):.2f} s, FedAvg {bm.get('aggregate', 0.0):.2f} s, "
+        f"weights/banks {bm.get('state', 0.0):.2f} s; no checkpoint)"
+    )
     print("\n".join(out), flush=True)
 
     if args.json:
         result = {
-            "profile": args.profile, "exchange_source": args.exchange_source, "clients": C, "rounds": R, "img_size": img, "device": device.type,
-            "volumes_per_client": vols, "features": p["features"], "warmup": args.warmup, "augmentation": False,
+            "profile": args.profile,
+            "exchange_source": args.exchange_source,
+            "clients": C,
+            "rounds": R,
+            "img_size": img,
+            "device": device.type,
+            "volumes_per_client": vols,
+            "features": p["features"],
+            "warmup": args.warmup,
+            "augmentation": False,
             "project": {k: v for k, v in proj.items() if k != "step_times"},
             "bare": {k: v for k, v in bare.items() if k != "step_times"},
-            "slices_per_s": {"project": sps_p, "bare": sps_b}, "ratio": ratio, "overhead": overhead,
-            "overhead_breakdown_s": parts, "overhead_not_in_bare_s": proj_only, "round_total_s": total, "step_s": step_s, "loss_max_abs_diff": loss_diff,
+            "slices_per_s": {"project": sps_p, "bare": sps_b},
+            "ratio": ratio,
+            "overhead": overhead,
+            "overhead_breakdown_s": parts,
+            "overhead_not_in_bare_s": proj_only,
+            "round_total_s": total,
+            "step_s": step_s,
+            "loss_max_abs_diff": loss_diff,
             "targets": {"ratio": TARGET_RATIO, "overhead": TARGET_OVERHEAD},
             "repeats_wall_s": {"project": [r["wall_s"] for r in proj_runs], "bare": [r["wall_s"] for r in bare_runs]},
             "step_ms_median": {"project": med(proj["step_times"]), "bare": med(bare["step_times"])},
-            "threads": torch.get_num_threads(), "loadavg": {"before": load_before, "after": load_after},
+            "threads": torch.get_num_threads(),
+            "loadavg": {"before": load_before, "after": load_after},
             "pass": {"ratio": ok_ratio, "overhead": ok_over},
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -32,10 +32,20 @@ def free_port() -> int:
 
 def tiny_overrides(root: Path, rounds: int, clients: int) -> list[str]:
     """The phantom at a size a CPU does in seconds (the config of the test suite's tiny runs)."""
-    return [f"--trainer.default_root_dir={root}", "--trainer.accelerator=cpu", f"--data.num_clients={clients}",
-            "--data.source.num_subjects=8", "--data.source.size=64", "--data.img_size=32", "--data.volumes_per_batch=2",
-            "--model.features=[8,16,16,16]", "--model.proj_hidden=32", "--model.proj_dim=16",
-            "--model.objective.num_negatives=32", f"--federation.rounds={rounds}"]
+    return [
+        f"--trainer.default_root_dir={root}",
+        "--trainer.accelerator=cpu",
+        f"--data.num_clients={clients}",
+        "--data.source.num_subjects=8",
+        "--data.source.size=64",
+        "--data.img_size=32",
+        "--data.volumes_per_batch=2",
+        "--model.features=[8,16,16,16]",
+        "--model.proj_hidden=32",
+        "--model.proj_dim=16",
+        "--model.objective.num_negatives=32",
+        f"--federation.rounds={rounds}",
+    ]
 
 
 def run_loopback(work: Path, rounds: int, clients: int, timeout: float = 600.0) -> dict:
@@ -43,7 +53,8 @@ def run_loopback(work: Path, rounds: int, clients: int, timeout: float = 600.0) 
     link = free_port()  # Flower 1.4x serves the Fleet, Control and ServerApp APIs on one HTTP port
     (work / "flwr_home").mkdir(parents=True, exist_ok=True)
     (work / "flwr_home" / "config.toml").write_text(
-        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
+    )
     base = work / "base.yaml"
     base.write_text("seed_everything: 0\n")
     flower_root, inproc_root = work / "flower_run", work / "inprocess_run"
@@ -53,23 +64,49 @@ def run_loopback(work: Path, rounds: int, clients: int, timeout: float = 600.0) 
     def start(name: str, cmd: list[str]) -> None:
         log = open(work / f"{name}.log", "w")
         logs.append(log)
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                      start_new_session=True))
+        procs.append(
+            subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+        )
 
     try:
-        start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--host=127.0.0.1", f"--port={link}",
-                            f"--database={work / 'state.db'}", "--disable-runtime-dependency-installation"])
+        start(
+            "superlink",
+            [
+                str(BIN / "flower-superlink"),
+                "--insecure",
+                "--host=127.0.0.1",
+                f"--port={link}",
+                f"--database={work / 'state.db'}",
+                "--disable-runtime-dependency-installation",
+            ],
+        )
         time.sleep(3)
         for c in range(clients):
-            start(f"supernode{c}", [str(BIN / "flower-supernode"), "--insecure", f"--superlink=127.0.0.1:{link}",
-                                    f"--port={free_port()}", f"--node-config=partition-id={c}"])
+            start(
+                f"supernode{c}",
+                [
+                    str(BIN / "flower-supernode"),
+                    "--insecure",
+                    f"--superlink=127.0.0.1:{link}",
+                    f"--port={free_port()}",
+                    f"--node-config=partition-id={c}",
+                ],
+            )
         time.sleep(3)
-        run_config = {"config": str(base), "overrides": " ".join(map(shlex.quote, tiny_overrides(flower_root, rounds, clients))),
-                      "wait-s": 60}
+        run_config = {
+            "config": str(base),
+            "overrides": " ".join(map(shlex.quote, tiny_overrides(flower_root, rounds, clients))),
+            "wait-s": 60,
+        }
         rc_arg = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
         t0 = time.perf_counter()
-        subprocess.run([str(BIN / "flwr"), "run", str(REPO / "flower"), "loopback", "--run-config", rc_arg, "--stream"],
-                       env=env, cwd=REPO, timeout=timeout, check=True)
+        subprocess.run(
+            [str(BIN / "flwr"), "run", str(REPO / "flower"), "loopback", "--run-config", rc_arg, "--stream"],
+            env=env,
+            cwd=REPO,
+            timeout=timeout,
+            check=True,
+        )
         deadline = time.monotonic() + timeout
         while not (flower_root / "summary.json").is_file():  # the stream may end before the server writes
             if time.monotonic() > deadline:
@@ -94,9 +131,22 @@ def run_loopback(work: Path, rounds: int, clients: int, timeout: float = 600.0) 
         raise RuntimeError(f"processes still running after cleanup: {left}")
 
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "fcl_lightning.cli", "fit", "--config", str(base),
-                    *tiny_overrides(inproc_root, rounds, clients)], env=env, cwd=REPO, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fcl_lightning.cli",
+            "fit",
+            "--config",
+            str(base),
+            *tiny_overrides(inproc_root, rounds, clients),
+        ],
+        env=env,
+        cwd=REPO,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     inproc_s = time.perf_counter() - t0
 
     import torch
@@ -104,7 +154,13 @@ def run_loopback(work: Path, rounds: int, clients: int, timeout: float = 600.0) 
     a = torch.load(flower_root / "encoder.pt", weights_only=True)
     b = torch.load(inproc_root / "encoder.pt", weights_only=True)
     equal = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    return {"flower_s": flower_s, "in_process_s": inproc_s, "bitwise_equal": equal, "rounds": rounds, "clients": clients}
+    return {
+        "flower_s": flower_s,
+        "in_process_s": inproc_s,
+        "bitwise_equal": equal,
+        "rounds": rounds,
+        "clients": clients,
+    }
 
 
 def main() -> None:

@@ -37,14 +37,38 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))  # the repository's package, installed or not
+
+from fcl_lightning.evaluation import mean_std  # noqa: E402 (after the path it comes from)
+
 METHODS_DIR = REPO / "configs" / "methods"
 NO_PRETRAIN = "random"  # random init: no pre-training cell
-COLUMNS = ["method", "setting", "N", "client", "fold", "seed", "dice_rv", "dice_myo", "dice_lv", "dice_mean",
-           "hd95_mean"]
-LABELS = {"random": "Random init", "local_cl": "Local CL", "fedsimclr": "FedSimCLR", "fedrotation": "FedRotation",
-          "fedswav": "FedSwAV", "fcl": "FCL", "fcl_no_exchange": "FCL w/o exchange",
-          "fcl_no_remote": "FCL w/o remote term", "fcl_no_momentum": "FCL w/o momentum encoder",
-          "fcl_literal": "FCL, paper's literal local term", "fcl_dense": "FCL + dense term (extension)"}
+COLUMNS = [
+    "method",
+    "setting",
+    "N",
+    "client",
+    "fold",
+    "seed",
+    "dice_rv",
+    "dice_myo",
+    "dice_lv",
+    "dice_mean",
+    "hd95_mean",
+]
+LABELS = {
+    "random": "Random init",
+    "local_cl": "Local CL",
+    "fedsimclr": "FedSimCLR",
+    "fedrotation": "FedRotation",
+    "fedswav": "FedSwAV",
+    "fcl": "FCL",
+    "fcl_no_exchange": "FCL w/o exchange",
+    "fcl_no_remote": "FCL w/o remote term",
+    "fcl_no_momentum": "FCL w/o momentum encoder",
+    "fcl_literal": "FCL, paper's literal local term",
+    "fcl_dense": "FCL + dense term (extension)",
+}
 PAPER_METHODS = ["random", "local_cl", "fedrotation", "fedsimclr", "fedswav", "fcl"]
 ABLATIONS = ["fcl_no_exchange", "fcl_no_remote", "fcl_no_momentum"]
 
@@ -63,30 +87,56 @@ class Profile:
 
 # 5 clients (one ACDC disease group each) x 20 patients, 64 px at 3.5 mm; a quarter of every
 # client's patients is held out of pre-training *and* fine-tuning and is what both are scored on
-ACDC_CPU_DATA = ["--data.img_size=64", "--data.spacing=3.5", "--data.num_clients=5", "--data.split=group",
-                 "--data.val_fraction=0.25"]
+ACDC_CPU_DATA = [
+    "--data.img_size=64",
+    "--data.spacing=3.5",
+    "--data.num_clients=5",
+    "--data.split=group",
+    "--data.val_fraction=0.25",
+]
 PROFILES: dict[str, Profile] = {
     # the phantom: 4 clients (one per site), held-out phantom test set
     "quick": Profile(
         pretrain=["--config", "configs/demo_pretrain.yaml", "--federation.rounds=3", "--federation.local_epochs=1"],
         finetune=["--config", "configs/demo_finetune.yaml", "--federation.rounds=2", "--federation.local_steps=30"],
-        ns=[1, 2], methods=PAPER_METHODS + ABLATIONS,
+        ns=[1, 2],
+        methods=PAPER_METHODS + ABLATIONS,
     ),
     # real ACDC on a CPU: pre-train on 15 patients per client (16 rounds x 40 steps = 640 steps
     # per client), fine-tune on N of them (6 rounds x 50 steps, validated on the held-out patients
     # after every round: the Dice-vs-steps curve) and score on the 5 held-out patients per client
     "acdc-cpu": Profile(
-        pretrain=["--config", "configs/acdc/fcl_pretrain.yaml", *ACDC_CPU_DATA, "--federation.rounds=16",
-                  "--federation.local_steps=40", "--model.proj_hidden=512"],
-        finetune=["--config", "configs/acdc/finetune.yaml", *ACDC_CPU_DATA, "--data.cv_folds=null",
-                  "--data.batch_size=8", "--federation.rounds=6", "--federation.local_steps=50"],
-        ns=[1, 2], methods=["random", "fcl"], settings=["local"], seeds=[0, 1], needs_root=True,
+        pretrain=[
+            "--config",
+            "configs/acdc/fcl_pretrain.yaml",
+            *ACDC_CPU_DATA,
+            "--federation.rounds=16",
+            "--federation.local_steps=40",
+            "--model.proj_hidden=512",
+        ],
+        finetune=[
+            "--config",
+            "configs/acdc/finetune.yaml",
+            *ACDC_CPU_DATA,
+            "--data.cv_folds=null",
+            "--data.batch_size=8",
+            "--federation.rounds=6",
+            "--federation.local_steps=50",
+        ],
+        ns=[1, 2],
+        methods=["random", "fcl"],
+        settings=["local"],
+        seeds=[0, 1],
+        needs_root=True,
     ),
     # the paper's setting: 10 clients x 10 patients, 192 px, 5-fold CV inside each client
     "paper": Profile(
         pretrain=["--config", "configs/acdc/fcl_pretrain.yaml"],
         finetune=["--config", "configs/acdc/finetune.yaml", "--data.cv_folds=5"],
-        ns=[1, 2, 4, 8], methods=PAPER_METHODS + ABLATIONS, folds=[0, 1, 2, 3, 4], needs_root=True,
+        ns=[1, 2, 4, 8],
+        methods=PAPER_METHODS + ABLATIONS,
+        folds=[0, 1, 2, 3, 4],
+        needs_root=True,
     ),
 }
 
@@ -100,7 +150,9 @@ def cli(args: list[str]) -> None:
 
     with warnings.catch_warnings():  # this script's own argv is not the command's
         warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
-        main([str(REPO / a) if prev == "--config" and not os.path.isabs(a) else a for prev, a in zip(["", *args], args)])
+        main(
+            [str(REPO / a) if prev == "--config" and not os.path.isabs(a) else a for prev, a in zip(["", *args], args)]
+        )
 
 
 def pretrain_uses_local_mode(method: str) -> bool:
@@ -111,8 +163,15 @@ def pretrain_uses_local_mode(method: str) -> bool:
 
 
 class Runner:
-    def __init__(self, profile: Profile, out: Path, common: list[str], extra_pretrain: list[str],
-                 extra_finetune: list[str], log=print) -> None:
+    def __init__(
+        self,
+        profile: Profile,
+        out: Path,
+        common: list[str],
+        extra_pretrain: list[str],
+        extra_finetune: list[str],
+        log=print,
+    ) -> None:
         self.p, self.out, self.common = profile, out, common
         self.extra_pretrain, self.extra_finetune = extra_pretrain, extra_finetune
         self.log = log
@@ -140,16 +199,30 @@ class Runner:
 
     def run_pretrain(self, method: str) -> None:
         d = self.pretrain_dir(method)
-        args = ["fit", *self.p.pretrain, "--config", str(METHODS_DIR / f"{method}.yaml"), *self.common,
-                *self.extra_pretrain, f"--trainer.default_root_dir={d}"]
+        args = [
+            "fit",
+            *self.p.pretrain,
+            "--config",
+            str(METHODS_DIR / f"{method}.yaml"),
+            *self.common,
+            *self.extra_pretrain,
+            f"--trainer.default_root_dir={d}",
+        ]
         if (d / "checkpoints" / "last.ckpt").is_file():
             args.append("--ckpt_path=last")  # an interrupted pre-training continues at its next round
         cli(args)
 
     def run_finetune(self, method: str, setting: str, n: int, fold: int | None, seed: int) -> None:
         d = self.finetune_dir(method, setting, n, fold, seed)
-        args = [*self.p.finetune, *self.common, *self.extra_finetune, f"--data.labelled_per_client={n}",
-                f"--federation.mode={setting}", f"--seed_everything={seed}", f"--trainer.default_root_dir={d}"]
+        args = [
+            *self.p.finetune,
+            *self.common,
+            *self.extra_finetune,
+            f"--data.labelled_per_client={n}",
+            f"--federation.mode={setting}",
+            f"--seed_everything={seed}",
+            f"--trainer.default_root_dir={d}",
+        ]
         if fold is not None:
             args.append(f"--data.cv_fold={fold}")
         if method != NO_PRETRAIN:
@@ -221,11 +294,16 @@ class Runner:
                 for r in csv.DictReader(fh):
                     per.setdefault(r["client"], []).append(r)
             for client, vols in sorted(per.items()):
-                row = {"method": method, "setting": setting, "N": n, "client": client,
-                       "fold": "" if fold is None else fold, "seed": seed}
+                row = {
+                    "method": method,
+                    "setting": setting,
+                    "N": n,
+                    "client": client,
+                    "fold": "" if fold is None else fold,
+                    "seed": seed,
+                }
                 for k in COLUMNS[6:]:
-                    vals = np.array([float(v[k]) if v.get(k) not in (None, "", "nan") else math.nan for v in vols])
-                    row[k] = float(np.nanmean(vals)) if not np.isnan(vals).all() else math.nan
+                    row[k] = mean_std([float(v[k]) if v.get(k) not in (None, "") else math.nan for v in vols])[0]
                 rows.append(row)
         return rows
 
@@ -245,9 +323,10 @@ def table(rows: list[dict], methods: list[str], ns: list[int], setting: str) -> 
             if not by_client:
                 cells.append("-")
                 continue
-            vals = np.array([np.nanmean(v) for v in by_client.values()])
-            stats.setdefault(LABELS.get(m, m), {})[n] = (float(np.mean(vals)), float(np.std(vals)))
-            cells.append(f"{np.mean(vals):.3f} ± {np.std(vals):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}")
+            mean, std = stats.setdefault(LABELS.get(m, m), {})[n] = mean_std(
+                [mean_std(v)[0] for v in by_client.values()]
+            )
+            cells.append(f"{mean:.3f} ± {std:.3f}" if len(by_client) > 1 else f"{mean:.3f}")
         lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
     return "\n".join(lines), stats
 
@@ -259,8 +338,13 @@ def read_rounds(run_dir: Path, key: str) -> dict[int, float]:
     for log in sorted((run_dir / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1])):
         if (log / "metrics.csv").is_file():
             with open(log / "metrics.csv") as fh:
-                by_round.update({int(float(r["round"])): float(r[key]) for r in csv.DictReader(fh)
-                                 if r.get(key) not in (None, "") and r.get("round") not in (None, "")})
+                by_round.update(
+                    {
+                        int(float(r["round"])): float(r[key])
+                        for r in csv.DictReader(fh)
+                        if r.get(key) not in (None, "") and r.get("round") not in (None, "")
+                    }
+                )
     return dict(sorted(by_round.items()))
 
 
@@ -270,48 +354,76 @@ def curves(runner: Runner, methods: list[str]) -> list[str]:
     out = []
     for m in sorted({m.partition("@")[0] for m in methods} - {NO_PRETRAIN}):
         pre = runner.pretrain_dir(m)
-        rows = [(label, read_rounds(pre, f"round/monitor/{key}")) for label, key in (
-            ("k-NN partition probe, head", "probe_acc"), ("k-NN partition probe, encoder", "probe_acc_encoder"),
-            ("spread", "spread"))]
+        rows = [
+            (label, read_rounds(pre, f"round/monitor/{key}"))
+            for label, key in (
+                ("k-NN partition probe, head", "probe_acc"),
+                ("k-NN partition probe, encoder", "probe_acc_encoder"),
+                ("spread", "spread"),
+            )
+        ]
         if rows[0][1]:
             rounds = list(rows[0][1])
-            out += [f"## Pre-training monitors: {LABELS.get(m, m)} (probe chance 1/S; round 0: initialisation)", "",
-                    "| round | " + " | ".join(map(str, rounds)) + " |", "|---|" + "---|" * len(rounds),
-                    *("| " + label + " | " + " | ".join(f"{vals.get(r, math.nan):.2f}" for r in rounds) + " |"
-                      for label, vals in rows), ""]
+            out += [
+                f"## Pre-training monitors: {LABELS.get(m, m)} (probe chance 1/S; round 0: initialisation)",
+                "",
+                "| round | " + " | ".join(map(str, rounds)) + " |",
+                "|---|" + "---|" * len(rounds),
+                *(
+                    "| " + label + " | " + " | ".join(f"{vals.get(r, math.nan):.2f}" for r in rounds) + " |"
+                    for label, vals in rows
+                ),
+                "",
+            ]
     for setting in runner.p.settings:
         lines = []
         for m in methods:
             for n in runner.p.ns:
-                runs = [list(read_rounds(runner.finetune_dir(m, setting, n, f, sd), "round/val/dice_mean").values())
-                        for f in runner.p.folds for sd in runner.p.seeds]
+                runs = [
+                    list(read_rounds(runner.finetune_dir(m, setting, n, f, sd), "round/val/dice_mean").values())
+                    for f in runner.p.folds
+                    for sd in runner.p.seeds
+                ]
                 runs = [c for c in runs if c]
                 if not runs:
                     continue
                 r = min(len(c) for c in runs)
                 mean = np.mean([c[:r] for c in runs], axis=0)
-                lines.append(f"| {LABELS.get(m, m)} | {n} | {len(runs)} | " + " / ".join(f"{v:.3f}" for v in mean) + " |")
+                lines.append(
+                    f"| {LABELS.get(m, m)} | {n} | {len(runs)} | " + " / ".join(f"{v:.3f}" for v in mean) + " |"
+                )
         if lines:
-            out += [f"## Held-out Dice after each fine-tuning round ({setting})", "",
-                    "| method | N | runs | Dice after fine-tuning round 1 / 2 / ... |", "|---|---|---|---|", *lines, ""]
+            out += [
+                f"## Held-out Dice after each fine-tuning round ({setting})",
+                "",
+                "| method | N | runs | Dice after fine-tuning round 1 / 2 / ... |",
+                "|---|---|---|---|",
+                *lines,
+                "",
+            ]
     return out
 
 
 def write_results(runner: Runner, methods: list[str], profile_name: str, wall_s: float) -> str:
-    sys.path.insert(0, str(REPO / "src"))
-    from fcl_lightning.federation.checkpoint import atomic_write_text
     from fcl_lightning.figures import save_dice_vs_n_figure
+    from fcl_lightning.io import atomic_write, atomic_write_text
 
     rows = runner.rows(methods)
-    tmp = runner.out / "results.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, runner.out / "results.csv")
-    parts = [f"# FCL tables, profile `{profile_name}`", "",
-             f"Dice (mean over RV, Myo, LV) per client, mean ± std over clients; {len(rows)} client rows; "
-             f"this call's wall time {wall_s / 60:.1f} min.", ""]
+
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(runner.out / "results.csv", write_csv)
+    parts = [
+        f"# FCL tables, profile `{profile_name}`",
+        "",
+        f"Dice (mean over RV, Myo, LV) per client, mean ± std over clients; {len(rows)} client rows; "
+        f"this call's wall time {wall_s / 60:.1f} min.",
+        "",
+    ]
     for setting, title in (("local", "Table 1: local fine-tuning"), ("federated", "Table 2: federated fine-tuning")):
         if setting not in runner.p.settings or not any(r["setting"] == setting for r in rows):
             continue
@@ -330,14 +442,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     ap.add_argument("--root", default=None, help="ACDC training folder (acdc-cpu and paper profiles)")
     ap.add_argument("--out", default=None, help="default: runs/tables/<profile>")
-    ap.add_argument("--methods", default=None, help=f"comma list (default: the profile's); any of {sorted(LABELS)}, "
-                    "or METHOD@R to fine-tune from round R of METHOD's pre-training")
+    ap.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma list (default: the profile's); any of {sorted(LABELS)}, "
+        "or METHOD@R to fine-tune from round R of METHOD's pre-training",
+    )
     ap.add_argument("--ns", default=None, help="comma list of N (default: the profile's)")
     ap.add_argument("--settings", default=None, help="local,federated (default: the profile's)")
     ap.add_argument("--seeds", default=None, help="comma list of fine-tuning seeds (default: the profile's)")
     ap.add_argument("--accelerator", default="auto")
-    ap.add_argument("--report-only", action="store_true",
-                    help="run nothing: write results.csv/.md and the figures from the cells finished so far")
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: write results.csv/.md and the figures from the cells finished so far",
+    )
     ap.add_argument("--pretrain-arg", action="append", default=[], help="extra CLI argument of every pre-training")
     ap.add_argument("--finetune-arg", action="append", default=[], help="extra CLI argument of every fine-tuning")
     args = ap.parse_args(argv)

@@ -11,12 +11,20 @@ from flwr.supercore.task_identity import TaskIdentity
 
 
 class LocalGrid(Grid):
-    def __init__(self, app, run_config: dict, node_configs: dict[int, dict], fail: dict[int, set[int]] | None = None,
-                 silent: dict[int, set[int]] | None = None) -> None:
+    def __init__(
+        self,
+        app,
+        run_config: dict,
+        node_configs: dict[int, dict],
+        fail: dict[int, set[int]] | None = None,
+        silent: dict[int, set[int]] | None = None,
+    ) -> None:
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
         self.app = app
-        self.contexts = {n: Context(run_id=1, node_id=n, node_config=cfg, state=RecordDict(), run_config=run_config)
-                         for n, cfg in node_configs.items()}
+        self.contexts = {
+            n: Context(run_id=1, node_id=n, node_config=cfg, state=RecordDict(), run_config=run_config)
+            for n, cfg in node_configs.items()
+        }
         self.fail = fail or {}  # round -> nodes that raise
         self.silent = silent or {}  # round -> nodes that never answer
         self.sent: list[Message] = []

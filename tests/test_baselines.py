@@ -8,7 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fcl_lightning.baselines import PartitionContrastObjective, RotationObjective, SimCLRObjective, SwAVObjective, sinkhorn
+from fcl_lightning.baselines import (
+    PartitionContrastObjective,
+    RotationObjective,
+    SimCLRObjective,
+    SwAVObjective,
+    sinkhorn,
+)
 from fcl_lightning.baselines.rotation import rotate_batch
 from fcl_lightning.cli import main
 from fcl_lightning.fcl.memory_bank import BankEntries
@@ -37,8 +43,15 @@ def contrastive_reference(z: torch.Tensor, labels: torch.Tensor, t: float) -> fl
 
 def make_step(views, partitions, embed=None, encode=None):
     b = views[0].shape[0]
-    return PretrainStep(views, partitions, torch.arange(b), embed or (lambda x: x), lambda x: x,
-                        encode or (lambda x: x), BankEntries.empty(4))
+    return PretrainStep(
+        views,
+        partitions,
+        torch.arange(b),
+        embed or (lambda x: x),
+        lambda x: x,
+        encode or (lambda x: x),
+        BankEntries.empty(4),
+    )
 
 
 @pytest.mark.parametrize("b, d, t", [(3, 4, 0.1), (6, 8, 0.5), (5, 16, 0.2)])
@@ -108,8 +121,11 @@ def test_swav_loss_matches_hand_computation():
     assert torch.allclose(obj.prototypes.weight.norm(dim=1), torch.ones(3))
 
 
-@pytest.mark.parametrize("obj", [SimCLRObjective(), PartitionContrastObjective(), RotationObjective(), SwAVObjective(8)],
-                         ids=lambda o: type(o).__name__)
+@pytest.mark.parametrize(
+    "obj",
+    [SimCLRObjective(), PartitionContrastObjective(), RotationObjective(), SwAVObjective(8)],
+    ids=lambda o: type(o).__name__,
+)
 def test_gradient_reaches_the_encoder(obj):
     torch.manual_seed(0)
     enc = UNetEncoder(1, [4, 8, 8], "instance")

@@ -1,6 +1,7 @@
 """Round checkpoints written on a background thread: copies taken first, errors surfaced, and the
 files equal to the ones written in the loop's own thread."""
 
+import os
 import threading
 
 import pytest
@@ -48,6 +49,7 @@ def test_writer_runs_one_write_at_a_time_in_order():
             order.append(i)
             with lock:
                 inflight[0] -= 1
+
         return run
 
     w = BackgroundWriter()
@@ -136,14 +138,14 @@ def test_last_ckpt_links_the_newest_round_file(tmp_path, tiny):
     assert last.is_symlink() and last.resolve() == (ck / "round-002.ckpt").resolve()
     assert load_checkpoint(last)["round"] == 2
     assert not list(ck.glob(".*tmp"))  # no temp files left behind
-    from fcl_lightning.federation.checkpoint import _UMASK
-
+    umask = os.umask(0)
+    os.umask(umask)
     # a plain file's mode under the umask, not mkstemp's private 0600
-    assert (ck / "round-001.ckpt").stat().st_mode & 0o777 == 0o666 & ~_UMASK
+    assert (ck / "round-001.ckpt").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_atomic_link_replaces_a_file_and_falls_back_to_a_copy(tmp_path, monkeypatch):
-    from fcl_lightning.federation import checkpoint
+    from fcl_lightning import io as checkpoint
 
     (tmp_path / "a").write_text("A")
     (tmp_path / "last").write_text("old")

@@ -46,9 +46,18 @@ def test_two_clients_two_rounds(tmp_path, tiny):
     assert summary["bytes"]["features_up"] > 0 and summary["bytes"]["weights_up"] > 0
     assert summary["final"]["train/loss"] > 0
     metrics = (next((tmp_path / "logs").glob("version_*")) / "metrics.csv").read_text().splitlines()[0]
-    for key in ("round/train/loss", "client0/train/loss_local", "client1/train/loss_remote", "round/comm/features_up_bytes",
-                "round/train/pos_sim", "round/train/neg_sim", "round/monitor/spread", "round/monitor/probe_acc",
-                "round/monitor/probe_acc_encoder", "round/monitor/collapsed"):
+    for key in (
+        "round/train/loss",
+        "client0/train/loss_local",
+        "client1/train/loss_remote",
+        "round/comm/features_up_bytes",
+        "round/train/pos_sim",
+        "round/train/neg_sim",
+        "round/monitor/spread",
+        "round/monitor/probe_acc",
+        "round/monitor/probe_acc_encoder",
+        "round/monitor/collapsed",
+    ):
         assert key in metrics
     assert 0.0 <= summary["final"]["monitor/probe_acc"] <= 1.0 and summary["final"]["monitor/spread"] >= 0.0
 

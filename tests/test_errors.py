@@ -33,15 +33,18 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("extra,needle", [
-    (["--model.objective.temperature=-1"], "temperature must be > 0, got -1.0"),
-    (["--data.img_size=7"], "data.img_size=7 must be a multiple of 8"),
-    (["--federation.rounds=abc"], 'federation.rounds'),
-    (["--federation.roundz=3"], "unrecognized arguments: --federation.roundz"),
-    (["--model.objective.num_negatives=9000"], "num_negatives=9000"),
-    (["--federation.rounds=0"], "rounds and local_epochs must be >= 1"),
-    (["--data.num_clients=0"], "num_clients must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--model.objective.temperature=-1"], "temperature must be > 0, got -1.0"),
+        (["--data.img_size=7"], "data.img_size=7 must be a multiple of 8"),
+        (["--federation.rounds=abc"], "federation.rounds"),
+        (["--federation.roundz=3"], "unrecognized arguments: --federation.roundz"),
+        (["--model.objective.num_negatives=9000"], "num_negatives=9000"),
+        (["--federation.rounds=0"], "rounds and local_epochs must be >= 1"),
+        (["--data.num_clients=0"], "num_clients must be >= 1"),
+    ],
+)
 def test_bad_config_values_are_one_line_before_any_data(tmp_path, tiny, capsys, monkeypatch, extra, needle):
     from fcl_lightning.data.datamodule import FederatedDataModule
 
@@ -72,9 +75,11 @@ def test_pretrained_weights_missing_text_or_unsafe(tmp_path, capsys):
     with open(tmp_path / "evil.pt", "wb") as fh:
         pickle.dump({"w": Evil()}, fh)
     torch.save({"w": Evil()}, tmp_path / "evil2.pt")
-    for path, needle in ((tmp_path / "nope.pt", "does not exist"),
-                         (tmp_path / "notes.txt", "is not a file written by torch.save"),
-                         (tmp_path / "evil2.pt", "is not a plain weights file")):
+    for path, needle in (
+        (tmp_path / "nope.pt", "does not exist"),
+        (tmp_path / "notes.txt", "is not a file written by torch.save"),
+        (tmp_path / "evil2.pt", "is not a plain weights file"),
+    ):
         code, _, err = run_cli([*base, f"--model.pretrained={path}"], capsys)
         line = one_error_line(err)
         assert code == 2 and needle in line and str(path) in line, err
@@ -88,7 +93,9 @@ def test_resume_checks_rounds_and_shapes_naming_the_checkpoint(tmp_path, tiny, c
     code, _, err = run_cli(tiny(tmp_path, rounds=1, extra=["--ckpt_path=last"]), capsys)
     line = one_error_line(err)
     assert code == 2 and "from round 2" in line and "federation.rounds=1" in line and "last.ckpt" in line
-    code, _, err = run_cli(tiny(tmp_path, rounds=3, extra=["--ckpt_path=last", "--model.features=[8,16,16,32]"]), capsys)
+    code, _, err = run_cli(
+        tiny(tmp_path, rounds=3, extra=["--ckpt_path=last", "--model.features=[8,16,16,32]"]), capsys
+    )
     line = one_error_line(err)
     assert code == 2 and "does not fit the configured model" in line and "last.ckpt" in line
     assert "of another shape (first: encoder." in line and len(line) < 500
@@ -123,8 +130,9 @@ def test_disk_full_during_a_checkpoint_stops_at_that_round(tmp_path, tiny, capsy
     monkeypatch.setattr(ck.torch, "save", save)
     monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100, 100, 0))  # a full disk
     for run, write_async in (("sync", "false"), ("async", "true")):
-        code, out, err = run_cli(tiny(tmp_path / run, rounds=3, extra=[f"--federation.checkpoint_async={write_async}"]),
-                                 capsys)
+        code, out, err = run_cli(
+            tiny(tmp_path / run, rounds=3, extra=[f"--federation.checkpoint_async={write_async}"]), capsys
+        )
         line = one_error_line(err)
         assert code == 2
         assert "round 2's checkpoint: cannot write" in line and "round-002.ckpt: No space left on device" in line
@@ -199,7 +207,7 @@ def test_sigkill_at_random_points_then_resume(tmp_path, tiny):
         return load_checkpoint(last)["round"] if last.exists() else 0
 
     resumed_from = []
-    for kill in range(3):
+    for _ in range(3):
         before = done_rounds()
         resume = ["--ckpt_path=last"] if before else []
         resumed_from.append(before)
@@ -211,8 +219,9 @@ def test_sigkill_at_random_points_then_resume(tmp_path, tiny):
         p.send_signal(signal.SIGKILL)
         p.wait()
     assert resumed_from[1:] and all(0 < r < rounds for r in resumed_from[1:]), resumed_from  # real resumes happened
-    subprocess.run(cmd + ["--ckpt_path=last"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   timeout=600)
+    subprocess.run(
+        cmd + ["--ckpt_path=last"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600
+    )
     a = torch.load(ref / "encoder.pt", weights_only=True)
     b = torch.load(run / "encoder.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -12,12 +12,13 @@ import torch
 
 pytest.importorskip("flwr")
 
+from flower_grid import LocalGrid
+
 from fcl_lightning.cli import main
 from fcl_lightning.fcl.aggregate import FedAvg
 from fcl_lightning.flower.apps import client_app
 from fcl_lightning.flower.codec import record_to_weights
 from fcl_lightning.flower.server import run_server
-from flower_grid import LocalGrid
 
 
 def flower_run(tmp_path, tiny, root, clients=2, rounds=2, extra=(), node_extra=None, **grid_kw):
@@ -72,8 +73,9 @@ def test_routing_and_sample_weighting(tmp_path, tiny):
 
 
 def test_failing_client_is_left_out(tmp_path, tiny, capsys):
-    grid, summary = flower_run(tmp_path, tiny, tmp_path / "run", clients=3, rounds=2,
-                               fail={0: {102}}, silent={1: {101}})
+    grid, summary = flower_run(
+        tmp_path, tiny, tmp_path / "run", clients=3, rounds=2, fail={0: {102}}, silent={1: {101}}
+    )
     ckpt = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
     assert [h["round/clients"] for h in ckpt["history"]] == [2, 2]
     err = capsys.readouterr().err
@@ -86,8 +88,14 @@ def test_failing_client_is_left_out(tmp_path, tiny, capsys):
 def test_site_nodes_hold_only_their_own_data(tmp_path, tiny):
     """With a data-root each node's datamodule is one site (num_clients 1); its vectors still carry
     its federation-wide id, so routing works as before."""
-    grid, summary = flower_run(tmp_path, tiny, tmp_path / "run", clients=2, rounds=2,
-                               node_extra={"data-root": str(tmp_path), "overrides": "--data.val_fraction=0.0"})
+    grid, summary = flower_run(
+        tmp_path,
+        tiny,
+        tmp_path / "run",
+        clients=2,
+        rounds=2,
+        node_extra={"data-root": str(tmp_path), "overrides": "--data.val_fraction=0.0"},
+    )
     for m in train_messages(grid, 1):
         c = m.metadata.dst_node_id - 100
         assert set(m.content["features"].to_torch_state_dict()["clients"].tolist()) == {1 - c}
@@ -98,11 +106,14 @@ def test_site_nodes_hold_only_their_own_data(tmp_path, tiny):
 
 def test_too_few_replies_fail_the_round(tmp_path, tiny):
     with pytest.raises(RuntimeError, match="only 1 of 2 clients replied"):
-        flower_run(tmp_path, tiny, tmp_path / "run", clients=2, rounds=1, extra=["--federation.min_clients=2"],
-                   fail={0: {101}})
+        flower_run(
+            tmp_path, tiny, tmp_path / "run", clients=2, rounds=1, extra=["--federation.min_clients=2"], fail={0: {101}}
+        )
 
 
-@pytest.mark.skipif(os.environ.get("FCL_FLOWER_LOOPBACK") != "1", reason="set FCL_FLOWER_LOOPBACK=1 (starts Flower processes)")
+@pytest.mark.skipif(
+    os.environ.get("FCL_FLOWER_LOOPBACK") != "1", reason="set FCL_FLOWER_LOOPBACK=1 (starts Flower processes)"
+)
 def test_loopback_deployment_matches_in_process(tmp_path):
     """One flower-superlink and 2 flower-supernode processes on 127.0.0.1, `flwr run` for 2 rounds."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
@@ -141,8 +152,11 @@ def test_federated_finetuning_on_flower(tmp_path):
     args = [a for a in FINETUNE if a != "--config"]
     cfg, overrides = args[0], args[1:] + ["--federation.mode=federated", "--federation.rounds=2"]
     main(["fit", "--config", cfg, *overrides, f"--trainer.default_root_dir={tmp_path / 'inproc'}"])
-    run_config = {"config": cfg, "overrides": " ".join(map(shlex.quote, [*overrides, f"--trainer.default_root_dir={tmp_path / 'flower'}"])),
-                  "wait-s": 5}
+    run_config = {
+        "config": cfg,
+        "overrides": " ".join(map(shlex.quote, [*overrides, f"--trainer.default_root_dir={tmp_path / 'flower'}"])),
+        "wait-s": 5,
+    }
     grid = LocalGrid(client_app, run_config, {100 + c: {"partition-id": c} for c in range(2)})
     summary = run_server(grid, run_config)
     assert summary["bytes"]["features_up"] == 0 and summary["rounds_completed"] == 2

@@ -54,24 +54,48 @@ def test_loads_from_federated_checkpoint(tmp_path, tiny):
 
 def test_tiny_finetune_beats_untrained():
     pl.seed_everything(0)
-    dm = FederatedDataModule(PhantomSource(num_subjects=6, size=64), num_clients=1, val_fraction=0.0,
-                             test_source=PhantomSource(num_subjects=2, size=64, seed=99), labelled_per_client=2,
-                             img_size=32, spacing=3.0, augment_finetune=False)
+    dm = FederatedDataModule(
+        PhantomSource(num_subjects=6, size=64),
+        num_clients=1,
+        val_fraction=0.0,
+        test_source=PhantomSource(num_subjects=2, size=64, seed=99),
+        labelled_per_client=2,
+        img_size=32,
+        spacing=3.0,
+        augment_finetune=False,
+    )
     dm.setup()
     seg = SegmentationModule(features=SMALL, optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
     before = summarize(evaluate_volumes(seg.net, dm.test))["dice_mean"]
-    trainer = pl.Trainer(max_steps=60, max_epochs=-1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer = pl.Trainer(
+        max_steps=60,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(seg, train_dataloaders=dm.finetune_loader(0, seed=0))
     after = summarize(evaluate_volumes(seg.net, dm.test))["dice_mean"]
     assert after > before + 0.2, (before, after)
 
 
 FINETUNE = [
-    "--config", str(REPO / "configs" / "demo_finetune.yaml"),
-    "--trainer.accelerator=cpu", "--model.features=[8,16,16,16]", "--data.img_size=32", "--data.spacing=3.0",
-    "--data.source.num_subjects=8", "--data.source.size=64", "--data.source.num_sites=2", "--data.test_source.num_subjects=2",
-    "--data.test_source.size=64", "--data.num_clients=2", "--federation.local_steps=5", "--federation.rounds=1",
+    "--config",
+    str(REPO / "configs" / "demo_finetune.yaml"),
+    "--trainer.accelerator=cpu",
+    "--model.features=[8,16,16,16]",
+    "--data.img_size=32",
+    "--data.spacing=3.0",
+    "--data.source.num_subjects=8",
+    "--data.source.size=64",
+    "--data.source.num_sites=2",
+    "--data.test_source.num_subjects=2",
+    "--data.test_source.size=64",
+    "--data.num_clients=2",
+    "--federation.local_steps=5",
+    "--federation.rounds=1",
 ]
 
 
@@ -100,13 +124,28 @@ def test_test_refuses_pretraining_module(tmp_path, tiny):
 
 
 def test_demo_config_end_to_end_reduced(tmp_path):
-    main([
-        "fit", "--config", str(REPO / "configs" / "demo.yaml"), f"--trainer.default_root_dir={tmp_path}",
-        "--trainer.accelerator=cpu", "--model.features=[8,16,16,16]", "--model.proj_hidden=32",
-        "--data.img_size=32", "--data.spacing=3.0", "--data.source.num_subjects=8", "--data.source.size=64", "--data.source.num_sites=2",
-        "--data.test_source.num_subjects=2", "--data.test_source.size=64", "--data.num_clients=2",
-        "--federation.rounds=1", "--federation.local_epochs=1", "--federation.downstream.steps=5",
-    ])
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.accelerator=cpu",
+            "--model.features=[8,16,16,16]",
+            "--model.proj_hidden=32",
+            "--data.img_size=32",
+            "--data.spacing=3.0",
+            "--data.source.num_subjects=8",
+            "--data.source.size=64",
+            "--data.source.num_sites=2",
+            "--data.test_source.num_subjects=2",
+            "--data.test_source.size=64",
+            "--data.num_clients=2",
+            "--federation.rounds=1",
+            "--federation.local_epochs=1",
+            "--federation.downstream.steps=5",
+        ]
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     for init in ("fcl", "random"):
         assert 0.0 <= summary[f"downstream/{init}/dice_mean"] <= 1.0
@@ -138,8 +177,7 @@ def test_per_client_encoders_start_local_clients_apart(tmp_path):
 
 
 def test_encoder_lr_scale_sets_the_encoders_learning_rate():
-    m = SegmentationModule(features=[4, 8, 8], encoder_lr_scale=0.1,
-                           optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+    m = SegmentationModule(features=[4, 8, 8], encoder_lr_scale=0.1, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
     opt = m.configure_optimizers()
     enc, rest = opt.param_groups
     assert enc["lr"] == pytest.approx(1e-4) and rest["lr"] == pytest.approx(1e-3)
@@ -152,8 +190,15 @@ def test_encoder_lr_scale_sets_the_encoders_learning_rate():
 def test_select_best_keeps_each_clients_best_validation_round(tmp_path):
     from fcl_lightning.federation.checkpoint import load_checkpoint
 
-    args = [*FINETUNE, f"--trainer.default_root_dir={tmp_path}", "--federation.mode=local", "--federation.rounds=2",
-            "--federation.local_steps=2", "--federation.select_best=true", "--data.val_fraction=0.5"]
+    args = [
+        *FINETUNE,
+        f"--trainer.default_root_dir={tmp_path}",
+        "--federation.mode=local",
+        "--federation.rounds=2",
+        "--federation.local_steps=2",
+        "--federation.select_best=true",
+        "--data.val_fraction=0.5",
+    ]
     main(["fit", *args])
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert set(ckpt["best_client_weights"]) == {"0", "1"}

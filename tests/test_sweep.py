@@ -43,17 +43,26 @@ def write(path, obj):
     return path
 
 
-BASE = {"method": "grid", "metric": {"name": "downstream/fcl/dice_mean", "goal": "maximize"},
-        "parameters": {"model.init_args.objective.init_args.temperature": {"values": [0.1, 0.5]}},
-        "command": ["fcl-lightning", "fit", "--config", "base.yaml", "${args}"]}
+BASE = {
+    "method": "grid",
+    "metric": {"name": "downstream/fcl/dice_mean", "goal": "maximize"},
+    "parameters": {"model.init_args.objective.init_args.temperature": {"values": [0.1, 0.5]}},
+    "command": ["fcl-lightning", "fit", "--config", "base.yaml", "${args}"],
+}
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"parameters": {"model.init_args.no_such_thing": {"values": [1]}}}, "does not accept its parameters"),
-    ({"parameters": {"data.num_partitions": {"distribution": "bogus", "min": 1, "max": 2}}}, "not a valid wandb sweep"),
-    ({"method": "evolution"}, "not a valid wandb sweep|method must be"),
-    ({"metric": {"goal": "maximize"}}, "not a valid wandb sweep|metric.name"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"parameters": {"model.init_args.no_such_thing": {"values": [1]}}}, "does not accept its parameters"),
+        (
+            {"parameters": {"data.num_partitions": {"distribution": "bogus", "min": 1, "max": 2}}},
+            "not a valid wandb sweep",
+        ),
+        ({"method": "evolution"}, "not a valid wandb sweep|method must be"),
+        ({"metric": {"goal": "maximize"}}, "not a valid wandb sweep|metric.name"),
+    ],
+)
 def test_broken_sweep_fails_before_any_trial(tmp_path, monkeypatch, change, message, capsys):
     monkeypatch.chdir(tmp_path)
     write(tmp_path / "base.yaml", {"trainer": {"default_root_dir": "x"}})
@@ -63,6 +72,7 @@ def test_broken_sweep_fails_before_any_trial(tmp_path, monkeypatch, change, mess
     assert exc.value.code == 2
     err = capsys.readouterr().err
     import re
+
     assert re.search(message, err), err
     assert not (tmp_path / "out" / "trial-000").exists()
 
@@ -82,17 +92,36 @@ def test_two_trial_local_sweep_writes_table_and_best_config(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     base = {
         "trainer": {"accelerator": "cpu"},
-        "data": {"num_clients": 2, "source": {"class_path": "fcl_lightning.data.phantom.PhantomSource",
-                                              "init_args": {"num_subjects": 8, "size": 64}},
-                 "test_source": {"class_path": "fcl_lightning.data.phantom.PhantomSource",
-                                 "init_args": {"num_subjects": 2, "size": 64, "seed": 7}},
-                 "img_size": 32, "volumes_per_batch": 2, "val_fraction": 0.0},
-        "model": {"class_path": "fcl_lightning.lit.ContrastivePretrainModule",
-                  "init_args": {"features": [8, 16, 16, 16], "proj_hidden": 32, "proj_dim": 16,
-                                "objective": {"class_path": "fcl_lightning.fcl.objectives.FCLObjective",
-                                              "init_args": {"num_negatives": 32}}}},
-        "federation": {"rounds": 1, "downstream": {"steps": 3, "figure": False, "compare_random": False,
-                                                   "accelerator": "cpu"}},
+        "data": {
+            "num_clients": 2,
+            "source": {
+                "class_path": "fcl_lightning.data.phantom.PhantomSource",
+                "init_args": {"num_subjects": 8, "size": 64},
+            },
+            "test_source": {
+                "class_path": "fcl_lightning.data.phantom.PhantomSource",
+                "init_args": {"num_subjects": 2, "size": 64, "seed": 7},
+            },
+            "img_size": 32,
+            "volumes_per_batch": 2,
+            "val_fraction": 0.0,
+        },
+        "model": {
+            "class_path": "fcl_lightning.lit.ContrastivePretrainModule",
+            "init_args": {
+                "features": [8, 16, 16, 16],
+                "proj_hidden": 32,
+                "proj_dim": 16,
+                "objective": {
+                    "class_path": "fcl_lightning.fcl.objectives.FCLObjective",
+                    "init_args": {"num_negatives": 32},
+                },
+            },
+        },
+        "federation": {
+            "rounds": 1,
+            "downstream": {"steps": 3, "figure": False, "compare_random": False, "accelerator": "cpu"},
+        },
     }
     write(tmp_path / "base.yaml", base)
     f = write(tmp_path / "sweep.yaml", BASE)
@@ -105,8 +134,10 @@ def test_two_trial_local_sweep_writes_table_and_best_config(tmp_path, monkeypatc
     best = json.loads((out / "best.json").read_text())
     assert best["metric"] == max(float(r["downstream/fcl/dice_mean"]) for r in rows)
     best_cfg = yaml.safe_load((out / "best_config.yaml").read_text())
-    assert best_cfg["model"]["init_args"]["objective"]["init_args"]["temperature"] == best["params"][
-        "model.init_args.objective.init_args.temperature"]
+    assert (
+        best_cfg["model"]["init_args"]["objective"]["init_args"]["temperature"]
+        == best["params"]["model.init_args.objective.init_args.temperature"]
+    )
     assert "trial-000" in (out / "results.md").read_text()
     # a second call continues: the grid is exhausted, nothing re-runs
     before = (out / "trials.jsonl").read_text()

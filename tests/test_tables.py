@@ -9,8 +9,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_DATA = ["--data.source.init_args.num_subjects=8", "--data.source.init_args.size=64", "--data.img_size=32",
-             "--model.init_args.features=[8,16,16,16]", "--trainer.accelerator=cpu"]
+TINY_DATA = [
+    "--data.source.init_args.num_subjects=8",
+    "--data.source.init_args.size=64",
+    "--data.img_size=32",
+    "--model.init_args.features=[8,16,16,16]",
+    "--trainer.accelerator=cpu",
+]
 
 
 @pytest.fixture
@@ -26,12 +31,37 @@ def run(tables, out, monkeypatch):
     calls = []
     real = tables.cli
     monkeypatch.setattr(tables, "cli", lambda args: (calls.append(args[0]), real(args)))
-    tables.main(["--profile", "quick", "--methods", "random,local_cl", "--ns", "1", "--out", str(out),
-                 *[f"--pretrain-arg={a}" for a in [*TINY_DATA, "--federation.rounds=1", "--data.volumes_per_batch=2",
-                                                   "--model.init_args.proj_hidden=32"]],
-                 *[f"--finetune-arg={a}" for a in [*TINY_DATA, "--federation.rounds=1", "--federation.local_steps=2",
-                                                   "--data.test_source.init_args.size=64",
-                                                   "--data.test_source.init_args.num_subjects=2"]]])
+    tables.main(
+        [
+            "--profile",
+            "quick",
+            "--methods",
+            "random,local_cl",
+            "--ns",
+            "1",
+            "--out",
+            str(out),
+            *[
+                f"--pretrain-arg={a}"
+                for a in [
+                    *TINY_DATA,
+                    "--federation.rounds=1",
+                    "--data.volumes_per_batch=2",
+                    "--model.init_args.proj_hidden=32",
+                ]
+            ],
+            *[
+                f"--finetune-arg={a}"
+                for a in [
+                    *TINY_DATA,
+                    "--federation.rounds=1",
+                    "--federation.local_steps=2",
+                    "--data.test_source.init_args.size=64",
+                    "--data.test_source.init_args.num_subjects=2",
+                ]
+            ],
+        ]
+    )
     return calls
 
 
@@ -46,7 +76,8 @@ def test_runner_writes_csv_table_and_resumes(tables, tmp_path, monkeypatch):
     local = [r for r in rows if r["setting"] == "local"]
     fed = [r for r in rows if r["setting"] == "federated"]
     assert sorted((r["method"], r["client"]) for r in local) == sorted(
-        (m, str(c)) for m in ("random", "local_cl") for c in range(4))  # one model per client
+        (m, str(c)) for m in ("random", "local_cl") for c in range(4)
+    )  # one model per client
     assert sorted(r["method"] for r in fed) == ["local_cl", "random"]  # one global model on the shared test set
     assert all(0.0 <= float(r["dice_mean"]) <= 1.0 for r in rows)
     md = (out / "results.md").read_text()
@@ -57,8 +88,9 @@ def test_runner_writes_csv_table_and_resumes(tables, tmp_path, monkeypatch):
     assert run(tables, out, monkeypatch) == []
     assert list(csv.DictReader(open(out / "results.csv"))) == rows
     # --report-only on a wider grid runs nothing and reports only the finished cells
-    tables.main(["--profile", "quick", "--methods", "random,local_cl,fcl", "--ns", "1,2", "--out", str(out),
-                 "--report-only"])
+    tables.main(
+        ["--profile", "quick", "--methods", "random,local_cl,fcl", "--ns", "1,2", "--out", str(out), "--report-only"]
+    )
     assert list(csv.DictReader(open(out / "results.csv"))) == rows
     assert "| FCL | - | - |" in (out / "results.md").read_text()
 

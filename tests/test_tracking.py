@@ -5,11 +5,11 @@ import json
 import shutil
 
 import pytest
+from wandb_records import run_info
 
 from fcl_lightning.cli import main
 from fcl_lightning.federation.checkpoint import load_checkpoint
 from fcl_lightning.tracking import flatten, per_client_dice_rows
-from wandb_records import run_info
 
 WANDB = ["--trainer.logger=WandbLogger", "--trainer.logger.project=fcl-test"]
 
@@ -33,8 +33,12 @@ def test_one_run_per_fit_with_round_and_client_keys(offline, tmp_path, tiny):
     info = run_info(files[0])
     rows = [h for h in info["history"] if "round/train/loss" in h]
     assert [json.loads(h["trainer/global_step"]) for h in rows] == [1, 2]
-    for key in ("client0/train/loss_local", "client1/train/loss_remote", "round/comm/features_up_bytes",
-                "round/time/total_s"):
+    for key in (
+        "client0/train/loss_local",
+        "client1/train/loss_remote",
+        "round/comm/features_up_bytes",
+        "round/time/total_s",
+    ):
         assert all(key in h for h in rows), key
     assert {"model", "data", "federation", "trainer"} <= info["config"]
     assert "pretrain/rounds_completed" in info["summary"]
@@ -65,8 +69,13 @@ def test_csv_is_the_default_and_no_wandb_files(tmp_path, tiny, monkeypatch):
 
 
 def test_per_client_dice_rows_and_flatten():
-    m = {"client0/val/dice_mean": 0.5, "client1/val/dice_mean": 0.75, "client1/val/dice_lv": 0.9,
-         "downstream/fcl/client2/dice_mean": 0.25, "downstream/fcl/dice_mean": 0.1, "round/val/dice_mean": 0.6}
-    assert per_client_dice_rows(m, 3) == [
-        [3, 0, "val", 0.5], [3, 1, "val", 0.75], [3, 2, "downstream/fcl", 0.25]]
+    m = {
+        "client0/val/dice_mean": 0.5,
+        "client1/val/dice_mean": 0.75,
+        "client1/val/dice_lv": 0.9,
+        "downstream/fcl/client2/dice_mean": 0.25,
+        "downstream/fcl/dice_mean": 0.1,
+        "round/val/dice_mean": 0.6,
+    }
+    assert per_client_dice_rows(m, 3) == [[3, 0, "val", 0.5], [3, 1, "val", 0.75], [3, 2, "downstream/fcl", 0.25]]
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a/b": 1, "a/c/d": 2, "e": 3}

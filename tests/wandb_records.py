@@ -24,10 +24,10 @@ def records(path: str | Path) -> list:
         if left < 7:  # block trailer padding
             pos += left
             continue
-        _crc, n, typ = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, n, typ = struct.unpack("<IHB", data[pos : pos + 7])
         if typ == 0 and n == 0:
             break
-        chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
+        chunk, pos = data[pos + 7 : pos + 7 + n], pos + 7 + n
         buf = chunk if typ in (1, 2) else buf + chunk
         if typ in (1, 4):
             rec = pb.Record()

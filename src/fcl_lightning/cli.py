@@ -34,8 +34,11 @@ def condense_parser_message(message: str) -> str:
         return "invalid arguments"
     keep = []
     for ln in lines:
-        if (ln.startswith(("Given value", "Subclass types expected", "Does not validate against any"))
-                or "NoneType" in ln or ln == "Errors:"):
+        if (
+            ln.startswith(("Given value", "Subclass types expected", "Does not validate against any"))
+            or "NoneType" in ln
+            or ln == "Errors:"
+        ):
             continue
         keep.append(ln.lstrip("- ").rstrip(":"))
     return ": ".join(dict.fromkeys(keep))[:600] or lines[0]
@@ -119,8 +122,13 @@ class FCLCLI(LightningCLI):
                 init.id = rid
                 init.resume = "allow"
 
-    def fit(self, model: FederatedModule, datamodule: FederatedDataModule | None = None,
-            ckpt_path: str | None = None, **_: Any) -> None:
+    def fit(
+        self,
+        model: FederatedModule,
+        datamodule: FederatedDataModule | None = None,
+        ckpt_path: str | None = None,
+        **_: Any,
+    ) -> None:
         sub = self.subcommand or "fit"
         if datamodule is None:
             raise ConfigError("fcl-lightning fit needs a data section (data: ...)")
@@ -138,21 +146,38 @@ class FCLCLI(LightningCLI):
         )
         loop.run(ckpt_path)
 
-
-    def _evaluate(self, stage: str, model: FederatedModule, datamodule: FederatedDataModule | None,
-                  ckpt_path: str | None) -> None:
+    def _evaluate(
+        self, stage: str, model: FederatedModule, datamodule: FederatedDataModule | None, ckpt_path: str | None
+    ) -> None:
         if datamodule is None:
             raise ConfigError(f"fcl-lightning {stage} needs a data section (data: ...)")
-        evaluate_run(model, datamodule, ckpt_path, self.trainer.default_root_dir, stage, output_console(),
-                     device=self.trainer.strategy.root_device)
+        evaluate_run(
+            model,
+            datamodule,
+            ckpt_path,
+            self.trainer.default_root_dir,
+            stage,
+            output_console(),
+            device=self.trainer.strategy.root_device,
+        )
 
-    def test(self, model: FederatedModule, datamodule: FederatedDataModule | None = None,
-             ckpt_path: str | None = None, **_: Any) -> None:
+    def test(
+        self,
+        model: FederatedModule,
+        datamodule: FederatedDataModule | None = None,
+        ckpt_path: str | None = None,
+        **_: Any,
+    ) -> None:
         """Score the run's checkpoint on held-out volumes; writes ``test_per_patient.csv`` and ``test/*``."""
         self._evaluate("test", model, datamodule, ckpt_path)
 
-    def validate(self, model: FederatedModule, datamodule: FederatedDataModule | None = None,
-                 ckpt_path: str | None = None, **_: Any) -> None:
+    def validate(
+        self,
+        model: FederatedModule,
+        datamodule: FederatedDataModule | None = None,
+        ckpt_path: str | None = None,
+        **_: Any,
+    ) -> None:
         """Score the run's checkpoint on each client's validation patients (``val/*``)."""
         self._evaluate("val", model, datamodule, ckpt_path)
 

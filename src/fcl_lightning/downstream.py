@@ -4,7 +4,6 @@ labelled patients per client, score on held-out volumes. It is the figure sweeps
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -16,10 +15,13 @@ from rich.console import Console
 from rich.table import Table
 
 from fcl_lightning.console import log_console
+from fcl_lightning.evaluation import STRUCTURES, evaluate_volumes, over_clients, predict_volume, summarize
 from fcl_lightning.fcl.partition import partition_of
-from fcl_lightning.evaluation import STRUCTURES, evaluate_volumes, predict_volume, summarize
-from fcl_lightning.federation.client import quiet_lightning, seed_all
 from fcl_lightning.lit.segment import SegmentationModule, load_encoder
+from fcl_lightning.runtime import quiet_lightning, seed_all
+
+#: the ``trainer`` settings a fine-tuning Trainer takes over from the template (where it runs)
+DEVICE_KEYS = ("accelerator", "devices", "precision", "num_nodes", "strategy", "deterministic", "benchmark")
 
 
 class DownstreamEvaluation:
@@ -33,7 +35,8 @@ class DownstreamEvaluation:
         compare_random: also fine-tune from random init (the baseline column).
         clients: which clients fine-tune (``None``: all).
         figure: write ``downstream.png`` (examples) and ``embedding.png`` (PCA of features by partition).
-        accelerator: Lightning accelerator of the fine-tuning Trainers.
+        accelerator: Lightning accelerator of the fine-tuning Trainers (``None``: the ``trainer``
+            section's, like the device settings ``devices`` and ``precision``).
         encoder_lr_scale: the encoder's learning rate as a multiple of ``lr``, for both inits
             (``SegmentationModule.encoder_lr_scale``).
     """
@@ -47,33 +50,69 @@ class DownstreamEvaluation:
         compare_random: bool = True,
         clients: list[int] | None = None,
         figure: bool = True,
-        accelerator: str = "auto",
+        accelerator: str | None = None,
         encoder_lr_scale: float = 1.0,
     ) -> None:
         self.labelled_per_client, self.steps, self.lr = labelled_per_client, steps, lr
         self.every_n_rounds, self.compare_random, self.clients = every_n_rounds, compare_random, clients
         self.figure, self.accelerator, self.encoder_lr_scale = figure, accelerator, encoder_lr_scale
 
-    def finetune(self, encoder: dict[str, torch.Tensor] | None, features: list[int], norm: str,
-                 datamodule: Any, client: int, seed: int) -> SegmentationModule:
-        """One client's fine-tuning run from ``encoder`` (``None``: random init)."""
+    def trainer_settings(self, trainer_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+        """The device settings of the ``trainer`` template that a fine-tuning Trainer takes over."""
+        kw = {k: v for k, v in (trainer_kwargs or {}).items() if k in DEVICE_KEYS and v is not None}
+        if self.accelerator is not None:
+            kw["accelerator"] = self.accelerator
+        return kw
+
+    def finetune(
+        self,
+        encoder: dict[str, torch.Tensor] | None,
+        features: list[int],
+        norm: str,
+        datamodule: Any,
+        client: int,
+        seed: int,
+        trainer_kwargs: dict[str, Any] | None = None,
+    ) -> SegmentationModule:
+        """One client's fine-tuning run from ``encoder`` (``None``: random init), on the device
+        the ``trainer`` template (``trainer_kwargs``) names."""
         seed_all(seed)
-        module = SegmentationModule(features=features, norm=norm, encoder_lr_scale=self.encoder_lr_scale,
-                                    optimizer=lambda p: torch.optim.Adam(p, lr=self.lr))
+        module = SegmentationModule(
+            features=features,
+            norm=norm,
+            encoder_lr_scale=self.encoder_lr_scale,
+            optimizer=lambda p: torch.optim.Adam(p, lr=self.lr),
+        )
         if encoder is not None:
             load_encoder(module.net, encoder, "pre-trained encoder")
         loader = datamodule.finetune_loader(client, seed, self.labelled_per_client)
         with quiet_lightning():
-            trainer = pl.Trainer(max_steps=self.steps, max_epochs=-1, logger=False, enable_checkpointing=False,
-                                 enable_progress_bar=False, enable_model_summary=False, accelerator=self.accelerator)
+            trainer = pl.Trainer(
+                max_steps=self.steps,
+                max_epochs=-1,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                **self.trainer_settings(trainer_kwargs),
+            )
             trainer.fit(module, train_dataloaders=loader)
         return module.to(trainer.strategy.root_device).eval()  # score on the training device
 
-    def run(self, pretrain_module: Any, datamodule: Any, root: str | Path, seed: int,
-            console: Console | None = None, final: bool = True) -> dict[str, float]:
-        """Fine-tune and score every client from the module's encoder (and from random init)."""
+    def run(
+        self,
+        pretrain_module: Any,
+        datamodule: Any,
+        root: str | Path,
+        seed: int,
+        console: Console | None = None,
+        final: bool = True,
+        trainer_kwargs: dict[str, Any] | None = None,
+    ) -> dict[str, float]:
+        """Fine-tune and score every client from the module's encoder (and from random init);
+        the fine-tuning Trainers take the device settings of ``trainer_kwargs`` (the ``trainer``
+        section)."""
         features, norm = list(pretrain_module.encoder.features), pretrain_module.hparams.get("norm", "instance")
-        pretrain_module.to("cuda" if torch.cuda.is_available() and self.accelerator in ("auto", "gpu", "cuda") else "cpu")
         encoder = pretrain_module.encoder_state()
         clients = self.clients if self.clients is not None else list(range(datamodule.num_clients))
         inits = {"fcl": encoder, **({"random": None} if self.compare_random else {})}
@@ -82,26 +121,29 @@ class DownstreamEvaluation:
         for i, c in enumerate(clients):
             vols = datamodule.eval_volumes(c)
             if not vols:
-                raise ValueError(f"client {c} has no held-out volumes to score (set data.test_source or val_fraction > 0)")
+                raise ValueError(
+                    f"client {c} has no held-out volumes to score (set data.test_source or val_fraction > 0)"
+                )
             for name, enc in inits.items():
                 t0 = time.perf_counter()
-                module = self.finetune(enc, features, norm, datamodule, c, seed * 31 + c)
+                module = self.finetune(enc, features, norm, datamodule, c, seed * 31 + c, trainer_kwargs)
                 per_client[name].append(summarize(evaluate_volumes(module.net, vols)))
                 if console is not None:  # progress (stderr): fine-tuning is most of the demo's time
-                    log_console().print(f"downstream: client {i + 1}/{len(clients)} (#{c}) from "
-                                  f"{'the pre-trained encoder' if name == 'fcl' else 'random init'}: "
-                                  f"{self.steps} steps, Dice {per_client[name][-1]['dice_mean']:.3f} on "
-                                  f"{len(vols)} held-out volumes ({time.perf_counter() - t0:.1f} s)")
+                    log_console().print(
+                        f"downstream: client {i + 1}/{len(clients)} (#{c}) from "
+                        f"{'the pre-trained encoder' if name == 'fcl' else 'random init'}: "
+                        f"{self.steps} steps, Dice {per_client[name][-1]['dice_mean']:.3f} on "
+                        f"{len(vols)} held-out volumes ({time.perf_counter() - t0:.1f} s)"
+                    )
                 if c == clients[0]:
                     example_nets[name] = module.net
                 else:
                     module.cpu()
         metrics: dict[str, float] = {}
         for name, rows in per_client.items():
-            for key in [f"dice_{s}" for s in STRUCTURES] + ["dice_mean", "hd95_mean"]:
-                vals = np.array([r[key] for r in rows], dtype=float)
-                metrics[f"downstream/{name}/{key}"] = float(np.nanmean(vals)) if not np.isnan(vals).all() else math.nan
-                metrics[f"downstream/{name}/{key}_std"] = float(np.nanstd(vals)) if not np.isnan(vals).all() else math.nan
+            metrics.update(
+                over_clients(rows, [f"dice_{s}" for s in STRUCTURES] + ["dice_mean", "hd95_mean"], f"downstream/{name}")
+            )
             for c, r in zip(clients, rows):
                 metrics[f"downstream/{name}/client{c}/dice_mean"] = r["dice_mean"]
         if console is not None:
@@ -111,20 +153,29 @@ class DownstreamEvaluation:
         return metrics
 
     def table(self, metrics: dict[str, float], inits: list[str], n_clients: int) -> Table:
-        t = Table(title=f"Downstream Dice, local fine-tuning with N={self.labelled_per_client} labelled "
-                        f"patient(s) per client, mean ± std over {n_clients} clients")
+        t = Table(
+            title=f"Downstream Dice, local fine-tuning with N={self.labelled_per_client} labelled "
+            f"patient(s) per client, mean ± std over {n_clients} clients"
+        )
         t.add_column("init")
         for s in (*STRUCTURES, "mean"):
             t.add_column(f"Dice {s.upper() if s != 'mean' else s}", justify="right")
         t.add_column("HD95 mean (mm)", justify="right")
         for name in inits:
-            cells = [f"{metrics[f'downstream/{name}/dice_{s}']:.3f} ± {metrics[f'downstream/{name}/dice_{s}_std']:.3f}"
-                     for s in (*STRUCTURES, "mean")]
-            t.add_row("FCL encoder" if name == "fcl" else "random init", *cells,
-                      f"{metrics[f'downstream/{name}/hd95_mean']:.1f}")
+            cells = [
+                f"{metrics[f'downstream/{name}/dice_{s}']:.3f} ± {metrics[f'downstream/{name}/dice_{s}_std']:.3f}"
+                for s in (*STRUCTURES, "mean")
+            ]
+            t.add_row(
+                "FCL encoder" if name == "fcl" else "random init",
+                *cells,
+                f"{metrics[f'downstream/{name}/hd95_mean']:.1f}",
+            )
         return t
 
-    def save_figures(self, root: Path, pretrain_module: Any, datamodule: Any, nets: dict[str, torch.nn.Module], client: int) -> None:
+    def save_figures(
+        self, root: Path, pretrain_module: Any, datamodule: Any, nets: dict[str, torch.nn.Module], client: int
+    ) -> None:
         from fcl_lightning.figures import save_embedding_figure, save_example_figure
 
         vol = datamodule.eval_volumes(client)[0]
@@ -134,9 +185,13 @@ class DownstreamEvaluation:
         columns = {"ground truth": [vol.label[0, :, :, z].numpy() for z in zs]}
         for name, pred in preds.items():
             columns["FCL init" if name == "fcl" else "random init"] = [pred[0, :, :, z].cpu().numpy() for z in zs]
-        save_example_figure(root / "downstream.png", [vol.image[0, :, :, z].numpy() for z in zs], columns,
-                            title=f"{vol.record.key}: N={self.labelled_per_client} labelled patient(s), {self.steps} steps",
-                            row_labels=[f"slice {z}/{d}" for z in zs])
+        save_example_figure(
+            root / "downstream.png",
+            [vol.image[0, :, :, z].numpy() for z in zs],
+            columns,
+            title=f"{vol.record.key}: N={self.labelled_per_client} labelled patient(s), {self.steps} steps",
+            row_labels=[f"slice {z}/{d}" for z in zs],
+        )
         feats, parts = [], []
         pretrain_module.eval()
         with torch.no_grad():
@@ -144,6 +199,10 @@ class DownstreamEvaluation:
                 x = v.image.permute(3, 0, 1, 2).to(pretrain_module.device)
                 feats.append(pretrain_module.embed(x).cpu().numpy())
                 parts.append(partition_of(np.arange(v.num_slices), v.num_slices, datamodule.num_partitions))
-        save_embedding_figure(root / "embedding.png", np.concatenate(feats), np.concatenate(parts),
-                              title="pre-trained features of held-out slices (PCA), by partition")
+        save_embedding_figure(
+            root / "embedding.png",
+            np.concatenate(feats),
+            np.concatenate(parts),
+            title="pre-trained features of held-out slices (PCA), by partition",
+        )
         pretrain_module.cpu()

@@ -48,8 +48,11 @@ def as_config_error(exc: BaseException) -> UserError | None:
     if found is not None:
         return found
     chain = list(exception_chain(exc))
-    plain = [e for e in chain if type(e) in (ValueError, TypeError) and "\n" not in str(e)
-             and "Does not validate" not in str(e)]
+    plain = [
+        e
+        for e in chain
+        if type(e) in (ValueError, TypeError) and "\n" not in str(e) and "Does not validate" not in str(e)
+    ]
     return ConfigError(f"invalid config value: {plain[-1]}") if plain else None
 
 

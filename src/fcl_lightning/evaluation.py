@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from monai.metrics import compute_dice, compute_hausdorff_distance
 
 from fcl_lightning.data.volume import NUM_CLASSES, Volume
+from fcl_lightning.io import atomic_write
 
 #: Evaluated structures, in label order: label ``i + 1`` is ``STRUCTURES[i]``.
 STRUCTURES: tuple[str, ...] = ("rv", "myo", "lv")
@@ -88,9 +88,7 @@ def _as_label_map(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
-def volume_metrics(
-    pred: torch.Tensor, label: torch.Tensor, spacing: tuple[float, float, float]
-) -> dict[str, float]:
+def volume_metrics(pred: torch.Tensor, label: torch.Tensor, spacing: tuple[float, float, float]) -> dict[str, float]:
     """3D Dice and HD95 (mm) of each structure between two label maps of one volume.
 
     Args:
@@ -153,8 +151,26 @@ def volume_metrics(
 
 def _nanmean(values: Sequence[float]) -> float:
     """Mean of the non-nan values; ``nan`` (without a warning) if there are none."""
-    finite = [float(v) for v in values if not math.isnan(float(v))]
-    return float(np.mean(finite)) if finite else math.nan
+    return mean_std(values)[0]
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard deviation (over the values, ddof 0) of the non-nan values; ``nan`` for
+    both (without a warning) if there are none. The project's one "mean +- std over clients"."""
+    finite = np.array([float(v) for v in values if not math.isnan(float(v))])
+    return (float(finite.mean()), float(finite.std())) if finite.size else (math.nan, math.nan)
+
+
+def over_clients(
+    per_client: Sequence[Mapping[str, float]], keys: Sequence[str], prefix: str, std: bool = True
+) -> dict[str, float]:
+    """``{prefix}/{key}`` (mean over clients) and ``{prefix}/{key}_std`` for every key."""
+    out: dict[str, float] = {}
+    for k in keys:
+        out[f"{prefix}/{k}"], s = mean_std([p[k] for p in per_client])
+        if std:
+            out[f"{prefix}/{k}_std"] = s
+    return out
 
 
 def evaluate_volumes(net: torch.nn.Module, volumes: list[Volume], batch_size: int = 32) -> list[dict]:
@@ -187,25 +203,18 @@ def write_rows_csv(rows: Sequence[Mapping], path: str | os.PathLike) -> Path:
     """Write per-volume rows to a CSV (header + one line per row), atomically.
 
     Columns: ``ID_KEYS`` and ``METRIC_KEYS`` first, then any other keys in order of appearance.
-    The file is written to a temporary file in the same folder and moved into place with
-    ``os.replace``, so a reader never sees a half-written CSV. ``None`` is written as an empty
-    cell, ``nan`` as ``nan``. The parent folder is created.
+    Written atomically (:func:`fcl_lightning.io.atomic_write`): a reader never sees a
+    half-written CSV. ``None`` is written as an empty cell, ``nan`` as ``nan``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fields = list(ID_KEYS + METRIC_KEYS)
     for r in rows:
         fields.extend(k for k in r if k not in fields)
-    # a unique name opened with "x" (not mkstemp): the file gets the usual umask permissions
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "x", newline="") as f:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields, restval="")
             writer.writeheader()
             for r in rows:
                 writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, write)

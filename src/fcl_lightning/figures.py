@@ -8,7 +8,6 @@ PNG to a temporary file next to ``path`` and moves it into place with ``os.repla
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+
+from fcl_lightning.io import atomic_write
 
 #: Overlay colour (RGB) and legend name of each foreground label; background stays transparent.
 LABEL_COLORS: dict[int, tuple[tuple[float, float, float], str]] = {
@@ -28,20 +29,9 @@ OVERLAY_ALPHA = 0.5
 
 
 def _save(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
-    """Render ``fig`` to PNG at ``path`` atomically (temp file + ``os.replace``); create the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Render ``fig`` to PNG at ``path`` atomically (:func:`fcl_lightning.io.atomic_write`)."""
     FigureCanvasAgg(fig)
-    # a unique name opened with "x" (not mkstemp): the file gets the usual umask permissions
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
 
 
 def label_overlay(label: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:

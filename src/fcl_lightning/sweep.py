@@ -30,13 +30,26 @@ import yaml
 from rich.console import Console
 
 from fcl_lightning.errors import UserError
-from fcl_lightning.federation.checkpoint import atomic_write_text
+from fcl_lightning.io import atomic_write, atomic_write_text
 
 METHODS = ("grid", "random", "bayes")
 
 
 class SweepError(UserError):
     """A sweep file that cannot run; raised before any trial starts."""
+
+
+def sweep_engine() -> Any:
+    """wandb's open-source sweep engine (the ``sweeps`` package, the ``[sweep]`` extra)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the engine's pydantic-v1 style config warns on import
+        try:
+            import sweeps
+        except ImportError:
+            raise SweepError(
+                "the air-gapped sweep runner needs wandb's sweep engine: pip install 'fcl-lightning[sweep]'"
+            ) from None
+    return sweeps
 
 
 def load_sweep(path: str | Path) -> dict[str, Any]:
@@ -50,11 +63,7 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
         raise SweepError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(cfg, dict):
         raise SweepError(f"{path} must hold a mapping (method, metric, parameters, command)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the engine's pydantic-v1 style config warns on import
-        import sweeps
-
-        problems = sweeps.schema_violations_from_proposed_config(cfg)
+    problems = sweep_engine().schema_violations_from_proposed_config(cfg)
     if problems:
         raise SweepError(f"{path} is not a valid wandb sweep: " + "; ".join(problems))
     if cfg.get("method") not in METHODS:
@@ -63,8 +72,10 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
         raise SweepError(f"{path}: metric.name is required (the summary.json key to optimise)")
     for name, spec in cfg["parameters"].items():
         if isinstance(spec, dict) and "parameters" in spec:
-            raise SweepError(f"{path}: parameter {name!r} is nested; write it as a dotted path "
-                             f"(e.g. model.init_args.objective.init_args.temperature)")
+            raise SweepError(
+                f"{path}: parameter {name!r} is nested; write it as a dotted path "
+                f"(e.g. model.init_args.objective.init_args.temperature)"
+            )
     return cfg
 
 
@@ -119,8 +130,12 @@ def check_parameters(cfg: dict[str, Any], cwd: Path) -> None:
     res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
     if res.returncode != 0:
         err = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
-        raise SweepError("the sweep's command does not accept its parameters:\n  " + " ".join(cmd[:6]) + " ...\n"
-                         + "\n".join(err[-6:]))
+        raise SweepError(
+            "the sweep's command does not accept its parameters:\n  "
+            + " ".join(cmd[:6])
+            + " ...\n"
+            + "\n".join(err[-6:])
+        )
 
 
 def metric_from_summary(summary: dict[str, Any], name: str) -> float | None:
@@ -139,8 +154,14 @@ def metric_from_summary(summary: dict[str, Any], name: str) -> float | None:
 class LocalSweep:
     """Propose, run and record trials of one sweep file in ``out``."""
 
-    def __init__(self, sweep_file: str | Path, out: str | Path, cwd: str | Path = ".",
-                 console: Console | None = None, wandb_mode: str = "offline") -> None:
+    def __init__(
+        self,
+        sweep_file: str | Path,
+        out: str | Path,
+        cwd: str | Path = ".",
+        console: Console | None = None,
+        wandb_mode: str = "offline",
+    ) -> None:
         self.file = Path(sweep_file)
         self.cfg = load_sweep(self.file)
         self.out, self.cwd = Path(out), Path(cwd)
@@ -159,13 +180,11 @@ class LocalSweep:
         return [json.loads(ln) for ln in self.trials_file.read_text().splitlines() if ln.strip()]
 
     def propose(self, done: list[dict[str, Any]]) -> dict[str, Any] | None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import sweeps
-
+        sweeps = sweep_engine()
         runs = [
             sweeps.SweepRun(
-                name=t["trial"], config={k: {"value": v} for k, v in t["params"].items()},
+                name=t["trial"],
+                config={k: {"value": v} for k, v in t["params"].items()},
                 state=sweeps.RunState.finished if t["status"] == "finished" else sweeps.RunState.failed,
                 summary_metrics={self.metric: t["metric"]} if t["metric"] is not None else {},
             )
@@ -194,8 +213,15 @@ class LocalSweep:
         if rc == 0 and (tdir / "summary.json").is_file():
             metric = metric_from_summary(json.loads((tdir / "summary.json").read_text()), self.metric)
         ok = rc == 0 and metric is not None and not math.isnan(metric)
-        return {"trial": name, "params": params, "metric": metric, "status": "finished" if ok else "failed",
-                "returncode": rc, "wall_s": round(time.perf_counter() - t0, 1), "dir": str(tdir)}
+        return {
+            "trial": name,
+            "params": params,
+            "metric": metric,
+            "status": "finished" if ok else "failed",
+            "returncode": rc,
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "dir": str(tdir),
+        }
 
     def run(self, count: int | None) -> list[dict[str, Any]]:
         """Run trials until ``count`` exist (``None``: until a grid is exhausted)."""
@@ -218,8 +244,10 @@ class LocalSweep:
             if ran:
                 per = (time.perf_counter() - t_start) / ran
                 eta = f", ETA {per * (count - len(done)) / 60:.1f} min" if count is not None else ""
-            self.console.print(f"[bold]trial {len(done) + 1}/{total}[/]{eta}: "
-                               + " ".join(f"{k}={format_value(v)}" for k, v in params.items()))
+            self.console.print(
+                f"[bold]trial {len(done) + 1}/{total}[/]{eta}: "
+                + " ".join(f"{k}={format_value(v)}" for k, v in params.items())
+            )
             rec = self.run_trial(len(done), params)
             ran += 1
             done.append(rec)
@@ -238,21 +266,29 @@ class LocalSweep:
 
     def write_results(self, trials: list[dict[str, Any]]) -> None:
         keys = list(self.cfg["parameters"])
-        with open(self.out / "results.csv.tmp", "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["trial", *keys, self.metric, "status", "wall_s"])
-            for t in trials:
-                w.writerow([t["trial"], *[t["params"].get(k) for k in keys], t["metric"], t["status"], t["wall_s"]])
-        os.replace(self.out / "results.csv.tmp", self.out / "results.csv")
+
+        def write_csv(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as fh:
+                w = csv.writer(fh)
+                w.writerow(["trial", *keys, self.metric, "status", "wall_s"])
+                for t in trials:
+                    w.writerow([t["trial"], *[t["params"].get(k) for k in keys], t["metric"], t["status"], t["wall_s"]])
+
+        atomic_write(self.out / "results.csv", write_csv)
         best = self.best(trials)
-        lines = [f"# Sweep `{self.file}` ({self.cfg['method']}, {self.goal} `{self.metric}`)", "",
-                 "| trial | " + " | ".join(f"`{k}`" for k in keys) + f" | {self.metric} |",
-                 "|---|" + "---|" * len(keys) + "---|"]
+        lines = [
+            f"# Sweep `{self.file}` ({self.cfg['method']}, {self.goal} `{self.metric}`)",
+            "",
+            "| trial | " + " | ".join(f"`{k}`" for k in keys) + f" | {self.metric} |",
+            "|---|" + "---|" * len(keys) + "---|",
+        ]
         for t in trials:
             m = f"{t['metric']:.4f}" if t["status"] == "finished" else "failed"
             if best is not None and t is best:
                 m = f"**{m}**"
-            lines.append(f"| {t['trial']} | " + " | ".join(format_value(t["params"].get(k)) for k in keys) + f" | {m} |")
+            lines.append(
+                f"| {t['trial']} | " + " | ".join(format_value(t["params"].get(k)) for k in keys) + f" | {m} |"
+            )
         atomic_write_text("\n".join(lines) + "\n", self.out / "results.md")
         self.console.print("\n".join(lines[2:]))
         if best is not None:
@@ -260,23 +296,33 @@ class LocalSweep:
             if src.is_file():
                 atomic_write_text(src.read_text(), self.out / "best_config.yaml")
             atomic_write_text(json.dumps(best, indent=2) + "\n", self.out / "best.json")
-            self.console.print(f"best: {best['trial']} {self.metric} = {best['metric']:.4f}; "
-                               f"config in {self.out / 'best_config.yaml'}")
+            self.console.print(
+                f"best: {best['trial']} {self.metric} = {best['metric']:.4f}; config in {self.out / 'best_config.yaml'}"
+            )
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="fcl-lightning-sweep", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="fcl-lightning-sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("sweep_file", help="a wandb sweep YAML (e.g. configs/sweeps/fcl_pretrain.yaml)")
     ap.add_argument("--count", type=int, default=None, help="number of trials in all (default: the whole grid)")
     ap.add_argument("--out", default=None, help="sweep folder (default: runs/sweeps/<file name>)")
-    ap.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"],
-                    help="WANDB_MODE of the trials when the environment does not set it (default offline)")
+    ap.add_argument(
+        "--wandb-mode",
+        default="offline",
+        choices=["offline", "online", "disabled"],
+        help="WANDB_MODE of the trials when the environment does not set it (default offline)",
+    )
     args = ap.parse_args(argv)
     console = Console(stderr=True)
     try:
-        sweep = LocalSweep(args.sweep_file, args.out or Path("runs/sweeps") / Path(args.sweep_file).stem,
-                           console=console, wandb_mode=args.wandb_mode)
+        sweep = LocalSweep(
+            args.sweep_file,
+            args.out or Path("runs/sweeps") / Path(args.sweep_file).stem,
+            console=console,
+            wandb_mode=args.wandb_mode,
+        )
         trials = sweep.run(args.count)
     except SweepError as exc:
         console.print(f"[bold red]error:[/] {exc}")

@@ -9,12 +9,11 @@ decides that from ``WANDB_MODE`` (online, offline, disabled).
 
 from __future__ import annotations
 
+import csv
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
-
-import csv
-import warnings
 
 import yaml
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger

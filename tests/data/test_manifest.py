@@ -44,8 +44,13 @@ def test_json_absolute_and_relative(acdc_root: Path) -> None:
     sub.mkdir()
     rows = [
         {"image": str(acdc_root / "patient001" / "patient001_frame01.nii.gz"), "client": 2, "patient": "a"},
-        {"image": "../patient002/patient002_frame01.nii.gz", "label": "../patient002/patient002_frame01_gt.nii.gz",
-         "client": "3", "patient": "a", "frame": "ES"},
+        {
+            "image": "../patient002/patient002_frame01.nii.gz",
+            "label": "../patient002/patient002_frame01_gt.nii.gz",
+            "client": "3",
+            "patient": "a",
+            "frame": "ES",
+        },
     ]
     manifest = sub / "list.json"
     manifest.write_text(json.dumps(rows))

@@ -106,8 +106,13 @@ def test_write_acdc_layout(tmp_path: Path) -> None:
     es = int(info["ES"])
     assert info["ED"] == "1" and info["Group"] == "G1" and int(info["NbFrame"]) >= es > 1
     assert files == sorted(
-        ["Info.cfg", "patient002_frame01.nii.gz", "patient002_frame01_gt.nii.gz",
-         f"patient002_frame{es:02d}.nii.gz", f"patient002_frame{es:02d}_gt.nii.gz"]
+        [
+            "Info.cfg",
+            "patient002_frame01.nii.gz",
+            "patient002_frame01_gt.nii.gz",
+            f"patient002_frame{es:02d}.nii.gz",
+            f"patient002_frame{es:02d}_gt.nii.gz",
+        ]
     )
     with pytest.raises(ValueError, match="dtype"):
         write_acdc_layout(src, str(tmp_path / "bad"), dtype="float64")

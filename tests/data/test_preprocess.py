@@ -12,6 +12,7 @@ from fcl_lightning.data.acdc import ACDCSource
 from fcl_lightning.data.phantom import PhantomSource
 from fcl_lightning.data.preprocess import Preprocessor, load_volumes, positive_axcodes
 from fcl_lightning.data.volume import DataError, RawVolume, VolumeRecord, VolumeSource
+from fcl_lightning.io import WriteError
 
 
 class CountingSource(VolumeSource):
@@ -136,11 +137,11 @@ def test_crash_while_writing_leaves_no_cache_file(
     small_phantom: PhantomSource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def boom(obj: object, f: object) -> None:
-        f.write(b"partial")  # type: ignore[attr-defined]
+        Path(f).write_bytes(b"partial")  # type: ignore[arg-type]
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", boom)
     cache = tmp_path / "cache"
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(WriteError, match=r"cannot write .*cache.*\.pt: OSError: disk full"):
         Preprocessor(size=64, cache_dir=str(cache))(small_phantom, small_phantom.records()[0])
     assert list(cache.iterdir()) == []

@@ -14,8 +14,11 @@ def acdc_like(n: int = 100, sites: int | None = None) -> list[VolumeRecord]:
     """Two frames per patient, groups in blocks of n/5 like ACDC."""
     return [
         VolumeRecord(
-            key=f"patient{i:03d}_{f}", patient=f"patient{i:03d}", frame=f,
-            group=GROUPS[(i - 1) * 5 // n], site=None if sites is None else (i - 1) % sites,
+            key=f"patient{i:03d}_{f}",
+            patient=f"patient{i:03d}",
+            frame=f,
+            group=GROUPS[(i - 1) * 5 // n],
+            site=None if sites is None else (i - 1) % sites,
         )
         for i in range(1, n + 1)
         for f in ("ED", "ES")

@@ -50,8 +50,17 @@ def test_dense_fcl_pretrains_decoder_blocks_that_load_into_the_unet(tmp_path, ti
     from fcl_lightning.cli import main
     from fcl_lightning.lit.segment import SegmentationModule
 
-    main(tiny(tmp_path, rounds=1, extra=["--model.objective=fcl_lightning.fcl.objectives.DenseFCLObjective",
-                                         "--model.objective.grid=2", "--model.decoder_levels=2"]))
+    main(
+        tiny(
+            tmp_path,
+            rounds=1,
+            extra=[
+                "--model.objective=fcl_lightning.fcl.objectives.DenseFCLObjective",
+                "--model.objective.grid=2",
+                "--model.decoder_levels=2",
+            ],
+        )
+    )
     enc = torch.load(tmp_path / "encoder.pt", weights_only=True)
     dec = {k for k in enc if k.startswith("decoder.")}
     assert dec and {k.split(".")[1] for k in dec} == {"0", "1"}  # the two deepest blocks
@@ -88,8 +97,9 @@ def test_crop_warp_stays_inside_the_image_and_maps_features_like_pixels():
     assert grid.abs().max() < 1  # every sample point lands inside the image, never in padding
     # a coordinate image: warping it returns, at each output pixel, the input point it samples
     n, h = 4, 32
-    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h + 1)[:-1] + 1 / h, torch.linspace(-1, 1, h + 1)[:-1] + 1 / h,
-                            indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.linspace(-1, 1, h + 1)[:-1] + 1 / h, torch.linspace(-1, 1, h + 1)[:-1] + 1 / h, indexing="ij"
+    )
     coords = torch.stack([xs, ys])[None].repeat(n, 1, 1, 1)
     th = theta[:n]
     out = warp(coords, th)

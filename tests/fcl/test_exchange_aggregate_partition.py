@@ -57,8 +57,10 @@ def test_payload_holds_only_vectors_and_integer_tags():
 
 def test_fedavg_is_exact_weighted_mean():
     g = torch.Generator().manual_seed(0)
-    states = [{"w": torch.randn(5, 3, generator=g), "b": torch.randn(3, generator=g),
-               "n": torch.tensor(i * 3)} for i in range(3)]
+    states = [
+        {"w": torch.randn(5, 3, generator=g), "b": torch.randn(3, generator=g), "n": torch.tensor(i * 3)}
+        for i in range(3)
+    ]
     counts = [10, 20, 5]
     out = FedAvg()(states, counts)
     for k in ("w", "b"):

@@ -108,7 +108,9 @@ def test_objective_weights_and_sampling():
     q, k, parts, vols, negs = make(12, 16, 8, 4, seed=5)
     torch.manual_seed(0)
     full = FCLObjective(0.1, num_negatives=1000, w_local=1.0, w_remote=1.0)(ContrastiveInputs(q, k, parts, vols, negs))
-    only_local = FCLObjective(0.1, num_negatives=1000, w_local=1.0, w_remote=0.0)(ContrastiveInputs(q, k, parts, vols, negs))
+    only_local = FCLObjective(0.1, num_negatives=1000, w_local=1.0, w_remote=0.0)(
+        ContrastiveInputs(q, k, parts, vols, negs)
+    )
     assert full["loss"].item() == pytest.approx(full["loss_local"].item() + full["loss_remote"].item())
     assert only_local["loss"].item() == pytest.approx(full["loss_local"].item())
 

@@ -87,7 +87,9 @@ def drifting_constant(B=12, S=4, K=256, d=32, ages=8, seed=0):
     parts, vols = torch.arange(B) % S, torch.arange(B) // S
     q = c(0).expand(B, d).clone()
     age = torch.arange(K) % ages + 1
-    bank = BankEntries(torch.stack([c(int(t)) for t in age]), (torch.arange(K) // ages) % S, torch.zeros(K, dtype=torch.long))
+    bank = BankEntries(
+        torch.stack([c(int(t)) for t in age]), (torch.arange(K) // ages) % S, torch.zeros(K, dtype=torch.long)
+    )
     return ContrastiveInputs(q, q.clone(), parts, vols, bank)
 
 

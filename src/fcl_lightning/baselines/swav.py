@@ -45,8 +45,9 @@ class SwAVObjective(PretrainObjective):
 
     uses_bank = False
 
-    def __init__(self, num_prototypes: int = 64, temperature: float = 0.1, epsilon: float = 0.05,
-                 sinkhorn_iterations: int = 3) -> None:
+    def __init__(
+        self, num_prototypes: int = 64, temperature: float = 0.1, epsilon: float = 0.05, sinkhorn_iterations: int = 3
+    ) -> None:
         super().__init__()
         if num_prototypes < 2:
             raise ValueError(f"num_prototypes must be >= 2, got {num_prototypes}")

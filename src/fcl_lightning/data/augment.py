@@ -59,8 +59,15 @@ def pretrain_augment(cfg: AugmentConfig | None = None) -> Compose:
     rot = np.deg2rad(cfg.rotate_deg)
     return Compose(
         [
-            RandAffined(["image"], prob=cfg.prob, rotate_range=rot, scale_range=cfg.scale,
-                        translate_range=cfg.translate, padding_mode="zeros", mode="bilinear"),
+            RandAffined(
+                ["image"],
+                prob=cfg.prob,
+                rotate_range=rot,
+                scale_range=cfg.scale,
+                translate_range=cfg.translate,
+                padding_mode="zeros",
+                mode="bilinear",
+            ),
             *intensity_transforms(["image"], cfg),
         ]
     )
@@ -71,12 +78,27 @@ def finetune_augment(cfg: AugmentConfig | None = None) -> Compose:
     cfg = cfg or AugmentConfig()
     rot = np.deg2rad(cfg.rotate_deg)
     spatial = [
-        RandAffined(["image", "label"], prob=cfg.prob, rotate_range=rot, scale_range=cfg.scale,
-                    translate_range=cfg.translate, padding_mode="zeros", mode=["bilinear", "nearest"]),
+        RandAffined(
+            ["image", "label"],
+            prob=cfg.prob,
+            rotate_range=rot,
+            scale_range=cfg.scale,
+            translate_range=cfg.translate,
+            padding_mode="zeros",
+            mode=["bilinear", "nearest"],
+        ),
     ]
     if cfg.elastic:
-        spatial.append(Rand2DElasticd(["image", "label"], spacing=(24, 24), magnitude_range=(0.5, 1.5),
-                                      prob=cfg.prob * 0.5, padding_mode="zeros", mode=["bilinear", "nearest"]))
+        spatial.append(
+            Rand2DElasticd(
+                ["image", "label"],
+                spacing=(24, 24),
+                magnitude_range=(0.5, 1.5),
+                prob=cfg.prob * 0.5,
+                padding_mode="zeros",
+                mode=["bilinear", "nearest"],
+            )
+        )
     return Compose([*spatial, *intensity_transforms(["image"], cfg)])
 
 

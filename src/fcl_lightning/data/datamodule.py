@@ -88,8 +88,9 @@ class FederatedDataModule(pl.LightningDataModule):
         if num_partitions < 1 or volumes_per_batch < 1:
             raise ValueError("num_partitions and volumes_per_batch must be >= 1")
         if batch_size < 1 or (labelled_per_client is not None and labelled_per_client < 1):
-            raise ValueError(f"data.batch_size and data.labelled_per_client must be >= 1 (got {batch_size}, "
-                             f"{labelled_per_client})")
+            raise ValueError(
+                f"data.batch_size and data.labelled_per_client must be >= 1 (got {batch_size}, {labelled_per_client})"
+            )
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if cv_folds is not None and not (cv_folds >= 2 and 0 <= cv_fold < cv_folds):
@@ -151,7 +152,9 @@ class FederatedDataModule(pl.LightningDataModule):
         self._ready = True
         log.info(
             "data: %d clients, train volumes per client %s, %d test volumes",
-            self.num_clients, [len(t) for t in self.train], len(self.test),
+            self.num_clients,
+            [len(t) for t in self.train],
+            len(self.test),
         )
 
     # ------------------------------------------------------------ per client
@@ -170,12 +173,21 @@ class FederatedDataModule(pl.LightningDataModule):
     def pretrain_loader(self, client: int, seed: int) -> DataLoader:
         """Partition-sampled batches of ``V`` volumes x ``S`` slices for one client."""
         ds = PartitionDataset(
-            self.train[client], self.volume_ids[client], client, self.num_partitions,
-            pretrain_augment(self.augment_cfg) if self.augment_pretrain else None, self.two_views, seed,
+            self.train[client],
+            self.volume_ids[client],
+            client,
+            self.num_partitions,
+            pretrain_augment(self.augment_cfg) if self.augment_pretrain else None,
+            self.two_views,
+            seed,
         )
         return DataLoader(
-            ds, batch_size=self.volumes_per_batch, sampler=EpochKeySampler(len(ds), seed),
-            collate_fn=collate_partitions, num_workers=self.num_workers, drop_last=len(ds) > self.volumes_per_batch,
+            ds,
+            batch_size=self.volumes_per_batch,
+            sampler=EpochKeySampler(len(ds), seed),
+            collate_fn=collate_partitions,
+            num_workers=self.num_workers,
+            drop_last=len(ds) > self.volumes_per_batch,
             persistent_workers=False,
         )
 
@@ -190,10 +202,13 @@ class FederatedDataModule(pl.LightningDataModule):
     def finetune_loader(self, client: int, seed: int, n: int | None = None) -> DataLoader:
         """Labelled 2D slices of the client's first ``n`` labelled patients."""
         ds = LabelledSliceDataset(
-            self.labelled_volumes(client, n), finetune_augment(self.augment_cfg) if self.augment_finetune else None, seed
+            self.labelled_volumes(client, n),
+            finetune_augment(self.augment_cfg) if self.augment_finetune else None,
+            seed,
         )
-        return DataLoader(ds, batch_size=self.batch_size, sampler=EpochKeySampler(len(ds), seed),
-                          num_workers=self.num_workers)
+        return DataLoader(
+            ds, batch_size=self.batch_size, sampler=EpochKeySampler(len(ds), seed), num_workers=self.num_workers
+        )
 
     def train_dataloader(self) -> DataLoader:
         """Client 0's pre-training loader (for plain ``Trainer.fit`` use outside the federation)."""

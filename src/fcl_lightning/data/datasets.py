@@ -109,4 +109,3 @@ class LabelledSliceDataset(Dataset):
         sample = {"image": v.image[..., z], "label": v.label[..., z].float()}
         out = apply_seeded(self.augment, sample, int(_rng(self.seed, key).integers(0, 2**31)))
         return {"image": out["image"].float(), "label": out["label"].round().long()}
-

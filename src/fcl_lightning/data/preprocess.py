@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from monai.transforms import (
 )
 
 from fcl_lightning.data.volume import RawVolume, Volume, VolumeRecord, VolumeSource
+from fcl_lightning.io import atomic_save
 
 #: Bump when the pipeline changes, so that stale on-disk cache entries are not reused.
 PREPROCESS_VERSION = 1
@@ -79,13 +78,19 @@ class Preprocessor:
         pixdim = (self.spacing, self.spacing, -1.0)  # non-positive: keep the original slice spacing
         self._tail = Compose(
             [
-                Spacingd(("image", "label"), pixdim=pixdim, mode=("bilinear", "nearest"), dtype=np.float32,
-                         allow_missing_keys=True),
+                Spacingd(
+                    ("image", "label"),
+                    pixdim=pixdim,
+                    mode=("bilinear", "nearest"),
+                    dtype=np.float32,
+                    allow_missing_keys=True,
+                ),
                 ScaleIntensityRangePercentilesd(
                     "image", lower=self.lower_percentile, upper=self.upper_percentile, b_min=0.0, b_max=1.0, clip=True
                 ),
-                ResizeWithPadOrCropd(("image", "label"), spatial_size=(self.size, self.size, -1),
-                                     allow_missing_keys=True),
+                ResizeWithPadOrCropd(
+                    ("image", "label"), spatial_size=(self.size, self.size, -1), allow_missing_keys=True
+                ),
             ]
         )
 
@@ -153,16 +158,8 @@ class Preprocessor:
         path = self._path(key)
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
         image, label, spacing, meta = entry
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save({"image": image, "label": label, "spacing": list(spacing), "meta": meta}, f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_save({"image": image, "label": label, "spacing": list(spacing), "meta": meta}, path)
 
 
 def load_volumes(source: VolumeSource, records: list[VolumeRecord], preprocessor: Preprocessor) -> list[Volume]:

@@ -54,9 +54,7 @@ def _check_nonempty(clients: list[list[str]], num_patients: int, mode: str) -> l
     return clients
 
 
-def federated_split(
-    records: list[VolumeRecord], num_clients: int, mode: str = "iid", seed: int = 0
-) -> list[list[str]]:
+def federated_split(records: list[VolumeRecord], num_clients: int, mode: str = "iid", seed: int = 0) -> list[list[str]]:
     """Assign patients to ``num_clients`` clients; returns each client's sorted patient ids.
 
     Modes:

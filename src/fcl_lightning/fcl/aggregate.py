@@ -11,7 +11,9 @@ import torch
 class Aggregator:
     """Base class: merge client state dicts into one global state dict."""
 
-    def __call__(self, states: Sequence[dict[str, torch.Tensor]], num_samples: Sequence[int]) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, states: Sequence[dict[str, torch.Tensor]], num_samples: Sequence[int]
+    ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
 
@@ -25,7 +27,9 @@ class FedAvg(Aggregator):
     def __init__(self, weighted: bool = True) -> None:
         self.weighted = weighted
 
-    def __call__(self, states: Sequence[dict[str, torch.Tensor]], num_samples: Sequence[int]) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, states: Sequence[dict[str, torch.Tensor]], num_samples: Sequence[int]
+    ) -> dict[str, torch.Tensor]:
         if not states:
             raise ValueError("FedAvg needs at least one client update")
         if len(states) != len(num_samples):

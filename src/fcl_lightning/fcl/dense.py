@@ -30,8 +30,9 @@ def region_vectors(fmap: torch.Tensor, grid: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(fmap, grid).flatten(2).transpose(1, 2)
 
 
-def dense_local_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
-                     across_batch: bool = False) -> torch.Tensor:
+def dense_local_loss(
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float, across_batch: bool = False
+) -> torch.Tensor:
     """NT-Xent over regions.
 
     Args:
@@ -57,8 +58,9 @@ def dense_local_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
     return F.cross_entropy(logits.reshape(b * 2 * r, 2 * r), target.repeat(b))
 
 
-def intensity_view(x: torch.Tensor, brightness: float = 0.1, contrast: float = 0.2,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+def intensity_view(
+    x: torch.Tensor, brightness: float = 0.1, contrast: float = 0.2, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """A spatially aligned second view: per-slice random contrast around the slice mean, then a
     random brightness shift (batched, on ``x``'s device)."""
     n = x.shape[0]
@@ -70,16 +72,22 @@ def intensity_view(x: torch.Tensor, brightness: float = 0.1, contrast: float = 0
     return (x - mean) * c + mean + s
 
 
-def random_crop_warp(n: int, max_rotate_deg: float = 15.0, scale: tuple[float, float] = (0.6, 0.8),
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+def random_crop_warp(
+    n: int,
+    max_rotate_deg: float = 15.0,
+    scale: tuple[float, float] = (0.6, 0.8),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """``[n, 2, 3]`` affine maps in ``affine_grid``'s normalised coordinates: output point ``p``
     samples the input at ``A p + t``, a rotated square window ``scale`` times the image's side,
     placed at random where it lies wholly inside the image (so no point samples padding)."""
     a = math.radians(min(abs(max_rotate_deg), 45.0))
     fits = 1 / (math.cos(a) + math.sin(a))  # the largest window that fits inside at every angle allowed
     if not 0 < scale[0] <= scale[1] <= fits:
-        raise ValueError(f"crop scale must satisfy 0 < low <= high <= {fits:.3f} (for rotations up to "
-                         f"{max_rotate_deg} degrees), got {tuple(scale)}")
+        raise ValueError(
+            f"crop scale must satisfy 0 < low <= high <= {fits:.3f} (for rotations up to "
+            f"{max_rotate_deg} degrees), got {tuple(scale)}"
+        )
     ang = torch.deg2rad(max_rotate_deg * (2 * torch.rand(n, generator=generator, dtype=torch.float64) - 1))
     s = scale[0] + (scale[1] - scale[0]) * torch.rand(n, generator=generator, dtype=torch.float64)
     cos, sin = torch.cos(ang) * s, torch.sin(ang) * s

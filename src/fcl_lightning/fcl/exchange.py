@@ -44,8 +44,9 @@ def embed_slices(
     return BankEntries(vecs, p, torch.full_like(p, client))
 
 
-def per_partition_indices(partitions: torch.Tensor, num_partitions: int, per_partition: int,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
+def per_partition_indices(
+    partitions: torch.Tensor, num_partitions: int, per_partition: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Indices of at most ``per_partition`` random items of each partition, in ascending order."""
     partitions = partitions.cpu()
     keep = []
@@ -55,8 +56,9 @@ def per_partition_indices(partitions: torch.Tensor, num_partitions: int, per_par
     return torch.cat(keep).sort().values
 
 
-def subsample_per_partition(entries: BankEntries, num_partitions: int, per_partition: int | None,
-                            generator: torch.Generator | None = None) -> BankEntries:
+def subsample_per_partition(
+    entries: BankEntries, num_partitions: int, per_partition: int | None, generator: torch.Generator | None = None
+) -> BankEntries:
     """At most ``per_partition`` randomly chosen entries of each partition, in their original order."""
     if per_partition is None:
         return entries
@@ -78,7 +80,9 @@ def check_payload(payload: BankEntries) -> None:
         raise TypeError("payload vectors must not carry gradients")
 
 
-def route(payloads: dict[int, BankEntries], dim: int, recipients: Iterable[int] | None = None) -> dict[int, BankEntries]:
+def route(
+    payloads: dict[int, BankEntries], dim: int, recipients: Iterable[int] | None = None
+) -> dict[int, BankEntries]:
     """What each client receives: the concatenation of every *other* client's payload.
 
     Args:

@@ -34,7 +34,11 @@ def masked_infonce(pos_logits: torch.Tensor, pos_mask: torch.Tensor, neg_logits:
         pos_mask: ``[B, P]`` bool, which candidates are positives of each query.
         neg_logits: ``[B, K]`` logits against ``Q'`` (``K`` may be 0).
     """
-    neg_lse = torch.logsumexp(neg_logits, dim=1, keepdim=True) if neg_logits.shape[1] else torch.full_like(pos_logits[:, :1], float("-inf"))
+    neg_lse = (
+        torch.logsumexp(neg_logits, dim=1, keepdim=True)
+        if neg_logits.shape[1]
+        else torch.full_like(pos_logits[:, :1], float("-inf"))
+    )
     terms = torch.logaddexp(pos_logits, neg_lse) - pos_logits
     n_pos = pos_mask.sum(dim=1)
     has = n_pos > 0

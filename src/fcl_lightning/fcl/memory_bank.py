@@ -18,16 +18,16 @@ class BankEntries(NamedTuple):
     def __len__(self) -> int:
         return int(self.vectors.shape[0])
 
-    def to(self, device: torch.device | str) -> "BankEntries":
+    def to(self, device: torch.device | str) -> BankEntries:
         return BankEntries(*(t.to(device) for t in self))
 
     @staticmethod
-    def empty(dim: int, device: torch.device | str = "cpu") -> "BankEntries":
+    def empty(dim: int, device: torch.device | str = "cpu") -> BankEntries:
         z = torch.zeros(0, dtype=torch.long, device=device)
         return BankEntries(torch.zeros(0, dim, device=device), z, z.clone())
 
     @staticmethod
-    def cat(parts: list["BankEntries"], dim: int) -> "BankEntries":
+    def cat(parts: list[BankEntries], dim: int) -> BankEntries:
         """Concatenate; an all-empty result stays on the device of the parts given."""
         full = [p for p in parts if len(p)]
         if not full:

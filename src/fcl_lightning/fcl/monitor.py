@@ -59,8 +59,9 @@ class CollapseMonitor:
         collapse_spread: a ``spread`` below this is reported as a collapse in the round line.
     """
 
-    def __init__(self, every_n_rounds: int = 1, max_volumes: int = 40, k: int = 10,
-                 collapse_spread: float = 0.1) -> None:
+    def __init__(
+        self, every_n_rounds: int = 1, max_volumes: int = 40, k: int = 10, collapse_spread: float = 0.1
+    ) -> None:
         if every_n_rounds < 1 or max_volumes < 2 or k < 1:
             raise ValueError("monitor: every_n_rounds and k must be >= 1, max_volumes >= 2")
         self.every_n_rounds, self.max_volumes, self.k = every_n_rounds, max_volumes, k
@@ -70,17 +71,24 @@ class CollapseMonitor:
         return done % self.every_n_rounds == 0 or done == rounds
 
     @torch.no_grad()
-    def measure(self, features: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
-                volumes: Sequence[torch.Tensor], patients: Sequence[str], num_partitions: int,
-                device: torch.device | str = "cpu", batch_size: int = 64) -> dict[str, float]:
+    def measure(
+        self,
+        features: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
+        volumes: Sequence[torch.Tensor],
+        patients: Sequence[str],
+        num_partitions: int,
+        device: torch.device | str = "cpu",
+        batch_size: int = 64,
+    ) -> dict[str, float]:
         """Figures for ``volumes`` (``[1, H, W, D]`` images, with the patient each belongs to).
 
         ``features`` maps ``[N, 1, H, W]`` slices to their embeddings ``[N, d]`` and, optionally,
         the encoder's pooled features ``[N, c]`` (one encoder pass for both)."""
         vols, pats = list(volumes)[: self.max_volumes], list(patients)[: self.max_volumes]
         x = torch.cat([v.permute(3, 0, 1, 2) for v in vols])  # [N, 1, H, W]
-        parts = torch.cat([torch.as_tensor(partition_of(np.arange(v.shape[-1]), v.shape[-1], num_partitions))
-                           for v in vols]).long()
+        parts = torch.cat(
+            [torch.as_tensor(partition_of(np.arange(v.shape[-1]), v.shape[-1], num_partitions)) for v in vols]
+        ).long()
         ids = {p: i for i, p in enumerate(dict.fromkeys(pats))}
         groups = torch.cat([torch.full((v.shape[-1],), ids[p]) for v, p in zip(vols, pats)])
         z, h = [], []

@@ -129,9 +129,17 @@ class FCLObjective(PretrainObjective):
     def forward(self, inputs: ContrastiveInputs) -> dict[str, torch.Tensor]:
         negs = sample_negatives(inputs.bank, self.num_negatives)
         local_negs = negs if self.local_negatives != "batch" else BankEntries(*(t[:0] for t in negs))
-        l_local = local_loss(inputs.q, inputs.k, inputs.partitions, inputs.volumes, local_negs, self.temperature,
-                             self.self_positive, batch_negatives=self.local_negatives != "bank",
-                             same_partition_negatives=self.same_partition_negatives)
+        l_local = local_loss(
+            inputs.q,
+            inputs.k,
+            inputs.partitions,
+            inputs.volumes,
+            local_negs,
+            self.temperature,
+            self.self_positive,
+            batch_negatives=self.local_negatives != "bank",
+            same_partition_negatives=self.same_partition_negatives,
+        )
         l_remote = remote_loss(inputs.q, inputs.partitions, negs, self.temperature)
         out = {
             "loss": self.w_local * l_local + self.w_remote * l_remote,
@@ -145,8 +153,9 @@ class FCLObjective(PretrainObjective):
 
 
 @torch.no_grad()
-def same_age_similarities(q: torch.Tensor, k: torch.Tensor, partitions: torch.Tensor, volumes: torch.Tensor,
-                          self_positive: bool = False) -> dict[str, torch.Tensor]:
+def same_age_similarities(
+    q: torch.Tensor, k: torch.Tensor, partitions: torch.Tensor, volumes: torch.Tensor, self_positive: bool = False
+) -> dict[str, torch.Tensor]:
     """Mean cosine of queries to their local positives (``pos_sim``) and to the batch's keys of
     other partitions (``neg_sim``): keys of the same age, so the gap measures content. (Against
     bank entries the gap would measure how much older the bank is.)"""
@@ -154,8 +163,10 @@ def same_age_similarities(q: torch.Tensor, k: torch.Tensor, partitions: torch.Te
     pos_mask = local_positive_mask(partitions, volumes, self_positive)
     neg_mask = partitions[:, None] != partitions[None, :]
     nan = sim.new_tensor(float("nan"))
-    return {"pos_sim": sim[pos_mask].mean() if pos_mask.any() else nan,
-            "neg_sim": sim[neg_mask].mean() if neg_mask.any() else nan}
+    return {
+        "pos_sim": sim[pos_mask].mean() if pos_mask.any() else nan,
+        "neg_sim": sim[neg_mask].mean() if neg_mask.any() else nan,
+    }
 
 
 class DenseFCLObjective(FCLObjective):
@@ -185,9 +196,18 @@ class DenseFCLObjective(FCLObjective):
 
     needs_decoder = True
 
-    def __init__(self, w_dense: float = 1.0, grid: int = 4, dense_temperature: float = 0.1, dense_dim: int = 64,
-                 warp: bool = False, across_batch: bool = False, max_rotate_deg: float = 15.0,
-                 crop_scale: tuple[float, float] = (0.6, 0.8), **fcl) -> None:
+    def __init__(
+        self,
+        w_dense: float = 1.0,
+        grid: int = 4,
+        dense_temperature: float = 0.1,
+        dense_dim: int = 64,
+        warp: bool = False,
+        across_batch: bool = False,
+        max_rotate_deg: float = 15.0,
+        crop_scale: tuple[float, float] = (0.6, 0.8),
+        **fcl,
+    ) -> None:
         super().__init__(**fcl)
         if grid < 2 or dense_temperature <= 0 or dense_dim < 1:
             raise ValueError("DenseFCLObjective: grid must be >= 2, dense_temperature > 0, dense_dim >= 1")
@@ -197,8 +217,11 @@ class DenseFCLObjective(FCLObjective):
         self.max_rotate_deg, self.crop_scale = max_rotate_deg, tuple(crop_scale)
 
     def build_decoder(self, decoder_channels: int) -> None:
-        self.dense_head = nn.Sequential(nn.Linear(decoder_channels, decoder_channels), nn.ReLU(inplace=True),
-                                        nn.Linear(decoder_channels, self.dense_dim))
+        self.dense_head = nn.Sequential(
+            nn.Linear(decoder_channels, decoder_channels),
+            nn.ReLU(inplace=True),
+            nn.Linear(decoder_channels, self.dense_dim),
+        )
 
     def step(self, s: PretrainStep) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         if s.embed_decode is None:

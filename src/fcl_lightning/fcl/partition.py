@@ -7,7 +7,11 @@ import numpy as np
 
 def partition_of(z: int | np.ndarray, num_slices: int, num_partitions: int) -> int | np.ndarray:
     """Partition index of slice ``z`` in a volume of ``num_slices`` slices split into ``num_partitions``."""
-    return (np.asarray(z) * num_partitions) // num_slices if isinstance(z, np.ndarray) else (z * num_partitions) // num_slices
+    return (
+        (np.asarray(z) * num_partitions) // num_slices
+        if isinstance(z, np.ndarray)
+        else (z * num_partitions) // num_slices
+    )
 
 
 def partition_slices(num_slices: int, num_partitions: int) -> list[np.ndarray]:

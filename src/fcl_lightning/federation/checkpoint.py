@@ -2,161 +2,28 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import os
 import random
-import shutil
-import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from fcl_lightning.errors import UserError
 from fcl_lightning.fcl.memory_bank import BankEntries
-from fcl_lightning.io import safe_torch_load
+from fcl_lightning.io import atomic_write_text, safe_torch_load
 
 log = logging.getLogger(__name__)
 
 FORMAT = "fcl-lightning/federated-v1"
-_UMASK = os.umask(0)  # read once, at import (os.umask sets as it reads; not thread-safe later)
-os.umask(_UMASK)
 
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be resumed from; the message names the file and the problem."""
-
-
-class WriteError(CheckpointError):
-    """A file of the run could not be written (disk full, read-only folder, ...)."""
-
-
-def write_failure(path: Path, exc: BaseException) -> WriteError:
-    """``cannot write <path>: <reason>``, with the operating system's reason where there is one.
-    ``torch.save`` reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc]
-    ... unexpected pos``; the folder's free space tells that case apart."""
-    if isinstance(exc, OSError) and exc.strerror:
-        reason = exc.strerror
-    else:
-        try:
-            full = shutil.disk_usage(path.parent).free < 64 * 2**20
-        except OSError:
-            full = False
-        reason = os.strerror(errno.ENOSPC) if full else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    return WriteError(f"cannot write {path}: {reason}")
-
-
-def _temp_in(path: Path) -> str:
-    """A new private temp file beside ``path`` (``.<name>.<random>.tmp``; removed at the next
-    start if a kill leaves it), with a plain file's mode."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private
-    return tmp
-
-
-def _atomic(path: str | Path, write: Callable[[str], Any]) -> Path:
-    """``write`` a temp file beside ``path``, then rename it over ``path``: never a half-written
-    file; a failure removes the temp file and names ``path`` (:func:`write_failure`)."""
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temp_in(path)
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, Exception):
-            raise write_failure(path, exc) from exc
-        raise
-    return path
-
-
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` atomically."""
-    return _atomic(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_copy(src: str | Path, dst: str | Path) -> Path:
-    """Copy ``src`` to ``dst`` atomically (a plain copy, not a link: overwriting one of the two
-    files later must never change the other)."""
-    src, dst = Path(src), Path(dst)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return dst
-
-
-def atomic_link(target: str | Path, link: str | Path) -> Path:
-    """Point ``link`` at ``target`` in the same folder: a relative symbolic link swapped in
-    atomically (as Lightning's ``ModelCheckpoint(save_last="link")``), so the newest checkpoint is
-    written once, not twice; a plain copy where the file system has no symbolic links."""
-    target, link = Path(target), Path(link)
-    tmp = link.with_name(f".{link.name}.{os.getpid()}.link.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.symlink(os.path.relpath(target, link.parent), tmp)
-    except (OSError, NotImplementedError):
-        return atomic_copy(target, link)
-    try:
-        os.replace(tmp, link)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return link
-
-
-def atomic_write_text(text: str, path: str | Path) -> Path:
-    """Write ``text`` atomically (same mode as every file)."""
-    return _atomic(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def check_writable(folder: str | Path) -> None:
-    """Fail now, naming the folder, if the run could not write its outputs there: creates and
-    removes a probe file in ``folder`` or its nearest existing parent (nothing is left behind)."""
-    folder = Path(folder)
-    probe_dir = folder
-    while not probe_dir.exists() and probe_dir != probe_dir.parent:
-        probe_dir = probe_dir.parent
-    try:
-        if not probe_dir.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(probe_dir))
-        fd, tmp = tempfile.mkstemp(prefix=".fcl-write-check.", dir=probe_dir)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as exc:
-        raise WriteError(f"cannot write to the output folder {folder} (trainer.default_root_dir): "
-                         f"{exc.strerror or exc} at {probe_dir}") from None
-
-
-#: temp files of the project's atomic writes: ``.<name>.<random>.tmp``, ``.<name>.<pid>[.link].tmp``
-TEMP_GLOB = ".*.tmp"
-
-
-def remove_interrupted_writes(root: str | Path) -> list[Path]:
-    """Delete the temp files an interrupted (killed) write left in ``root`` and its
-    ``checkpoints/`` folder; the files they were to replace are whole (writes are atomic)."""
-    removed = []
-    for d in (Path(root), Path(root) / "checkpoints"):
-        if d.is_dir():
-            for p in d.glob(TEMP_GLOB):
-                if p.is_file() or p.is_symlink():
-                    p.unlink(missing_ok=True)
-                    removed.append(p)
-    if removed:
-        log.info("removed %d temp file(s) of interrupted writes in %s", len(removed), root)
-    return removed
 
 
 def update_summary(root: str | Path, values: dict[str, Any]) -> Path:
@@ -201,8 +68,12 @@ def snapshot(obj: Any, into: Any = None) -> Any:
     """
     if isinstance(obj, torch.Tensor):
         src = obj.detach()
-        if (isinstance(into, torch.Tensor) and into.device.type == "cpu" and into.shape == src.shape
-                and into.dtype == src.dtype):
+        if (
+            isinstance(into, torch.Tensor)
+            and into.device.type == "cpu"
+            and into.shape == src.shape
+            and into.dtype == src.dtype
+        ):
             return into.copy_(src)
         return src.to("cpu", copy=True)
     if isinstance(obj, dict):
@@ -245,7 +116,7 @@ class BackgroundWriter:
         self._thread = threading.Thread(target=target, name="fcl-checkpoint-writer")
         self._thread.start()
 
-    def __enter__(self) -> "BackgroundWriter":
+    def __enter__(self) -> BackgroundWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

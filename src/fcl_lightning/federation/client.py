@@ -4,20 +4,16 @@ so the in-process loop and a distributed runtime (Flower) drive the same code.""
 
 from __future__ import annotations
 
-import logging
-import random
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 
 from fcl_lightning.fcl.memory_bank import BankEntries
 from fcl_lightning.lit.base import FederatedModule
+from fcl_lightning.runtime import quiet_lightning, seed_all
 
 
 @dataclass
@@ -44,31 +40,9 @@ class ClientResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-@contextmanager
-def quiet_lightning() -> Iterator[None]:
-    """Per-client Trainers run silently: the federation prints progress once for all of them."""
-    lg = logging.getLogger("lightning.pytorch")
-    prev = lg.level
-    lg.setLevel(logging.WARNING)
-    with warnings.catch_warnings():
-        for msg in (".*does not have many workers.*", ".*but have no `val_dataloader`.*", ".*number of training batches.*", ".*LeafSpec.*",
-                    ".*litlogger.*"):
-            warnings.filterwarnings("ignore", message=msg)
-        try:
-            yield
-        finally:
-            lg.setLevel(prev)
-
-
 def client_seed(seed: int, round_idx: int, client: int) -> int:
     """Seed of one client's round: a pure function, so a resumed run repeats it exactly."""
     return (int(seed) * 1_000_003 + round_idx * 10_007 + client * 101 + 17) % (2**31)
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 def client_step(
@@ -109,8 +83,9 @@ def client_step(
     if runtime.exchange:
         g = torch.Generator().manual_seed(s + 1)
         module.to(trainer.strategy.root_device)  # Lightning moved it back to the CPU after fit
-        features = module.export_features(runtime.datamodule, d, runtime.exchange_per_partition, g,
-                                          source=runtime.exchange_source)
+        features = module.export_features(
+            runtime.datamodule, d, runtime.exchange_per_partition, g, source=runtime.exchange_source
+        )
         module.cpu()
         if d != client:  # tag the vectors with the federation-wide client id
             features = BankEntries(features.vectors, features.partitions, torch.full_like(features.clients, client))

@@ -3,29 +3,36 @@ whole held-out volumes, write a per-patient CSV and the ``test/*`` (``val/*``) s
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from fcl_lightning.evaluation import STRUCTURES, evaluate_volumes, summarize, write_rows_csv
+from fcl_lightning.evaluation import STRUCTURES, evaluate_volumes, over_clients, summarize, write_rows_csv
 from fcl_lightning.federation.checkpoint import load_checkpoint, resolve_ckpt_path, update_summary
 
 SUMMARY_KEYS = tuple(f"dice_{s}" for s in STRUCTURES) + ("dice_mean", "hd95_mean")
 
 
-def evaluate_run(module: Any, datamodule: Any, ckpt_path: str | None, root: str | Path,
-                 stage: str = "test", console: Console | None = None, device: str | torch.device = "cpu") -> dict[str, float]:
+def evaluate_run(
+    module: Any,
+    datamodule: Any,
+    ckpt_path: str | None,
+    root: str | Path,
+    stage: str = "test",
+    console: Console | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
     """Score the run in ``ckpt_path`` (``last`` = ``<root>/checkpoints/last.ckpt``; ``None``: the
     module as configured). Federated runs have one global model; local runs one model per client,
     and the summary is then the mean +- std over clients, as in the paper's tables."""
     if not hasattr(module, "net"):
-        raise TypeError(f"{stage} scores segmentation models; {type(module).__name__} is a pre-training module "
-                        "(use federation.downstream to evaluate an encoder)")
+        raise TypeError(
+            f"{stage} scores segmentation models; {type(module).__name__} is a pre-training module "
+            "(use federation.downstream to evaluate an encoder)"
+        )
     root = Path(root)
     datamodule.setup(stage)
     C = datamodule.num_clients
@@ -55,12 +62,7 @@ def evaluate_run(module: Any, datamodule: Any, ckpt_path: str | None, root: str 
             row["client"] = "global" if (shared_test and global_only) else c
         rows.extend(r)
         per_client.append(summarize(r))
-    out: dict[str, float] = {}
-    for k in SUMMARY_KEYS:
-        vals = np.array([p[k] for p in per_client], dtype=float)
-        out[f"{stage}/{k}"] = float(np.nanmean(vals)) if not np.isnan(vals).all() else math.nan
-        if len(per_client) > 1:
-            out[f"{stage}/{k}_std"] = float(np.nanstd(vals)) if not np.isnan(vals).all() else math.nan
+    out = over_clients(per_client, SUMMARY_KEYS, stage, std=len(per_client) > 1)
     out[f"{stage}/num_volumes"] = len(rows)
     for frame in sorted({r["frame"] for r in rows if r["frame"]}):
         out[f"{stage}/{frame}/dice_mean"] = summarize([r for r in rows if r["frame"] == frame])["dice_mean"]
@@ -70,12 +72,18 @@ def evaluate_run(module: Any, datamodule: Any, ckpt_path: str | None, root: str 
     write_rows_csv(rows, root / f"{stage}_per_patient.csv")
     update_summary(root, out)
     if console is not None:
-        t = Table(title=f"{stage}: {len(rows)} volumes, {len(per_client)} model(s)"
-                        + (" - mean ± std over clients" if len(per_client) > 1 else ""))
+        t = Table(
+            title=f"{stage}: {len(rows)} volumes, {len(per_client)} model(s)"
+            + (" - mean ± std over clients" if len(per_client) > 1 else "")
+        )
         for k in SUMMARY_KEYS:
             t.add_column(k, justify="right")
-        t.add_row(*[f"{out[f'{stage}/{k}']:.3f}" + (f" ± {out[f'{stage}/{k}_std']:.3f}" if len(per_client) > 1 else "")
-                    for k in SUMMARY_KEYS])
+        t.add_row(
+            *[
+                f"{out[f'{stage}/{k}']:.3f}" + (f" ± {out[f'{stage}/{k}_std']:.3f}" if len(per_client) > 1 else "")
+                for k in SUMMARY_KEYS
+            ]
+        )
         console.print(t)
         console.print(f"per-patient rows: {root / f'{stage}_per_patient.csv'}; summary: {root / 'summary.json'}")
     return out

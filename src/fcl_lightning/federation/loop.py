@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.loggers import Logger
 from rich.console import Console
@@ -25,14 +24,9 @@ from fcl_lightning.federation.checkpoint import (
     FORMAT,
     BackgroundWriter,
     CheckpointError,
-    atomic_link,
-    atomic_save,
-    atomic_write_text,
     bank_from_dict,
     bank_to_dict,
-    check_writable,
     load_checkpoint,
-    remove_interrupted_writes,
     resolve_ckpt_path,
     rng_state,
     set_rng_state,
@@ -42,6 +36,7 @@ from fcl_lightning.federation.checkpoint import (
 )
 from fcl_lightning.federation.client import ClientResult, ClientRuntime, client_step
 from fcl_lightning.federation.config import Federation
+from fcl_lightning.io import atomic_link, atomic_save, atomic_write_text, check_writable, remove_interrupted_writes
 from fcl_lightning.lit.base import FederatedModule
 from fcl_lightning.tracking import (
     continue_csv_logs,
@@ -66,8 +61,9 @@ class Clients:
     #: client -> why it was left out of the last round
     failures: dict[int, str]
 
-    def train_round(self, round_idx: int, starts: dict[int, dict[str, torch.Tensor]], inbox: dict[int, Any],
-                    progress: Any) -> dict[int, ClientResult]:
+    def train_round(
+        self, round_idx: int, starts: dict[int, dict[str, torch.Tensor]], inbox: dict[int, Any], progress: Any
+    ) -> dict[int, ClientResult]:
         """Train every client in ``starts`` from its start weights and remote features; return the
         results of the clients that succeeded."""
         raise NotImplementedError
@@ -93,8 +89,9 @@ class InProcessClients(Clients):
         results: dict[int, ClientResult] = {}
         for i, (c, start) in enumerate(sorted(starts.items())):
             progress(i, c)
-            results[c] = client_step(start, self._states.get(c), inbox.get(c), client=c, round_idx=round_idx,
-                                     runtime=self.runtime)
+            results[c] = client_step(
+                start, self._states.get(c), inbox.get(c), client=c, round_idx=round_idx, runtime=self.runtime
+            )
             self._states[c] = to_cpu(results[c].state)
         return results
 
@@ -146,11 +143,21 @@ class FederatedLoop:
         """A quiet per-client Trainer from the ``trainer`` template (the federation owns logging,
         progress and checkpoints, and sets the epoch count)."""
         kw = dict(self.trainer_kwargs)
-        for k in ("logger", "enable_checkpointing", "enable_progress_bar", "enable_model_summary", "max_epochs",
-                  "min_epochs", "max_steps", "default_root_dir", "callbacks"):
+        for k in (
+            "logger",
+            "enable_checkpointing",
+            "enable_progress_bar",
+            "enable_model_summary",
+            "max_epochs",
+            "min_epochs",
+            "max_steps",
+            "default_root_dir",
+            "callbacks",
+        ):
             kw.pop(k, None)
         callbacks = [
-            cb for cb in (self.trainer_kwargs.get("callbacks") or [])
+            cb
+            for cb in (self.trainer_kwargs.get("callbacks") or [])
             if not isinstance(cb, (pl.callbacks.ModelCheckpoint, pl.callbacks.ProgressBar, pl.callbacks.ModelSummary))
         ]
         if self.fed.local_steps is not None:
@@ -158,8 +165,12 @@ class FederatedLoop:
         else:
             kw.update(max_epochs=self.fed.local_epochs)
         return pl.Trainer(
-            **kw, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+            **kw,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=callbacks,
             default_root_dir=str(self.root / "clients"),
         )
 
@@ -178,14 +189,18 @@ class FederatedLoop:
     def client_runtime(self) -> ClientRuntime:
         """What every client step runs with (the in-process clients and the Flower ClientApp)."""
         return ClientRuntime(
-            self.module, self.dm, self.make_trainer, self.seed, self.fed.rounds,
+            self.module,
+            self.dm,
+            self.make_trainer,
+            self.seed,
+            self.fed.rounds,
             exchange=self.fed.exchange and self.fed.mode == "federated" and self.module.shares_features,
             exchange_per_partition=self.fed.exchange_per_partition,
             exchange_source=self.fed.exchange_source,
             keep_optimizer_state=self.fed.keep_optimizer_state,
         )
 
-    def run(self, ckpt_path: str | None = None, clients: "Clients | None" = None) -> dict[str, Any]:
+    def run(self, ckpt_path: str | None = None, clients: Clients | None = None) -> dict[str, Any]:
         """Train all rounds (resuming from ``ckpt_path`` if given) and return the summary.
 
         ``clients`` runs the client steps of a round: in this process by default
@@ -197,12 +212,14 @@ class FederatedLoop:
         ckpt = load_checkpoint(path) if path is not None else None
         C = clients.num_clients if clients is not None else self.dm.num_clients
         self.validate(ckpt, path, C)
-        remove_interrupted_writes(self.root)
+        remove_interrupted_writes(self.root, self.root / "checkpoints")
         if clients is None:
             self.dm.setup("fit")
             clients = InProcessClients(self.client_runtime(), self.dm.num_clients)
         if self.fed.select_best and not any(getattr(self.dm, "val", None) or []):
-            raise ConfigError("federation.select_best needs validation patients (data.val_fraction > 0 or data.cv_folds)")
+            raise ConfigError(
+                "federation.select_best needs validation patients (data.val_fraction > 0 or data.cv_folds)"
+            )
         if self.config_text:
             atomic_write_text(self.config_text, self.root / "config.yaml")
         global_w = {k: v.cpu() for k, v in self.module.global_state().items()}
@@ -218,7 +235,9 @@ class FederatedLoop:
             self.module.load_global_state(ckpt["global"])
             global_w = ckpt["global"]
             client_w = {int(c): w for c, w in ckpt["client_weights"].items()}
-            best = {int(c): (float(ckpt["best_val_dice"][c]), w) for c, w in ckpt.get("best_client_weights", {}).items()}
+            best = {
+                int(c): (float(ckpt["best_val_dice"][c]), w) for c, w in ckpt.get("best_client_weights", {}).items()
+            }
             clients.load_states({int(c): s for c, s in ckpt["clients"].items()})
             inbox = {c: bank_from_dict(ckpt["inbox"].get(str(c))) for c in range(C)}
             history, comm, start, elapsed = ckpt["history"], ckpt["comm"], ckpt["round"], ckpt["elapsed_s"]
@@ -239,8 +258,11 @@ class FederatedLoop:
                 init = self._monitor(0, global_w)
                 if init:
                     self.log_metrics({**init, "round": 0}, step=0)
-                    self.console.print(f"round   0 | at initialisation | probe {init['round/monitor/probe_acc']:.2f} | "
-                                       f"spread {init['round/monitor/spread']:.2f}", soft_wrap=True)
+                    self.console.print(
+                        f"round   0 | at initialisation | probe {init['round/monitor/probe_acc']:.2f} | "
+                        f"spread {init['round/monitor/spread']:.2f}",
+                        soft_wrap=True,
+                    )
             for r in range(start, self.fed.rounds):
                 self._writer.check()  # the previous round's checkpoint failed: stop before training on
                 t0 = time.perf_counter()
@@ -258,16 +280,22 @@ class FederatedLoop:
                 results = clients.train_round(r, starts, {c: inbox[c] for c in wanted}, show)
                 selected = sorted(results)
                 if len(selected) < self.fed.min_clients:
-                    raise RuntimeError(f"round {r + 1}: only {len(selected)} of {len(wanted)} clients replied "
-                                       f"(federation.min_clients is {self.fed.min_clients})")
+                    raise RuntimeError(
+                        f"round {r + 1}: only {len(selected)} of {len(wanted)} clients replied "
+                        f"(federation.min_clients is {self.fed.min_clients})"
+                    )
                 for c in sorted(set(wanted) - set(selected)):
-                    self.console.print(f"[yellow]round {r + 1}: client {c} left out of this round "
-                                       f"({clients.failures.get(c, 'no reply')})[/]")
+                    self.console.print(
+                        f"[yellow]round {r + 1}: client {c} left out of this round "
+                        f"({clients.failures.get(c, 'no reply')})[/]"
+                    )
                 t_train = time.perf_counter() - t0
 
                 t1 = time.perf_counter()
                 if self.fed.mode == "federated":
-                    global_w = self.fed.aggregator([results[c].update for c in selected], [results[c].num_samples for c in selected])
+                    global_w = self.fed.aggregator(
+                        [results[c].update for c in selected], [results[c].num_samples for c in selected]
+                    )
                 else:
                     client_w.update({c: results[c].update for c in selected})
                     if self.fed.select_best:
@@ -287,22 +315,48 @@ class FederatedLoop:
                         metrics[f"client{c}/comm/features_down_bytes"] = nb
                         comm["features_down"] += nb
                     metrics["round/comm/features_down_bytes"] = sum(
-                        metrics[f"client{c}/comm/features_down_bytes"] for c in range(C))
+                        metrics[f"client{c}/comm/features_down_bytes"] for c in range(C)
+                    )
                 elapsed += time.perf_counter() - t0
                 metrics.update({"round/time/train_s": t_train, "round/time/aggregate_s": t_agg, "round": r + 1})
                 history.append({k: float(v) for k, v in metrics.items() if k.startswith("round/")})
                 ds = self.fed.downstream
-                if ds is not None and ds.every_n_rounds and (r + 1) % ds.every_n_rounds == 0 and r + 1 < self.fed.rounds:
+                if (
+                    ds is not None
+                    and ds.every_n_rounds
+                    and (r + 1) % ds.every_n_rounds == 0
+                    and r + 1 < self.fed.rounds
+                ):
                     self.module.load_global_state(global_w)
-                    down = ds.run(self.module, self.dm, self.root, self.seed, self.console, final=False)
+                    down = ds.run(
+                        self.module,
+                        self.dm,
+                        self.root,
+                        self.seed,
+                        self.console,
+                        final=False,
+                        trainer_kwargs=self.trainer_kwargs,
+                    )
                     metrics.update(down)
                     history[-1].update(down)
                 new_rows = per_client_dice_rows(metrics, r + 1)
                 dice_rows += new_rows
                 t2 = time.perf_counter()
                 periodic = (r + 1) % self.fed.checkpoint_every == 0 or r + 1 == self.fed.rounds
-                self._checkpoint(r + 1, global_w, client_w, clients.states(), inbox, history, comm, elapsed, C, periodic,
-                                 dice_rows, best)
+                self._checkpoint(
+                    r + 1,
+                    global_w,
+                    client_w,
+                    clients.states(),
+                    inbox,
+                    history,
+                    comm,
+                    elapsed,
+                    C,
+                    periodic,
+                    dice_rows,
+                    best,
+                )
                 metrics["round/time/checkpoint_s"] = time.perf_counter() - t2
                 metrics["round/time/total_s"] = time.perf_counter() - t0
                 history[-1].update({k: metrics[k] for k in ("round/time/checkpoint_s", "round/time/total_s")})
@@ -311,26 +365,44 @@ class FederatedLoop:
                     lg.save()
                 if new_rows:
                     log_dice_table(self.loggers, dice_rows, step=r + 1)
-                progress.update(task, advance=1, info=f"round {r + 1}/{self.fed.rounds} loss {metrics.get('round/train/loss', float('nan')):.4f}")
+                progress.update(
+                    task,
+                    advance=1,
+                    info=f"round {r + 1}/{self.fed.rounds} loss {metrics.get('round/train/loss', float('nan')):.4f}",
+                )
                 self.console.print(self._round_line(r, metrics), soft_wrap=True)
         if self.fed.mode == "federated":
             self.module.load_global_state(global_w)
         summary = self._finish(global_w, client_w, history, comm, elapsed, time.perf_counter() - t_run)
         if self.fed.downstream is not None and self.fed.mode == "federated" and hasattr(self.module, "encoder_state"):
             t0 = time.perf_counter()
-            down = self.fed.downstream.run(self.module, self.dm, self.root, self.seed, self.console)
+            down = self.fed.downstream.run(
+                self.module, self.dm, self.root, self.seed, self.console, trainer_kwargs=self.trainer_kwargs
+            )
             down["downstream/time_s"] = time.perf_counter() - t0
             self.log_metrics(down, step=self.fed.rounds)
             update_summary(self.root, down)
             summary.update(down)
             dice_rows += per_client_dice_rows(down, self.fed.rounds)
             log_dice_table(self.loggers, dice_rows, step=self.fed.rounds)
-            log_images(self.loggers, {"downstream/examples": self.root / "downstream.png",
-                                      "downstream/embedding": self.root / "embedding.png"}, step=self.fed.rounds)
+            log_images(
+                self.loggers,
+                {
+                    "downstream/examples": self.root / "downstream.png",
+                    "downstream/embedding": self.root / "embedding.png",
+                },
+                step=self.fed.rounds,
+            )
         log_summary(self.loggers, json.loads((self.root / "summary.json").read_text()))
-        self.console.print(f"outputs in {self.root}: " + ", ".join(
-            n for n in ("encoder.pt", "encoders/", "summary.json", "checkpoints/", "logs/", "downstream.png")
-            if (self.root / n).exists()), soft_wrap=True)
+        self.console.print(
+            f"outputs in {self.root}: "
+            + ", ".join(
+                n
+                for n in ("encoder.pt", "encoders/", "summary.json", "checkpoints/", "logs/", "downstream.png")
+                if (self.root / n).exists()
+            ),
+            soft_wrap=True,
+        )
         for lg in self.loggers:
             lg.save()
         finish(self.loggers)
@@ -341,32 +413,48 @@ class FederatedLoop:
         folder, and a checkpoint to resume from against the config (clients, rounds, shapes)."""
         size, multiple = getattr(self.dm, "img_size", None), self.module.input_multiple
         if size is not None and size % multiple:
-            raise ConfigError(f"data.img_size={size} must be a multiple of {multiple}: the encoder halves the image "
-                              f"{multiple.bit_length() - 1} times (model features); try {max(multiple, round(size / multiple) * multiple)}")
+            raise ConfigError(
+                f"data.img_size={size} must be a multiple of {multiple}: the encoder halves the image "
+                f"{multiple.bit_length() - 1} times (model features); try {max(multiple, round(size / multiple) * multiple)}"
+            )
         if self.fed.select_best and self.fed.mode != "local":
             raise ConfigError("federation.select_best needs federation.mode local")
         if self.fed.mode == "federated" and self.module.per_client_init:
-            raise ConfigError("a per-client pretrained path ('{client}' in model.pretrained) needs "
-                              "federation.mode local; federated fine-tuning starts every client from one model")
+            raise ConfigError(
+                "a per-client pretrained path ('{client}' in model.pretrained) needs "
+                "federation.mode local; federated fine-tuning starts every client from one model"
+            )
         check_writable(self.root)
         if ckpt is None:
             return
         if ckpt["num_clients"] != num_clients:
-            raise CheckpointError(f"{path} was written with {ckpt['num_clients']} clients, the config has {num_clients} "
-                                  "(data.num_clients)")
+            raise CheckpointError(
+                f"{path} was written with {ckpt['num_clients']} clients, the config has {num_clients} "
+                "(data.num_clients)"
+            )
         if ckpt["round"] > self.fed.rounds:
-            raise CheckpointError(f"{path} is from round {ckpt['round']}, after the configured "
-                                  f"federation.rounds={self.fed.rounds}: set federation.rounds >= {ckpt['round']} to go on")
+            raise CheckpointError(
+                f"{path} is from round {ckpt['round']}, after the configured "
+                f"federation.rounds={self.fed.rounds}: set federation.rounds >= {ckpt['round']} to go on"
+            )
         problem = self.module.global_state_mismatch(ckpt["global"])
         if problem:
-            raise CheckpointError(f"{path} does not fit the configured model ({type(self.module).__name__}): {problem}; "
-                                  "resume with the config the run was started with")
+            raise CheckpointError(
+                f"{path} does not fit the configured model ({type(self.module).__name__}): {problem}; "
+                "resume with the config the run was started with"
+            )
 
     # ------------------------------------------------------------- pieces
     def _progress(self) -> Progress:
         return Progress(
-            TextColumn("[bold]FCL[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), console=self.log_console, transient=True, disable=not self.log_console.is_terminal,
+            TextColumn("[bold]FCL[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=self.log_console,
+            transient=True,
+            disable=not self.log_console.is_terminal,
         )
 
     def _round_metrics(self, r, selected, results, global_w, inbox, comm) -> dict[str, float]:
@@ -391,8 +479,15 @@ class FederatedLoop:
         comm["weights_up"] += up
         comm["weights_down"] += down
         comm["features_up"] += feat_up
-        m.update({"round/comm/weights_up_bytes": up, "round/comm/weights_down_bytes": down,
-                  "round/comm/features_up_bytes": feat_up, "round/clients": len(selected), "round/train_volumes": n_total})
+        m.update(
+            {
+                "round/comm/weights_up_bytes": up,
+                "round/comm/weights_down_bytes": down,
+                "round/comm/features_up_bytes": feat_up,
+                "round/clients": len(selected),
+                "round/train_volumes": n_total,
+            }
+        )
         return m
 
     def _probe_set(self, max_volumes: int) -> tuple[list, bool] | None:
@@ -403,6 +498,7 @@ class FederatedLoop:
         if not self._probe_chosen:
             self._probe_chosen = True
             if getattr(self.dm, "_ready", False):
+
                 def interleaved(groups: list) -> list:
                     return [v for vs in zip_longest(*groups) for v in vs if v is not None]
 
@@ -412,8 +508,10 @@ class FederatedLoop:
                         self._probe = (vols, held_out)
                         break
                 if self._probe is not None and not self._probe[1]:
-                    log.warning("monitor: no held-out patients (data.val_fraction is 0 and no test_source); the "
-                                "partition probe scores training patients (leave-one-patient-out)")
+                    log.warning(
+                        "monitor: no held-out patients (data.val_fraction is 0 and no test_source); the "
+                        "partition probe scores training patients (leave-one-patient-out)"
+                    )
         return self._probe
 
     def _monitor(self, done: int, global_w: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -429,8 +527,13 @@ class FederatedLoop:
         self.module.load_global_state(global_w)
         was_training = self.module.training
         self.module.eval()
-        figures = mon.measure(features, [v.image for v in vols], [v.record.patient for v in vols],
-                              self.dm.num_partitions, device=next(self.module.parameters()).device)
+        figures = mon.measure(
+            features,
+            [v.image for v in vols],
+            [v.record.patient for v in vols],
+            self.dm.num_partitions,
+            device=next(self.module.parameters()).device,
+        )
         self.module.train(was_training)
         out = {f"round/monitor/{k}": v for k, v in figures.items()}
         out["round/monitor/probe_held_out"] = float(held_out)
@@ -440,9 +543,13 @@ class FederatedLoop:
     @staticmethod
     def _round_line(r: int, m: dict[str, float]) -> str:
         parts = [f"round {r + 1:>3}"]
-        for key, label, digits in (("round/train/loss", "loss", 4), ("round/train/loss_local", "local", 4),
-                                   ("round/train/loss_remote", "remote", 4), ("round/monitor/probe_acc", "probe", 2),
-                                   ("round/monitor/spread", "spread", 2)):
+        for key, label, digits in (
+            ("round/train/loss", "loss", 4),
+            ("round/train/loss_local", "local", 4),
+            ("round/train/loss_remote", "remote", 4),
+            ("round/monitor/probe_acc", "probe", 2),
+            ("round/monitor/spread", "spread", 2),
+        ):
             if key in m:
                 parts.append(f"{label} {m[key]:.{digits}f}")
         if m.get("round/monitor/collapsed"):
@@ -454,8 +561,9 @@ class FederatedLoop:
         parts.append(f"{m['round/time/total_s']:.1f} s")
         return " | ".join(parts)
 
-    def _checkpoint(self, done, global_w, client_w, states, inbox, history, comm, elapsed, C, periodic, dice_rows,
-                    best) -> None:
+    def _checkpoint(
+        self, done, global_w, client_w, states, inbox, history, comm, elapsed, C, periodic, dice_rows, best
+    ) -> None:
         ckpt = {
             "format": FORMAT,
             "round": done,
@@ -512,16 +620,20 @@ class FederatedLoop:
             for c in clients:
                 self.module.load_global_state(client_w[c])
                 atomic_save(self.module.encoder_state(), self.root / "encoders" / f"client{c}.pt")
-            merged = self.fed.aggregator([client_w[c] for c in clients],
-                                         [self.module.num_samples(self.dm, c) for c in clients])
+            merged = self.fed.aggregator(
+                [client_w[c] for c in clients], [self.module.num_samples(self.dm, c) for c in clients]
+            )
             self.module.load_global_state(merged)
             atomic_save(self.module.encoder_state(), self.root / "encoder.pt")
         last = history[-1] if history else {}
         summary = {
             "stage": type(self.module).__name__,
             "rounds_completed": len(history),
-            "final": {k[len("round/"):]: v for k, v in last.items()
-                      if k.startswith(("round/train/", "round/val/", "round/monitor/"))},
+            "final": {
+                k[len("round/") :]: v
+                for k, v in last.items()
+                if k.startswith(("round/train/", "round/val/", "round/monitor/"))
+            },
             "bytes": dict(comm),
             "wall_time_s": elapsed,
         }

@@ -1,7 +1,7 @@
 """The Flower apps (``flower/pyproject.toml`` points here)::
 
-    serverapp = "fcl_lightning.flower.apps:server_app"
-    clientapp = "fcl_lightning.flower.apps:client_app"
+serverapp = "fcl_lightning.flower.apps:server_app"
+clientapp = "fcl_lightning.flower.apps:client_app"
 """
 
 from __future__ import annotations

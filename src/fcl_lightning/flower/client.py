@@ -19,10 +19,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-import torch
-
-from fcl_lightning.federation.checkpoint import CheckpointError, atomic_save, to_cpu
-from fcl_lightning.io import safe_torch_load
+from fcl_lightning.federation.checkpoint import CheckpointError, to_cpu
 from fcl_lightning.federation.client import ClientRuntime, client_step
 from fcl_lightning.flower.codec import (
     bytes_to_state,
@@ -32,6 +29,7 @@ from fcl_lightning.flower.codec import (
     state_to_bytes,
     weights_to_record,
 )
+from fcl_lightning.io import atomic_save, safe_torch_load
 
 log = logging.getLogger(__name__)
 STATE_KEY = "fcl-client"
@@ -60,9 +58,14 @@ def get_runtime(run_config: dict[str, Any], node_config: dict[str, Any]) -> Clie
     key = (*args, node_config.get("partition-id"))
     if key not in _RUNTIMES:
         cli = build(args)
-        loop = FederatedLoop(cli.config_init["federation"], cli.model, cli.datamodule,
-                             trainer_kwargs=dict(cli.config_init["trainer"]), root_dir=cli.trainer.default_root_dir,
-                             seed=int(cli.config.get("seed_everything") or 0))
+        loop = FederatedLoop(
+            cli.config_init["federation"],
+            cli.model,
+            cli.datamodule,
+            trainer_kwargs=dict(cli.config_init["trainer"]),
+            root_dir=cli.trainer.default_root_dir,
+            seed=int(cli.config.get("seed_everything") or 0),
+        )
         cli.datamodule.setup("fit")
         _RUNTIMES[key] = loop.client_runtime()
     return _RUNTIMES[key]
@@ -98,8 +101,7 @@ def save_state(context: Context, state: Any, round_idx: int) -> None:
     context.state[STATE_KEY] = ConfigRecord({"state": state_to_bytes(state), "round": round_idx})
     d = context.node_config.get("state-dir")
     if d:
-        atomic_save({"format": STATE_FORMAT, "round": round_idx, "state": state},
-                    Path(d) / "client_state.pt")
+        atomic_save({"format": STATE_FORMAT, "round": round_idx, "state": state}, Path(d) / "client_state.pt")
 
 
 def handle_query(msg: Message, context: Context) -> Message:
@@ -117,14 +119,23 @@ def handle_train(msg: Message, context: Context) -> Message:
     round_idx = int(msg.content["config"]["round"])
     weights = record_to_weights(msg.content["weights"])
     remote = record_to_features(msg.content["features"]) if "features" in msg.content else None
-    res = client_step(weights, load_state(context), remote, client=client, round_idx=round_idx, runtime=runtime,
-                      data_client=data_client)
+    res = client_step(
+        weights,
+        load_state(context),
+        remote,
+        client=client,
+        round_idx=round_idx,
+        runtime=runtime,
+        data_client=data_client,
+    )
     save_state(context, to_cpu(res.state), round_idx)
-    content = RecordDict({
-        "update": weights_to_record(res.update),
-        "metrics": MetricRecord({"num-examples": int(res.num_samples), **res.metrics}),
-        "info": ConfigRecord({"client": client}),
-    })
+    content = RecordDict(
+        {
+            "update": weights_to_record(res.update),
+            "metrics": MetricRecord({"num-examples": int(res.num_samples), **res.metrics}),
+            "info": ConfigRecord({"client": client}),
+        }
+    )
     if res.features is not None:
         content["features"] = features_to_record(res.features)
     return Message(content, reply_to=msg)

@@ -24,9 +24,13 @@ def record_to_weights(record: ArrayRecord) -> dict[str, torch.Tensor]:
 def features_to_record(entries: BankEntries) -> ArrayRecord:
     """Exchanged features: L2-normalised vectors plus integer partition and client tags only."""
     check_payload(entries)
-    return ArrayRecord({"vectors": entries.vectors.detach().cpu().contiguous(),
-                        "partitions": entries.partitions.cpu().contiguous(),
-                        "clients": entries.clients.cpu().contiguous()})
+    return ArrayRecord(
+        {
+            "vectors": entries.vectors.detach().cpu().contiguous(),
+            "partitions": entries.partitions.cpu().contiguous(),
+            "clients": entries.clients.cpu().contiguous(),
+        }
+    )
 
 
 def record_to_features(record: ArrayRecord) -> BankEntries:

@@ -17,19 +17,26 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from rich.console import Console
 
-from fcl_lightning.federation.checkpoint import atomic_write_text
 from fcl_lightning.federation.client import ClientResult
 from fcl_lightning.federation.loop import Clients, FederatedLoop
 from fcl_lightning.flower.client import config_args
 from fcl_lightning.flower.codec import features_to_record, record_to_features, record_to_weights, weights_to_record
+from fcl_lightning.io import atomic_write_text
 
 
 class FlowerClients(Clients):
     """Sends each round's client steps to the Flower nodes and collects the replies; a node that
     errors or does not answer within ``timeout`` is left out of that round (and logged)."""
 
-    def __init__(self, grid: Grid, num_clients: int, timeout: float | None = None, min_nodes: int = 1,
-                 wait_s: float = 60.0, console: Console | None = None) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        num_clients: int,
+        timeout: float | None = None,
+        min_nodes: int = 1,
+        wait_s: float = 60.0,
+        console: Console | None = None,
+    ) -> None:
         self.grid, self.num_clients, self.timeout = grid, num_clients, timeout
         self.console = console or Console(stderr=True)
         self.failures: dict[int, str] = {}
@@ -41,27 +48,34 @@ class FlowerClients(Clients):
         deadline = time.monotonic() + wait_s
         while len(list(self.grid.get_node_ids())) < min_nodes:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"only {len(list(self.grid.get_node_ids()))} Flower node(s) connected within "
-                                   f"{wait_s:.0f} s; federation.min_clients is {min_nodes}")
+                raise RuntimeError(
+                    f"only {len(list(self.grid.get_node_ids()))} Flower node(s) connected within "
+                    f"{wait_s:.0f} s; federation.min_clients is {min_nodes}"
+                )
             time.sleep(1.0)
         self.refresh()
 
     def refresh(self) -> None:
         nodes = sorted(self.grid.get_node_ids())
-        msgs = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.info")
-                for n in nodes]
+        msgs = [
+            Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.info") for n in nodes
+        ]
         for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
             if reply.has_error():
                 continue
             c = int(reply.content["info"]["client"])
             if not 0 <= c < self.num_clients:
-                raise RuntimeError(f"node {reply.metadata.src_node_id} says it is client {c}, "
-                                   f"outside the federation's {self.num_clients} clients")
+                raise RuntimeError(
+                    f"node {reply.metadata.src_node_id} says it is client {c}, "
+                    f"outside the federation's {self.num_clients} clients"
+                )
             if c in self.node_of and self.node_of[c] != reply.metadata.src_node_id:
                 raise RuntimeError(f"two nodes claim client {c} (partition-id must be unique)")
             self.node_of[c] = reply.metadata.src_node_id
-        self.console.print(f"flower: {len(self.node_of)} client node(s): "
-                           + ", ".join(f"client {c} = node {n}" for c, n in sorted(self.node_of.items())))
+        self.console.print(
+            f"flower: {len(self.node_of)} client node(s): "
+            + ", ".join(f"client {c} = node {n}" for c, n in sorted(self.node_of.items()))
+        )
 
     def train_round(self, round_idx, starts, inbox, progress) -> dict[int, ClientResult]:
         if len(self.node_of) < len(starts):
@@ -94,8 +108,13 @@ class FlowerClients(Clients):
             m = dict(reply.content["metrics"])
             n = int(m.pop("num-examples"))
             feats = record_to_features(reply.content["features"]) if "features" in reply.content else None
-            results[c] = ClientResult(update=record_to_weights(reply.content["update"]), num_samples=n, state={},
-                                      features=feats, metrics={k: float(v) for k, v in m.items()})
+            results[c] = ClientResult(
+                update=record_to_weights(reply.content["update"]),
+                num_samples=n,
+                state={},
+                features=feats,
+                metrics={k: float(v) for k, v in m.items()},
+            )
         for c in client_of.values():
             if c not in results and c not in self.failures:
                 self.failures[c] = "timed out" if self.timeout else "no reply"
@@ -112,17 +131,33 @@ def run_server(grid: Grid, run_config: dict[str, Any], console: Console | None =
     if fed.mode != "federated":
         raise ValueError("Flower runs federation.mode federated (local mode needs no server)")
     if fed.downstream is not None:
-        console.print("[yellow]federation.downstream is skipped on Flower: the server holds no data; "
-                      "run it on a site with `fcl-lightning fit` on the written encoder.pt[/]")
+        console.print(
+            "[yellow]federation.downstream is skipped on Flower: the server holds no data; "
+            "run it on a site with `fcl-lightning fit` on the written encoder.pt[/]"
+        )
         fed.downstream = None
     root = cli.trainer.default_root_dir
     config_text = cli.parser.dump(cli.config, skip_none=False)
     atomic_write_text(config_text, f"{root}/config.yaml")
-    loop = FederatedLoop(fed, cli.model, cli.datamodule, trainer_kwargs=dict(cli.config_init["trainer"]),
-                         root_dir=root, loggers=cli.trainer.loggers, seed=int(cli.config.get("seed_everything") or 0),
-                         config_text=config_text, console=console)
+    loop = FederatedLoop(
+        fed,
+        cli.model,
+        cli.datamodule,
+        trainer_kwargs=dict(cli.config_init["trainer"]),
+        root_dir=root,
+        loggers=cli.trainer.loggers,
+        seed=int(cli.config.get("seed_everything") or 0),
+        config_text=config_text,
+        console=console,
+    )
     num_clients = int(run_config.get("num-clients", 0)) or cli.datamodule.num_clients
-    clients = FlowerClients(grid, num_clients, timeout=fed.round_timeout, min_nodes=fed.min_clients,
-                            wait_s=float(run_config.get("wait-s", 60.0)), console=console)
+    clients = FlowerClients(
+        grid,
+        num_clients,
+        timeout=fed.round_timeout,
+        min_nodes=fed.min_clients,
+        wait_s=float(run_config.get("wait-s", 60.0)),
+        console=console,
+    )
     ckpt = str(run_config.get("ckpt-path", "")) or None
     return loop.run(ckpt, clients=clients)

@@ -48,10 +48,14 @@ class FederatedModule(pl.LightningModule):
         shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
         if not (missing or unexpected or shapes):
             return None
-        parts = [f"{len(missing)} missing (first: {missing[0]})" if missing else "",
-                 f"{len(unexpected)} unexpected (first: {unexpected[0]})" if unexpected else "",
-                 f"{len(shapes)} of another shape (first: {shapes[0]}: {tuple(state[shapes[0]].shape)} there, "
-                 f"{tuple(own[shapes[0]].shape)} in the configured {type(self).__name__})" if shapes else ""]
+        parts = [
+            f"{len(missing)} missing (first: {missing[0]})" if missing else "",
+            f"{len(unexpected)} unexpected (first: {unexpected[0]})" if unexpected else "",
+            f"{len(shapes)} of another shape (first: {shapes[0]}: {tuple(state[shapes[0]].shape)} there, "
+            f"{tuple(own[shapes[0]].shape)} in the configured {type(self).__name__})"
+            if shapes
+            else "",
+        ]
         return "weights " + ", ".join(p for p in parts if p)
 
     def load_global_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -114,8 +118,9 @@ class FederatedModule(pl.LightningModule):
     def receive_features(self, entries: BankEntries | None) -> None:
         """Take the vectors other clients shared (only modules that exchange features)."""
 
-    def export_features(self, datamodule: Any, client: int, per_partition: int | None, generator: torch.Generator,
-                        source: str = "embed") -> BankEntries | None:
+    def export_features(
+        self, datamodule: Any, client: int, per_partition: int | None, generator: torch.Generator, source: str = "embed"
+    ) -> BankEntries | None:
         """Vectors this client shares after a round (``None``: this module shares nothing)."""
         return None
 

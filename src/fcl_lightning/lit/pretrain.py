@@ -43,7 +43,7 @@ class ContrastivePretrainModule(FederatedModule):
 
     def __init__(
         self,
-        features: list[int] = list(DEFAULT_FEATURES),
+        features: list[int] = list(DEFAULT_FEATURES),  # noqa: B006 (shown by --print_config; never mutated)
         norm: str = "instance",
         proj_hidden: int = 1024,
         proj_dim: int = 128,
@@ -67,16 +67,22 @@ class ContrastivePretrainModule(FederatedModule):
         if not 0 <= decoder_levels < len(self.encoder.features):
             raise ValueError(f"decoder_levels must be in [0, {len(self.encoder.features) - 1}], got {decoder_levels}")
         if self.objective.needs_decoder and decoder_levels == 0:
-            raise ValueError(f"{type(self.objective).__name__} trains decoder blocks: set model.init_args.decoder_levels >= 1")
+            raise ValueError(
+                f"{type(self.objective).__name__} trains decoder blocks: set model.init_args.decoder_levels >= 1"
+            )
         self.decoder = decoder_blocks(self.encoder.features, norm, levels=decoder_levels) if decoder_levels else None
         if decoder_levels:
             self.objective.build_decoder(self.encoder.features[-1 - decoder_levels])
         k = int(getattr(self.objective, "num_negatives", 0) or 0)
         if self.objective.uses_bank and k > local_bank_size + remote_bank_size:
-            raise ValueError(f"the objective samples num_negatives={k} from the memory banks, which hold at most "
-                             f"local_bank_size + remote_bank_size = {local_bank_size + remote_bank_size}")
+            raise ValueError(
+                f"the objective samples num_negatives={k} from the memory banks, which hold at most "
+                f"local_bank_size + remote_bank_size = {local_bank_size + remote_bank_size}"
+            )
         if min(local_bank_size, remote_bank_size) < 1:
-            raise ValueError(f"local_bank_size and remote_bank_size must be >= 1, got {local_bank_size}, {remote_bank_size}")
+            raise ValueError(
+                f"local_bank_size and remote_bank_size must be >= 1, got {local_bank_size}, {remote_bank_size}"
+            )
         self.use_momentum = use_momentum
         self.momentum_encoder = make_momentum_copy(self.encoder)
         self.momentum_head = make_momentum_copy(self.head)
@@ -138,9 +144,18 @@ class ContrastivePretrainModule(FederatedModule):
             bank = BankEntries.cat([self.local_bank.entries(), self.remote_bank.entries()], self.proj_dim)
         else:
             bank = BankEntries.empty(self.proj_dim, x_q.device)
-        out, keys = self.objective.step(PretrainStep((x_q, x_k), batch["partition"], batch["volume"], self.embed,
-                                                     self.embed_keys, self.encode, bank,
-                                                     self.embed_decode if self.decoder is not None else None))
+        out, keys = self.objective.step(
+            PretrainStep(
+                (x_q, x_k),
+                batch["partition"],
+                batch["volume"],
+                self.embed,
+                self.embed_keys,
+                self.encode,
+                bank,
+                self.embed_decode if self.decoder is not None else None,
+            )
+        )
         if keys is not None:
             self.local_bank.enqueue(BankEntries(keys, batch["partition"], batch["client"]))
             self._round_keys += len(keys)
@@ -183,12 +198,13 @@ class ContrastivePretrainModule(FederatedModule):
         self._round_keys = 0  # keys enqueued this round (what exchange_source="keys" shares)
 
     @torch.no_grad()
-    def export_features(self, datamodule: Any, client: int, per_partition: int | None, generator: torch.Generator,
-                        source: str = "embed") -> BankEntries:
+    def export_features(
+        self, datamodule: Any, client: int, per_partition: int | None, generator: torch.Generator, source: str = "embed"
+    ) -> BankEntries:
         if source == "keys":
             bank = self.local_bank.entries()
             n = min(len(bank), self._round_keys)  # the newest n entries are this round's keys
-            vectors, partitions = bank.vectors[len(bank) - n:].cpu(), bank.partitions[len(bank) - n:].cpu()
+            vectors, partitions = bank.vectors[len(bank) - n :].cpu(), bank.partitions[len(bank) - n :].cpu()
             recent = BankEntries(vectors, partitions, torch.full_like(partitions, client))
             return subsample_per_partition(recent, datamodule.num_partitions, per_partition, generator)
         if source != "embed":

@@ -31,10 +31,13 @@ def encoder_state_from_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     obj = safe_torch_load(path, "pretrained weights", PretrainedWeightsError)
     if isinstance(obj, dict) and "format" in obj and "global" in obj:
-        obj = {(k[len("encoder."):] if k.startswith("encoder.") else k): v for k, v in obj["global"].items()
-               if k.startswith(("encoder.", "decoder."))}
+        obj = {
+            (k[len("encoder.") :] if k.startswith("encoder.") else k): v
+            for k, v in obj["global"].items()
+            if k.startswith(("encoder.", "decoder."))
+        }
     elif isinstance(obj, dict) and "state_dict" in obj:  # a Lightning checkpoint of the pre-training module
-        obj = {k[len("encoder."):]: v for k, v in obj["state_dict"].items() if k.startswith("encoder.")}
+        obj = {k[len("encoder.") :]: v for k, v in obj["state_dict"].items() if k.startswith("encoder.")}
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise PretrainedWeightsError(f"{path} holds no encoder state dict")
     return obj
@@ -44,7 +47,7 @@ def load_encoder(net: UNet, state: dict[str, torch.Tensor], source: str = "pretr
     """Load ``state`` into ``net.encoder`` (and its ``decoder.*`` entries, pre-trained decoder
     blocks, into ``net.decoder``); any missing, unexpected or mis-shaped encoder key, or a decoder
     key the U-Net lacks, is an error listing them all (never a silent partial load)."""
-    dec = {k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")}
+    dec = {k[len("decoder.") :]: v for k, v in state.items() if k.startswith("decoder.")}
     state = {k: v for k, v in state.items() if not k.startswith("decoder.")}
     own_dec = net.decoder.state_dict()
     bad_dec = sorted(f"decoder.{k}" for k, v in dec.items() if k not in own_dec or own_dec[k].shape != v.shape)
@@ -55,8 +58,11 @@ def load_encoder(net: UNet, state: dict[str, torch.Tensor], source: str = "pretr
     own = net.encoder.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = sorted(f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                    for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    shapes = sorted(
+        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if state[k].shape != own[k].shape
+    )
     if missing or unexpected or shapes:
         raise PretrainedWeightsError(
             f"{source} do not fit the U-Net encoder: missing keys {missing}, unexpected keys {unexpected}, "
@@ -100,7 +106,7 @@ class SegmentationModule(FederatedModule):
 
     def __init__(
         self,
-        features: list[int] = list(DEFAULT_FEATURES),
+        features: list[int] = list(DEFAULT_FEATURES),  # noqa: B006 (shown by --print_config; never mutated)
         norm: str = "instance",
         num_classes: int = 4,
         pretrained: str | None = None,

@@ -78,7 +78,10 @@ class ProjectionHead(nn.Module):
         super().__init__()
         self.pool = nn.AdaptiveAvgPool2d(pool)
         self.mlp = nn.Sequential(
-            nn.Flatten(), nn.Linear(in_channels * pool * pool, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
+            nn.Flatten(),
+            nn.Linear(in_channels * pool * pool, hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, out_dim),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

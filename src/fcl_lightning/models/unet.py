@@ -11,15 +11,18 @@ from torch import nn
 from fcl_lightning.models.encoder import DEFAULT_FEATURES, UNetEncoder, norm_layer
 
 
-def decoder_blocks(features: Sequence[int], norm: str = "instance", dropout: float = 0.0,
-                   levels: int | None = None) -> nn.ModuleList:
+def decoder_blocks(
+    features: Sequence[int], norm: str = "instance", dropout: float = 0.0, levels: int | None = None
+) -> nn.ModuleList:
     """The U-Net's expanding path (MONAI ``UpCat``), deepest block first; ``levels`` keeps only the
     first (deepest) ones, which is what pre-training with a dense term trains (same keys)."""
     act = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True})
     nrm = norm_layer(norm)
     fea = tuple(features)
-    blocks = [UpCat(2, fea[i], fea[i - 1], fea[i - 1], act, nrm, True, dropout, halves=fea[i] > 1)
-              for i in range(len(fea) - 1, 0, -1)]
+    blocks = [
+        UpCat(2, fea[i], fea[i - 1], fea[i - 1], act, nrm, True, dropout, halves=fea[i] > 1)
+        for i in range(len(fea) - 1, 0, -1)
+    ]
     return nn.ModuleList(blocks if levels is None else blocks[:levels])
 
 
