@@ -106,19 +106,19 @@ def test_unwritable_output_folder(tmp_path, tiny, capsys, monkeypatch):
     (tmp_path / "file").write_text("")
     code, _, err = run_cli(tiny(tmp_path / "file" / "run"), capsys)
     assert code == 2 and "cannot write to the output folder" in one_error_line(err)
-    import fcl_lightning.federation.checkpoint as ck
+    import fcl_lightning.io as io_mod
 
     def readonly(*a, **k):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(ck.tempfile, "mkstemp", readonly)
+    monkeypatch.setattr(io_mod, "open", readonly, raising=False)  # every file the run would create
     code, _, err = run_cli(tiny(tmp_path / "run"), capsys)
     line = one_error_line(err)
     assert code == 2 and "Read-only file system" in line and str(tmp_path / "run") in line
 
 
 def test_disk_full_during_a_checkpoint_stops_at_that_round(tmp_path, tiny, capsys, monkeypatch):
-    import fcl_lightning.federation.checkpoint as ck
+    import fcl_lightning.io as ck
 
     real_save = torch.save
 

@@ -125,7 +125,7 @@ class BackgroundWriter:
             return
         try:
             self.wait()
-        except CheckpointError as err:
+        except UserError as err:
             log.error("%s", err)
 
     def check(self) -> None:
@@ -139,7 +139,7 @@ class BackgroundWriter:
             self._thread = None
         if self._error is not None:
             err, self._error = self._error, None
-            if isinstance(err, CheckpointError):
+            if isinstance(err, UserError):  # already names the file and the round
                 raise err
             raise CheckpointError(f"writing a round checkpoint failed: {type(err).__name__}: {err}") from err
 

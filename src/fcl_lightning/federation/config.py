@@ -9,6 +9,7 @@ from jsonargparse import lazy_instance
 from fcl_lightning.downstream import DownstreamEvaluation
 from fcl_lightning.fcl.aggregate import Aggregator, FedAvg
 from fcl_lightning.fcl.monitor import CollapseMonitor
+from fcl_lightning.federation.hooks import RoundHook
 
 
 class Federation:
@@ -46,6 +47,8 @@ class Federation:
             validation Dice (``val/dice_mean``, on the client's validation patients), which is
             what ``test`` then scores (the paper selects its checkpoint so). Scoring the same
             patients the selection looked at is optimistic: hold out others for the figures.
+        hooks: extra round hooks (``RoundHook`` subclasses, by ``class_path``), run after the
+            built-in ones that measure a round and before the checkpoint and the report.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class Federation:
         round_timeout: float | None = None,
         monitor: CollapseMonitor | None = lazy_instance(CollapseMonitor),
         select_best: bool = False,
+        hooks: list[RoundHook] | None = None,
     ) -> None:
         if rounds < 1 or local_epochs < 1:
             raise ValueError(f"rounds and local_epochs must be >= 1 (got {rounds}, {local_epochs})")
@@ -86,3 +90,4 @@ class Federation:
         self.min_clients, self.round_timeout = min_clients, round_timeout
         self.monitor = monitor
         self.select_best = select_best
+        self.hooks = list(hooks or [])

@@ -28,7 +28,7 @@ def evaluate_run(
     """Score the run in ``ckpt_path`` (``last`` = ``<root>/checkpoints/last.ckpt``; ``None``: the
     module as configured). Federated runs have one global model; local runs one model per client,
     and the summary is then the mean +- std over clients, as in the paper's tables."""
-    if not hasattr(module, "net"):
+    if module.scored_net() is None:
         raise TypeError(
             f"{stage} scores segmentation models; {type(module).__name__} is a pre-training module "
             "(use federation.downstream to evaluate an encoder)"
@@ -57,7 +57,7 @@ def evaluate_run(
         if not vols:
             raise ValueError(f"client {c} has no {stage} volumes (set data.test_source, data.cv_folds or val_fraction)")
         module.load_global_state(weights[c])
-        r = evaluate_volumes(module.net.to(device), vols, module.eval_batch_size)
+        r = evaluate_volumes(module.scored_net().to(device), vols, module.eval_batch_size)
         for row in r:
             row["client"] = "global" if (shared_test and global_only) else c
         rows.extend(r)

@@ -1,12 +1,12 @@
-"""The in-process federated loop: clients one after another, each with its own quiet Trainer;
-the server merges updates with the aggregator plug-in and routes exchanged features."""
+"""The round engine: each round selects clients, trains them (in this process, one after another
+with a quiet Trainer each, or on Flower nodes), merges their updates with the aggregator plug-in
+and routes the exchanged features. Everything else a run does is a round hook (``hooks.py``)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from itertools import zip_longest
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,41 +14,32 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import Logger
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fcl_lightning.console import log_console, output_console
 from fcl_lightning.errors import ConfigError
-from fcl_lightning.fcl.aggregate import state_nbytes
-from fcl_lightning.fcl.exchange import payload_nbytes, route
+from fcl_lightning.fcl.exchange import route
 from fcl_lightning.federation.checkpoint import (
-    FORMAT,
-    BackgroundWriter,
     CheckpointError,
     bank_from_dict,
-    bank_to_dict,
     load_checkpoint,
     resolve_ckpt_path,
-    rng_state,
     set_rng_state,
-    snapshot,
     to_cpu,
-    update_summary,
 )
 from fcl_lightning.federation.client import ClientResult, ClientRuntime, client_step
 from fcl_lightning.federation.config import Federation
-from fcl_lightning.io import atomic_link, atomic_save, atomic_write_text, check_writable, remove_interrupted_writes
-from fcl_lightning.lit.base import FederatedModule
-from fcl_lightning.tracking import (
-    continue_csv_logs,
-    csv_version,
-    finish,
-    log_config,
-    log_dice_table,
-    log_images,
-    log_summary,
-    per_client_dice_rows,
-    wandb_run_id,
+from fcl_lightning.federation.hooks import (
+    CheckpointHook,
+    CommCounter,
+    DownstreamHook,
+    ExportHook,
+    MonitorHook,
+    ReportHook,
+    RoundHook,
 )
+from fcl_lightning.io import atomic_write_text, check_writable, remove_interrupted_writes
+from fcl_lightning.lit.base import FederatedModule
+from fcl_lightning.tracking import continue_csv_logs, per_client_dice_rows
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +105,7 @@ class FederatedLoop:
         loggers: Lightning loggers that receive round-level and per-client metrics.
         seed: the run's seed (client rounds are seeded from it).
         config_text: the resolved config, stored in checkpoints.
+        hooks: the round hooks (``None``: :meth:`default_hooks`, with ``federation.hooks`` added).
     """
 
     def __init__(
@@ -127,6 +119,7 @@ class FederatedLoop:
         seed: int = 0,
         config_text: str = "",
         console: Console | None = None,
+        hooks: list[RoundHook] | None = None,
     ) -> None:
         self.fed, self.module, self.dm = federation, module, datamodule
         self.trainer_kwargs = dict(trainer_kwargs or {})
@@ -135,8 +128,14 @@ class FederatedLoop:
         self.seed, self.config_text = int(seed), config_text
         self.console = console or output_console()  # round lines, tables: results
         self.log_console = log_console()  # the progress bar, notices
-        self._probe: tuple[list, bool] | None = None
-        self._probe_chosen = False  # the monitor's probe set is chosen once, at its first use
+        self.hooks = hooks if hooks is not None else self.default_hooks()
+        self.clients: Clients | None = None  # who trains the rounds, set by run()
+
+    def default_hooks(self) -> list[RoundHook]:
+        """Byte counts, monitors, the exported encoder and summary, the downstream evaluation,
+        ``federation.hooks``, checkpoints, then the report (loggers, progress, round lines)."""
+        ds = [DownstreamHook(self.fed.downstream)] if self.fed.downstream is not None else []
+        return [CommCounter(), MonitorHook(), ExportHook(), *ds, *self.fed.hooks, CheckpointHook(), ReportHook()]
 
     # -------------------------------------------------------------- helpers
     def make_trainer(self) -> pl.Trainer:
@@ -216,197 +215,112 @@ class FederatedLoop:
         if clients is None:
             self.dm.setup("fit")
             clients = InProcessClients(self.client_runtime(), self.dm.num_clients)
+        self.clients = clients
         if self.fed.select_best and not any(getattr(self.dm, "val", None) or []):
             raise ConfigError(
                 "federation.select_best needs validation patients (data.val_fraction > 0 or data.cv_folds)"
             )
         if self.config_text:
             atomic_write_text(self.config_text, self.root / "config.yaml")
-        global_w = {k: v.cpu() for k, v in self.module.global_state().items()}
-        client_w: dict[int, dict[str, torch.Tensor]] = {}
-        best: dict[int, tuple[float, dict[str, torch.Tensor]]] = {}  # select_best: client -> (val Dice, weights)
-        inbox: dict[int, Any] = {c: None for c in range(C)}
-        history: list[dict[str, float]] = []
-        dice_rows: list[list[Any]] = []  # per-round, per-client Dice (a wandb table when wandb is on)
-        comm = {"weights_down": 0, "weights_up": 0, "features_up": 0, "features_down": 0}
-        start, elapsed = 0, 0.0
-
-        if ckpt is not None:
-            self.module.load_global_state(ckpt["global"])
-            global_w = ckpt["global"]
-            client_w = {int(c): w for c, w in ckpt["client_weights"].items()}
-            best = {
-                int(c): (float(ckpt["best_val_dice"][c]), w) for c, w in ckpt.get("best_client_weights", {}).items()
-            }
+        if ckpt is None:
+            state = RunState(C, {k: v.cpu() for k, v in self.module.global_state().items()})
+        else:
+            state = RunState.from_checkpoint(ckpt)
+            self.module.load_global_state(state.global_w)
             clients.load_states({int(c): s for c, s in ckpt["clients"].items()})
-            inbox = {c: bank_from_dict(ckpt["inbox"].get(str(c))) for c in range(C)}
-            history, comm, start, elapsed = ckpt["history"], ckpt["comm"], ckpt["round"], ckpt["elapsed_s"]
-            dice_rows = [list(r) for r in ckpt.get("dice_rows", [])]
             set_rng_state(ckpt["rng"])
-            self.log_console.print(f"[bold]resuming[/] from {path} after round {start}/{self.fed.rounds}")
-            continue_csv_logs(self.loggers, start)
+            self.log_console.print(f"[bold]resuming[/] from {path} after round {state.round}/{self.fed.rounds}")
+            continue_csv_logs(self.loggers, state.round)
 
-        log_config(self.loggers, self.config_text)
-        self.wandb_id = wandb_run_id(self.loggers)  # stored in checkpoints: a resume continues this run
-        t_run = time.perf_counter()
-        self._writer = BackgroundWriter(self.fed.checkpoint_async)
-        self._written = None  # the last checkpoint handed to the writer (its copies are reused)
-        # the writer's exit: the last checkpoint is on disk (or its error raised) before going on
-        with self._writer, self._progress() as progress:
-            task = progress.add_task("rounds", total=self.fed.rounds, completed=start, info="")
-            if start == 0:  # the monitors at initialisation: the baseline the rounds are read against
-                init = self._monitor(0, global_w)
-                if init:
-                    self.log_metrics({**init, "round": 0}, step=0)
-                    self.console.print(
-                        f"round   0 | at initialisation | probe {init['round/monitor/probe_acc']:.2f} | "
-                        f"spread {init['round/monitor/spread']:.2f}",
-                        soft_wrap=True,
-                    )
-            for r in range(start, self.fed.rounds):
-                self._writer.check()  # the previous round's checkpoint failed: stop before training on
-                t0 = time.perf_counter()
-                wanted = self.select_clients(r, C)
-                starts = {}
-                for c in wanted:
-                    if self.fed.mode == "local":
-                        starts[c] = client_w[c] if c in client_w else self.module.client_initial_weights(c, global_w)
-                    else:
-                        starts[c] = global_w
-
-                def show(i: int, c: int, n: int = len(wanted), r: int = r) -> None:
-                    progress.update(task, info=f"round {r + 1}/{self.fed.rounds} client {i + 1}/{n} (#{c})")
-
-                results = clients.train_round(r, starts, {c: inbox[c] for c in wanted}, show)
-                selected = sorted(results)
-                if len(selected) < self.fed.min_clients:
-                    raise RuntimeError(
-                        f"round {r + 1}: only {len(selected)} of {len(wanted)} clients replied "
-                        f"(federation.min_clients is {self.fed.min_clients})"
-                    )
-                for c in sorted(set(wanted) - set(selected)):
-                    self.console.print(
-                        f"[yellow]round {r + 1}: client {c} left out of this round "
-                        f"({clients.failures.get(c, 'no reply')})[/]"
-                    )
-                t_train = time.perf_counter() - t0
-
-                t1 = time.perf_counter()
-                if self.fed.mode == "federated":
-                    global_w = self.fed.aggregator(
-                        [results[c].update for c in selected], [results[c].num_samples for c in selected]
-                    )
-                else:
-                    client_w.update({c: results[c].update for c in selected})
-                    if self.fed.select_best:
-                        for c in selected:
-                            d = results[c].metrics.get("val/dice_mean")
-                            if d is not None and (c not in best or d > best[c][0]):
-                                best[c] = (float(d), results[c].update)
-                t_agg = time.perf_counter() - t1
-
-                metrics = self._round_metrics(r, selected, results, global_w, inbox, comm)
-                metrics.update(self._monitor(r + 1, global_w))
-                if any(res.features is not None for res in results.values()):
-                    dim = next(int(res.features.vectors.shape[1]) for res in results.values())
-                    inbox = route({c: results[c].features for c in selected}, dim, recipients=range(C))
-                    for c in range(C):
-                        nb = payload_nbytes(inbox[c]) if inbox[c] is not None else 0
-                        metrics[f"client{c}/comm/features_down_bytes"] = nb
-                        comm["features_down"] += nb
-                    metrics["round/comm/features_down_bytes"] = sum(
-                        metrics[f"client{c}/comm/features_down_bytes"] for c in range(C)
-                    )
-                elapsed += time.perf_counter() - t0
-                metrics.update({"round/time/train_s": t_train, "round/time/aggregate_s": t_agg, "round": r + 1})
-                history.append({k: float(v) for k, v in metrics.items() if k.startswith("round/")})
-                ds = self.fed.downstream
-                if (
-                    ds is not None
-                    and ds.every_n_rounds
-                    and (r + 1) % ds.every_n_rounds == 0
-                    and r + 1 < self.fed.rounds
-                ):
-                    self.module.load_global_state(global_w)
-                    down = ds.run(
-                        self.module,
-                        self.dm,
-                        self.root,
-                        self.seed,
-                        self.console,
-                        final=False,
-                        trainer_kwargs=self.trainer_kwargs,
-                    )
-                    metrics.update(down)
-                    history[-1].update(down)
-                new_rows = per_client_dice_rows(metrics, r + 1)
-                dice_rows += new_rows
-                t2 = time.perf_counter()
-                periodic = (r + 1) % self.fed.checkpoint_every == 0 or r + 1 == self.fed.rounds
-                self._checkpoint(
-                    r + 1,
-                    global_w,
-                    client_w,
-                    clients.states(),
-                    inbox,
-                    history,
-                    comm,
-                    elapsed,
-                    C,
-                    periodic,
-                    dice_rows,
-                    best,
-                )
-                metrics["round/time/checkpoint_s"] = time.perf_counter() - t2
-                metrics["round/time/total_s"] = time.perf_counter() - t0
-                history[-1].update({k: metrics[k] for k in ("round/time/checkpoint_s", "round/time/total_s")})
-                self.log_metrics(metrics, step=r + 1)
-                for lg in self.loggers:  # every round on disk: a killed run keeps its rows
-                    lg.save()
-                if new_rows:
-                    log_dice_table(self.loggers, dice_rows, step=r + 1)
-                progress.update(
-                    task,
-                    advance=1,
-                    info=f"round {r + 1}/{self.fed.rounds} loss {metrics.get('round/train/loss', float('nan')):.4f}",
-                )
-                self.console.print(self._round_line(r, metrics), soft_wrap=True)
+        hooks, started = self.hooks, []
+        try:
+            for h in hooks:
+                started.append(h)
+                h.on_run_start(self, state)
+            for r in range(state.round, self.fed.rounds):
+                self.train_round(r, state, hooks)
+        except BaseException as exc:
+            for h in reversed(started):
+                try:
+                    h.teardown(self, exc)
+                except Exception:  # the run's own error is the one to report
+                    log.debug("teardown of %s failed", type(h).__name__, exc_info=True)
+            raise
+        for h in reversed(started):
+            h.teardown(self, None)
         if self.fed.mode == "federated":
-            self.module.load_global_state(global_w)
-        summary = self._finish(global_w, client_w, history, comm, elapsed, time.perf_counter() - t_run)
-        if self.fed.downstream is not None and self.fed.mode == "federated" and hasattr(self.module, "encoder_state"):
-            t0 = time.perf_counter()
-            down = self.fed.downstream.run(
-                self.module, self.dm, self.root, self.seed, self.console, trainer_kwargs=self.trainer_kwargs
-            )
-            down["downstream/time_s"] = time.perf_counter() - t0
-            self.log_metrics(down, step=self.fed.rounds)
-            update_summary(self.root, down)
-            summary.update(down)
-            dice_rows += per_client_dice_rows(down, self.fed.rounds)
-            log_dice_table(self.loggers, dice_rows, step=self.fed.rounds)
-            log_images(
-                self.loggers,
-                {
-                    "downstream/examples": self.root / "downstream.png",
-                    "downstream/embedding": self.root / "embedding.png",
-                },
-                step=self.fed.rounds,
-            )
-        log_summary(self.loggers, json.loads((self.root / "summary.json").read_text()))
-        self.console.print(
-            f"outputs in {self.root}: "
-            + ", ".join(
-                n
-                for n in ("encoder.pt", "encoders/", "summary.json", "checkpoints/", "logs/", "downstream.png")
-                if (self.root / n).exists()
-            ),
-            soft_wrap=True,
-        )
-        for lg in self.loggers:
-            lg.save()
-        finish(self.loggers)
+            self.module.load_global_state(state.global_w)
+        summary: dict[str, Any] = {}
+        for h in hooks:
+            h.on_run_end(self, state, summary)
         return summary
+
+    def train_round(self, r: int, state: RunState, hooks: list[RoundHook]) -> None:
+        """Round ``r`` (0-based), the paper's round: select clients, train each from the global
+        weights (its own in local mode) and its remote features, aggregate, route the features."""
+        for h in hooks:
+            h.on_round_start(self, state, r)
+        t0 = state.round_started = time.perf_counter()
+        wanted = self.select_clients(r, state.num_clients)
+        starts = {c: self.start_weights(c, state) for c in wanted}
+
+        def show(i: int, c: int, n: int = len(wanted)) -> None:  # Flower sends all n at once
+            for h in hooks:
+                h.on_client_start(self, r, i, c, n)
+
+        results = self.clients.train_round(r, starts, {c: state.inbox[c] for c in wanted}, show)
+        selected = sorted(results)
+        if len(selected) < self.fed.min_clients:
+            raise RuntimeError(
+                f"round {r + 1}: only {len(selected)} of {len(wanted)} clients replied "
+                f"(federation.min_clients is {self.fed.min_clients})"
+            )
+        for c in sorted(set(wanted) - set(selected)):
+            self.console.print(
+                f"[yellow]round {r + 1}: client {c} left out of this round "
+                f"({self.clients.failures.get(c, 'no reply')})[/]"
+            )
+        t_train = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        self.aggregate(state, {c: results[c] for c in selected})
+        t_agg = time.perf_counter() - t1
+        if any(res.features is not None for res in results.values()):
+            dim = next(int(res.features.vectors.shape[1]) for res in results.values())
+            state.inbox = route({c: results[c].features for c in selected}, dim, recipients=range(state.num_clients))
+        state.round = r + 1
+        state.elapsed += time.perf_counter() - t0
+
+        metrics = train_metrics({c: results[c] for c in selected})
+        metrics.update({"round/time/train_s": t_train, "round/time/aggregate_s": t_agg, "round": r + 1})
+        for h in hooks:
+            h.on_round_end(self, state, results, metrics)
+        state.record(metrics)
+        for h in hooks:
+            h.on_round_recorded(self, state, metrics)
+
+    def start_weights(self, client: int, state: RunState) -> dict[str, torch.Tensor]:
+        """What ``client`` trains from: the global weights, or in local mode its own."""
+        if self.fed.mode != "local":
+            return state.global_w
+        if client in state.client_w:
+            return state.client_w[client]
+        return self.module.client_initial_weights(client, state.global_w)
+
+    def aggregate(self, state: RunState, results: dict[int, ClientResult]) -> None:
+        """FedAvg (the aggregator plug-in) of the updates; in local mode each client keeps its
+        own (and, with ``select_best``, its weights from its best validation round)."""
+        if self.fed.mode == "federated":
+            state.global_w = self.fed.aggregator(
+                [r.update for r in results.values()], [r.num_samples for r in results.values()]
+            )
+            return
+        state.client_w.update({c: r.update for c, r in results.items()})
+        if self.fed.select_best:
+            for c, r in results.items():
+                d = r.metrics.get("val/dice_mean")
+                if d is not None and (c not in state.best or d > state.best[c][0]):
+                    state.best[c] = (float(d), r.update)
 
     def validate(self, ckpt: dict[str, Any] | None, path: Path | None, num_clients: int) -> None:
         """The checks that need no data: image size against the encoder's depth, the output
@@ -444,198 +358,68 @@ class FederatedLoop:
                 "resume with the config the run was started with"
             )
 
-    # ------------------------------------------------------------- pieces
-    def _progress(self) -> Progress:
-        return Progress(
-            TextColumn("[bold]FCL[/]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            console=self.log_console,
-            transient=True,
-            disable=not self.log_console.is_terminal,
+
+def train_metrics(results: dict[int, ClientResult]) -> dict[str, float]:
+    """``round/<key>``: the clients' training and validation figures weighted by their training
+    volumes, ``client<c>/<key>`` each client's own; the clients and volumes of the round."""
+    m: dict[str, float] = {}
+    for k in sorted({k for r in results.values() for k in r.metrics}):
+        vals = [(r.metrics[k], r.num_samples) for r in results.values() if k in r.metrics]
+        m[f"round/{k}"] = sum(v * n for v, n in vals) / max(1, sum(n for _, n in vals))
+        for c, r in results.items():
+            if k in r.metrics:
+                m[f"client{c}/{k}"] = r.metrics[k]
+    m["round/clients"] = len(results)
+    m["round/train_volumes"] = sum(r.num_samples for r in results.values())
+    return m
+
+
+@dataclass
+class RunState:
+    """What the round engine carries from round to round; a checkpoint holds all of it."""
+
+    num_clients: int
+    global_w: dict[str, torch.Tensor]
+    client_w: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    #: select_best: client -> (best validation Dice, its weights)
+    best: dict[int, tuple[float, dict[str, torch.Tensor]]] = field(default_factory=dict)
+    inbox: dict[int, Any] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    #: per-round, per-client Dice rows (a wandb table when wandb is on)
+    dice_rows: list[list[Any]] = field(default_factory=list)
+    new_dice_rows: list[list[Any]] = field(default_factory=list)
+    comm: dict[str, int] = field(
+        default_factory=lambda: {"weights_down": 0, "weights_up": 0, "features_up": 0, "features_down": 0}
+    )
+    round: int = 0  # rounds done
+    elapsed: float = 0.0  # seconds of training rounds (monitors, downstream runs, checkpoints excluded)
+    round_started: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.inbox = {c: self.inbox.get(c) for c in range(self.num_clients)}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any]) -> RunState:
+        C = int(ckpt["num_clients"])
+        return cls(
+            num_clients=C,
+            global_w=ckpt["global"],
+            client_w={int(c): w for c, w in ckpt["client_weights"].items()},
+            best={int(c): (float(ckpt["best_val_dice"][c]), w) for c, w in ckpt.get("best_client_weights", {}).items()},
+            inbox={c: bank_from_dict(ckpt["inbox"].get(str(c))) for c in range(C)},
+            history=ckpt["history"],
+            dice_rows=[list(r) for r in ckpt.get("dice_rows", [])],
+            comm=ckpt["comm"],
+            round=int(ckpt["round"]),
+            elapsed=float(ckpt["elapsed_s"]),
         )
 
-    def _round_metrics(self, r, selected, results, global_w, inbox, comm) -> dict[str, float]:
-        m: dict[str, float] = {}
-        n_total = sum(results[c].num_samples for c in selected)
-        keys = sorted({k for c in selected for k in results[c].metrics})
-        for k in keys:
-            vals = [(results[c].metrics[k], results[c].num_samples) for c in selected if k in results[c].metrics]
-            m[f"round/{k}"] = sum(v * n for v, n in vals) / max(1, sum(n for _, n in vals))
-            for c in selected:
-                if k in results[c].metrics:
-                    m[f"client{c}/{k}"] = results[c].metrics[k]
-        up = down = feat_up = 0
-        for c in selected:
-            w_down = state_nbytes(global_w) if self.fed.mode == "federated" else 0
-            w_up = state_nbytes(results[c].update) if self.fed.mode == "federated" else 0
-            f_up = payload_nbytes(results[c].features) if results[c].features is not None else 0
-            m[f"client{c}/comm/weights_down_bytes"] = w_down
-            m[f"client{c}/comm/weights_up_bytes"] = w_up
-            m[f"client{c}/comm/features_up_bytes"] = f_up
-            up, down, feat_up = up + w_up, down + w_down, feat_up + f_up
-        comm["weights_up"] += up
-        comm["weights_down"] += down
-        comm["features_up"] += feat_up
-        m.update(
-            {
-                "round/comm/weights_up_bytes": up,
-                "round/comm/weights_down_bytes": down,
-                "round/comm/features_up_bytes": feat_up,
-                "round/clients": len(selected),
-                "round/train_volumes": n_total,
-            }
-        )
-        return m
+    def record(self, metrics: dict[str, float]) -> None:
+        """The round's ``round/`` (and ``downstream/``) figures into the history, its Dice rows
+        into the table."""
+        self.history.append({k: float(v) for k, v in metrics.items() if k.startswith(("round/", "downstream/"))})
+        self.record_dice(metrics, self.round)
 
-    def _probe_set(self, max_volumes: int) -> tuple[list, bool] | None:
-        """The monitor's fixed probe set, chosen once: the first ``max_volumes`` held-out volumes
-        (validation patients of every client, interleaved, then the test set), else training
-        volumes (with a warning); and whether they are held out. ``None``: no data here (a Flower
-        server) or fewer than two patients (no leave-one-patient-out probe)."""
-        if not self._probe_chosen:
-            self._probe_chosen = True
-            if getattr(self.dm, "_ready", False):
-
-                def interleaved(groups: list) -> list:
-                    return [v for vs in zip_longest(*groups) for v in vs if v is not None]
-
-                held = (interleaved(self.dm.val) + list(self.dm.test))[:max_volumes]
-                for vols, held_out in ((held, True), (interleaved(self.dm.train)[:max_volumes], False)):
-                    if len({v.record.patient for v in vols}) >= 2:
-                        self._probe = (vols, held_out)
-                        break
-                if self._probe is not None and not self._probe[1]:
-                    log.warning(
-                        "monitor: no held-out patients (data.val_fraction is 0 and no test_source); the "
-                        "partition probe scores training patients (leave-one-patient-out)"
-                    )
-        return self._probe
-
-    def _monitor(self, done: int, global_w: dict[str, torch.Tensor]) -> dict[str, float]:
-        """``round/monitor/*``: the collapse and learning monitors of the global encoder."""
-        mon = self.fed.monitor
-        features = getattr(self.module, "probe_features", None)
-        if mon is None or features is None or self.fed.mode != "federated" or not mon.due(done, self.fed.rounds):
-            return {}
-        probe = self._probe_set(mon.max_volumes)
-        if probe is None:
-            return {}
-        vols, held_out = probe
-        self.module.load_global_state(global_w)
-        was_training = self.module.training
-        self.module.eval()
-        figures = mon.measure(
-            features,
-            [v.image for v in vols],
-            [v.record.patient for v in vols],
-            self.dm.num_partitions,
-            device=next(self.module.parameters()).device,
-        )
-        self.module.train(was_training)
-        out = {f"round/monitor/{k}": v for k, v in figures.items()}
-        out["round/monitor/probe_held_out"] = float(held_out)
-        out["round/monitor/collapsed"] = float(figures["spread"] < mon.collapse_spread)
-        return out
-
-    @staticmethod
-    def _round_line(r: int, m: dict[str, float]) -> str:
-        parts = [f"round {r + 1:>3}"]
-        for key, label, digits in (
-            ("round/train/loss", "loss", 4),
-            ("round/train/loss_local", "local", 4),
-            ("round/train/loss_remote", "remote", 4),
-            ("round/monitor/probe_acc", "probe", 2),
-            ("round/monitor/spread", "spread", 2),
-        ):
-            if key in m:
-                parts.append(f"{label} {m[key]:.{digits}f}")
-        if m.get("round/monitor/collapsed"):
-            parts.append("[bold red]COLLAPSED: every slice embeds to nearly the same vector[/]")
-        up = m.get("round/comm/weights_up_bytes", 0) / 2**20
-        down = m.get("round/comm/weights_down_bytes", 0) / 2**20
-        feats = m.get("round/comm/features_up_bytes", 0) / 2**10
-        parts.append(f"weights up {up:.1f} / down {down:.1f} MiB, features shared {feats:.0f} KiB")
-        parts.append(f"{m['round/time/total_s']:.1f} s")
-        return " | ".join(parts)
-
-    def _checkpoint(
-        self, done, global_w, client_w, states, inbox, history, comm, elapsed, C, periodic, dice_rows, best
-    ) -> None:
-        ckpt = {
-            "format": FORMAT,
-            "round": done,
-            "rounds": self.fed.rounds,
-            "num_clients": C,
-            "module": type(self.module).__name__,
-            "global": global_w,
-            "client_weights": {str(c): w for c, w in client_w.items()},
-            "clients": {str(c): s for c, s in states.items() if s is not None},
-            "inbox": {str(c): bank_to_dict(b) for c, b in inbox.items() if b is not None},
-            "rng": rng_state(),
-            "history": history,
-            "comm": comm,
-            "elapsed_s": elapsed,
-            "seed": self.seed,
-            "config": self.config_text,
-            "wandb_run_id": self.wandb_id,
-            "csv_version": csv_version(self.loggers),
-            "dice_rows": dice_rows,
-            # select_best: each client's weights from its round with the best validation Dice (what `test` scores)
-            "best_client_weights": {str(c): w for c, (_, w) in best.items()},
-            "best_val_dice": {str(c): d for c, (d, _) in best.items()},
-        }
-        # both rebuild every dict and list (the loop appends to history later); in the background,
-        # tensors are copied too, into the previous checkpoint's buffers once its write is done,
-        # because the next round mutates some of them in place (Adam's moments)
-        if self._writer.enabled:
-            self._writer.wait()
-            ckpt = snapshot(ckpt, into=self._written)
-            self._written = ckpt
-        else:
-            ckpt = to_cpu(ckpt)
-        ckdir = self.root / "checkpoints"
-
-        def write() -> None:
-            try:
-                if periodic:  # serialise once; last.ckpt is a link to the round file
-                    atomic_link(atomic_save(ckpt, ckdir / f"round-{done:03d}.ckpt"), ckdir / "last.ckpt")
-                else:
-                    atomic_save(ckpt, ckdir / "last.ckpt")
-            except CheckpointError as err:
-                before = f"round {done - 1}'s (--ckpt_path last resumes there)" if done > 1 else "none"
-                raise type(err)(f"round {done}'s checkpoint: {err}; the last whole checkpoint is {before}") from err
-
-        self._writer.submit(write)
-
-    def _finish(self, global_w, client_w, history, comm, elapsed, wall) -> dict[str, Any]:
-        if self.fed.mode == "federated" and hasattr(self.module, "encoder_state"):
-            atomic_save(self.module.encoder_state(), self.root / "encoder.pt")
-        elif hasattr(self.module, "encoder_state") and client_w:
-            # local pre-training (e.g. Local CL): one encoder per client, and their FedAvg as
-            # encoder.pt, the common start of federated fine-tuning
-            clients = sorted(client_w)
-            for c in clients:
-                self.module.load_global_state(client_w[c])
-                atomic_save(self.module.encoder_state(), self.root / "encoders" / f"client{c}.pt")
-            merged = self.fed.aggregator(
-                [client_w[c] for c in clients], [self.module.num_samples(self.dm, c) for c in clients]
-            )
-            self.module.load_global_state(merged)
-            atomic_save(self.module.encoder_state(), self.root / "encoder.pt")
-        last = history[-1] if history else {}
-        summary = {
-            "stage": type(self.module).__name__,
-            "rounds_completed": len(history),
-            "final": {
-                k[len("round/") :]: v
-                for k, v in last.items()
-                if k.startswith(("round/train/", "round/val/", "round/monitor/"))
-            },
-            "bytes": dict(comm),
-            "wall_time_s": elapsed,
-        }
-        update_summary(self.root, {"pretrain" if hasattr(self.module, "encoder_state") else "finetune": summary})
-        return summary
+    def record_dice(self, metrics: dict[str, float], round_idx: int) -> None:
+        self.new_dice_rows = per_client_dice_rows(metrics, round_idx)
+        self.dice_rows += self.new_dice_rows

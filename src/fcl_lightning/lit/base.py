@@ -25,6 +25,9 @@ class FederatedModule(pl.LightningModule):
     shares_features: bool = False
     #: state-dict prefixes that are neither global nor client state (re-sent by the server each round)
     transient_prefixes: tuple[str, ...] = ()
+    #: what this stage is: ``pretrain`` exports an encoder (``encoder_state``), ``finetune`` is
+    #: scored as a segmentation model (``scored_net``); also its key in ``summary.json``
+    stage: str = "finetune"
 
     def __init__(self) -> None:
         super().__init__()
@@ -64,6 +67,15 @@ class FederatedModule(pl.LightningModule):
         if problem:
             raise KeyError(f"global weights do not match {type(self).__name__}: {problem}")
         self.load_state_dict(state, strict=False)
+
+    def encoder_state(self) -> dict[str, torch.Tensor] | None:
+        """The weights a pre-training stage exports for fine-tuning (``encoder.pt``); ``None``
+        for a stage that exports none."""
+        return None
+
+    def scored_net(self) -> torch.nn.Module | None:
+        """The segmentation network ``test`` scores; ``None`` for a stage that is not scored so."""
+        return None
 
     @property
     def input_multiple(self) -> int:

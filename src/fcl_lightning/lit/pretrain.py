@@ -38,6 +38,8 @@ class ContrastivePretrainModule(FederatedModule):
         optimizer: optimiser factory (``class_path`` of any ``torch.optim`` class).
     """
 
+    stage = "pretrain"
+
     global_prefixes = ("encoder.", "decoder.", "head.", "objective.")
     transient_prefixes = ("remote_bank.",)
 

@@ -104,6 +104,9 @@ class SegmentationModule(FederatedModule):
 
     global_prefixes = ("net.",)
 
+    def scored_net(self) -> nn.Module:
+        return self.net
+
     def __init__(
         self,
         features: list[int] = list(DEFAULT_FEATURES),  # noqa: B006 (shown by --print_config; never mutated)

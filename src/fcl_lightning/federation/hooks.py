@@ -1,0 +1,406 @@
+"""Round hooks: everything a federated run does besides the round itself (Lightning-callback style).
+
+The round engine (:class:`~fcl_lightning.federation.loop.FederatedLoop`) selects clients, trains
+them, aggregates and routes the exchanged features; these hooks count bytes, measure the monitors,
+run the downstream evaluation, write checkpoints, export the encoder and the summary, and report
+(loggers, progress bar, round lines). Add your own under ``federation.hooks`` with ``class_path``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from itertools import zip_longest
+from typing import TYPE_CHECKING, Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fcl_lightning.fcl.aggregate import state_nbytes
+from fcl_lightning.fcl.exchange import payload_nbytes
+from fcl_lightning.federation.checkpoint import (
+    FORMAT,
+    BackgroundWriter,
+    CheckpointError,
+    bank_to_dict,
+    rng_state,
+    snapshot,
+    to_cpu,
+    update_summary,
+)
+from fcl_lightning.io import WriteError, atomic_link, atomic_save
+from fcl_lightning.tracking import (
+    csv_version,
+    finish,
+    log_config,
+    log_dice_table,
+    log_images,
+    log_summary,
+    wandb_run_id,
+)
+
+if TYPE_CHECKING:
+    from fcl_lightning.downstream import DownstreamEvaluation
+    from fcl_lightning.federation.client import ClientResult
+    from fcl_lightning.federation.loop import FederatedLoop, RunState
+
+log = logging.getLogger(__name__)
+
+
+class RoundHook:
+    """A hook of the round engine; every method is optional. Per round: ``on_round_start``,
+    ``on_client_start`` per client, ``on_round_end`` (add to ``metrics``), then the engine records
+    the round in ``state.history``, then ``on_round_recorded`` (write, report)."""
+
+    def on_run_start(self, loop: FederatedLoop, state: RunState) -> None:
+        """Before the first round to run (``state.round`` rounds are already done on a resume)."""
+
+    def on_round_start(self, loop: FederatedLoop, state: RunState, round_idx: int) -> None:
+        """Before round ``round_idx`` (0-based) trains."""
+
+    def on_client_start(self, loop: FederatedLoop, round_idx: int, i: int, client: int, n: int) -> None:
+        """Before client ``client`` (the ``i``-th of ``n`` this round) trains."""
+
+    def on_round_end(
+        self, loop: FederatedLoop, state: RunState, results: dict[int, ClientResult], metrics: dict[str, float]
+    ) -> None:
+        """After aggregation and routing of round ``state.round``: add figures to ``metrics``."""
+
+    def on_round_recorded(self, loop: FederatedLoop, state: RunState, metrics: dict[str, float]) -> None:
+        """After the round is in ``state.history``: write and report it."""
+
+    def on_run_end(self, loop: FederatedLoop, state: RunState, summary: dict[str, Any]) -> None:
+        """After the last round (the global weights are in the module): add to ``summary``."""
+
+    def teardown(self, loop: FederatedLoop, error: BaseException | None) -> None:
+        """Always, last hook first, also when the run fails (``error``); release what it holds."""
+
+
+class CommCounter(RoundHook):
+    """Bytes each client sent and received (weights and features), per round and in total."""
+
+    def on_round_end(self, loop, state, results, metrics) -> None:
+        federated = loop.fed.mode == "federated"
+        up = down = feat_up = 0
+        for c in sorted(results):
+            w_down = state_nbytes(state.global_w) if federated else 0
+            w_up = state_nbytes(results[c].update) if federated else 0
+            f_up = payload_nbytes(results[c].features) if results[c].features is not None else 0
+            metrics[f"client{c}/comm/weights_down_bytes"] = w_down
+            metrics[f"client{c}/comm/weights_up_bytes"] = w_up
+            metrics[f"client{c}/comm/features_up_bytes"] = f_up
+            up, down, feat_up = up + w_up, down + w_down, feat_up + f_up
+        state.comm["weights_up"] += up
+        state.comm["weights_down"] += down
+        state.comm["features_up"] += feat_up
+        metrics.update(
+            {
+                "round/comm/weights_up_bytes": up,
+                "round/comm/weights_down_bytes": down,
+                "round/comm/features_up_bytes": feat_up,
+            }
+        )
+        if any(res.features is not None for res in results.values()):
+            for c in range(state.num_clients):
+                nb = payload_nbytes(state.inbox[c]) if state.inbox[c] is not None else 0
+                metrics[f"client{c}/comm/features_down_bytes"] = nb
+                state.comm["features_down"] += nb
+            metrics["round/comm/features_down_bytes"] = sum(
+                metrics[f"client{c}/comm/features_down_bytes"] for c in range(state.num_clients)
+            )
+
+
+class MonitorHook(RoundHook):
+    """``round/monitor/*``: the collapse and learning monitors (``federation.monitor``) of the
+    global encoder, at initialisation and after the rounds the monitor is due."""
+
+    def __init__(self) -> None:
+        self._probe: tuple[list, bool] | None = None
+        self._chosen = False  # the probe set is chosen once, at its first use
+
+    def on_run_start(self, loop, state) -> None:
+        if state.round == 0:  # the monitors at initialisation: the baseline the rounds are read against
+            init = self.measure(loop, 0, state.global_w)
+            if init:
+                loop.log_metrics({**init, "round": 0}, step=0)
+                loop.console.print(
+                    f"round   0 | at initialisation | probe {init['round/monitor/probe_acc']:.2f} | "
+                    f"spread {init['round/monitor/spread']:.2f}",
+                    soft_wrap=True,
+                )
+
+    def on_round_end(self, loop, state, results, metrics) -> None:
+        metrics.update(self.measure(loop, state.round, state.global_w))
+
+    def probe_set(self, dm: Any, max_volumes: int) -> tuple[list, bool] | None:
+        """The fixed probe set: the first ``max_volumes`` held-out volumes (validation patients of
+        every client, interleaved, then the test set), else training volumes (with a warning); and
+        whether they are held out. ``None``: no data here (a Flower server) or fewer than two
+        patients (no leave-one-patient-out probe)."""
+        if not self._chosen:
+            self._chosen = True
+            if getattr(dm, "_ready", False):
+
+                def interleaved(groups: list) -> list:
+                    return [v for vs in zip_longest(*groups) for v in vs if v is not None]
+
+                held = (interleaved(dm.val) + list(dm.test))[:max_volumes]
+                for vols, held_out in ((held, True), (interleaved(dm.train)[:max_volumes], False)):
+                    if len({v.record.patient for v in vols}) >= 2:
+                        self._probe = (vols, held_out)
+                        break
+                if self._probe is not None and not self._probe[1]:
+                    log.warning(
+                        "monitor: no held-out patients (data.val_fraction is 0 and no test_source); the "
+                        "partition probe scores training patients (leave-one-patient-out)"
+                    )
+        return self._probe
+
+    def measure(self, loop: FederatedLoop, done: int, global_w: dict[str, torch.Tensor]) -> dict[str, float]:
+        mon, module = loop.fed.monitor, loop.module
+        features = getattr(module, "probe_features", None)
+        if mon is None or features is None or loop.fed.mode != "federated" or not mon.due(done, loop.fed.rounds):
+            return {}
+        probe = self.probe_set(loop.dm, mon.max_volumes)
+        if probe is None:
+            return {}
+        vols, held_out = probe
+        module.load_global_state(global_w)
+        was_training = module.training
+        module.eval()
+        figures = mon.measure(
+            features,
+            [v.image for v in vols],
+            [v.record.patient for v in vols],
+            loop.dm.num_partitions,
+            device=next(module.parameters()).device,
+        )
+        module.train(was_training)
+        out = {f"round/monitor/{k}": v for k, v in figures.items()}
+        out["round/monitor/probe_held_out"] = float(held_out)
+        out["round/monitor/collapsed"] = float(figures["spread"] < mon.collapse_spread)
+        return out
+
+
+class DownstreamHook(RoundHook):
+    """``downstream/*``: brief fine-tuning from the global encoder and from random init
+    (``federation.downstream``), every ``every_n_rounds`` and after the last round; federated
+    pre-training only."""
+
+    def __init__(self, evaluation: DownstreamEvaluation) -> None:
+        self.evaluation = evaluation
+
+    def applies(self, loop: FederatedLoop) -> bool:
+        return loop.fed.mode == "federated" and loop.module.encoder_state() is not None
+
+    def run(self, loop: FederatedLoop, state: RunState, final: bool) -> dict[str, float]:
+        loop.module.load_global_state(state.global_w)
+        return self.evaluation.run(
+            loop.module, loop.dm, loop.root, loop.seed, loop.console, final=final, trainer_kwargs=loop.trainer_kwargs
+        )
+
+    def on_round_end(self, loop, state, results, metrics) -> None:
+        every = self.evaluation.every_n_rounds
+        if every and state.round % every == 0 and state.round < loop.fed.rounds and self.applies(loop):
+            metrics.update(self.run(loop, state, final=False))
+
+    def on_run_end(self, loop, state, summary) -> None:
+        if not self.applies(loop):
+            return
+        t0 = time.perf_counter()
+        down = self.run(loop, state, final=True)
+        down["downstream/time_s"] = time.perf_counter() - t0
+        loop.log_metrics(down, step=loop.fed.rounds)
+        update_summary(loop.root, down)
+        summary.update(down)
+        state.record_dice(down, loop.fed.rounds)
+        log_dice_table(loop.loggers, state.dice_rows, step=loop.fed.rounds)
+        log_images(
+            loop.loggers,
+            {"downstream/examples": loop.root / "downstream.png", "downstream/embedding": loop.root / "embedding.png"},
+            step=loop.fed.rounds,
+        )
+
+
+class CheckpointHook(RoundHook):
+    """``checkpoints/last.ckpt`` after every round and ``round-NNN.ckpt`` every
+    ``federation.checkpoint_every`` rounds, written in the background while the next round trains
+    (``federation.checkpoint_async``); a write error stops the run at the next round at the latest."""
+
+    def on_run_start(self, loop, state) -> None:
+        self.wandb_id = wandb_run_id(loop.loggers)  # stored in checkpoints: a resume continues this run
+        self.writer = BackgroundWriter(loop.fed.checkpoint_async)
+        self.written: dict[str, Any] | None = None  # the last checkpoint handed to the writer (buffers reused)
+
+    def on_round_start(self, loop, state, round_idx) -> None:
+        self.writer.check()  # the previous round's checkpoint failed: stop before training on
+
+    def on_round_recorded(self, loop, state, metrics) -> None:
+        t0 = time.perf_counter()
+        self.save(loop, state)
+        metrics["round/time/checkpoint_s"] = time.perf_counter() - t0
+
+    def teardown(self, loop, error) -> None:
+        # the last checkpoint is on disk (or its error raised) before the run goes on
+        self.writer.__exit__(type(error) if error else None, error, None)
+
+    def save(self, loop: FederatedLoop, state: RunState) -> None:
+        done = state.round
+        ckpt = {
+            "format": FORMAT,
+            "round": done,
+            "rounds": loop.fed.rounds,
+            "num_clients": state.num_clients,
+            "module": type(loop.module).__name__,
+            "global": state.global_w,
+            "client_weights": {str(c): w for c, w in state.client_w.items()},
+            "clients": {str(c): s for c, s in loop.clients.states().items() if s is not None},
+            "inbox": {str(c): bank_to_dict(b) for c, b in state.inbox.items() if b is not None},
+            "rng": rng_state(),
+            "history": state.history,
+            "comm": state.comm,
+            "elapsed_s": state.elapsed,
+            "seed": loop.seed,
+            "config": loop.config_text,
+            "wandb_run_id": self.wandb_id,
+            "csv_version": csv_version(loop.loggers),
+            "dice_rows": state.dice_rows,
+            # select_best: each client's weights from its round with the best validation Dice (what `test` scores)
+            "best_client_weights": {str(c): w for c, (_, w) in state.best.items()},
+            "best_val_dice": {str(c): d for c, (d, _) in state.best.items()},
+        }
+        # both rebuild every dict and list (the loop appends to history later); in the background,
+        # tensors are copied too, into the previous checkpoint's buffers once its write is done,
+        # because the next round mutates some of them in place (Adam's moments)
+        if self.writer.enabled:
+            self.writer.wait()
+            ckpt = snapshot(ckpt, into=self.written)
+            self.written = ckpt
+        else:
+            ckpt = to_cpu(ckpt)
+        ckdir = loop.root / "checkpoints"
+        periodic = done % loop.fed.checkpoint_every == 0 or done == loop.fed.rounds
+
+        def write() -> None:
+            try:
+                if periodic:  # serialise once; last.ckpt is a link to the round file
+                    atomic_link(atomic_save(ckpt, ckdir / f"round-{done:03d}.ckpt"), ckdir / "last.ckpt")
+                else:
+                    atomic_save(ckpt, ckdir / "last.ckpt")
+            except (CheckpointError, WriteError) as err:
+                before = f"round {done - 1}'s (--ckpt_path last resumes there)" if done > 1 else "none"
+                raise type(err)(f"round {done}'s checkpoint: {err}; the last whole checkpoint is {before}") from err
+
+        self.writer.submit(write)
+
+
+class ExportHook(RoundHook):
+    """What the stage leaves behind: ``encoder.pt`` (pre-training; in local mode one encoder per
+    client under ``encoders/`` and their FedAvg) and its entry in ``summary.json``."""
+
+    def on_run_end(self, loop, state, summary) -> None:
+        module, root = loop.module, loop.root
+        encoder = module.encoder_state()
+        if encoder is not None and loop.fed.mode == "federated":
+            atomic_save(encoder, root / "encoder.pt")
+        elif encoder is not None and state.client_w:
+            # local pre-training (e.g. Local CL): one encoder per client, and their FedAvg as
+            # encoder.pt, the common start of federated fine-tuning
+            clients = sorted(state.client_w)
+            for c in clients:
+                module.load_global_state(state.client_w[c])
+                atomic_save(module.encoder_state(), root / "encoders" / f"client{c}.pt")
+            merged = loop.fed.aggregator(
+                [state.client_w[c] for c in clients], [module.num_samples(loop.dm, c) for c in clients]
+            )
+            module.load_global_state(merged)
+            atomic_save(module.encoder_state(), root / "encoder.pt")
+        last = state.history[-1] if state.history else {}
+        summary.update(
+            {
+                "stage": type(module).__name__,
+                "rounds_completed": len(state.history),
+                "final": {
+                    k[len("round/") :]: v
+                    for k, v in last.items()
+                    if k.startswith(("round/train/", "round/val/", "round/monitor/"))
+                },
+                "bytes": dict(state.comm),
+                "wall_time_s": state.elapsed,
+            }
+        )
+        update_summary(root, {module.stage: dict(summary)})
+
+
+class ReportHook(RoundHook):
+    """The loggers (every round's metrics, flushed each round so a killed run keeps its rows;
+    the config and the summary for wandb), the progress bar (stderr) and the round lines and
+    outputs line (stdout)."""
+
+    def on_run_start(self, loop, state) -> None:
+        log_config(loop.loggers, loop.config_text)
+        self.progress = Progress(
+            TextColumn("[bold]FCL[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=loop.log_console,
+            transient=True,
+            disable=not loop.log_console.is_terminal,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("rounds", total=loop.fed.rounds, completed=state.round, info="")
+
+    def on_client_start(self, loop, round_idx, i, client, n) -> None:
+        self.progress.update(self.task, info=f"round {round_idx + 1}/{loop.fed.rounds} client {i + 1}/{n} (#{client})")
+
+    def on_round_recorded(self, loop, state, metrics) -> None:
+        metrics["round/time/total_s"] = time.perf_counter() - state.round_started
+        state.history[-1].update(
+            {k: metrics[k] for k in ("round/time/checkpoint_s", "round/time/total_s") if k in metrics}
+        )
+        loop.log_metrics(metrics, step=state.round)
+        for lg in loop.loggers:  # every round on disk: a killed run keeps its rows
+            lg.save()
+        if state.new_dice_rows:
+            log_dice_table(loop.loggers, state.dice_rows, step=state.round)
+        loss = metrics.get("round/train/loss", float("nan"))
+        self.progress.update(self.task, advance=1, info=f"round {state.round}/{loop.fed.rounds} loss {loss:.4f}")
+        loop.console.print(round_line(state.round, metrics), soft_wrap=True)
+
+    def teardown(self, loop, error) -> None:
+        self.progress.stop()
+
+    def on_run_end(self, loop, state, summary) -> None:
+        log_summary(loop.loggers, json.loads((loop.root / "summary.json").read_text()))
+        outputs = ("encoder.pt", "encoders/", "summary.json", "checkpoints/", "logs/", "downstream.png")
+        loop.console.print(
+            f"outputs in {loop.root}: " + ", ".join(n for n in outputs if (loop.root / n).exists()), soft_wrap=True
+        )
+        for lg in loop.loggers:
+            lg.save()
+        finish(loop.loggers)
+
+
+def round_line(done: int, m: dict[str, float]) -> str:
+    """One line per round: losses, monitors, traffic, time."""
+    parts = [f"round {done:>3}"]
+    for key, label, digits in (
+        ("round/train/loss", "loss", 4),
+        ("round/train/loss_local", "local", 4),
+        ("round/train/loss_remote", "remote", 4),
+        ("round/monitor/probe_acc", "probe", 2),
+        ("round/monitor/spread", "spread", 2),
+    ):
+        if key in m:
+            parts.append(f"{label} {m[key]:.{digits}f}")
+    if m.get("round/monitor/collapsed"):
+        parts.append("[bold red]COLLAPSED: every slice embeds to nearly the same vector[/]")
+    up = m.get("round/comm/weights_up_bytes", 0) / 2**20
+    down = m.get("round/comm/weights_down_bytes", 0) / 2**20
+    feats = m.get("round/comm/features_up_bytes", 0) / 2**10
+    parts.append(f"weights up {up:.1f} / down {down:.1f} MiB, features shared {feats:.0f} KiB")
+    parts.append(f"{m['round/time/total_s']:.1f} s")
+    return " | ".join(parts)
