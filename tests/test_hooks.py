@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 
+import lightning.pytorch as pl
 import pytest
 
 from fcl_lightning.cli import main
@@ -69,3 +70,26 @@ def test_a_failing_round_tears_the_started_hooks_down(tmp_path, tiny):
         main(tiny(tmp_path, rounds=3, extra=[hook]))
     assert CALLS[-1] == ("teardown", "RuntimeError") and ("run_end", 3) not in CALLS
     assert (tmp_path / "checkpoints" / "round-001.ckpt").is_file()  # round 1's checkpoint was written whole
+
+
+class CountFits(pl.Callback):
+    """A Lightning callback under ``trainer.callbacks``: counts the client fits it sees."""
+
+    fits = 0
+
+    def on_train_start(self, trainer, pl_module):
+        CountFits.fits += 1
+
+
+def test_trainer_callbacks_reach_clients_and_ignored_settings_are_named(tmp_path, tiny, capsys):
+    CountFits.fits = 0
+    extra = [
+        "--trainer.max_epochs=7",
+        f"--trainer.callbacks+={__name__}.CountFits",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+    ]
+    main(tiny(tmp_path, rounds=2, extra=extra))
+    assert CountFits.fits == 4  # 2 clients x 2 rounds
+    err = " ".join(capsys.readouterr().err.split())
+    assert "ignored: trainer.max_epochs=7, trainer.callbacks (ModelCheckpoint)" in err
+    assert "federation.local_epochs or local_steps" in err

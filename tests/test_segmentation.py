@@ -11,6 +11,7 @@ import torch
 from fcl_lightning.cli import main
 from fcl_lightning.data.datamodule import FederatedDataModule
 from fcl_lightning.data.phantom import PhantomSource
+from fcl_lightning.errors import ConfigError
 from fcl_lightning.evaluation import evaluate_volumes, summarize
 from fcl_lightning.lit.pretrain import ContrastivePretrainModule
 from fcl_lightning.lit.segment import PretrainedWeightsError, SegmentationModule
@@ -119,8 +120,10 @@ def test_finetune_fit_then_test_writes_csv_and_summary(tmp_path, mode):
 
 
 def test_test_refuses_pretraining_module(tmp_path, tiny):
-    with pytest.raises(TypeError, match="pre-training module"):
+    with pytest.raises(ConfigError, match="pre-training module"):
         main(["test", *tiny(tmp_path)[1:]])
+    with pytest.raises(ConfigError, match="validate scores segmentation models"):
+        main(["validate", *tiny(tmp_path)[1:]])
 
 
 def test_demo_config_end_to_end_reduced(tmp_path):

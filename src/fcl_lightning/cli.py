@@ -83,6 +83,12 @@ class FCLCLI(LightningCLI):
                 raise
             raise user from exc
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit``, ``validate`` and ``test``; Lightning's ``predict`` is not offered (writing
+        label maps for new images is not built yet)."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(Federation, "federation")
         parser.set_defaults({"model": lazy_instance(ContrastivePretrainModule)})

@@ -10,6 +10,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from fcl_lightning.errors import ConfigError
 from fcl_lightning.evaluation import STRUCTURES, evaluate_volumes, over_clients, summarize, write_rows_csv
 from fcl_lightning.federation.checkpoint import load_checkpoint, resolve_ckpt_path, update_summary
 
@@ -29,9 +30,11 @@ def evaluate_run(
     module as configured). Federated runs have one global model; local runs one model per client,
     and the summary is then the mean +- std over clients, as in the paper's tables."""
     if module.scored_net() is None:
-        raise TypeError(
-            f"{stage} scores segmentation models; {type(module).__name__} is a pre-training module "
-            "(use federation.downstream to evaluate an encoder)"
+        verb = "test" if stage == "test" else "validate"
+        raise ConfigError(
+            f"{verb} scores segmentation models; {type(module).__name__} is a pre-training module: its "
+            "rounds are measured by the monitors (round/monitor/*, on validation patients) and its encoder "
+            "by federation.downstream or by fine-tuning it (configs/acdc/finetune.yaml)"
         )
     root = Path(root)
     datamodule.setup(stage)

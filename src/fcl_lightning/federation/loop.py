@@ -4,6 +4,7 @@ and routes the exchanged features. Everything else a run does is a round hook (`
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,18 @@ from fcl_lightning.lit.base import FederatedModule
 from fcl_lightning.tracking import continue_csv_logs, per_client_dice_rows
 
 log = logging.getLogger(__name__)
+
+#: ``trainer`` settings the federation owns: each client's budget, checkpoints, progress, summary
+FEDERATION_OWNS = (
+    "max_epochs",
+    "min_epochs",
+    "max_steps",
+    "enable_checkpointing",
+    "enable_progress_bar",
+    "enable_model_summary",
+)
+#: Lightning callbacks the federation replaces (its own checkpoints, progress bar and round lines)
+REPLACED_CALLBACKS = (pl.callbacks.ModelCheckpoint, pl.callbacks.ProgressBar, pl.callbacks.ModelSummary)
 
 
 class Clients:
@@ -140,24 +153,13 @@ class FederatedLoop:
     # -------------------------------------------------------------- helpers
     def make_trainer(self) -> pl.Trainer:
         """A quiet per-client Trainer from the ``trainer`` template (the federation owns logging,
-        progress and checkpoints, and sets the epoch count)."""
+        progress and checkpoints, and sets the epoch count); the template's callbacks come along,
+        except the ones the federation replaces (checkpoints, progress bars, model summaries)."""
         kw = dict(self.trainer_kwargs)
-        for k in (
-            "logger",
-            "enable_checkpointing",
-            "enable_progress_bar",
-            "enable_model_summary",
-            "max_epochs",
-            "min_epochs",
-            "max_steps",
-            "default_root_dir",
-            "callbacks",
-        ):
+        for k in ("logger", "default_root_dir", "callbacks", *FEDERATION_OWNS):
             kw.pop(k, None)
         callbacks = [
-            cb
-            for cb in (self.trainer_kwargs.get("callbacks") or [])
-            if not isinstance(cb, (pl.callbacks.ModelCheckpoint, pl.callbacks.ProgressBar, pl.callbacks.ModelSummary))
+            cb for cb in (self.trainer_kwargs.get("callbacks") or []) if not isinstance(cb, REPLACED_CALLBACKS)
         ]
         if self.fed.local_steps is not None:
             kw.update(max_epochs=-1, max_steps=self.fed.local_steps)
@@ -172,6 +174,22 @@ class FederatedLoop:
             callbacks=callbacks,
             default_root_dir=str(self.root / "clients"),
         )
+
+    def ignored_trainer_settings(self) -> list[str]:
+        """The ``trainer`` settings the client Trainers do not take (set away from Lightning's
+        defaults): the budget, checkpointing, progress and summary are the federation's."""
+        defaults = inspect.signature(pl.Trainer).parameters
+        out = [
+            f"trainer.{k}={v}"
+            for k, v in self.trainer_kwargs.items()
+            if k in FEDERATION_OWNS and v is not None and v != defaults[k].default
+        ]
+        out += [
+            f"trainer.callbacks ({type(cb).__name__})"
+            for cb in self.trainer_kwargs.get("callbacks") or []
+            if isinstance(cb, REPLACED_CALLBACKS)
+        ]
+        return out
 
     def select_clients(self, round_idx: int, num_clients: int) -> list[int]:
         k = self.fed.clients_per_round
@@ -211,6 +229,13 @@ class FederatedLoop:
         ckpt = load_checkpoint(path) if path is not None else None
         C = clients.num_clients if clients is not None else self.dm.num_clients
         self.validate(ckpt, path, C)
+        ignored = self.ignored_trainer_settings()
+        if ignored:
+            self.log_console.print(
+                f"[yellow]ignored: {', '.join(ignored)}: the federation sets each client's budget "
+                "(federation.local_epochs or local_steps), writes the checkpoints (federation.checkpoint_*) "
+                "and shows the progress[/]"
+            )
         remove_interrupted_writes(self.root, self.root / "checkpoints")
         if clients is None:
             self.dm.setup("fit")
