@@ -1,27 +1,25 @@
-"""Stage 1: contrastive pre-training of the U-Net encoder (momentum encoder, memory banks,
-partition-aware objective). The objective is a plug-in; this module only wires the parts."""
+"""Stage 1: contrastive pre-training of the U-Net encoder, the Lightning wiring of the
+framework-free model in ``fcl/contrast.py`` (networks, momentum copies, memory banks, step)."""
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import OptimizerCallable
 
-from fcl_lightning.fcl.exchange import embed_slices, subsample_per_partition
-from fcl_lightning.fcl.memory_bank import BankEntries, MemoryBank
-from fcl_lightning.fcl.momentum import cosine_schedule, make_momentum_copy, update_momentum
-from fcl_lightning.fcl.objectives import FCLObjective, PretrainObjective, PretrainStep
+from fcl_lightning.fcl.contrast import contrast_model
+from fcl_lightning.fcl.memory_bank import BankEntries
+from fcl_lightning.fcl.momentum import cosine_schedule
+from fcl_lightning.fcl.objectives import FCLObjective, PretrainObjective
 from fcl_lightning.lit.base import FederatedModule
-from fcl_lightning.models.encoder import DEFAULT_FEATURES, ProjectionHead, UNetEncoder
-from fcl_lightning.models.unet import decode_skips, decoder_blocks
+from fcl_lightning.models.encoder import DEFAULT_FEATURES
 
 
 class ContrastivePretrainModule(FederatedModule):
-    """Main encoder + head (trained, federated), momentum copy + local/remote banks (per client).
+    """Main encoder + head (trained, federated), momentum copy + local/remote banks (per client;
+    only what the method uses: the baselines carry no momentum copy and no banks).
 
     Args:
         features: encoder channels per level (must match the segmentation U-Net's).
@@ -62,38 +60,26 @@ class ContrastivePretrainModule(FederatedModule):
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         self.save_hyperparameters(ignore=["objective", "optimizer"])
-        self.encoder = UNetEncoder(1, features, norm)
-        self.head = ProjectionHead(self.encoder.features[-1], 4, proj_hidden, proj_dim)
-        self.objective = copy.deepcopy(objective)  # a config default instance is shared; never mutate it
-        self.objective.build(self.encoder.features[-1], proj_dim)
-        if not 0 <= decoder_levels < len(self.encoder.features):
-            raise ValueError(f"decoder_levels must be in [0, {len(self.encoder.features) - 1}], got {decoder_levels}")
-        if self.objective.needs_decoder and decoder_levels == 0:
-            raise ValueError(
-                f"{type(self.objective).__name__} trains decoder blocks: set model.init_args.decoder_levels >= 1"
-            )
-        self.decoder = decoder_blocks(self.encoder.features, norm, levels=decoder_levels) if decoder_levels else None
-        if decoder_levels:
-            self.objective.build_decoder(self.encoder.features[-1 - decoder_levels])
-        k = int(getattr(self.objective, "num_negatives", 0) or 0)
-        if self.objective.uses_bank and k > local_bank_size + remote_bank_size:
-            raise ValueError(
-                f"the objective samples num_negatives={k} from the memory banks, which hold at most "
-                f"local_bank_size + remote_bank_size = {local_bank_size + remote_bank_size}"
-            )
-        if min(local_bank_size, remote_bank_size) < 1:
-            raise ValueError(
-                f"local_bank_size and remote_bank_size must be >= 1, got {local_bank_size}, {remote_bank_size}"
-            )
+        core = contrast_model(
+            use_momentum,
+            local_bank_size,
+            remote_bank_size,
+            features=features,
+            norm=norm,
+            proj_hidden=proj_hidden,
+            proj_dim=proj_dim,
+            objective=objective,
+            decoder_levels=decoder_levels,
+        )
+        # the core's nets and banks under their own names (encoder., head., momentum_encoder., ...):
+        # the same modules, so the core steps what Lightning moves, saves and optimises
+        for name, child in core.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "core", core)  # not a second registration of the same modules
         self.use_momentum = use_momentum
-        self.momentum_encoder = make_momentum_copy(self.encoder)
-        self.momentum_head = make_momentum_copy(self.head)
-        self.local_bank = MemoryBank(local_bank_size, proj_dim)
-        self.remote_bank = MemoryBank(remote_bank_size, proj_dim)
         self.momentum, self.momentum_end = momentum, momentum_end
         self.optimizer_factory = optimizer
         self.proj_dim = proj_dim
-        self._round_keys = 0
 
     @property
     def input_multiple(self) -> int:
@@ -102,14 +88,11 @@ class ContrastivePretrainModule(FederatedModule):
     # ---------------------------------------------------------------- nets
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Queries: main encoder + head, L2-normalised."""
-        return F.normalize(self.head(self.encoder(x)[-1]), dim=1)
+        return self.core.embed(x)
 
-    @torch.no_grad()
     def embed_keys(self, x: torch.Tensor) -> torch.Tensor:
         """Keys: momentum encoder + head (or the main one without gradient), L2-normalised."""
-        if not self.use_momentum:
-            return F.normalize(self.head(self.encoder(x)[-1]), dim=1)
-        return F.normalize(self.momentum_head(self.momentum_encoder(x)[-1]), dim=1)
+        return self.core.embed_keys(x)
 
     def current_momentum(self) -> float:
         if self.momentum_end is None:
@@ -124,55 +107,24 @@ class ContrastivePretrainModule(FederatedModule):
         """FCL exchanges features; objectives without memory banks (the baselines) do not."""
         return self.objective.uses_bank
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """The main encoder's bottleneck feature map (what rotation prediction classifies)."""
-        return self.encoder(x)[-1]
-
     def probe_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries and the pooled bottleneck from one encoder pass (what the monitors probe)."""
-        b = self.encoder(x)[-1]
-        return F.normalize(self.head(b), dim=1), b.mean(dim=(2, 3))
-
-    def embed_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass of the main encoder: the queries and the last pre-trained decoder block's map."""
-        skips = self.encoder(x)
-        return F.normalize(self.head(skips[-1]), dim=1), decode_skips(self.decoder, skips)
+        return self.core.probe_features(x)
 
     # ------------------------------------------------------------- training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x_q = batch["image"]
-        x_k = batch.get("image_k", x_q)
-        if self.objective.uses_bank:
-            bank = BankEntries.cat([self.local_bank.entries(), self.remote_bank.entries()], self.proj_dim)
-        else:
-            bank = BankEntries.empty(self.proj_dim, x_q.device)
-        out, keys = self.objective.step(
-            PretrainStep(
-                (x_q, x_k),
-                batch["partition"],
-                batch["volume"],
-                self.embed,
-                self.embed_keys,
-                self.encode,
-                bank,
-                self.embed_decode if self.decoder is not None else None,
-            )
-        )
-        if keys is not None:
-            self.local_bank.enqueue(BankEntries(keys, batch["partition"], batch["client"]))
-            self._round_keys += len(keys)
-        bs = x_q.shape[0]
+        out = self.core.step(batch)
+        bs = batch["image"].shape[0]
         for name, value in out.items():
             self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=bs)
-        self.log("train/local_bank_fill", self.local_bank.fill, on_step=False, on_epoch=True, batch_size=bs)
-        self.log("train/remote_bank_fill", self.remote_bank.fill, on_step=False, on_epoch=True, batch_size=bs)
+        if self.core.uses_bank:
+            self.log("train/local_bank_fill", self.local_bank.fill, on_step=False, on_epoch=True, batch_size=bs)
+            self.log("train/remote_bank_fill", self.remote_bank.fill, on_step=False, on_epoch=True, batch_size=bs)
         return out["loss"]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.use_momentum:
-            m = self.current_momentum()
-            update_momentum(self.encoder, self.momentum_encoder, m)
-            update_momentum(self.head, self.momentum_head, m)
+        if self.core.has_momentum:
+            self.core.after_step(self.current_momentum())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for n, p in self.named_parameters() if self._is_global(n) and p.requires_grad]
@@ -181,47 +133,25 @@ class ContrastivePretrainModule(FederatedModule):
     # ---------------------------------------------------------- federation
     def init_client_state(self) -> None:
         """A new client starts with momentum nets equal to the global nets and empty banks."""
-        self.momentum_encoder.load_state_dict(self.encoder.state_dict())
-        self.momentum_head.load_state_dict(self.head.state_dict())
-        self.local_bank.reset()
-        self.remote_bank.reset()
+        self.core.reset_client()
 
     def train_loader(self, datamodule: Any, client: int, seed: int):
         return datamodule.pretrain_loader(client, seed)
 
     def receive_features(self, entries: BankEntries | None) -> None:
-        if entries is None:
-            self.remote_bank.reset()
-        else:
-            self.remote_bank.replace(entries)
+        self.core.receive(entries)
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        self._round_keys = 0  # keys enqueued this round (what exchange_source="keys" shares)
+        self.core.start_round()
 
-    @torch.no_grad()
     def export_features(
         self, datamodule: Any, client: int, per_partition: int | None, generator: torch.Generator, source: str = "embed"
     ) -> BankEntries:
-        if source == "keys":
-            bank = self.local_bank.entries()
-            n = min(len(bank), self._round_keys)  # the newest n entries are this round's keys
-            vectors, partitions = bank.vectors[len(bank) - n :].cpu(), bank.partitions[len(bank) - n :].cpu()
-            recent = BankEntries(vectors, partitions, torch.full_like(partitions, client))
-            return subsample_per_partition(recent, datamodule.num_partitions, per_partition, generator)
-        if source != "embed":
-            raise ValueError(f"exchange_source must be 'embed' or 'keys', got {source!r}")
-        was_training = self.training
-        self.eval()
-        vols = [v.image.to(self.device) for v in datamodule.train[client]]
-        out = embed_slices(self.embed_keys, vols, datamodule.num_partitions, client, per_partition, generator)
-        self.train(was_training)
-        return out
+        vols = [v.image.to(self.device) for v in datamodule.train[client]] if source == "embed" else []
+        return self.core.shared_features(vols, datamodule.num_partitions, client, per_partition, generator, source)
 
     def encoder_state(self) -> dict[str, torch.Tensor]:
         """The main encoder's plain state dict (and the pre-trained decoder blocks under
         ``decoder.``): what ``encoder.pt`` holds and the U-Net loads."""
-        out = {k: v.detach().cpu().clone() for k, v in self.encoder.state_dict().items()}
-        if self.decoder is not None:
-            out.update({f"decoder.{k}": v.detach().cpu().clone() for k, v in self.decoder.state_dict().items()})
-        return out
+        return self.core.encoder_state()
