@@ -10,12 +10,11 @@ runs two ways:
 1. **project**: ``FederatedLoop(...).run()`` with a ``ContrastivePretrainModule``, a
    ``FederatedDataModule`` and a ``Federation``, built in Python the way ``cli.py`` builds them,
    ``trainer_kwargs={"accelerator": <device>, "devices": 1}``, checkpoints written to a temp dir.
-2. **bare**: a plain PyTorch loop built from the project's Lightning-free parts (``UNetEncoder``,
-   ``ProjectionHead``, ``MemoryBank``, ``update_momentum``, ``FCLObjective``, ``FedAvg``,
-   ``embed_slices``/``route``): per round and client it loads the global weights, embeds queries
-   (main encoder + head) and keys (momentum encoder + head, no grad), builds the bank
-   (local + remote ``BankEntries.cat``), calls ``FCLObjective``, backward, Adam step,
-   ``update_momentum``, enqueues the keys into the local bank; then FedAvg and exchange.
+2. **bare**: a plain PyTorch loop around the project's Lightning-free model
+   (``fcl.contrast.MomentumContrastModel``: nets, momentum copies, banks, ``step(batch)``),
+   ``FedAvg`` and ``route``: per round and client it loads the global weights, calls ``step``
+   (queries, momentum keys, the bank, ``FCLObjective``, keys enqueued), backward, Adam step and
+   the momentum update (``after_step``); then FedAvg and exchange.
    Each client keeps its momentum nets, banks and Adam state across rounds, as the project does
    with ``keep_optimizer_state=True`` (the default). No checkpoints.
 
@@ -93,22 +92,19 @@ from typing import Any
 import lightning
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from rich.console import Console
-from torch import nn
 
 from fcl_lightning.data.datamodule import FederatedDataModule
 from fcl_lightning.data.phantom import PhantomSource
 from fcl_lightning.fcl.aggregate import FedAvg
-from fcl_lightning.fcl.exchange import embed_slices, route
-from fcl_lightning.fcl.memory_bank import BankEntries, MemoryBank
-from fcl_lightning.fcl.momentum import make_momentum_copy, update_momentum
-from fcl_lightning.fcl.objectives import ContrastiveInputs, FCLObjective
+from fcl_lightning.fcl.contrast import MomentumContrastModel, contrast_model
+from fcl_lightning.fcl.exchange import route
+from fcl_lightning.fcl.memory_bank import BankEntries
+from fcl_lightning.fcl.objectives import FCLObjective
 from fcl_lightning.federation.client import client_seed
 from fcl_lightning.federation.config import Federation
 from fcl_lightning.federation.loop import FederatedLoop
 from fcl_lightning.lit.pretrain import ContrastivePretrainModule
-from fcl_lightning.models.encoder import ProjectionHead, UNetEncoder
 from fcl_lightning.runtime import seed_all
 
 TARGET_RATIO = 0.85
@@ -352,19 +348,20 @@ def run_project(
 
 
 # --------------------------------------------------------------------------------------- bare
-class BareClient:
-    """One client's own state in the bare loop: momentum nets, local and remote banks, Adam."""
-
-    def __init__(self, net: nn.ModuleDict, p: dict[str, Any], device: torch.device) -> None:
-        self.m_encoder = make_momentum_copy(net["encoder"])
-        self.m_head = make_momentum_copy(net["head"])
-        self.local = MemoryBank(p["local_bank"], p["proj_dim"]).to(device)
-        self.remote = MemoryBank(p["remote_bank"], p["proj_dim"]).to(device)
-        self.opt = torch.optim.Adam(net.parameters())  # Adam state is per client, the parameters are shared
-
-    @torch.no_grad()
-    def embed_keys(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.m_head(self.m_encoder(x)[-1]), dim=1)
+def bare_client(p: dict[str, Any], device: torch.device) -> tuple[MomentumContrastModel, torch.optim.Optimizer]:
+    """One client of the bare loop: the project's framework-free model (its nets, momentum copies
+    and banks) and its own Adam over the global nets, kept across rounds as the project keeps them."""
+    model = contrast_model(
+        True,
+        p["local_bank"],
+        p["remote_bank"],
+        features=p["features"],
+        norm="instance",
+        proj_hidden=p["proj_hidden"],
+        proj_dim=p["proj_dim"],
+        objective=FCLObjective(temperature=0.1, num_negatives=p["num_negatives"]),
+    ).to(device)
+    return model, torch.optim.Adam([w for n, w in model.named_parameters() if not n.startswith("momentum_")])
 
 
 def prebuild_batches(dm: FederatedDataModule, rounds: int) -> list[list[list[dict[str, torch.Tensor]]]]:
@@ -385,16 +382,10 @@ def run_bare(
 ) -> dict[str, Any]:
     clock, meter = Clock(device), Meter()
     C, dim, m = dm.num_clients, p["proj_dim"], 0.99
-    net = nn.ModuleDict(
-        {
-            "encoder": UNetEncoder(1, p["features"], "instance"),
-            "head": ProjectionHead(p["features"][-1], 4, p["proj_hidden"], dim),
-        }
-    ).to(device)
-    objective = FCLObjective(temperature=0.1, num_negatives=p["num_negatives"]).to(device)
     aggregator = FedAvg()
     volumes = {c: [v.image.to(device) for v in dm.train[c]] for c in range(C)}
-    clients: dict[int, BareClient] = {}
+    clients = {c: bare_client(p, device) for c in range(C)}  # built before the clock (no RNG in the rounds)
+    started: set[int] = set()
     inbox: dict[int, BankEntries | None] = {c: None for c in range(C)}
     global_w = {k: v.to(device) for k, v in init_global.items()}
     losses: list[float] = []
@@ -406,34 +397,26 @@ def run_bare(
         for c in range(C):
             t0 = clock()
             seed_all(client_seed(SEED, r, c))
-            torch.empty(
-                (), dtype=torch.int64
-            ).random_()  # the draw a DataLoader iterator makes: same RNG stream as the project
-            net.load_state_dict(global_w)
-            net.train()
-            if c not in clients:
-                clients[c] = BareClient(net, p, device)
-            st = clients[c]
-            if inbox[c] is None:
-                st.remote.reset()
-            else:
-                st.remote.replace(inbox[c])
+            # the draw a DataLoader iterator makes: same RNG stream as the project
+            torch.empty((), dtype=torch.int64).random_()
+            model, opt = clients[c]
+            model.load_state_dict(global_w, strict=False)
+            model.train()
+            if c not in started:
+                model.reset_client()
+                started.add(c)
+            model.receive(inbox[c])
+            model.start_round()
             meter.add("state", clock() - t0)
-            client_losses, round_keys = [], 0
+            client_losses = []
             for batch in batches[r][c]:
                 t0 = clock()
                 b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                q = F.normalize(net["head"](net["encoder"](b["image"])[-1]), dim=1)
-                k = st.embed_keys(b.get("image_k", b["image"]))
-                bank = BankEntries.cat([st.local.entries(), st.remote.entries()], dim)
-                out = objective(ContrastiveInputs(q, k, b["partition"], b["volume"], bank))
-                st.local.enqueue(BankEntries(k, b["partition"], b["client"]))
-                round_keys += len(k)
-                st.opt.zero_grad(set_to_none=True)
+                out = model.step(b)
+                opt.zero_grad(set_to_none=True)
                 out["loss"].backward()
-                st.opt.step()
-                update_momentum(net["encoder"], st.m_encoder, m)
-                update_momentum(net["head"], st.m_head, m)
+                opt.step()
+                model.after_step(m)
                 client_losses.append(out["loss"].detach())
                 dt = clock() - t0
                 meter.add("steps", dt)
@@ -441,22 +424,13 @@ def run_bare(
                 meter.steps += 1
                 meter.slices += int(b["image"].shape[0])
             t0 = clock()
-            updates.append({kk: v.detach().clone() for kk, v in net.state_dict().items()})
+            updates.append({k: v.detach().clone() for k, v in model.state_dict().items() if k in global_w})
             counts.append(dm.num_train_samples(c))
             round_loss.append(float(torch.stack(client_losses).mean()))
             meter.add("state", clock() - t0)
             t0 = clock()
             g = torch.Generator().manual_seed(client_seed(SEED, r, c) + 1)
-            if exchange_source == "keys":  # the keys this round computed, as the project shares them
-                e = st.local.entries()
-                n = min(len(e.vectors), round_keys)
-                payloads[c] = BankEntries(
-                    e.vectors[len(e.vectors) - n :].cpu(),
-                    e.partitions[len(e.vectors) - n :].cpu(),
-                    torch.full((n,), c, dtype=torch.long),
-                )
-            else:
-                payloads[c] = embed_slices(st.embed_keys, volumes[c], dm.num_partitions, c, None, g)
+            payloads[c] = model.shared_features(volumes[c], dm.num_partitions, c, None, g, exchange_source)
             meter.add("exchange", clock() - t0)
         t0 = clock()
         global_w = aggregator(updates, counts)
