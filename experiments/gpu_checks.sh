@@ -12,9 +12,9 @@ mkdir -p $OUT; (nvidia-smi --query-gpu=name,memory.total --format=csv || echo no
 python3 -c "import torch, lightning, monai; print(torch.__version__, lightning.__version__, monai.__version__)" | tee -a $OUT/gpu.txt
 timeout ${BENCH_TIMEOUT:-150} python3 experiments/bench_pretrain.py ${BENCH_ARGS:---profile acdc --rounds 2 --device cuda} \
     --json $OUT/bench_acdc_cuda.json 2>&1 | grep -v Warning | tee $OUT/bench.log | tail -40
-timeout ${EXP_TIMEOUT:-330} python3 experiments/acdc_fcl_vs_random.py --root .acdc_pack --size ${SIZE:-160} \
-    --rounds ${ROUNDS:-15} --steps ${STEPS:-250} --ns 1,2 --accelerator ${ACCEL:-gpu} --num-workers ${WORKERS:-6} \
-    --out $OUT/acdc 2>&1 | grep -vE "Warning|warn" | tee $OUT/acdc.log | tail -30
-cp $OUT/acdc/results.md $OUT/acdc/results.json $OUT/ 2>/dev/null
-cp $OUT/acdc/pretrain/logs/version_0/metrics.csv $OUT/pretrain_metrics.csv 2>/dev/null
+timeout ${EXP_TIMEOUT:-330} python3 experiments/run_tables.py --profile acdc-disjoint --root .acdc_pack \
+    --out $OUT/acdc --pretrain-arg=--trainer.accelerator=${ACCEL:-gpu} --finetune-arg=--trainer.accelerator=${ACCEL:-gpu} \
+    2>&1 | grep -vE "Warning|warn" | tee $OUT/acdc.log | tail -30
+cp $OUT/acdc/results.md $OUT/acdc/results.csv $OUT/ 2>/dev/null
+cp $OUT/acdc/pretrain/fcl/logs/version_0/metrics.csv $OUT/pretrain_metrics.csv 2>/dev/null
 rm -rf $OUT/acdc

@@ -17,8 +17,9 @@ figures) is never run again, and an interrupted pre-training continues from its 
     python experiments/run_tables.py --profile paper --root /path/to/ACDC/training   # a GPU
 
 Profiles: ``quick`` (phantom, CPU, minutes), ``acdc-cpu`` (real ACDC at reduced image size and
-rounds, about an hour on 2 CPU cores), ``paper`` (ACDC at the paper's scale: 10 clients x 10
-patients, 5-fold CV inside each client, N in 1/2/4/8).
+rounds, about an hour on 2 CPU cores), ``acdc-disjoint`` (pre-training and fine-tuning clients
+share no patient), ``paper`` (ACDC at the paper's scale: 10 clients x 10 patients, 5-fold CV inside
+each client, N in 1/2/4/8).
 """
 
 from __future__ import annotations
@@ -129,6 +130,36 @@ PROFILES: dict[str, Profile] = {
         seeds=[0, 1],
         needs_root=True,
     ),
+    # pre-training and fine-tuning on disjoint patients: FCL on 60 patients (12 per ACDC group, 6
+    # clients), local fine-tuning on the other 40 (4 clients of 10: 5 labelled-pool and 5 held-out
+    # patients each), 128 px at 2 mm; what experiments/acdc_fcl_vs_random.py used to run
+    "acdc-disjoint": Profile(
+        pretrain=[
+            "--config",
+            "configs/acdc/fcl_pretrain.yaml",
+            "--data.img_size=128",
+            "--data.spacing=2.0",
+            "--data.source.patients=1-12,21-32,41-52,61-72,81-92",
+            "--data.num_clients=6",
+            "--federation.rounds=10",
+        ],
+        finetune=[
+            "--config",
+            "configs/acdc/finetune.yaml",
+            "--data.img_size=128",
+            "--data.spacing=2.0",
+            "--data.source.patients=13-20,33-40,53-60,73-80,93-100",
+            "--data.num_clients=4",
+            "--data.cv_folds=null",
+            "--data.val_fraction=0.5",
+            "--federation.rounds=1",
+            "--federation.local_steps=200",
+        ],
+        ns=[1, 2],
+        methods=["random", "fcl"],
+        settings=["local"],
+        needs_root=True,
+    ),  # fmt: skip
     # the paper's setting: 10 clients x 10 patients, 192 px, 5-fold CV inside each client
     "paper": Profile(
         pretrain=["--config", "configs/acdc/fcl_pretrain.yaml"],
