@@ -47,3 +47,21 @@ def test_readme_sweep_files_exist_and_validate():
     for rel in named:
         load_sweep(REPO / rel)
     assert "fcl-lightning-sweep configs/sweeps/fcl_pretrain.yaml --count 8" in README
+
+
+def test_shipped_configs_run_from_another_folder(tmp_path, monkeypatch, capsys):
+    """A wheel install has no configs/ folder: `--config configs/...` then names the copy shipped in
+    the package (the repository's configs/); a file of that name in the working folder wins."""
+    from fcl_lightning.cli import PACKAGED_CONFIGS, main, packaged_config
+
+    monkeypatch.chdir(tmp_path)
+    assert packaged_config("configs/demo.yaml") == str(PACKAGED_CONFIGS / "demo.yaml")
+    assert (PACKAGED_CONFIGS / "methods" / "fcl_dense.yaml").is_file()
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "configs/demo.yaml", "--config=configs/methods/fcl_dense.yaml", "--print_config"])
+    printed = capsys.readouterr().out
+    assert "DenseFCLObjective" in printed and "PhantomSource" in printed
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "demo.yaml").write_text("seed_everything: 3\n")
+    assert packaged_config("configs/demo.yaml") == "configs/demo.yaml"
+    assert packaged_config("configs/missing.yaml") == "configs/missing.yaml"

@@ -208,6 +208,33 @@ class _DropStartupNoise(logging.Filter):
         return not str(record.msg).startswith(self.NOISE)
 
 
+#: the example configs shipped in the package (the repository's configs/)
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def packaged_config(path: str) -> str:
+    """``configs/<name>`` names a shipped example config when no such file is here (a wheel
+    install, another working folder); any other path is the user's and is left alone."""
+    p = Path(path)
+    if p.exists() or p.is_absolute() or not p.parts or p.parts[0] != "configs":
+        return path
+    shipped = PACKAGED_CONFIGS.joinpath(*p.parts[1:])
+    return str(shipped) if shipped.is_file() else path
+
+
+def resolve_configs(args: list[str]) -> list[str]:
+    """``--config configs/...`` / ``--config=configs/...`` arguments through :func:`packaged_config`."""
+    out, prev = [], ""
+    for a in args:
+        if prev == "--config":
+            a = packaged_config(a)
+        elif a.startswith("--config="):
+            a = "--config=" + packaged_config(a[len("--config=") :])
+        out.append(a)
+        prev = a
+    return out
+
+
 def main(args: list[str] | None = None) -> None:
     """Run one command; errors propagate (what scripts and tests call)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -216,7 +243,9 @@ def main(args: list[str] | None = None) -> None:
             lg = logging.getLogger(name)
             if not any(isinstance(f, _DropStartupNoise) for f in lg.filters):
                 lg.addFilter(_DropStartupNoise())
-    FCLCLI(args=args)
+    if args is None:
+        sys.argv[1:] = resolve_configs(sys.argv[1:])
+    FCLCLI(args=resolve_configs(args) if args is not None else None)
 
 
 def console_main(argv: list[str] | None = None) -> None:
