@@ -86,6 +86,7 @@ class DownstreamEvaluation:
         if encoder is not None:
             load_encoder(module.net, encoder, "pre-trained encoder")
         loader = datamodule.finetune_loader(client, seed, self.labelled_per_client)
+        module.batch_augment = datamodule.batch_augment("finetune") if hasattr(datamodule, "batch_augment") else None
         with quiet_lightning():
             trainer = pl.Trainer(
                 max_steps=self.steps,

@@ -6,10 +6,12 @@ seed, not on the order in which workers visit samples; that is what makes runs r
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.transforms import (
     Compose,
     Rand2DElasticd,
@@ -109,3 +111,110 @@ def apply_seeded(transform: Compose | None, sample: dict[str, torch.Tensor], see
     transform.set_random_state(seed=int(seed) % (2**32))
     out = transform(dict(sample))
     return {k: (v.as_tensor() if hasattr(v, "as_tensor") else v) for k, v in out.items()}
+
+
+class BatchAugment:
+    """The same augmentations on a whole batch, on the batch's device (``data.augment_on:
+    device``): a random affine map (rotation, zoom, shift) through MONAI's batched spatial
+    transformer (``AffineTransform``), a smooth random displacement (elastic, fine-tuning only)
+    through MONAI's ``Warp``, and brightness, contrast and gamma as tensor arithmetic. Each
+    sample's draws come from its own seed (``aug_seed`` in the batch, written by the dataset), so
+    a batch is a pure function of its samples, as with the per-sample MONAI pipelines above; the
+    draws differ from theirs (a different implementation of the same distributions).
+
+    The elastic displacement: offsets drawn at control points every ``ELASTIC_SPACING`` pixels,
+    normal with a standard deviation of ``ELASTIC_PIXELS`` x U(0.5, 1.5) pixels, upsampled
+    bicubically to the image.
+    """
+
+    ELASTIC_SPACING = 24
+    ELASTIC_PIXELS = 2.0
+
+    def __init__(self, cfg: AugmentConfig | None = None, with_label: bool = False) -> None:
+        from monai.networks.blocks import Warp
+        from monai.networks.layers import AffineTransform
+
+        self.cfg = cfg or AugmentConfig()
+        self.with_label = with_label
+        self.elastic = self.cfg.elastic and with_label  # as finetune_augment: elastic in fine-tuning only
+        self.affine = {
+            m: AffineTransform(normalized=True, mode=m, padding_mode="zeros") for m in ("bilinear", "nearest")
+        }
+        with warnings.catch_warnings():  # "Using PyTorch native grid_sample": what is wanted here
+            warnings.simplefilter("ignore")
+            self.warp = {m: Warp(mode=m, padding_mode="zeros") for m in ("bilinear", "nearest")}
+
+    def params(self, seeds: torch.Tensor, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Every sample's draws (on the CPU, from its seed): what to apply and how strongly."""
+        cfg, (h, w) = self.cfg, size
+        n = len(seeds)
+        out = {
+            k: torch.zeros(n)
+            for k in (
+                "on_affine",
+                "angle",
+                "zoom",
+                "dy",
+                "dx",
+                "on_elastic",
+                "mag",
+                "on_shift",
+                "shift",
+                "on_scale",
+                "scale",
+                "on_gamma",
+                "gamma",
+            )
+        }
+        ch, cw = h // self.ELASTIC_SPACING + 2, w // self.ELASTIC_SPACING + 2
+        offsets = torch.zeros(n, 2, ch, cw)
+        rot = np.deg2rad(cfg.rotate_deg)
+        lo, hi = max(0.05, 1 - cfg.gamma), 1 + cfg.gamma
+        for i, s in enumerate(seeds.tolist()):
+            r = np.random.default_rng(int(s) % (2**63))
+            u = r.random(13)
+            vals = {
+                "on_affine": u[0] < cfg.prob, "angle": (2 * u[1] - 1) * rot, "zoom": 1 + (2 * u[2] - 1) * cfg.scale,
+                "dy": (2 * u[3] - 1) * cfg.translate * 2 / h, "dx": (2 * u[4] - 1) * cfg.translate * 2 / w,
+                "on_elastic": u[5] < cfg.prob * 0.5, "mag": 0.5 + u[6],
+                "on_shift": u[7] < cfg.prob, "shift": (2 * u[8] - 1) * cfg.brightness,
+                "on_scale": u[9] < cfg.prob, "scale": (2 * u[10] - 1) * cfg.contrast,
+                "on_gamma": u[11] < cfg.prob, "gamma": lo + u[12] * (hi - lo),
+            }  # fmt: skip
+            for k, v in vals.items():
+                out[k][i] = float(v)
+            if self.elastic:
+                offsets[i] = torch.from_numpy(r.standard_normal((2, ch, cw))).float()
+        out["offsets"] = offsets
+        return out
+
+    def __call__(
+        self, image: torch.Tensor, seeds: torch.Tensor, label: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Augment ``image`` ``[B, 1, H, W]`` (and ``label`` ``[B, 1, H, W]``, spatially only, nearest)."""
+        dev, (h, w) = image.device, tuple(image.shape[-2:])
+        p = {k: v.to(dev) for k, v in self.params(seeds.cpu(), (h, w)).items()}
+        # affine: zoom, rotation and shift where drawn, the identity elsewhere
+        on = p["on_affine"]
+        angle, zoom = p["angle"] * on, 1 + (p["zoom"] - 1) * on
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        theta = torch.stack(
+            [torch.stack([cos, -sin, p["dy"] * on], 1), torch.stack([sin, cos, p["dx"] * on], 1)], 1
+        )  # [B, 2, 3]
+        image = self.affine["bilinear"](image, theta)
+        if label is not None:
+            label = self.affine["nearest"](label.float(), theta)
+        if self.elastic:
+            ddf = F.interpolate(p["offsets"], size=(h, w), mode="bicubic", align_corners=True)
+            ddf = ddf * (self.ELASTIC_PIXELS * p["mag"] * p["on_elastic"]).view(-1, 1, 1, 1)
+            image = self.warp["bilinear"](image, ddf)
+            if label is not None:
+                label = self.warp["nearest"](label, ddf)
+        # intensity (images are scaled to [0, 1]): shift, scale, then gamma on the sample's range
+        image = image + (p["shift"] * p["on_shift"]).view(-1, 1, 1, 1)
+        image = image * (1 + p["scale"] * p["on_scale"]).view(-1, 1, 1, 1)
+        lo = image.amin(dim=(1, 2, 3), keepdim=True)
+        rng = image.amax(dim=(1, 2, 3), keepdim=True) - lo
+        g = torch.where(p["on_gamma"] > 0, p["gamma"], torch.ones_like(p["gamma"])).view(-1, 1, 1, 1)
+        image = torch.where(rng > 1e-7, ((image - lo) / (rng + 1e-7)).clamp(min=0) ** g * rng + lo, image)
+        return image, (label.round().long() if label is not None else None)

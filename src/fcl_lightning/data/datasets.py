@@ -57,12 +57,14 @@ class PartitionDataset(Dataset):
         augment: Compose | None = None,
         two_views: bool = True,
         seed: int = 0,
+        emit_seeds: bool = False,
     ) -> None:
         for v in volumes:
             if v.num_slices < num_partitions:
                 raise ValueError(f"{v.record.key}: {v.num_slices} slices, fewer than {num_partitions} partitions")
         self.volumes, self.volume_ids, self.client = volumes, volume_ids, client
         self.S, self.augment, self.two_views, self.seed = num_partitions, augment, two_views, seed
+        self.emit_seeds = emit_seeds  # leave augmentation to the device (``aug_seed``, ``aug_seed_k``)
 
     def __len__(self) -> int:
         return len(self.volumes)
@@ -79,6 +81,10 @@ class PartitionDataset(Dataset):
         if self.two_views:
             k = [apply_seeded(self.augment, {"image": s}, seeds[i, 1])["image"] for i, s in enumerate(slices)]
             item["image_k"] = torch.stack(k)
+        if self.emit_seeds:
+            item["aug_seed"] = torch.as_tensor(seeds[:, 0], dtype=torch.long)
+            if self.two_views:
+                item["aug_seed_k"] = torch.as_tensor(seeds[:, 1], dtype=torch.long)
         item["partition"] = torch.arange(self.S)
         item["volume"] = torch.full((self.S,), self.volume_ids[idx])
         item["client"] = torch.full((self.S,), self.client)
@@ -93,11 +99,14 @@ def collate_partitions(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.
 class LabelledSliceDataset(Dataset):
     """Every 2D slice of the labelled volumes, with fine-tuning augmentation applied jointly."""
 
-    def __init__(self, volumes: list[Volume], augment: Compose | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, volumes: list[Volume], augment: Compose | None = None, seed: int = 0, emit_seeds: bool = False
+    ) -> None:
         for v in volumes:
             if v.label is None:
                 raise ValueError(f"{v.record.key} has no label; fine-tuning needs labelled volumes")
         self.volumes, self.augment, self.seed = volumes, augment, seed
+        self.emit_seeds = emit_seeds  # leave augmentation to the device (``aug_seed``)
         self.index = [(i, z) for i, v in enumerate(volumes) for z in range(v.num_slices)]
 
     def __len__(self) -> int:
@@ -107,5 +116,12 @@ class LabelledSliceDataset(Dataset):
         i, z = self.index[key % len(self.index)]
         v = self.volumes[i]
         sample = {"image": v.image[..., z], "label": v.label[..., z].float()}
-        out = apply_seeded(self.augment, sample, int(_rng(self.seed, key).integers(0, 2**31)))
+        aug_seed = int(_rng(self.seed, key).integers(0, 2**31))
+        if self.emit_seeds:
+            return {
+                "image": sample["image"].float(),
+                "label": sample["label"].long(),
+                "aug_seed": torch.tensor(aug_seed),
+            }
+        out = apply_seeded(self.augment, sample, aug_seed)
         return {"image": out["image"].float(), "label": out["label"].round().long()}

@@ -136,6 +136,22 @@ class FederatedModule(pl.LightningModule):
         """Vectors this client shares after a round (``None``: this module shares nothing)."""
         return None
 
+    #: on-device augmentation of training batches (``data.augment_on: device``), set with the loader
+    batch_augment: Any = None
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Augment a training batch on its device when the loader left it to us (``aug_seed``)."""
+        aug = self.batch_augment
+        if aug is None or not isinstance(batch, dict) or "aug_seed" not in batch:
+            return batch
+        batch = dict(batch)
+        batch["image"], label = aug(batch["image"], batch.pop("aug_seed"), batch.get("label"))
+        if label is not None:
+            batch["label"] = label
+        if "aug_seed_k" in batch:
+            batch["image_k"], _ = aug(batch["image_k"], batch.pop("aug_seed_k"))
+        return batch
+
     def on_train_start(self) -> None:
         if self._optimizer_state is not None:
             self.trainer.optimizers[0].load_state_dict(self._optimizer_state)

@@ -189,6 +189,7 @@ class SegmentationModule(FederatedModule):
 
     # ---------------------------------------------------------- federation
     def train_loader(self, datamodule: Any, client: int, seed: int) -> DataLoader:
+        self.batch_augment = datamodule.batch_augment("finetune") if hasattr(datamodule, "batch_augment") else None
         return datamodule.finetune_loader(client, seed)
 
     def val_loader(self, datamodule: Any, client: int) -> DataLoader | None:
