@@ -28,6 +28,7 @@ lint: setup
 test: lint
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q
 
-# the real-process tests left out of `make test` (SIGKILL at random points, then resume)
+# the tests left out of `make test`: real processes (SIGKILL at random points, then resume) and
+# the longer end-to-end runs (tables runner, Flower resume and fine-tuning, shipped sweeps, ablations)
 test-slow: setup
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m slow

@@ -24,6 +24,10 @@ from fcl_lightning.models.encoder import ProjectionHead, UNetEncoder
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = sorted((REPO / "configs/methods").glob("*.yaml"))
+# the paper's methods and the dense extension in every run of the suite; the FCL ablations (the
+# same module with one switch changed) with the slow tests (make test-slow)
+ABLATIONS = {"fcl_literal", "fcl_no_exchange", "fcl_no_remote", "fcl_no_momentum"}
+METHOD_PARAMS = [pytest.param(m, id=m.stem, marks=[pytest.mark.slow] if m.stem in ABLATIONS else []) for m in METHODS]
 
 
 def contrastive_reference(z: torch.Tensor, labels: torch.Tensor, t: float) -> float:
@@ -140,7 +144,7 @@ def test_gradient_reaches_the_encoder(obj):
     assert all(p.grad is not None for p in obj.parameters())
 
 
-@pytest.mark.parametrize("method", METHODS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("method", METHOD_PARAMS)
 def test_every_method_config_runs_one_round(tmp_path, tiny, method):
     args = [a for a in tiny(tmp_path, rounds=1) if not a.startswith("--model.objective.")]
     main([args[0], "--config", str(method), *args[1:]])

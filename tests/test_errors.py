@@ -175,6 +175,7 @@ def metrics_rounds(root):
     return [int(float(r["round"])) for r in rows if r.get("round") not in (None, "")]
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_metrics_file_and_removes_interrupted_writes(tmp_path, tiny):
     main(tiny(tmp_path, rounds=2))
     junk = [tmp_path / "checkpoints" / ".round-003.ckpt.abc123.tmp", tmp_path / ".summary.json.x.tmp"]

@@ -123,6 +123,7 @@ def test_loopback_deployment_matches_in_process(tmp_path):
     assert res["bitwise_equal"], res
 
 
+@pytest.mark.slow
 def test_server_resumes_from_its_checkpoint(tmp_path, tiny):
     """The server stops after round 1 and resumes with ckpt-path=last; the nodes kept their own
     state, so the result is the uninterrupted run's, bitwise."""
@@ -145,6 +146,7 @@ def test_server_resumes_from_its_checkpoint(tmp_path, tiny):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_federated_finetuning_on_flower(tmp_path):
     """Stage 2 runs the same way: FedAvg of the whole U-Net, no features exchanged."""
     from test_segmentation import FINETUNE

@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "configs/sweeps").glob("*.yaml"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
 def test_shipped_sweep_files_validate_and_parse(path):
     cfg = load_sweep(path)

@@ -65,6 +65,7 @@ def run(tables, out, monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_runner_writes_csv_table_and_resumes(tables, tmp_path, monkeypatch):
     out = tmp_path / "tables"
     calls = run(tables, out, monkeypatch)

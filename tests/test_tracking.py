@@ -46,6 +46,7 @@ def test_one_run_per_fit_with_round_and_client_keys(offline, tmp_path, tiny):
     assert not (tmp_path / "wandb").exists()
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_run(offline, tmp_path, tiny):
     root = tmp_path / "run"
     main(tiny(root, rounds=2, extra=WANDB))
