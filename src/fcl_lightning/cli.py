@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
 from jsonargparse import Namespace, lazy_instance
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -93,9 +94,17 @@ class FCLCLI(LightningCLI):
         parser.add_class_arguments(Federation, "federation")
         parser.set_defaults({"model": lazy_instance(ContrastivePretrainModule)})
 
-    def _parse_ckpt_path(self) -> None:
-        """Lightning would read model hyper-parameters from ``ckpt_path`` here; a federated
-        checkpoint carries its resolved config instead, and ``fit`` validates the file itself."""
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse as Lightning does, then take ``ckpt_path`` out of the config into
+        ``self.resume_path``: Lightning would load the file to read model hyper-parameters from
+        it, but a federated checkpoint carries its resolved config instead, and ``fit`` / ``test``
+        check the file themselves (one clear error for a bad one)."""
+        super().parse_arguments(parser, args)
+        sub = self.config.get("subcommand")
+        cfg = self.config.get(sub) if sub else None
+        self.resume_path = cfg.get("ckpt_path") if cfg is not None else None
+        if cfg is not None and "ckpt_path" in cfg:
+            cfg.ckpt_path = None
 
     def before_instantiate_classes(self) -> None:
         """Default logger: a CSVLogger under ``default_root_dir``. A WandbLogger (``trainer.logger``)
@@ -106,8 +115,8 @@ class FCLCLI(LightningCLI):
             return
         root = cfg.trainer.default_root_dir or "."
         resumed: dict[str, Any] = {}
-        if self.subcommand == "fit" and cfg.get("ckpt_path"):
-            path = resolve_ckpt_path(cfg.ckpt_path, root)
+        if self.subcommand == "fit" and self.resume_path:
+            path = resolve_ckpt_path(self.resume_path, root)
             resumed = load_checkpoint(path, mmap=True) if path is not None else {}
         if cfg.trainer.logger in (None, True):
             init = Namespace(save_dir=root, name="logs")
@@ -138,7 +147,8 @@ class FCLCLI(LightningCLI):
         sub = self.subcommand or "fit"
         if datamodule is None:
             raise ConfigError("fcl-lightning fit needs a data section (data: ...)")
-        config_text = self._parser(sub).dump(self.config[sub], skip_none=False)
+        full = yaml.safe_load(self.parser.dump(self.config, skip_none=False))  # this subcommand's section
+        config_text = yaml.safe_dump(full.get(sub, full), sort_keys=False)
         root = Path(self.trainer.default_root_dir)
         loop = FederatedLoop(
             federation=self.config_init[sub]["federation"],
@@ -150,7 +160,7 @@ class FCLCLI(LightningCLI):
             seed=int(self.config[sub].get("seed_everything") or 0),
             config_text=config_text,
         )
-        loop.run(ckpt_path)
+        loop.run(ckpt_path or self.resume_path)
 
     def _evaluate(
         self, stage: str, model: FederatedModule, datamodule: FederatedDataModule | None, ckpt_path: str | None
@@ -175,7 +185,7 @@ class FCLCLI(LightningCLI):
         **_: Any,
     ) -> None:
         """Score the run's checkpoint on held-out volumes; writes ``test_per_patient.csv`` and ``test/*``."""
-        self._evaluate("test", model, datamodule, ckpt_path)
+        self._evaluate("test", model, datamodule, ckpt_path or self.resume_path)
 
     def validate(
         self,
@@ -185,7 +195,7 @@ class FCLCLI(LightningCLI):
         **_: Any,
     ) -> None:
         """Score the run's checkpoint on each client's validation patients (``val/*``)."""
-        self._evaluate("val", model, datamodule, ckpt_path)
+        self._evaluate("val", model, datamodule, ckpt_path or self.resume_path)
 
 
 def build(args: list[str]) -> FCLCLI:
