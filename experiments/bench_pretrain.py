@@ -264,7 +264,9 @@ def instrument(loop: FederatedLoop, module: ContrastivePretrainModule, meter: Me
 
 
 # ----------------------------------------------------------------------------------- building
-def build_data(p: dict[str, Any], clients: int, img_size: int, cache_dir: str | None) -> FederatedDataModule:
+def build_data(
+    p: dict[str, Any], clients: int, img_size: int, cache_dir: str | None, augment_on: str = "off"
+) -> FederatedDataModule:
     source = PhantomSource(num_subjects=p["patients_per_client"] * clients, num_sites=clients, seed=SEED)
     dm = FederatedDataModule(
         source=source,
@@ -276,7 +278,8 @@ def build_data(p: dict[str, Any], clients: int, img_size: int, cache_dir: str | 
         spacing=p["spacing"],
         img_size=img_size,
         cache_dir=cache_dir,
-        augment_pretrain=False,
+        augment_pretrain=augment_on != "off",
+        augment_on="device" if augment_on == "device" else "loader",
         seed=SEED,
     )
     dm.setup("fit")
@@ -385,6 +388,7 @@ def run_bare(
     aggregator = FedAvg()
     volumes = {c: [v.image.to(device) for v in dm.train[c]] for c in range(C)}
     clients = {c: bare_client(p, device) for c in range(C)}  # built before the clock (no RNG in the rounds)
+    augment = dm.batch_augment("pretrain")
     started: set[int] = set()
     inbox: dict[int, BankEntries | None] = {c: None for c in range(C)}
     global_w = {k: v.to(device) for k, v in init_global.items()}
@@ -412,6 +416,10 @@ def run_bare(
             for batch in batches[r][c]:
                 t0 = clock()
                 b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                if augment is not None and "aug_seed" in b:  # data.augment_on: device, as the project does it
+                    b["image"], _ = augment(b["image"], b.pop("aug_seed"))
+                    if "aug_seed_k" in b:
+                        b["image_k"], _ = augment(b["image_k"], b.pop("aug_seed_k"))
                 out = model.step(b)
                 opt.zero_grad(set_to_none=True)
                 out["loss"].backward()
@@ -497,6 +505,14 @@ def main(argv: list[str] | None = None) -> int:
         help="federation.checkpoint_async of the project run (default: the project's default)",
     )
     ap.add_argument(
+        "--augment-on",
+        choices=["off", "loader", "device"],
+        default="off",
+        help="pre-training augmentation of both paths: off (the default: steps only), loader (MONAI per "
+        "sample, in the project's DataLoader; the bare loop replays the augmented batches), device "
+        "(BatchAugment on the training device in both paths)",
+    )
+    ap.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -518,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
 
     t0 = time.perf_counter()
-    dm = build_data(p, C, img, args.cache_dir)
+    dm = build_data(p, C, img, args.cache_dir, args.augment_on)
     vols = [dm.num_train_samples(c) for c in range(C)]
     print(
         f"data: {C} clients x {vols[0]} volumes (phantom, {p['patients_per_client'] * C} patients, "
@@ -620,7 +636,12 @@ def main(argv: list[str] | None = None) -> int:
         f"({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}, "
         f"{torch.get_num_threads()} threads), torch {torch.__version__}, lightning {lightning.__version__}"
     )
-    w("  augmentation OFF in both paths (augment_pretrain=False; the bare loop replays the same batches from memory)")
+    w(
+        "  augmentation OFF in both paths (augment_pretrain=False; the bare loop replays the same batches from memory)"
+        if args.augment_on == "off"
+        else f"  augmentation ON ({args.augment_on}); the bare loop replays the project's batches"
+        + (" and augments them on the device too" if args.augment_on == "device" else ", already augmented")
+    )
     w("")
     w(f"{'':34}{'project':>12}{'bare':>12}")
     w(f"{'optimizer steps':34}{proj['steps']:>12d}{bare['steps']:>12d}")
@@ -659,6 +680,10 @@ def main(argv: list[str] | None = None) -> int:
     if proj["slices"] != bare["slices"]:
         w("  WARNING: the two paths processed different numbers of slices")
     w("")
+    w(
+        f"project rounds per minute   : {60 * R / proj['wall_s']:6.2f}   ({C} clients x {vols[0]} volumes, {img} px, "
+        f"1 local epoch a round, augmentation {args.augment_on})"
+    )
     w(f"ratio project/bare slices/s : {ratio:6.3f}   target >= {TARGET_RATIO:.2f}   {'PASS' if ok_ratio else 'FAIL'}")
     w(
         f"project overhead            : {100 * overhead:5.1f}%   target <  {100 * TARGET_OVERHEAD:.0f}%   {'PASS' if ok_over else 'FAIL'}"
@@ -712,7 +737,8 @@ def main(argv: list[str] | None = None) -> int:
             "volumes_per_client": vols,
             "features": p["features"],
             "warmup": args.warmup,
-            "augmentation": False,
+            "augmentation": args.augment_on,
+            "rounds_per_minute": 60 * R / proj["wall_s"],
             "project": {k: v for k, v in proj.items() if k != "step_times"},
             "bare": {k: v for k, v in bare.items() if k != "step_times"},
             "slices_per_s": {"project": sps_p, "bare": sps_b},
