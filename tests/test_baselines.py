@@ -24,9 +24,18 @@ from fcl_lightning.models.encoder import ProjectionHead, UNetEncoder
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = sorted((REPO / "configs/methods").glob("*.yaml"))
-# the paper's methods and the dense extension in every run of the suite; the FCL ablations (the
-# same module with one switch changed) with the slow tests (make test-slow)
-ABLATIONS = {"fcl_literal", "fcl_no_exchange", "fcl_no_remote", "fcl_no_momentum"}
+# FCL, its dense extension and Local CL (local mode) in every run of the suite; the ablations (the
+# same module with one switch changed) and the other baselines' configs (their objectives are
+# tested against references above) with the slow tests (make test-slow)
+ABLATIONS = {
+    "fcl_literal",
+    "fcl_no_exchange",
+    "fcl_no_remote",
+    "fcl_no_momentum",
+    "fedsimclr",
+    "fedrotation",
+    "fedswav",
+}
 METHOD_PARAMS = [pytest.param(m, id=m.stem, marks=[pytest.mark.slow] if m.stem in ABLATIONS else []) for m in METHODS]
 
 

@@ -80,6 +80,7 @@ def test_writer_disabled_writes_inline():
     assert seen == [True]
 
 
+@pytest.mark.slow
 def test_async_checkpoints_equal_sync_ones(tmp_path, tiny, monkeypatch):
     """Round 1's file, held back until round 2 has trained (and mutated Adam's moments in place),
     holds exactly what the synchronous writer stores."""

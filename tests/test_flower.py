@@ -51,6 +51,7 @@ def test_flower_equals_in_process_loop(tmp_path, tiny):
     assert all("fcl-client" in ctx.state for ctx in grid.contexts.values())
 
 
+@pytest.mark.slow
 def test_routing_and_sample_weighting(tmp_path, tiny):
     grid, _ = flower_run(tmp_path, tiny, tmp_path / "run", clients=3, rounds=2)
     node_client = {100 + c: c for c in range(3)}
@@ -85,6 +86,7 @@ def test_failing_client_is_left_out(tmp_path, tiny, capsys):
     assert set(m.content["features"].to_torch_state_dict()["clients"].tolist()) == {0, 1}
 
 
+@pytest.mark.slow
 def test_site_nodes_hold_only_their_own_data(tmp_path, tiny):
     """With a data-root each node's datamodule is one site (num_clients 1); its vectors still carry
     its federation-wide id, so routing works as before."""

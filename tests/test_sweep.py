@@ -55,7 +55,11 @@ BASE = {
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"parameters": {"model.init_args.no_such_thing": {"values": [1]}}}, "does not accept its parameters"),
+        pytest.param(  # checks the parameters with the CLI in a subprocess (~15 s): make test-slow
+            {"parameters": {"model.init_args.no_such_thing": {"values": [1]}}},
+            "does not accept its parameters",
+            marks=pytest.mark.slow,
+        ),
         (
             {"parameters": {"data.num_partitions": {"distribution": "bogus", "min": 1, "max": 2}}},
             "not a valid wandb sweep",

