@@ -77,12 +77,9 @@ class ContrastModel(nn.Module):
                 raise ValueError(
                     f"local_bank_size and remote_bank_size must be >= 1, got {local_bank_size}, {remote_bank_size}"
                 )
+            self.local_bank = MemoryBank(local_bank_size, proj_dim)  # this client's keys
+            self.remote_bank = MemoryBank(remote_bank_size, proj_dim)  # vectors of other clients
         self.round_keys = 0  # keys enqueued since the last start_round (what exchange_source="keys" shares)
-
-    def build_banks(self, local_bank_size: int, remote_bank_size: int) -> None:
-        """The local bank (this client's keys) and the remote bank (vectors of other clients)."""
-        self.local_bank = MemoryBank(local_bank_size, self.proj_dim)
-        self.remote_bank = MemoryBank(remote_bank_size, self.proj_dim)
 
     # ---------------------------------------------------------------- nets
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -223,9 +220,6 @@ def contrast_model(
     use_momentum: bool, local_bank_size: int = 1024, remote_bank_size: int = 4096, **kwargs
 ) -> ContrastModel:
     """The model a method needs: momentum copies if ``use_momentum``, banks if its objective uses them."""
-    model = (MomentumContrastModel if use_momentum else ContrastModel)(
+    return (MomentumContrastModel if use_momentum else ContrastModel)(
         local_bank_size=local_bank_size, remote_bank_size=remote_bank_size, **kwargs
     )
-    if model.uses_bank:
-        model.build_banks(local_bank_size, remote_bank_size)
-    return model

@@ -192,7 +192,7 @@ class DownstreamHook(RoundHook):
         self.evaluation = evaluation
 
     def applies(self, loop: FederatedLoop) -> bool:
-        return loop.fed.mode == "federated" and loop.module.encoder_state() is not None
+        return loop.fed.mode == "federated" and loop.module.stage == "pretrain"
 
     def run(self, loop: FederatedLoop, state: RunState, final: bool) -> dict[str, float]:
         loop.module.load_global_state(state.global_w)
