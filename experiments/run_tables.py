@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # the repository's package, installed or not
 
 from fcl_lightning.evaluation import mean_std  # noqa: E402 (after the path it comes from)
+from fcl_lightning.lit.segment import INIT_ENCODER  # noqa: E402
 
 METHODS_DIR = REPO / "configs" / "methods"
 NO_PRETRAIN = "random"  # random init: no pre-training cell
@@ -219,10 +220,13 @@ class Runner:
         return method == NO_PRETRAIN or (self.pretrain_dir(method) / "encoder.pt").is_file()
 
     def encoder_path(self, method: str) -> str:
-        """``method`` (the end of its pre-training) or ``method@R`` (its round-R checkpoint)."""
+        """``method`` (the end of its pre-training), ``method@R`` (its round-R checkpoint) or
+        ``method@0`` (the weights it started from: the paired random init)."""
         base, _, rnd = method.partition("@")
         pre = self.pretrain_dir(base)
-        return str(pre / "checkpoints" / f"round-{int(rnd):03d}.ckpt") if rnd else str(pre / "encoder.pt")
+        if not rnd:
+            return str(pre / "encoder.pt")
+        return str(pre / INIT_ENCODER) if int(rnd) == 0 else str(pre / "checkpoints" / f"round-{int(rnd):03d}.ckpt")
 
     def finetune_done(self, d: Path) -> bool:
         s = d / "summary.json"
@@ -477,7 +481,7 @@ def main(argv: list[str] | None = None) -> None:
         "--methods",
         default=None,
         help=f"comma list (default: the profile's); any of {sorted(LABELS)}, "
-        "or METHOD@R to fine-tune from round R of METHOD's pre-training",
+        "or METHOD@R to fine-tune from round R of METHOD's pre-training (METHOD@0: the weights it started from)",
     )
     ap.add_argument("--ns", default=None, help="comma list of N (default: the profile's)")
     ap.add_argument("--settings", default=None, help="local,federated (default: the profile's)")

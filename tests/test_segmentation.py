@@ -11,6 +11,7 @@ import torch
 from fcl_lightning.cli import main
 from fcl_lightning.data.datamodule import FederatedDataModule
 from fcl_lightning.data.phantom import PhantomSource
+from fcl_lightning.downstream import DownstreamEvaluation
 from fcl_lightning.errors import ConfigError
 from fcl_lightning.evaluation import evaluate_volumes, summarize
 from fcl_lightning.lit.pretrain import ContrastivePretrainModule
@@ -210,3 +211,25 @@ def test_select_best_keeps_each_clients_best_validation_round(tmp_path):
         assert len(per_round) == 2 and ckpt["best_val_dice"][c] == pytest.approx(max(per_round))
     with pytest.raises(ValueError, match="select_best"):
         main(["fit", *args[:-1], "--data.val_fraction=0.0", f"--trainer.default_root_dir={tmp_path / 'b'}"])
+
+
+def test_pretraining_exports_the_weights_it_started_from(tmp_path, tiny):
+    """encoder_init.pt is the encoder before the first step (a resume leaves it alone), and the
+    downstream's paired random init (random_init: start) fine-tunes from exactly it."""
+    main(tiny(tmp_path, rounds=1, extra=["--seed_everything=0"]))
+    pl.seed_everything(0)
+    start = ContrastivePretrainModule(features=SMALL, proj_hidden=32, proj_dim=16).encoder_state()
+    init = torch.load(tmp_path / "encoder_init.pt", weights_only=True)
+    assert init.keys() == start.keys() and all(torch.equal(init[k], v) for k, v in start.items())
+    trained = torch.load(tmp_path / "encoder.pt", weights_only=True)
+    assert not all(torch.equal(trained[k], v) for k, v in init.items())
+    before = (tmp_path / "encoder_init.pt").stat().st_mtime_ns
+    main(tiny(tmp_path, rounds=2, extra=["--seed_everything=0", "--ckpt_path=last"]))
+    assert (tmp_path / "encoder_init.pt").stat().st_mtime_ns == before
+    paired = DownstreamEvaluation(random_init="start").random_weights(tmp_path)
+    assert all(torch.equal(paired[k], v) for k, v in init.items())
+    assert DownstreamEvaluation().random_weights(tmp_path) is None
+    with pytest.raises(ConfigError, match="encoder_init.pt"):
+        DownstreamEvaluation(random_init="start").random_weights(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match="random_init must be"):
+        DownstreamEvaluation(random_init="same")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -15,9 +15,10 @@ from rich.console import Console
 from rich.table import Table
 
 from fcl_lightning.console import log_console
+from fcl_lightning.errors import ConfigError
 from fcl_lightning.evaluation import STRUCTURES, evaluate_volumes, over_clients, predict_volume, summarize
 from fcl_lightning.fcl.partition import partition_of
-from fcl_lightning.lit.segment import SegmentationModule, load_encoder
+from fcl_lightning.lit.segment import INIT_ENCODER, SegmentationModule, encoder_state_from_file, load_encoder
 from fcl_lightning.runtime import quiet_lightning, seed_all
 
 #: the ``trainer`` settings a fine-tuning Trainer takes over from the template (where it runs)
@@ -39,6 +40,10 @@ class DownstreamEvaluation:
             section's, like the device settings ``devices`` and ``precision``).
         encoder_lr_scale: the encoder's learning rate as a multiple of ``lr``, for both inits
             (``SegmentationModule.encoder_lr_scale``).
+        random_init: what the random-init column starts from. ``fresh``: a new draw for every
+            fine-tuning run (its seed); ``start``: the weights this pre-training started from
+            (``encoder_init.pt``), so both columns share the random draw and differ only by what
+            pre-training changed (a paired comparison: the init's luck cancels).
     """
 
     def __init__(
@@ -52,7 +57,11 @@ class DownstreamEvaluation:
         figure: bool = True,
         accelerator: str | None = None,
         encoder_lr_scale: float = 1.0,
+        random_init: Literal["fresh", "start"] = "fresh",
     ) -> None:
+        if random_init not in ("fresh", "start"):
+            raise ConfigError(f"downstream.random_init must be 'fresh' or 'start', got {random_init!r}")
+        self.random_init = random_init
         self.labelled_per_client, self.steps, self.lr = labelled_per_client, steps, lr
         self.every_n_rounds, self.compare_random, self.clients = every_n_rounds, compare_random, clients
         self.figure, self.accelerator, self.encoder_lr_scale = figure, accelerator, encoder_lr_scale
@@ -116,7 +125,7 @@ class DownstreamEvaluation:
         features, norm = list(pretrain_module.encoder.features), pretrain_module.hparams.get("norm", "instance")
         encoder = pretrain_module.encoder_state()
         clients = self.clients if self.clients is not None else list(range(datamodule.num_clients))
-        inits = {"fcl": encoder, **({"random": None} if self.compare_random else {})}
+        inits = {"fcl": encoder, **({"random": self.random_weights(root)} if self.compare_random else {})}
         per_client: dict[str, list[dict[str, float]]] = {k: [] for k in inits}
         example_nets: dict[str, torch.nn.Module] = {}
         for i, c in enumerate(clients):
@@ -132,7 +141,7 @@ class DownstreamEvaluation:
                 if console is not None:  # progress (stderr): fine-tuning is most of the demo's time
                     log_console().print(
                         f"downstream: client {i + 1}/{len(clients)} (#{c}) from "
-                        f"{'the pre-trained encoder' if name == 'fcl' else 'random init'}: "
+                        f"{'the pre-trained encoder' if name == 'fcl' else self.random_label}: "
                         f"{self.steps} steps, Dice {per_client[name][-1]['dice_mean']:.3f} on "
                         f"{len(vols)} held-out volumes ({time.perf_counter() - t0:.1f} s)"
                     )
@@ -153,6 +162,23 @@ class DownstreamEvaluation:
             self.save_figures(Path(root), pretrain_module, datamodule, example_nets, clients[0])
         return metrics
 
+    @property
+    def random_label(self) -> str:
+        return "random init" if self.random_init == "fresh" else "random init (pre-training's start)"
+
+    def random_weights(self, root: str | Path) -> dict[str, torch.Tensor] | None:
+        """The random-init column's starting weights (``None``: a fresh draw per run)."""
+        if self.random_init == "fresh":
+            return None
+        path = Path(root) / INIT_ENCODER
+        if not path.is_file():
+            raise ConfigError(
+                f"downstream.random_init: start needs {path}, the weights the pre-training started from "
+                "(written when a pre-training starts; a run resumed from an older checkpoint has none: "
+                "use random_init: fresh)"
+            )
+        return encoder_state_from_file(path)
+
     def table(self, metrics: dict[str, float], inits: list[str], n_clients: int) -> Table:
         t = Table(
             title=f"Downstream Dice, local fine-tuning with N={self.labelled_per_client} labelled "
@@ -168,7 +194,7 @@ class DownstreamEvaluation:
                 for s in (*STRUCTURES, "mean")
             ]
             t.add_row(
-                "FCL encoder" if name == "fcl" else "random init",
+                "FCL encoder" if name == "fcl" else self.random_label,
                 *cells,
                 f"{metrics[f'downstream/{name}/hd95_mean']:.1f}",
             )

@@ -30,6 +30,7 @@ from fcl_lightning.federation.checkpoint import (
     update_summary,
 )
 from fcl_lightning.io import WriteError, atomic_link, atomic_save
+from fcl_lightning.lit.segment import INIT_ENCODER
 from fcl_lightning.tracking import (
     csv_version,
     finish,
@@ -297,7 +298,16 @@ class CheckpointHook(RoundHook):
 
 class ExportHook(RoundHook):
     """What the stage leaves behind: ``encoder.pt`` (pre-training; in local mode one encoder per
-    client under ``encoders/`` and their FedAvg) and its entry in ``summary.json``."""
+    client under ``encoders/`` and their FedAvg) and its entry in ``summary.json``; and, when a
+    pre-training starts, ``encoder_init.pt``: the weights it starts from, the paired random init
+    that isolates what pre-training changed (``downstream.random_init: start``, ``METHOD@0`` in
+    ``run_tables.py``)."""
+
+    def on_run_start(self, loop, state) -> None:
+        if state.round == 0 and loop.module.stage == "pretrain":
+            encoder = loop.module.encoder_state()
+            if encoder is not None:
+                atomic_save(encoder, loop.root / INIT_ENCODER)
 
     def on_run_end(self, loop, state, summary) -> None:
         module, root = loop.module, loop.root
@@ -375,7 +385,7 @@ class ReportHook(RoundHook):
 
     def on_run_end(self, loop, state, summary) -> None:
         log_summary(loop.loggers, json.loads((loop.root / "summary.json").read_text()))
-        outputs = ("encoder.pt", "encoders/", "summary.json", "checkpoints/", "logs/", "downstream.png")
+        outputs = ("encoder.pt", INIT_ENCODER, "encoders/", "summary.json", "checkpoints/", "logs/", "downstream.png")
         loop.console.print(
             f"outputs in {loop.root}: " + ", ".join(n for n in outputs if (loop.root / n).exists()), soft_wrap=True
         )
