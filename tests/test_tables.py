@@ -102,10 +102,12 @@ def test_unknown_method_is_a_clear_error(tables):
 
 
 def test_method_at_round_fine_tunes_from_that_rounds_checkpoint(tables, tmp_path):
-    """``fcl@4`` reuses fcl's pre-training cell and fine-tunes from its round-4 checkpoint."""
+    """``fcl@4`` reuses fcl's pre-training cell and fine-tunes from its round-4 checkpoint;
+    ``fcl@0`` from the weights that pre-training started from (the paired random init)."""
     runner = tables.Runner(tables.PROFILES["quick"], tmp_path, [], [], [])
     cells = runner.cells(["random", "fcl", "fcl@4"])
     assert [c for c in cells if c[0] == "pretrain"] == [("pretrain", "random"), ("pretrain", "fcl")]
     assert runner.encoder_path("fcl@4") == str(tmp_path / "pretrain/fcl/checkpoints/round-004.ckpt")
     assert runner.encoder_path("fcl") == str(tmp_path / "pretrain/fcl/encoder.pt")
+    assert runner.encoder_path("fcl@0") == str(tmp_path / "pretrain/fcl/encoder_init.pt")
     assert {c[1] for c in cells if c[0] == "finetune"} == {"random", "fcl", "fcl@4"}
