@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -47,10 +48,19 @@ def test_pretrained_mismatch_lists_keys(tmp_path):
         SegmentationModule(features=SMALL, pretrained=str(tmp_path / "nope.pt"))
 
 
-def test_loads_from_federated_checkpoint(tmp_path, tiny):
-    main(tiny(tmp_path, rounds=1))
-    seg = SegmentationModule(features=SMALL, pretrained=str(tmp_path / "checkpoints" / "last.ckpt"))
-    enc = torch.load(tmp_path / "encoder.pt", weights_only=True)
+@pytest.fixture(scope="module")
+def pretrained_tiny(tmp_path_factory):
+    """One tiny pre-training run (1 round, seed 0) that the tests below read, not change."""
+    from conftest import tiny_args
+
+    root = tmp_path_factory.mktemp("pretrained")
+    main(tiny_args(root, rounds=1, extra=["--seed_everything=0"]))
+    return root
+
+
+def test_loads_from_federated_checkpoint(pretrained_tiny):
+    seg = SegmentationModule(features=SMALL, pretrained=str(pretrained_tiny / "checkpoints" / "last.ckpt"))
+    enc = torch.load(pretrained_tiny / "encoder.pt", weights_only=True)
     assert all(torch.equal(seg.net.encoder.state_dict()[k], v) for k, v in enc.items())
 
 
@@ -213,10 +223,10 @@ def test_select_best_keeps_each_clients_best_validation_round(tmp_path):
         main(["fit", *args[:-1], "--data.val_fraction=0.0", f"--trainer.default_root_dir={tmp_path / 'b'}"])
 
 
-def test_pretraining_exports_the_weights_it_started_from(tmp_path, tiny):
+def test_pretraining_exports_the_weights_it_started_from(pretrained_tiny, tmp_path, tiny):
     """encoder_init.pt is the encoder before the first step (a resume leaves it alone), and the
     downstream's paired random init (random_init: start) fine-tunes from exactly it."""
-    main(tiny(tmp_path, rounds=1, extra=["--seed_everything=0"]))
+    shutil.copytree(pretrained_tiny, tmp_path, dirs_exist_ok=True, symlinks=True)
     pl.seed_everything(0)
     start = ContrastivePretrainModule(features=SMALL, proj_hidden=32, proj_dim=16).encoder_state()
     init = torch.load(tmp_path / "encoder_init.pt", weights_only=True)
