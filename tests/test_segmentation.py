@@ -241,5 +241,10 @@ def test_pretraining_exports_the_weights_it_started_from(pretrained_tiny, tmp_pa
     assert DownstreamEvaluation().random_weights(tmp_path) is None
     with pytest.raises(ConfigError, match="encoder_init.pt"):
         DownstreamEvaluation(random_init="start").random_weights(tmp_path / "elsewhere")
+    # resuming a run that has no encoder_init.pt (older than it) fails before any round
+    (tmp_path / "encoder_init.pt").unlink()
+    with pytest.raises(ConfigError, match="random_init: start needs"):
+        main(tiny(tmp_path, rounds=3, extra=["--ckpt_path=last", "--federation.downstream.random_init=start"]))
+    assert not (tmp_path / "checkpoints" / "round-003.ckpt").exists()
     with pytest.raises(ConfigError, match="random_init must be"):
         DownstreamEvaluation(random_init="same")

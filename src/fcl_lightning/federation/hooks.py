@@ -195,6 +195,10 @@ class DownstreamHook(RoundHook):
     def applies(self, loop: FederatedLoop) -> bool:
         return loop.fed.mode == "federated" and loop.module.stage == "pretrain"
 
+    def on_run_start(self, loop, state) -> None:
+        if self.applies(loop):  # a missing paired init fails now, not after the last round
+            self.evaluation.random_weights(loop.root)
+
     def run(self, loop: FederatedLoop, state: RunState, final: bool) -> dict[str, float]:
         loop.module.load_global_state(state.global_w)
         return self.evaluation.run(
