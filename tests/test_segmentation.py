@@ -50,11 +50,12 @@ def test_pretrained_mismatch_lists_keys(tmp_path):
 
 @pytest.fixture(scope="module")
 def pretrained_tiny(tmp_path_factory):
-    """One tiny pre-training run (1 round, seed 0) that the tests below read, not change."""
+    """One tiny pre-training run (1 round, seed 0, the BatchNorm head) that the tests below read,
+    not change."""
     from conftest import tiny_args
 
     root = tmp_path_factory.mktemp("pretrained")
-    main(tiny_args(root, rounds=1, extra=["--seed_everything=0"]))
+    main(tiny_args(root, rounds=1, extra=["--seed_everything=0", "--model.head_norm=batch"]))
     return root
 
 
@@ -234,7 +235,7 @@ def test_pretraining_exports_the_weights_it_started_from(pretrained_tiny, tmp_pa
     trained = torch.load(tmp_path / "encoder.pt", weights_only=True)
     assert not all(torch.equal(trained[k], v) for k, v in init.items())
     before = (tmp_path / "encoder_init.pt").stat().st_mtime_ns
-    main(tiny(tmp_path, rounds=2, extra=["--seed_everything=0", "--ckpt_path=last"]))
+    main(tiny(tmp_path, rounds=2, extra=["--seed_everything=0", "--model.head_norm=batch", "--ckpt_path=last"]))
     assert (tmp_path / "encoder_init.pt").stat().st_mtime_ns == before
     paired = DownstreamEvaluation(random_init="start").random_weights(tmp_path)
     assert all(torch.equal(paired[k], v) for k, v in init.items())
@@ -244,7 +245,13 @@ def test_pretraining_exports_the_weights_it_started_from(pretrained_tiny, tmp_pa
     # resuming a run that has no encoder_init.pt (older than it) fails before any round
     (tmp_path / "encoder_init.pt").unlink()
     with pytest.raises(ConfigError, match="random_init: start needs"):
-        main(tiny(tmp_path, rounds=3, extra=["--ckpt_path=last", "--federation.downstream.random_init=start"]))
+        main(
+            tiny(
+                tmp_path,
+                rounds=3,
+                extra=["--model.head_norm=batch", "--ckpt_path=last", "--federation.downstream.random_init=start"],
+            )
+        )
     assert not (tmp_path / "checkpoints" / "round-003.ckpt").exists()
     with pytest.raises(ConfigError, match="random_init must be"):
         DownstreamEvaluation(random_init="same")

@@ -76,3 +76,26 @@ def test_the_lightning_module_steps_the_cores_own_modules():
     b = {k: v.double() if v.is_floating_point() else v for k, v in batch().items()}
     assert torch.isfinite(module.core.step(b)["loss"])
     assert len(module.local_bank.entries()) == len(b["image"])
+
+
+def test_batch_norm_head_removes_a_component_every_input_shares():
+    """A large vector shared by the whole batch (the direction a collapsing embedding grows)
+    dominates the plain head's output; the BatchNorm head centres it away, and its momentum copy
+    takes the head's running statistics with the buffers."""
+    from fcl_lightning.models.encoder import ProjectionHead
+
+    torch.manual_seed(0)
+    x = 50.0 * torch.randn(1, 8, 2, 2) + 0.5 * torch.randn(12, 8, 2, 2)  # shared part >> per-sample part
+    outs = {}
+    for norm in ("none", "batch"):
+        torch.manual_seed(1)
+        z = torch.nn.functional.normalize(ProjectionHead(8, 2, 32, 16, norm)(x), dim=1)
+        outs[norm] = (z - z.mean(0)).norm(dim=1).mean().item()  # spread around the mean vector
+    assert outs["none"] < 0.05 and outs["batch"] > 0.5, outs
+    model = contrast_model(True, 64, 64, objective=FCLObjective(num_negatives=16), head_norm="batch", **NETS)
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in model.head.modules())
+    model.step(batch())
+    model.after_step(0.5)
+    for k, v in model.head.state_dict().items():
+        if "running" in k:
+            assert torch.equal(model.momentum_head.state_dict()[k], v), k

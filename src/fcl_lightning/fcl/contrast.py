@@ -31,6 +31,7 @@ class ContrastModel(nn.Module):
     Args:
         features, norm: encoder channels per level and normalisation (as the segmentation U-Net's).
         proj_hidden, proj_dim: projection head sizes.
+        head_norm: ``batch``: a BatchNorm in the head's hidden layer (``ProjectionHead``).
         objective: the loss plug-in (copied: a config's default instance is shared).
         decoder_levels: decoder blocks to pre-train with the encoder (objectives with a dense term).
         local_bank_size, remote_bank_size: memory bank capacities (only if the objective uses banks).
@@ -49,10 +50,11 @@ class ContrastModel(nn.Module):
         decoder_levels: int = 0,
         local_bank_size: int = 1024,
         remote_bank_size: int = 4096,
+        head_norm: str = "none",
     ) -> None:
         super().__init__()
         self.encoder = UNetEncoder(1, features, norm)
-        self.head = ProjectionHead(self.encoder.features[-1], 4, proj_hidden, proj_dim)
+        self.head = ProjectionHead(self.encoder.features[-1], 4, proj_hidden, proj_dim, head_norm)
         self.objective = copy.deepcopy(objective)
         self.objective.build(self.encoder.features[-1], proj_dim)
         if not 0 <= decoder_levels < len(self.encoder.features):

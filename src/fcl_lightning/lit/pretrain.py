@@ -3,7 +3,7 @@ framework-free model in ``fcl/contrast.py`` (networks, momentum copies, memory b
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jsonargparse import lazy_instance
@@ -25,6 +25,8 @@ class ContrastivePretrainModule(FederatedModule):
         features: encoder channels per level (must match the segmentation U-Net's).
         norm: ``instance`` or ``batch``.
         proj_hidden, proj_dim: projection head sizes (Chaitanya: 1024, 128).
+        head_norm: ``batch`` puts a BatchNorm in the head's hidden layer, which keeps FCL's
+            embedding from collapsing in its first rounds (README, "The FCL objective").
         objective: the pre-training loss plug-in (``FCLObjective`` by default).
         momentum: EMA coefficient m of the momentum encoder.
         momentum_end: if set, m follows a cosine schedule from ``momentum`` to this value over the run.
@@ -47,6 +49,7 @@ class ContrastivePretrainModule(FederatedModule):
         norm: str = "instance",
         proj_hidden: int = 1024,
         proj_dim: int = 128,
+        head_norm: Literal["none", "batch"] = "none",
         objective: PretrainObjective = lazy_instance(FCLObjective),
         momentum: float = 0.99,
         momentum_end: float | None = None,
@@ -70,6 +73,7 @@ class ContrastivePretrainModule(FederatedModule):
             proj_dim=proj_dim,
             objective=objective,
             decoder_levels=decoder_levels,
+            head_norm=head_norm,
         )
         # the core's nets and banks under their own names (encoder., head., momentum_encoder., ...):
         # the same modules, so the core steps what Lightning moves, saves and optimises

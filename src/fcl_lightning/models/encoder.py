@@ -8,6 +8,7 @@ Default channels follow Chaitanya et al. (NeurIPS 2020): 16-32-64-128-128-128.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from monai.networks.nets.basic_unet import Down, TwoConv
@@ -68,18 +69,31 @@ class UNetEncoder(nn.Module):
 
 
 class ProjectionHead(nn.Module):
-    """Bottleneck -> adaptive average pool to ``pool x pool`` -> flatten -> FC -> ReLU -> FC.
+    """Bottleneck -> adaptive average pool to ``pool x pool`` -> flatten -> FC [-> BN] -> ReLU -> FC.
 
     With ``pool=4`` on a 128x128 input this is exactly Chaitanya's flatten -> FC 1024 -> FC 128;
-    pooling first keeps the head independent of the image size.
+    pooling first keeps the head independent of the image size. ``norm="batch"`` puts a
+    BatchNorm after the hidden layer (as SimCLR's and MoCo v2's heads): it centres every batch's
+    hidden features, so the head cannot map the whole batch to one vector, which is how FCL's
+    embedding collapsed in its first rounds on ACDC (README, "The FCL objective").
     """
 
-    def __init__(self, in_channels: int = 128, pool: int = 4, hidden_dim: int = 1024, out_dim: int = 128) -> None:
+    def __init__(
+        self,
+        in_channels: int = 128,
+        pool: int = 4,
+        hidden_dim: int = 1024,
+        out_dim: int = 128,
+        norm: Literal["none", "batch"] = "none",
+    ) -> None:
         super().__init__()
+        if norm not in ("none", "batch"):
+            raise ValueError(f"head_norm must be 'none' or 'batch', got {norm!r}")
         self.pool = nn.AdaptiveAvgPool2d(pool)
         self.mlp = nn.Sequential(
             nn.Flatten(),
             nn.Linear(in_channels * pool * pool, hidden_dim),
+            *([nn.BatchNorm1d(hidden_dim)] if norm == "batch" else []),
             nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, out_dim),
         )
