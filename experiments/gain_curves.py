@@ -39,11 +39,12 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def metrics_csv(run: Path) -> Path:
-    """The newest ``logs/version_N/metrics.csv`` of a run folder."""
-    found = sorted(run.glob("logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    """The ``logs/version_N/metrics.csv`` of a run folder that reaches the furthest round (a
+    resumed run continues its version; another run pointed at the folder's logs starts a new one)."""
+    found = list(run.glob("logs/version_*/metrics.csv"))
     if not found:
         raise SystemExit(f"{run}: no logs/version_*/metrics.csv (not a finished run)")
-    return found[-1]
+    return max(found, key=lambda p: max((float(r["round"]) for r in read_rows(p) if r.get("round")), default=-1))
 
 
 def config_value(run: Path, *keys: str):
