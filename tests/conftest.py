@@ -28,3 +28,13 @@ def tiny_args(root, rounds=2, clients=2, extra=()):
 @pytest.fixture
 def tiny():
     return tiny_args
+
+
+@pytest.fixture(scope="module")
+def pretrained_tiny(tmp_path_factory):
+    """One tiny pre-training run (1 round, seed 0, the BatchNorm head) that tests read, not change."""
+    from fcl_lightning.cli import main
+
+    root = tmp_path_factory.mktemp("pretrained")
+    main(tiny_args(root, rounds=1, extra=["--seed_everything=0", "--model.head_norm=batch"]))
+    return root

@@ -48,17 +48,6 @@ def test_pretrained_mismatch_lists_keys(tmp_path):
         SegmentationModule(features=SMALL, pretrained=str(tmp_path / "nope.pt"))
 
 
-@pytest.fixture(scope="module")
-def pretrained_tiny(tmp_path_factory):
-    """One tiny pre-training run (1 round, seed 0, the BatchNorm head) that the tests below read,
-    not change."""
-    from conftest import tiny_args
-
-    root = tmp_path_factory.mktemp("pretrained")
-    main(tiny_args(root, rounds=1, extra=["--seed_everything=0", "--model.head_norm=batch"]))
-    return root
-
-
 def test_loads_from_federated_checkpoint(pretrained_tiny):
     seg = SegmentationModule(features=SMALL, pretrained=str(pretrained_tiny / "checkpoints" / "last.ckpt"))
     enc = torch.load(pretrained_tiny / "encoder.pt", weights_only=True)
