@@ -170,14 +170,18 @@ class DownstreamEvaluation:
         """The random-init column's starting weights (``None``: a fresh draw per run)."""
         if self.random_init == "fresh":
             return None
+        return encoder_state_from_file(self.check_start(root))
+
+    def check_start(self, root: str | Path) -> Path:
+        """``encoder_init.pt`` of the run in ``root``, or the error naming it (read nothing)."""
         path = Path(root) / INIT_ENCODER
-        if not path.is_file():
+        if self.random_init == "start" and not path.is_file():
             raise ConfigError(
                 f"downstream.random_init: start needs {path}, the weights the pre-training started from "
                 "(written when a pre-training starts; a run resumed from an older checkpoint has none: "
                 "use random_init: fresh)"
             )
-        return encoder_state_from_file(path)
+        return path
 
     def table(self, metrics: dict[str, float], inits: list[str], n_clients: int) -> Table:
         t = Table(

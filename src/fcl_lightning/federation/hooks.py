@@ -197,7 +197,7 @@ class DownstreamHook(RoundHook):
 
     def on_run_start(self, loop, state) -> None:
         if self.applies(loop):  # a missing paired init fails now, not after the last round
-            self.evaluation.random_weights(loop.root)
+            self.evaluation.check_start(loop.root)
 
     def run(self, loop: FederatedLoop, state: RunState, final: bool) -> dict[str, float]:
         loop.module.load_global_state(state.global_w)
