@@ -27,7 +27,7 @@ def test_print_config_is_complete(capsys):
 
 
 def test_two_clients_two_rounds(tmp_path, tiny):
-    main(tiny(tmp_path))
+    main(tiny(tmp_path, extra=["--data.augment_on=loader"]))  # the library default (other tiny runs: device)
     ck = tmp_path / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == ["last.ckpt", "round-001.ckpt", "round-002.ckpt"]
     ckpt = load_checkpoint(ck / "last.ckpt")

@@ -117,6 +117,7 @@ def test_unwritable_output_folder(tmp_path, tiny, capsys, monkeypatch):
     assert code == 2 and "Read-only file system" in line and str(tmp_path / "run") in line
 
 
+@pytest.mark.slow  # kept out of make test for its time (make test-slow)
 def test_disk_full_during_a_checkpoint_stops_at_that_round(tmp_path, tiny, capsys, monkeypatch):
     import fcl_lightning.io as ck
 

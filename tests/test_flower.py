@@ -106,6 +106,7 @@ def test_site_nodes_hold_only_their_own_data(tmp_path, tiny):
     assert summary["rounds_completed"] == 2
 
 
+@pytest.mark.slow  # kept out of make test for its time (make test-slow)
 def test_too_few_replies_fail_the_round(tmp_path, tiny):
     with pytest.raises(RuntimeError, match="only 1 of 2 clients replied"):
         flower_run(

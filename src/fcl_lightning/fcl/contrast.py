@@ -31,7 +31,7 @@ class ContrastModel(nn.Module):
     Args:
         features, norm: encoder channels per level and normalisation (as the segmentation U-Net's).
         proj_hidden, proj_dim: projection head sizes.
-        head_norm: ``batch``: a BatchNorm in the head's hidden layer (``ProjectionHead``).
+        head_norm: ``batch`` (default): a BatchNorm in the head's hidden layer; ``none``: a plain head (``ProjectionHead``).
         objective: the loss plug-in (copied: a config's default instance is shared).
         decoder_levels: decoder blocks to pre-train with the encoder (objectives with a dense term).
         local_bank_size, remote_bank_size: memory bank capacities (only if the objective uses banks).
@@ -50,7 +50,7 @@ class ContrastModel(nn.Module):
         decoder_levels: int = 0,
         local_bank_size: int = 1024,
         remote_bank_size: int = 4096,
-        head_norm: str = "none",
+        head_norm: str = "batch",
     ) -> None:
         super().__init__()
         self.encoder = UNetEncoder(1, features, norm)

@@ -25,8 +25,9 @@ class ContrastivePretrainModule(FederatedModule):
         features: encoder channels per level (must match the segmentation U-Net's).
         norm: ``instance`` or ``batch``.
         proj_hidden, proj_dim: projection head sizes (Chaitanya: 1024, 128).
-        head_norm: ``batch`` puts a BatchNorm in the head's hidden layer, which keeps FCL's
-            embedding from collapsing in its first rounds (README, "The FCL objective").
+        head_norm: ``batch`` (default) puts a BatchNorm in the head's hidden layer, which keeps
+            FCL's embedding from collapsing in its first rounds; ``none`` is Chaitanya's plain
+            head (README, "The FCL objective").
         objective: the pre-training loss plug-in (``FCLObjective`` by default).
         momentum: EMA coefficient m of the momentum encoder.
         momentum_end: if set, m follows a cosine schedule from ``momentum`` to this value over the run.
@@ -49,7 +50,7 @@ class ContrastivePretrainModule(FederatedModule):
         norm: str = "instance",
         proj_hidden: int = 1024,
         proj_dim: int = 128,
-        head_norm: Literal["none", "batch"] = "none",
+        head_norm: Literal["none", "batch"] = "batch",
         objective: PretrainObjective = lazy_instance(FCLObjective),
         momentum: float = 0.99,
         momentum_end: float | None = None,
