@@ -92,8 +92,10 @@ def test_batch_norm_head_removes_a_component_every_input_shares():
         z = torch.nn.functional.normalize(ProjectionHead(8, 2, 32, 16, norm)(x), dim=1)
         outs[norm] = (z - z.mean(0)).norm(dim=1).mean().item()  # spread around the mean vector
     assert outs["none"] < 0.05 and outs["batch"] > 0.5, outs
-    model = contrast_model(True, 64, 64, objective=FCLObjective(num_negatives=16), head_norm="batch", **NETS)
+    model = contrast_model(True, 64, 64, objective=FCLObjective(num_negatives=16), **NETS)  # the default head
     assert any(isinstance(m, torch.nn.BatchNorm1d) for m in model.head.modules())
+    plain = contrast_model(True, 64, 64, objective=FCLObjective(num_negatives=16), head_norm="none", **NETS)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in plain.head.modules())
     model.step(batch())
     model.after_step(0.5)
     for k, v in model.head.state_dict().items():
