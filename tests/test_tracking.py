@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import yaml
 from wandb_records import run_info
 
 from fcl_lightning.cli import main
@@ -44,6 +45,8 @@ def test_one_run_per_fit_with_round_and_client_keys(offline, tmp_path, tiny):
     assert "pretrain/rounds_completed" in info["summary"]
     assert load_checkpoint(root / "checkpoints/last.ckpt")["wandb_run_id"] == info["id"]
     assert not (tmp_path / "wandb").exists()
+    logger = yaml.safe_load((root / "config.yaml").read_text())["trainer"]["logger"]
+    assert logger["init_args"]["save_dir"] is None  # filled in from the run folder, not pinned to it
 
 
 @pytest.mark.slow
@@ -67,6 +70,12 @@ def test_csv_is_the_default_and_no_wandb_files(tmp_path, tiny, monkeypatch):
     main(tiny(tmp_path / "run", rounds=1))
     assert (tmp_path / "run/logs").is_dir() and not list(tmp_path.rglob("wandb"))
     assert load_checkpoint(tmp_path / "run/checkpoints/last.ckpt")["wandb_run_id"] is None
+    # the saved config does not pin the default logger to this run's folder: a run started from it
+    # elsewhere logs there, and the first run's logs stay as they were
+    assert yaml.safe_load((tmp_path / "run/config.yaml").read_text())["trainer"]["logger"] is None
+    main(["fit", f"--config={tmp_path}/run/config.yaml", f"--trainer.default_root_dir={tmp_path}/again"])
+    assert (tmp_path / "again/logs/version_0/metrics.csv").is_file()
+    assert [p.name for p in (tmp_path / "run/logs").iterdir()] == ["version_0"]
 
 
 def test_per_client_dice_rows_and_flatten():

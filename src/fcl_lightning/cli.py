@@ -114,6 +114,7 @@ class FCLCLI(LightningCLI):
         if cfg is None:
             return
         root = cfg.trainer.default_root_dir or "."
+        self.filled_logger: dict[int, list[str]] = {}  # what config.yaml leaves out again (portable_config)
         resumed: dict[str, Any] = {}
         if self.subcommand == "fit" and self.resume_path:
             path = resolve_ckpt_path(self.resume_path, root)
@@ -123,19 +124,42 @@ class FCLCLI(LightningCLI):
             if resumed.get("csv_version") is not None:  # a resume goes on writing the same metrics.csv
                 init.version = resumed["csv_version"]
             cfg.trainer.logger = Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=init)
+            self.filled_logger = {-1: []}  # the whole logger is the default
             return
         loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
-        for lg in loggers:
+        for i, lg in enumerate(loggers):
             if not (isinstance(lg, Namespace) and str(lg.get("class_path", "")).endswith("WandbLogger")):
                 continue
-            init = lg.init_args
+            init, filled = lg.init_args, []
             if init.get("save_dir") in (None, ".") and init.get("dir") is None:
                 init.save_dir = root
                 Path(root).mkdir(parents=True, exist_ok=True)
+                filled.append("save_dir")
             rid = resumed.get("wandb_run_id")
             if rid and init.get("id") is None:
                 init.id = rid
                 init.resume = "allow"
+                filled += ["id", "resume"]
+            self.filled_logger[i] = filled
+
+    def portable_config(self, sub: str | None = None) -> str:
+        """The resolved config of ``sub`` as ``config.yaml`` and the checkpoints store it, minus what
+        :meth:`before_instantiate_classes` filled in from this run's folder and checkpoint (the default
+        CSV logger, a WandbLogger's ``save_dir``, the resumed wandb run id): ``fit --config
+        <run>/config.yaml --trainer.default_root_dir <new>`` then logs under ``<new>``, not into the
+        old run."""
+        full = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        section = full.get(sub, full) if sub else full
+        filled = getattr(self, "filled_logger", {})
+        if -1 in filled:
+            section["trainer"]["logger"] = None
+        elif filled:
+            lg = section["trainer"]["logger"]
+            loggers = lg if isinstance(lg, list) else [lg]
+            for i, keys in filled.items():
+                for k in keys:
+                    loggers[i]["init_args"][k] = None
+        return yaml.safe_dump(section, sort_keys=False)
 
     def fit(
         self,
@@ -147,8 +171,7 @@ class FCLCLI(LightningCLI):
         sub = self.subcommand or "fit"
         if datamodule is None:
             raise ConfigError("fcl-lightning fit needs a data section (data: ...)")
-        full = yaml.safe_load(self.parser.dump(self.config, skip_none=False))  # this subcommand's section
-        config_text = yaml.safe_dump(full.get(sub, full), sort_keys=False)
+        config_text = self.portable_config(sub)
         root = Path(self.trainer.default_root_dir)
         loop = FederatedLoop(
             federation=self.config_init[sub]["federation"],

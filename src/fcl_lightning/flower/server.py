@@ -137,7 +137,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], console: Console | None =
         )
         fed.downstream = None
     root = cli.trainer.default_root_dir
-    config_text = cli.parser.dump(cli.config, skip_none=False)
+    config_text = cli.portable_config()
     atomic_write_text(config_text, f"{root}/config.yaml")
     loop = FederatedLoop(
         fed,
