@@ -73,6 +73,7 @@ def test_routing_and_sample_weighting(tmp_path, tiny):
         assert torch.equal(sent[k], want[k]), k
 
 
+@pytest.mark.slow  # kept out of make test for its time (make test-slow)
 def test_failing_client_is_left_out(tmp_path, tiny, capsys):
     grid, summary = flower_run(
         tmp_path, tiny, tmp_path / "run", clients=3, rounds=2, fail={0: {102}}, silent={1: {101}}

@@ -102,7 +102,9 @@ FINETUNE = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["local", "federated"])
+@pytest.mark.parametrize(
+    "mode", ["local", pytest.param("federated", marks=pytest.mark.slow)]
+)  # federated: make test-slow
 def test_finetune_fit_then_test_writes_csv_and_summary(tmp_path, mode):
     args = [*FINETUNE, f"--trainer.default_root_dir={tmp_path}", f"--federation.mode={mode}"]
     main(["fit", *args])

@@ -4,6 +4,7 @@ that uses it is reproducible."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fcl_lightning.cli import main
@@ -49,6 +50,7 @@ def test_nothing_drawn_is_the_identity():
     assert torch.allclose(img, image, atol=1e-5) and torch.equal(lab, label)
 
 
+@pytest.mark.slow  # the suite's tiny runs augment on the device, and its resume test checks them bit for bit
 def test_a_federated_run_with_device_augmentation_is_reproducible(tmp_path, tiny):
     def encoder(run: str, *extra: str) -> dict[str, torch.Tensor]:
         main(tiny(tmp_path / run, rounds=1, extra=list(extra)))
