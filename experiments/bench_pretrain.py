@@ -9,7 +9,7 @@ runs through ``FederatedLoop(...).run()`` (**project**) and through a plain PyTo
 project's Lightning-free ``fcl.contrast.MomentumContrastModel`` (**bare**), seeded alike, so their
 round losses agree (printed as the check that the bare loop does the same work). Data loading and,
 by default, augmentation are excluded from both. Reported: slices/s of both paths and their ratio
-(target >= 0.85), the project's overhead (run time outside training steps, target < 10%) split into
+(target >= 0.95), the project's overhead (run time outside training steps, target <= 5%) split into
 Trainer construction, fit setup, between steps, fit teardown, client state swap, exchange, FedAvg,
 checkpoint, other loop work and what lies outside the rounds, the bare loop's non-step time (the
 floor), and step ms of both paths. The machinery and the exact definitions are in
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         f"ratio project/bare slices/s : {ratio:6.3f}   target >= {fb.TARGET_RATIO:.2f}   {'PASS' if f['pass']['ratio'] else 'FAIL'}"
     )
     w(
-        f"project overhead            : {100 * overhead:5.1f}%   target <  {100 * fb.TARGET_OVERHEAD:.0f}%   {'PASS' if f['pass']['overhead'] else 'FAIL'}"
+        f"project overhead            : {100 * overhead:5.1f}%   target <= {100 * fb.TARGET_OVERHEAD:.0f}%   {'PASS' if f['pass']['overhead'] else 'FAIL'}"
         f"   ({overhead_s:.2f} s of {total:.2f} s round time not in training steps)"
     )
     w("")

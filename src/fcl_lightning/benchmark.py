@@ -31,7 +31,7 @@ Figures
   rounds) / wall time of the timed rounds (project: the whole ``FederatedLoop.run()`` call).
 * ratio: project slices/s / bare slices/s (target >= :data:`TARGET_RATIO`).
 * overhead: the project's run time not spent inside training steps, as a fraction of that time
-  (target < :data:`TARGET_OVERHEAD`), from ``round/time/*_s`` of the loop's history plus the timers
+  (target <= :data:`TARGET_OVERHEAD`), from ``round/time/*_s`` of the loop's history plus the timers
   of :func:`instrument`, split by :func:`overhead_parts` into :data:`PART_LABELS`. A background
   checkpoint write that slows the next round's steps shows up as slower steps, i.e. in the ratio.
   A "step" is the window from the ``on_train_batch_start`` callback to the end of the module's
@@ -67,8 +67,8 @@ from fcl_lightning.federation.loop import FederatedLoop
 from fcl_lightning.lit.pretrain import ContrastivePretrainModule
 from fcl_lightning.runtime import seed_all
 
-TARGET_RATIO = 0.85  # project slices/s over bare slices/s
-TARGET_OVERHEAD = 0.10  # share of the project's run time outside training steps
+TARGET_RATIO = 0.95  # project slices/s over bare slices/s (issue 13's CPU target; on a GPU it asks 0.9)
+TARGET_OVERHEAD = 0.05  # share of the project's run time outside training steps (issue 13)
 V, S = 3, 4  # volumes per batch, partitions per volume
 SEED = 0
 MOMENTUM = 0.99
@@ -522,6 +522,6 @@ def figures(proj: dict[str, Any], bare: dict[str, Any]) -> dict[str, Any]:
         "step_s": step_s,
         "bare_non_step_s": bare["wall_s"] - bare["meter"].get("steps", 0.0),
         "loss_max_abs_diff": max((abs(a - b) for a, b in zip(proj["losses"], bare["losses"])), default=float("nan")),
-        "pass": {"ratio": ratio >= TARGET_RATIO, "overhead": overhead < TARGET_OVERHEAD},
+        "pass": {"ratio": ratio >= TARGET_RATIO, "overhead": overhead <= TARGET_OVERHEAD},
         "disturbed": disturbed(proj, bare),
     }
