@@ -194,6 +194,7 @@ def test_encoder_lr_scale_sets_the_encoders_learning_rate():
         SegmentationModule(features=[4, 8, 8], encoder_lr_scale=-1)
 
 
+@pytest.mark.slow  # kept out of make test for its time (make test-slow)
 def test_select_best_keeps_each_clients_best_validation_round(tmp_path):
     from fcl_lightning.federation.checkpoint import load_checkpoint
 
