@@ -62,6 +62,11 @@ DEBUG = False
 class FCLCLI(LightningCLI):
     """LightningCLI with a ``federation`` section; ``fit`` trains across clients."""
 
+    #: what :meth:`before_instantiate_classes` filled in from the run's folder and checkpoint, which
+    #: :meth:`portable_config` leaves out again: the whole default logger, or per WandbLogger its keys
+    default_logger: bool = False
+    filled_logger: dict[int, list[str]] = {}  # noqa: RUF012 (replaced per run, never mutated)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("model_class", FederatedModule)
         kwargs.setdefault("datamodule_class", FederatedDataModule)
@@ -114,7 +119,7 @@ class FCLCLI(LightningCLI):
         if cfg is None:
             return
         root = cfg.trainer.default_root_dir or "."
-        self.filled_logger: dict[int, list[str]] = {}  # what config.yaml leaves out again (portable_config)
+        self.default_logger, self.filled_logger = False, {}
         resumed: dict[str, Any] = {}
         if self.subcommand == "fit" and self.resume_path:
             path = resolve_ckpt_path(self.resume_path, root)
@@ -124,7 +129,7 @@ class FCLCLI(LightningCLI):
             if resumed.get("csv_version") is not None:  # a resume goes on writing the same metrics.csv
                 init.version = resumed["csv_version"]
             cfg.trainer.logger = Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=init)
-            self.filled_logger = {-1: []}  # the whole logger is the default
+            self.default_logger = True
             return
         loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
         for i, lg in enumerate(loggers):
@@ -150,13 +155,12 @@ class FCLCLI(LightningCLI):
         old run."""
         full = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         section = full.get(sub, full) if sub else full
-        filled = getattr(self, "filled_logger", {})
-        if -1 in filled:
+        if self.default_logger:
             section["trainer"]["logger"] = None
-        elif filled:
+        elif self.filled_logger:
             lg = section["trainer"]["logger"]
             loggers = lg if isinstance(lg, list) else [lg]
-            for i, keys in filled.items():
+            for i, keys in self.filled_logger.items():
                 for k in keys:
                     loggers[i]["init_args"][k] = None
         return yaml.safe_dump(section, sort_keys=False)
