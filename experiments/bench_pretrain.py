@@ -97,12 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         help="federation.exchange_source of both paths (default: the profile's; acdc: keys, as the ACDC "
         "config; embed: an extra pass over every slice after the round)",
     )
-    ap.add_argument(
-        "--checkpoint-async",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="federation.checkpoint_async of the project run (default: the project's default)",
-    )
+    for name in ("checkpoint_async", "reuse_trainers"):  # --checkpoint-async, --no-reuse-trainers, ...
+        help_ = f"federation.{name} of the project run (default: the project's default)"
+        ap.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, help=help_)
     ap.add_argument(
         "--augment-on",
         choices=["off", "loader", "device"],
@@ -149,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
 
     def project(rounds: int, run_root: Path) -> dict[str, Any]:
-        module, source, ckpt_async = copy.deepcopy(pristine), args.exchange_source, args.checkpoint_async
-        return fb.run_project(module, dm, rounds, device, run_root, console, source, ckpt_async)
+        fed = {k: v for k in ("checkpoint_async", "reuse_trainers") if (v := getattr(args, k)) is not None}
+        return fb.run_project(copy.deepcopy(pristine), dm, rounds, device, run_root, console, args.exchange_source, fed)
 
     if args.warmup:
         print("warm-up: project (1 round, untimed) ...", file=sys.stderr)

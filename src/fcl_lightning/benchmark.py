@@ -110,7 +110,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 #: are the Trainer's setup and teardown (:data:`TRAINER_PARTS`).
 PART_LABELS: dict[str, str] = {
     "trainer_construction": "Trainer construction (make_trainer)",
-    "fit_setup": "fit setup (Trainer built -> first step)",
+    "fit_setup": "fit setup (Trainer built or fit start -> first step)",
     "between_steps": "between steps (batch fetch + loop glue)",
     "fit_teardown": "fit teardown (last step -> exchange)",
     "client_state_swap": "client state swap + rest of client_step",
@@ -165,7 +165,7 @@ class StepTimer(pl.Callback):
     """Times every training step of every client Trainer and the Lightning time around them.
 
     Together with the shims from :func:`instrument` it splits a client's ``fit`` into: fit setup
-    (Trainer built -> first ``on_train_batch_start``), steps (``on_train_batch_start`` -> end of the
+    (Trainer built, or a reused Trainer's ``setup`` hook -> first ``on_train_batch_start``), steps (``on_train_batch_start`` -> end of the
     module's ``on_train_batch_end``, :meth:`step_finished`), between steps, and fit teardown (last
     step -> ``export_features``).
     """
@@ -176,6 +176,14 @@ class StepTimer(pl.Callback):
         self.step_start: float | None = None
         self.step_end: float | None = None  # end of the previous step of this fit (None: none yet)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """A fit starts: on a reused client Trainer (``federation.reuse_trainers``), fit setup
+        counts from here (on a new one, from its construction)."""
+        if stage == "fit":
+            if self.trainer_built is None:
+                self.trainer_built = self.clock()
+            self.step_start = self.step_end = None
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -183,6 +191,7 @@ class StepTimer(pl.Callback):
         if self.step_end is None:
             if self.trainer_built is not None:
                 self.meter.add("fit_setup", t - self.trainer_built)
+                self.trainer_built = None
         else:
             self.meter.add("between_steps", t - self.step_end)
         self.step_start = t
@@ -308,10 +317,11 @@ def run_project(
     root: Path,
     console: Console,
     exchange_source: str = "embed",
-    checkpoint_async: bool | None = None,
+    federation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``rounds`` rounds of the project's :class:`FederatedLoop`, instrumented; the counts, timers,
-    the loop's per-round times and round losses."""
+    the loop's per-round times and round losses. ``federation``: more ``Federation`` settings
+    (``checkpoint_async``, ``reuse_trainers``)."""
     clock, meter, logger = Clock(device), Meter(), RoundLogger()
     loop = FederatedLoop(
         # monitor=None: the per-round probe is evaluation the bare loop does not do (a forward pass
@@ -322,7 +332,7 @@ def run_project(
             exchange=True,
             exchange_source=exchange_source,
             monitor=None,
-            **({} if checkpoint_async is None else {"checkpoint_async": checkpoint_async}),
+            **(federation or {}),
         ),
         module=module,
         datamodule=dm,

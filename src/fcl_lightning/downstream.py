@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from rich.console import Console
@@ -19,7 +18,7 @@ from fcl_lightning.errors import ConfigError
 from fcl_lightning.evaluation import STRUCTURES, evaluate_volumes, over_clients, predict_volume, summarize
 from fcl_lightning.fcl.partition import partition_of
 from fcl_lightning.lit.segment import INIT_ENCODER, SegmentationModule, encoder_state_from_file, load_encoder
-from fcl_lightning.runtime import quiet_lightning, seed_all
+from fcl_lightning.runtime import quiet_lightning, resident_device, resident_trainer, seed_all
 
 #: the ``trainer`` settings a fine-tuning Trainer takes over from the template (where it runs)
 DEVICE_KEYS = ("accelerator", "devices", "precision", "num_nodes", "strategy", "deterministic", "benchmark")
@@ -96,18 +95,20 @@ class DownstreamEvaluation:
             load_encoder(module.net, encoder, "pre-trained encoder")
         loader = datamodule.finetune_loader(client, seed, self.labelled_per_client)
         module.batch_augment = datamodule.batch_augment("finetune") if hasattr(datamodule, "batch_augment") else None
+        settings = self.trainer_settings(trainer_kwargs)
         with quiet_lightning():
-            trainer = pl.Trainer(
+            trainer = resident_trainer(  # scored on the training device, no round trip to the CPU
+                resident_device(settings),
                 max_steps=self.steps,
                 max_epochs=-1,
                 logger=False,
                 enable_checkpointing=False,
                 enable_progress_bar=False,
                 enable_model_summary=False,
-                **self.trainer_settings(trainer_kwargs),
+                **settings,
             )
             trainer.fit(module, train_dataloaders=loader)
-        return module.to(trainer.strategy.root_device).eval()  # score on the training device
+        return module.to(trainer.strategy.root_device).eval()  # a no-op when the Trainer kept it there
 
     def run(
         self,

@@ -1,4 +1,5 @@
-"""What every stage runs under, free of the federation: seeding and quiet Lightning Trainers."""
+"""What every stage runs under, free of the federation: seeding, quiet Lightning Trainers, and
+Trainers that leave the module on its device between fits."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import logging
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import lightning.pytorch as pl
+import torch
 from lightning.pytorch import seed_everything
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 #: Lightning's notices that a federation of many small Trainers makes noise, not news
 _QUIET = (
@@ -39,3 +44,39 @@ def seed_all(seed: int) -> None:
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed {seed} is outside 0 .. 2**32 - 1")
     seed_everything(seed, verbose=False)
+
+
+class ResidentStrategy(SingleDeviceStrategy):
+    """Lightning's single-device strategy, except that the end of a ``fit``/``validate``/``test``
+    leaves the module and its optimiser on the device (Lightning's ``Strategy.teardown`` moves
+    both to the CPU and, on CUDA, empties the cache). A federation runs one fit per client per
+    round on one module instance, so that teardown was a device -> CPU -> device round trip of
+    every weight and optimiser moment per client per round."""
+
+    def teardown(self) -> None:
+        self.precision_plugin.teardown()
+        self.checkpoint_io.teardown()
+
+
+#: the ``trainer`` settings that decide where a Trainer trains
+_PLACEMENT = ("accelerator", "devices", "num_nodes", "strategy")
+
+
+def resident_device(trainer_kwargs: dict[str, Any]) -> torch.device | None:
+    """The device Trainers with these settings train on, when Lightning resolves them to one
+    device with its default strategy (``None`` otherwise: a multi-device or user-chosen strategy
+    keeps Lightning's teardown). Lightning's own resolution decides, on a throwaway Trainer."""
+    kw = {k: v for k, v in trainer_kwargs.items() if k in _PLACEMENT}
+    if kw.get("strategy", "auto") != "auto":
+        return None
+    with quiet_lightning():
+        probe = pl.Trainer(**kw, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    return probe.strategy.root_device if type(probe.strategy) is SingleDeviceStrategy else None
+
+
+def resident_trainer(device: torch.device | None, **trainer_kwargs: Any) -> pl.Trainer:
+    """``pl.Trainer(**trainer_kwargs)`` that keeps the module on ``device`` between fits
+    (:class:`ResidentStrategy`; ``device=None``: Lightning's default strategy)."""
+    if device is not None:
+        trainer_kwargs = {**trainer_kwargs, "strategy": ResidentStrategy(device=device)}
+    return pl.Trainer(**trainer_kwargs)

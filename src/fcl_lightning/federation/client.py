@@ -16,13 +16,56 @@ from fcl_lightning.lit.base import FederatedModule
 from fcl_lightning.runtime import quiet_lightning, seed_all
 
 
+class ClientTrainers:
+    """Each client's Trainer, built for its first round and reused in every later one: a round
+    extends the Trainer's budget by ``local_steps`` steps (or ``local_epochs`` epochs) instead of
+    paying for a new Trainer per client per round. ``reuse=False``: a fresh Trainer every round
+    (the equivalence tests hold the two to the same bits).
+
+    Lightning counts a reused Trainer's optimiser steps from its first fit on;
+    :class:`~fcl_lightning.lit.base.FederatedModule` counts them from the start of each fit
+    (``step_in_fit``, what the momentum schedule uses). Epochs restart at 0 every round.
+    """
+
+    def __init__(
+        self, build: Callable[[], pl.Trainer], local_steps: int | None, local_epochs: int, reuse: bool = True
+    ) -> None:
+        self.build, self.local_steps, self.local_epochs, self.reuse = build, local_steps, local_epochs, reuse
+        self._by_client: dict[int, pl.Trainer] = {}
+
+    def get(self, client: int) -> pl.Trainer:
+        """``client``'s Trainer with the budget of one more round."""
+        trainer = self._by_client.get(client)
+        if trainer is None:
+            trainer = self.build()
+            if self.reuse:
+                self._by_client[client] = trainer
+            return trainer
+        # every round starts at epoch 0 as on a new Trainer (past epoch 0 Lightning makes the
+        # loader's iterator twice, one more draw from the seeded RNG); the step count runs on
+        epochs = trainer.fit_loop.epoch_progress
+        epochs.total.reset()
+        epochs.current.reset()
+        if self.local_steps is not None:
+            trainer.fit_loop.epoch_loop.max_steps = trainer.global_step + self.local_steps
+        trainer.should_stop = False  # an early-stopping callback ends a round, not the client
+        return trainer
+
+    def discard(self, client: int) -> None:
+        """Forget ``client``'s Trainer (its fit failed: the next round builds a new one)."""
+        self._by_client.pop(client, None)
+
+    def clear(self) -> None:
+        self._by_client.clear()
+
+
 @dataclass
 class ClientRuntime:
-    """What a client step runs with: the module instance, the data, a Trainer factory, settings."""
+    """What a client step runs with: the module instance, the data, the clients' Trainers, settings."""
 
     module: FederatedModule
     datamodule: Any
-    make_trainer: Callable[[], pl.Trainer]
+    trainers: ClientTrainers
     seed: int
     rounds: int
     exchange: bool = True
@@ -72,21 +115,24 @@ def client_step(
     module.receive_features(remote)
     loader = module.train_loader(runtime.datamodule, d, s)
     with quiet_lightning():
-        trainer = runtime.make_trainer()
-        trainer.fit(module, train_dataloaders=loader)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
-        val = module.val_loader(runtime.datamodule, d)
-        if val is not None:  # once per round, on the client's own validation patients
-            for res in trainer.validate(module, dataloaders=val, verbose=False):
-                metrics.update({k: float(v) for k, v in res.items()})
+        trainer = runtime.trainers.get(client)
+        try:
+            trainer.fit(module, train_dataloaders=loader)
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+            val = module.val_loader(runtime.datamodule, d)
+            if val is not None:  # once per round, on the client's own validation patients
+                for res in trainer.validate(module, dataloaders=val, verbose=False):
+                    metrics.update({k: float(v) for k, v in res.items()})
+        except BaseException:
+            runtime.trainers.discard(client)  # a Trainer stopped mid-fit is not reused
+            raise
     features = None
     if runtime.exchange:
         g = torch.Generator().manual_seed(s + 1)
-        module.to(trainer.strategy.root_device)  # Lightning moved it back to the CPU after fit
+        module.to(trainer.strategy.root_device)  # a no-op under ResidentStrategy (the default)
         features = module.export_features(
             runtime.datamodule, d, runtime.exchange_per_partition, g, source=runtime.exchange_source
         )
-        module.cpu()
         if d != client:  # tag the vectors with the federation-wide client id
             features = BankEntries(features.vectors, features.partitions, torch.full_like(features.clients, client))
     return ClientResult(

@@ -49,6 +49,8 @@ class Federation:
             patients the selection looked at is optimistic: hold out others for the figures.
         hooks: extra round hooks (``RoundHook`` subclasses, by ``class_path``), run after the
             built-in ones that measure a round and before the checkpoint and the report.
+        reuse_trainers: build each client's Trainer once and extend its budget every round
+            (``False``: a new Trainer per client per round; same results, slower).
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class Federation:
         monitor: CollapseMonitor | None = lazy_instance(CollapseMonitor),
         select_best: bool = False,
         hooks: list[RoundHook] | None = None,
+        reuse_trainers: bool = True,
     ) -> None:
         if rounds < 1 or local_epochs < 1:
             raise ValueError(f"rounds and local_epochs must be >= 1 (got {rounds}, {local_epochs})")
@@ -91,3 +94,4 @@ class Federation:
         self.monitor = monitor
         self.select_best = select_best
         self.hooks = list(hooks or [])
+        self.reuse_trainers = reuse_trainers

@@ -25,9 +25,8 @@ from fcl_lightning.federation.checkpoint import (
     load_checkpoint,
     resolve_ckpt_path,
     set_rng_state,
-    to_cpu,
 )
-from fcl_lightning.federation.client import ClientResult, ClientRuntime, client_step
+from fcl_lightning.federation.client import ClientResult, ClientRuntime, ClientTrainers, client_step
 from fcl_lightning.federation.config import Federation
 from fcl_lightning.federation.hooks import (
     CheckpointHook,
@@ -40,6 +39,7 @@ from fcl_lightning.federation.hooks import (
 )
 from fcl_lightning.io import atomic_write_text, check_writable, remove_interrupted_writes
 from fcl_lightning.lit.base import FederatedModule
+from fcl_lightning.runtime import resident_device, resident_trainer
 from fcl_lightning.tracking import continue_csv_logs, per_client_dice_rows
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,8 @@ class Clients:
 
 class InProcessClients(Clients):
     """Every client in this process, one after another, sharing one module instance (its state
-    is swapped in and out by :func:`client_step`)."""
+    is swapped in and out by :func:`client_step`). Client states stay where they were trained
+    (on the training device); the checkpoint copies them to the CPU."""
 
     def __init__(self, runtime: ClientRuntime, num_clients: int) -> None:
         self.runtime, self.num_clients = runtime, num_clients
@@ -96,7 +97,7 @@ class InProcessClients(Clients):
             results[c] = client_step(
                 start, self._states.get(c), inbox.get(c), client=c, round_idx=round_idx, runtime=self.runtime
             )
-            self._states[c] = to_cpu(results[c].state)
+            self._states[c] = results[c].state
         return results
 
     def states(self) -> dict[int, Any]:
@@ -143,6 +144,7 @@ class FederatedLoop:
         self.log_console = log_console()  # the progress bar, notices
         self.hooks = hooks if hooks is not None else self.default_hooks()
         self.clients: Clients | None = None  # who trains the rounds, set by run()
+        self._device: tuple[torch.device | None] | None = None  # where client Trainers keep the module
 
     def default_hooks(self) -> list[RoundHook]:
         """Byte counts, monitors, the exported encoder and summary, the downstream evaluation,
@@ -165,7 +167,10 @@ class FederatedLoop:
             kw.update(max_epochs=-1, max_steps=self.fed.local_steps)
         else:
             kw.update(max_epochs=self.fed.local_epochs)
-        return pl.Trainer(
+        if self._device is None:
+            self._device = (resident_device(kw),)
+        return resident_trainer(
+            self._device[0],
             **kw,
             logger=False,
             enable_checkpointing=False,
@@ -208,7 +213,7 @@ class FederatedLoop:
         return ClientRuntime(
             self.module,
             self.dm,
-            self.make_trainer,
+            ClientTrainers(self.make_trainer, self.fed.local_steps, self.fed.local_epochs, self.fed.reuse_trainers),
             self.seed,
             self.fed.rounds,
             exchange=self.fed.exchange and self.fed.mode == "federated" and self.module.shares_features,
@@ -273,6 +278,7 @@ class FederatedLoop:
             raise
         for h in reversed(started):
             h.teardown(self, None)
+        self.module.cpu()  # client Trainers kept it on their device; what the run leaves is on the CPU
         if self.fed.mode == "federated":
             self.module.load_global_state(state.global_w)
         summary: dict[str, Any] = {}

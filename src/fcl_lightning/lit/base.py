@@ -3,6 +3,7 @@ which state is the client's own, and which loader to train on."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -34,6 +35,29 @@ class FederatedModule(pl.LightningModule):
         self._optimizer_state: dict | None = None
         self.keep_optimizer_state = True
         self.round_progress: tuple[int, int] = (0, 1)  # (round, total rounds), set by the loop
+        self._fit_start_step = 0  # the Trainer's global step when this fit started
+
+    # ------------------------------------------------------------- this fit
+    # A client's Trainer lives across rounds (federation.reuse_trainers) and Lightning's step
+    # count runs on from round to round: these count from the start of this fit.
+    def on_fit_start(self) -> None:
+        self._fit_start_step = self.trainer.global_step
+
+    @property
+    def step_in_fit(self) -> int:
+        """Optimiser steps taken in this fit (this client's round)."""
+        return self.trainer.global_step - self._fit_start_step if self._trainer is not None else 0
+
+    @property
+    def steps_of_fit(self) -> float:
+        """Optimiser steps this fit takes in all: ``Trainer.estimated_stepping_batches`` counted
+        from the fit's start (``inf`` for an unbounded fit)."""
+        t = self.trainer
+        if t.max_epochs is None or t.max_epochs == -1:
+            steps = math.inf
+        else:
+            steps = math.ceil(t.num_training_batches / t.accumulate_grad_batches) * max(t.max_epochs, 1)
+        return steps if t.max_steps == -1 else min(steps, t.max_steps - self._fit_start_step)
 
     # ------------------------------------------------------------- weights
     def _is_global(self, key: str) -> bool:

@@ -103,8 +103,8 @@ class ContrastivePretrainModule(FederatedModule):
         if self.momentum_end is None:
             return self.momentum
         r, total = self.round_progress
-        steps = max(1, self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
-        step_in_round = self.trainer.global_step if self._trainer is not None else 0
+        steps = max(1, self.steps_of_fit) if self._trainer is not None else 1
+        step_in_round = self.step_in_fit
         return cosine_schedule(int(1000 * (r + step_in_round / steps)), 1000 * total, self.momentum, self.momentum_end)
 
     @property
