@@ -75,12 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--img-size", type=int, default=None, help="in-plane size (default: 64 tiny, 128 acdc)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument(
-        "--warmup",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="one untimed warm-up round per path first (default: on)",
-    )
+    ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True, help="untimed warm-up round")
     ap.add_argument("--json", type=Path, default=None, help="write the figures to this file")
     ap.add_argument("--cache-dir", default=None, help="on-disk cache of preprocessed phantom volumes")
     ap.add_argument("--root", type=Path, default=None, help="keep the project's checkpoints here (default: a temp dir)")
@@ -108,12 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         "sample, in the project's DataLoader; the bare loop replays the augmented batches), device "
         "(BatchAugment on the training device in both paths)",
     )
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch.set_num_threads (default: torch's); 1 is far less sensitive to a busy shared CPU",
-    )
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (1 is less sensitive to a busy CPU)")
+    ap.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true", help="both paths")
+    ap.add_argument("--volumes-on", choices=["cpu", "device"], default="cpu", help="data.volumes_on (project)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
 
     t0 = time.perf_counter()
-    dm = fb.build_data(p, C, img, args.cache_dir, args.augment_on)
+    dm = fb.build_data(p, C, img, args.cache_dir, args.augment_on, args.volumes_on)
     vols = [dm.num_train_samples(c) for c in range(C)]
     print(
         f"data: {C} clients x {vols[0]} volumes (phantom, {p['patients_per_client'] * C} patients, "
@@ -147,13 +139,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def project(rounds: int, run_root: Path) -> dict[str, Any]:
         fed = {k: v for k in ("checkpoint_async", "reuse_trainers") if (v := getattr(args, k)) is not None}
-        return fb.run_project(copy.deepcopy(pristine), dm, rounds, device, run_root, console, args.exchange_source, fed)
+        module, source = copy.deepcopy(pristine), args.exchange_source
+        return fb.run_project(module, dm, rounds, device, run_root, console, source, fed, args.precision)
 
     if args.warmup:
         print("warm-up: project (1 round, untimed) ...", file=sys.stderr)
         project(1, Path(tmp.name) / "warmup")
         print("warm-up: bare (1 round, untimed) ...", file=sys.stderr)
-        fb.run_bare(init_global, p, dm, batches[:1], 1, device, args.exchange_source)
+        fb.run_bare(init_global, p, dm, batches[:1], 1, device, args.exchange_source, args.precision)
 
     proj_runs, bare_runs = [], []
     for i in range(max(1, args.repeats)):
@@ -163,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.root is None:
             shutil.rmtree(run_root, ignore_errors=True)  # checkpoints can be large; keep disk use flat
         print(f"timed {i + 1}/{args.repeats}: bare ({R} round(s)) ...", file=sys.stderr)
-        bare_runs.append(fb.run_bare(init_global, p, dm, batches, R, device, args.exchange_source))
+        bare_runs.append(fb.run_bare(init_global, p, dm, batches, R, device, args.exchange_source, args.precision))
     tmp.cleanup()
     load_after = os.getloadavg()
     proj = min(proj_runs, key=lambda r: r["wall_s"])
@@ -187,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         f"  V={fb.V} volumes x S={fb.S} partitions = {fb.V * fb.S} slices/step, 1 local epoch, {R} timed round(s), "
         f"warm-up {'on' if args.warmup else 'off'}, exchange source {args.exchange_source}, device {device.type} "
         f"({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}, "
-        f"{torch.get_num_threads()} threads), torch {torch.__version__}, lightning {lightning.__version__}"
+        f"{torch.get_num_threads()} threads), torch {torch.__version__}, lightning {lightning.__version__}, "
+        f"precision {args.precision}, volumes on {args.volumes_on}"
     )
     w(
         "  augmentation OFF in both paths (augment_pretrain=False; the bare loop replays the same batches from memory)"
@@ -225,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and proj["export_devices"] != ["cuda"]:
         w(
             f"  NOTE: the project's feature export (export_features) ran on {'/'.join(proj['export_devices'])}, not cuda: "
-            "Lightning's Strategy.teardown moves the module to the CPU at the end of every fit, before client_step exports"
+            "the client Trainers did not keep the module on the device (fcl_lightning.runtime.ResidentStrategy)"
         )
     if proj["slices"] != bare["slices"]:
         w("  WARNING: the two paths processed different numbers of slices")
@@ -273,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             "features": p["features"],
             "warmup": args.warmup,
             "augmentation": args.augment_on,
+            **{k: getattr(args, k) for k in ("precision", "volumes_on", "reuse_trainers", "checkpoint_async")},
             "rounds_per_minute": 60 * R / proj["wall_s"],
             "project": {k: v for k, v in proj.items() if k != "step_times"},
             "bare": {k: v for k, v in bare.items() if k != "step_times"},

@@ -72,3 +72,34 @@ def test_step_counts_restart_with_each_fit(tmp_path, tiny, built, monkeypatch):
 def test_resident_device_is_lightnings_single_device():
     assert resident_device({"accelerator": "cpu", "devices": 1}) == torch.device("cpu")
     assert resident_device({"accelerator": "cpu", "devices": 1, "strategy": "ddp"}) is None
+
+
+def test_client_states_swap_without_copies_and_stay_apart():
+    """``client_state`` hands the module's own tensors over and ``load_client_state`` takes a
+    client's tensors back (no copies); a fresh client must then get storage of its own, never
+    write into what an earlier client handed over. Reference: plain copies of every tensor."""
+    from fcl_lightning.lit.pretrain import ContrastivePretrainModule
+
+    m = ContrastivePretrainModule(features=[4, 8], proj_hidden=8, proj_dim=4, local_bank_size=512, remote_bank_size=8)
+
+    def mark(value: float) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            for p in m.momentum_encoder.parameters():
+                p.fill_(value)
+            m.local_bank.vectors.fill_(value)
+        state = m.client_state()
+        return state, {k: v.clone() for k, v in state["modules"].items()}
+
+    m.load_client_state(None)
+    s0, ref0 = mark(1.0)
+    m.load_client_state(None)  # a fresh client: its momentum nets start from the global nets
+    assert all(torch.equal(v, ref0[k]) for k, v in s0["modules"].items())  # client 0's stay its own
+    enc = dict(m.encoder.state_dict())
+    assert all(torch.equal(v, enc[k]) for k, v in m.momentum_encoder.state_dict().items())
+    assert m.local_bank.count == 0
+    s1, ref1 = mark(2.0)
+    m.load_client_state(s0)
+    got = m.client_state()["modules"]
+    assert all(torch.equal(got[k], ref0[k]) and got[k].data_ptr() == v.data_ptr() for k, v in s0["modules"].items())
+    assert all(torch.equal(v, ref1[k]) for k, v in s1["modules"].items())
+    assert all(not p.requires_grad for p in m.momentum_encoder.parameters())

@@ -110,7 +110,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 #: are the Trainer's setup and teardown (:data:`TRAINER_PARTS`).
 PART_LABELS: dict[str, str] = {
     "trainer_construction": "Trainer construction (make_trainer)",
-    "fit_setup": "fit setup (Trainer built or fit start -> first step)",
+    "fit_setup": "fit setup (fit start -> first step)",
     "between_steps": "between steps (batch fetch + loop glue)",
     "fit_teardown": "fit teardown (last step -> exchange)",
     "client_state_swap": "client state swap + rest of client_step",
@@ -263,10 +263,16 @@ def instrument(loop: FederatedLoop, module: ContrastivePretrainModule, meter: Me
 
 # ----------------------------------------------------------------------------------- building
 def build_data(
-    p: dict[str, Any], clients: int, img_size: int, cache_dir: str | None, augment_on: str = "off"
+    p: dict[str, Any],
+    clients: int,
+    img_size: int,
+    cache_dir: str | None,
+    augment_on: str = "off",
+    volumes_on: str = "cpu",
 ) -> FederatedDataModule:
     """The phantom split by site over ``clients`` (``patients_per_client`` each), no validation
-    patients, set up; ``augment_on``: ``off``, ``loader`` or ``device``."""
+    patients, set up; ``augment_on``: ``off``, ``loader`` or ``device``; ``volumes_on``: the
+    datamodule's (``device``: the project's loop moves the volumes to the training device)."""
     source = PhantomSource(
         num_subjects=p["patients_per_client"] * clients, num_sites=clients, seed=SEED, **p.get("phantom", {})
     )
@@ -282,6 +288,7 @@ def build_data(
         cache_dir=cache_dir,
         augment_pretrain=augment_on != "off",
         augment_on="device" if augment_on == "device" else "loader",
+        volumes_on=volumes_on,
         seed=SEED,
     )
     dm.setup("fit")
@@ -318,10 +325,11 @@ def run_project(
     console: Console,
     exchange_source: str = "embed",
     federation: dict[str, Any] | None = None,
+    precision: str = "32-true",
 ) -> dict[str, Any]:
     """``rounds`` rounds of the project's :class:`FederatedLoop`, instrumented; the counts, timers,
     the loop's per-round times and round losses. ``federation``: more ``Federation`` settings
-    (``checkpoint_async``, ``reuse_trainers``)."""
+    (``checkpoint_async``, ``reuse_trainers``); ``precision``: the Trainers' ``precision``."""
     clock, meter, logger = Clock(device), Meter(), RoundLogger()
     loop = FederatedLoop(
         # monitor=None: the per-round probe is evaluation the bare loop does not do (a forward pass
@@ -336,7 +344,7 @@ def run_project(
         ),
         module=module,
         datamodule=dm,
-        trainer_kwargs={"accelerator": device.type, "devices": 1},
+        trainer_kwargs={"accelerator": device.type, "devices": 1, "precision": precision},
         root_dir=root,
         loggers=[logger],
         seed=SEED,
@@ -393,9 +401,14 @@ def run_bare(
     rounds: int,
     device: torch.device,
     exchange_source: str = "embed",
+    precision: str = "32-true",
 ) -> dict[str, Any]:
     """The same federated pre-training as :func:`run_project` in plain PyTorch, from the global
-    weights ``init_global``, replaying ``batches``; counts, timers and round losses."""
+    weights ``init_global``, replaying ``batches``; counts, timers and round losses.
+    ``precision``: ``32-true`` or ``bf16-mixed`` (``torch.autocast``, as Lightning's plug-in)."""
+    if precision not in ("32-true", "bf16-mixed"):
+        raise ValueError(f"the bare loop does precision 32-true or bf16-mixed, not {precision!r}")
+    bf16 = precision == "bf16-mixed"
     clock, meter = Clock(device), Meter()
     C, dim = dm.num_clients, p["proj_dim"]
     aggregator = FedAvg()
@@ -433,7 +446,8 @@ def run_bare(
                     b["image"], _ = augment(b["image"], b.pop("aug_seed"))
                     if "aug_seed_k" in b:
                         b["image_k"], _ = augment(b["image_k"], b.pop("aug_seed_k"))
-                out = model.step(b)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    out = model.step(b)
                 opt.zero_grad(set_to_none=True)
                 out["loss"].backward()
                 opt.step()

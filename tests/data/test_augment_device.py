@@ -59,3 +59,36 @@ def test_a_federated_run_with_device_augmentation_is_reproducible(tmp_path, tiny
     a = encoder("a", "--data.augment_on=device")
     b = encoder("b", "--data.augment_on=device")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_volumes_on_device_are_moved_once_and_batches_are_built_there():
+    """``data.volumes_on: device``: ``place`` moves every volume; the loaders then slice and stack
+    on that device (the meta device stands in for a GPU: any CPU copy would show as ``cpu``)."""
+    from fcl_lightning.data.datamodule import FederatedDataModule
+    from fcl_lightning.data.phantom import PhantomSource
+
+    d = FederatedDataModule(
+        source=PhantomSource(num_subjects=2, size=64),
+        num_clients=1,
+        val_fraction=0.5,
+        img_size=32,
+        volumes_per_batch=2,
+        augment_on="device",
+        volumes_on="device",
+    )
+    d.setup("fit")
+    ref = next(iter(d.pretrain_loader(0, seed=3)))
+    d.volumes_on = "cpu"
+    d.place("meta")  # volumes_on: cpu leaves them where they are
+    assert d.train[0][0].image.device.type == "cpu"
+    d.volumes_on = "device"
+    d.place("meta")
+    vols = [v for vs in (*d.train, *d.val) for v in vs]
+    assert len(vols) == 4 and all(v.image.device.type == "meta" and v.label.device.type == "meta" for v in vols)
+    batch = next(iter(d.pretrain_loader(0, seed=3)))
+    assert batch["image"].device.type == "meta" and batch["image_k"].device.type == "meta"
+    assert batch["image"].shape == ref["image"].shape and torch.equal(batch["partition"], ref["partition"])
+    labelled = next(iter(d.finetune_loader(0, seed=3)))
+    assert labelled["image"].device.type == "meta" and labelled["label"].device.type == "meta"
+    with pytest.raises(ValueError, match="num_workers=0"):
+        FederatedDataModule(volumes_on="device", num_workers=2)

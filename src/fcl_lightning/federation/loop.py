@@ -167,10 +167,8 @@ class FederatedLoop:
             kw.update(max_epochs=-1, max_steps=self.fed.local_steps)
         else:
             kw.update(max_epochs=self.fed.local_epochs)
-        if self._device is None:
-            self._device = (resident_device(kw),)
         return resident_trainer(
-            self._device[0],
+            self.train_device(),
             **kw,
             logger=False,
             enable_checkpointing=False,
@@ -179,6 +177,13 @@ class FederatedLoop:
             callbacks=callbacks,
             default_root_dir=str(self.root / "clients"),
         )
+
+    def train_device(self) -> torch.device | None:
+        """The one device the client Trainers train on (``None``: Lightning's strategy decides,
+        e.g. several devices); resolved once."""
+        if self._device is None:
+            self._device = (resident_device(self.trainer_kwargs),)
+        return self._device[0]
 
     def ignored_trainer_settings(self) -> list[str]:
         """The ``trainer`` settings the client Trainers do not take (set away from Lightning's
@@ -209,7 +214,10 @@ class FederatedLoop:
 
     # ------------------------------------------------------------------ run
     def client_runtime(self) -> ClientRuntime:
-        """What every client step runs with (the in-process clients and the Flower ClientApp)."""
+        """What every client step runs with (the in-process clients and the Flower ClientApp);
+        with ``data.volumes_on: device`` the volumes move to the training device here, once."""
+        if hasattr(self.dm, "place"):
+            self.dm.place(self.train_device())
         return ClientRuntime(
             self.module,
             self.dm,

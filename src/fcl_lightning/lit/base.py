@@ -33,6 +33,7 @@ class FederatedModule(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self._optimizer_state: dict | None = None
+        self._handed_over = False  # whether a caller holds this module's client tensors
         self.keep_optimizer_state = True
         self.round_progress: tuple[int, int] = (0, 1)  # (round, total rounds), set by the loop
         self._fit_start_step = 0  # the Trainer's global step when this fit started
@@ -106,25 +107,36 @@ class FederatedModule(pl.LightningModule):
         """Image sides must be a multiple of this (the encoder halves them at every level)."""
         return 1
 
+    def _client_keys(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in sd.items() if not self._is_global(k) and not k.startswith(self.transient_prefixes)}
+
     def client_state(self) -> dict[str, Any]:
-        """Copies of what this client keeps across rounds."""
-        sd = {
-            k: v.detach().clone()
-            for k, v in self.state_dict().items()
-            if not self._is_global(k) and not k.startswith(self.transient_prefixes)
-        }
-        out: dict[str, Any] = {"modules": sd}
+        """What this client keeps across rounds: the module's own tensors, handed over without a
+        copy (the next client gets other storage: :meth:`load_client_state`)."""
+        out: dict[str, Any] = {"modules": {k: v.detach() for k, v in self._client_keys(self.state_dict()).items()}}
+        self._handed_over = True
         if self.keep_optimizer_state and self._optimizer_state is not None:
             out["optimizer"] = self._optimizer_state  # owned by the caller from here on
         return out
 
     def load_client_state(self, state: dict[str, Any] | None) -> None:
-        """Restore a client's state, or initialise a fresh client (``None``) from the global weights."""
+        """Restore a client's state, or initialise a fresh client (``None``) from the global weights.
+
+        A client's tensors become the module's own (``assign``: a swap of references on the
+        module's device, not a copy); a fresh client first gets copies of the ones the module
+        holds, so that the client that handed them over keeps its own."""
         self._optimizer_state = None
         if state is None:
+            if self._handed_over:
+                own = {k: v.detach().clone() for k, v in self._client_keys(self.state_dict()).items()}
+                self.load_state_dict(own, strict=False, assign=True)
+                self._handed_over = False
             self.init_client_state()
             return
-        self.load_state_dict(state["modules"], strict=False)
+        device = self.device
+        modules = {k: v.to(device) for k, v in state["modules"].items()}  # a no-op on the device
+        self.load_state_dict(modules, strict=False, assign=True)
+        self._handed_over = True  # the caller still holds these tensors
         self._optimizer_state = state.get("optimizer")  # Optimizer.load_state_dict copies it
 
     def init_client_state(self) -> None:
