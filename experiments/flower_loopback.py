@@ -1,9 +1,12 @@
 """Loopback smoke run of the Flower deployment: one ``flower-superlink`` and C ``flower-supernode``
 processes on 127.0.0.1, ``flwr run flower/`` for R rounds on the phantom, then the same config
 through the in-process loop; prints both wall times and whether the global encoders are equal.
+With ``--worker`` (the default) each SuperNode gets a long-lived ``fcl_lightning.flower.worker``
+(started, like the SuperNodes, before the timed ``flwr run``) and its ClientApps relay to it;
+``--no-worker``: every message's ClientApp process computes the reply itself.
 Every process it starts is stopped at the end (also on errors). Telemetry is off.
 
-    python experiments/flower_loopback.py --rounds 2 --clients 2
+    python experiments/flower_loopback.py --rounds 2 --clients 2 [--no-worker]
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def tiny_overrides(root: Path, rounds: int, clients: int) -> list[str]:
     ]
 
 
-def run_loopback(work: Path, rounds: int, clients: int, timeout: float = 600.0) -> dict:
+def run_loopback(work: Path, rounds: int, clients: int, timeout: float = 600.0, worker: bool = True) -> dict:
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(work / "flwr_home"), "WANDB_MODE": "disabled"}
     link = free_port()  # Flower 1.4x serves the Fleet, Control and ServerApp APIs on one HTTP port
     (work / "flwr_home").mkdir(parents=True, exist_ok=True)
@@ -82,6 +85,11 @@ def run_loopback(work: Path, rounds: int, clients: int, timeout: float = 600.0) 
         )
         time.sleep(3)
         for c in range(clients):
+            node_config = f"partition-id={c}"
+            if worker:
+                sock = work / f"worker{c}.sock"
+                start(f"worker{c}", [sys.executable, "-m", "fcl_lightning.flower.worker", f"--socket={sock}"])
+                node_config += f' worker="{sock}"'
             start(
                 f"supernode{c}",
                 [
@@ -89,9 +97,14 @@ def run_loopback(work: Path, rounds: int, clients: int, timeout: float = 600.0) 
                     "--insecure",
                     f"--superlink=127.0.0.1:{link}",
                     f"--port={free_port()}",
-                    f"--node-config=partition-id={c}",
+                    f"--node-config={node_config}",
                 ],
             )
+        deadline = time.monotonic() + 60
+        while worker and not all((work / f"worker{c}.sock").is_socket() for c in range(clients)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the workers did not start (see {work}/worker*.log)")
+            time.sleep(0.2)
         time.sleep(3)
         run_config = {
             "config": str(base),
@@ -160,6 +173,7 @@ def run_loopback(work: Path, rounds: int, clients: int, timeout: float = 600.0) 
         "bitwise_equal": equal,
         "rounds": rounds,
         "clients": clients,
+        "worker": worker,
     }
 
 
@@ -168,9 +182,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--clients", type=int, default=2)
     ap.add_argument("--work", default=None, help="working folder (default: a temp dir)")
+    ap.add_argument("--worker", action=argparse.BooleanOptionalAction, default=True, help="a worker per node")
     args = ap.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fcl_flower_"))
-    res = run_loopback(work.resolve(), args.rounds, args.clients)
+    res = run_loopback(work.resolve(), args.rounds, args.clients, worker=args.worker)
     print(json.dumps(res, indent=2))
 
 

@@ -36,9 +36,30 @@ def train_messages(grid, round_idx):
     return [m for m in grid.sent if m.metadata.message_type == "train" and m.metadata.group_id == str(round_idx)]
 
 
-def test_flower_equals_in_process_loop(tmp_path, tiny):
+def start_worker(path: Path) -> None:
+    """The node's long-lived worker (``python -m fcl_lightning.flower.worker``), in a thread."""
+    import threading
+    import time
+
+    from fcl_lightning.flower.worker import serve
+
+    threading.Thread(target=serve, args=(path,), daemon=True).start()
+    deadline = time.monotonic() + 30
+    while not path.is_socket():
+        assert time.monotonic() < deadline, "the worker did not start"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("via", ["worker", pytest.param("clientapp", marks=pytest.mark.slow)])
+def test_flower_equals_in_process_loop(tmp_path, tiny, via):
+    """Bitwise the in-process loop's encoder, with the nodes' ClientApps computing the replies
+    themselves or relaying every message to a long-lived worker (node config ``worker``)."""
+    node_extra = None
+    if via == "worker":
+        start_worker(tmp_path / "worker.sock")
+        node_extra = {"worker": str(tmp_path / "worker.sock")}
     main(tiny(tmp_path / "inproc", rounds=2))
-    grid, summary = flower_run(tmp_path, tiny, tmp_path / "flower", rounds=2)
+    grid, summary = flower_run(tmp_path, tiny, tmp_path / "flower", rounds=2, node_extra=node_extra)
     a = torch.load(tmp_path / "inproc/encoder.pt", weights_only=True)
     b = torch.load(tmp_path / "flower/encoder.pt", weights_only=True)
     assert a.keys() == b.keys()
@@ -49,6 +70,16 @@ def test_flower_equals_in_process_loop(tmp_path, tiny):
     ckpt = torch.load(tmp_path / "flower/checkpoints/last.ckpt", weights_only=True)
     assert ckpt["clients"] == {}
     assert all("fcl-client" in ctx.state for ctx in grid.contexts.values())
+
+
+def test_a_missing_worker_is_a_clear_error(tmp_path):
+    from types import SimpleNamespace
+
+    from fcl_lightning.flower.worker import WorkerError, relay
+
+    sock = tmp_path / "none.sock"
+    with pytest.raises(WorkerError, match=f"no fcl-lightning worker at {sock}.*fcl_lightning.flower.worker --socket"):
+        relay("train", None, SimpleNamespace(node_config={"worker": str(sock)}))
 
 
 @pytest.mark.slow

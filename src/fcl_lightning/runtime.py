@@ -53,6 +53,11 @@ class ResidentStrategy(SingleDeviceStrategy):
     round on one module instance, so that teardown was a device -> CPU -> device round trip of
     every weight and optimiser moment per client per round."""
 
+    def model_to_device(self) -> None:
+        # the module is there already from the previous fit (a walk over every tensor otherwise)
+        if getattr(self.model, "device", None) != self.root_device:
+            super().model_to_device()
+
     def teardown(self) -> None:
         self.precision_plugin.teardown()
         self.checkpoint_io.teardown()

@@ -129,7 +129,8 @@ def client_step(
     features = None
     if runtime.exchange:
         g = torch.Generator().manual_seed(s + 1)
-        module.to(trainer.strategy.root_device)  # a no-op under ResidentStrategy (the default)
+        if module.device != trainer.strategy.root_device:  # Lightning's own strategies move it off
+            module.to(trainer.strategy.root_device)
         features = module.export_features(
             runtime.datamodule, d, runtime.exchange_per_partition, g, source=runtime.exchange_source
         )

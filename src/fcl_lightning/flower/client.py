@@ -17,7 +17,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
 from fcl_lightning.federation.checkpoint import CheckpointError, to_cpu
 from fcl_lightning.federation.client import ClientRuntime, client_step
@@ -104,21 +104,21 @@ def save_state(context: Context, state: Any, round_idx: int) -> None:
         atomic_save({"format": STATE_FORMAT, "round": round_idx, "state": state}, Path(d) / "client_state.pt")
 
 
-def handle_query(msg: Message, context: Context) -> Message:
+def query_reply(content: RecordDict, context: Context) -> RecordDict:
     """Who am I: the server maps its client ids to nodes with this."""
     runtime = get_runtime(context.run_config, context.node_config)
     client, _ = client_ids(context.node_config, runtime)
-    return Message(RecordDict({"info": ConfigRecord({"client": client})}), reply_to=msg)
+    return RecordDict({"info": ConfigRecord({"client": client})})
 
 
-def handle_train(msg: Message, context: Context) -> Message:
+def train_reply(content: RecordDict, context: Context) -> RecordDict:
     """One round: global weights (+ the other clients' features) in; update, sample count,
     metrics and this client's own features out."""
     runtime = get_runtime(context.run_config, context.node_config)
     client, data_client = client_ids(context.node_config, runtime)
-    round_idx = int(msg.content["config"]["round"])
-    weights = record_to_weights(msg.content["weights"])
-    remote = record_to_features(msg.content["features"]) if "features" in msg.content else None
+    round_idx = int(content["config"]["round"])
+    weights = record_to_weights(content["weights"])
+    remote = record_to_features(content["features"]) if "features" in content else None
     res = client_step(
         weights,
         load_state(context),
@@ -129,7 +129,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         data_client=data_client,
     )
     save_state(context, to_cpu(res.state), round_idx)
-    content = RecordDict(
+    reply = RecordDict(
         {
             "update": weights_to_record(res.update),
             "metrics": MetricRecord({"num-examples": int(res.num_samples), **res.metrics}),
@@ -137,5 +137,9 @@ def handle_train(msg: Message, context: Context) -> Message:
         }
     )
     if res.features is not None:
-        content["features"] = features_to_record(res.features)
-    return Message(content, reply_to=msg)
+        reply["features"] = features_to_record(res.features)
+    return reply
+
+
+#: the ClientApp's message handlers by message type, as the node's worker runs them too
+REPLIES = {"query": query_reply, "train": train_reply}
