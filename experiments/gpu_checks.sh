@@ -17,7 +17,7 @@ BENCH="python3 experiments/bench_pretrain.py --profile acdc --rounds ${BENCH_ROU
 for v in "default:" "no-reuse:--no-reuse-trainers" "augmented:--augment-on device --volumes-on device" \
          "bf16:--augment-on device --volumes-on device --precision bf16-mixed"; do
   name=${v%%:*}; timeout ${BENCH_TIMEOUT:-150} $BENCH ${v#*:} --json $OUT/bench_$name.json 2>&1 \
-    | grep -v Warning | tee $OUT/bench_$name.log | grep -E "ratio|overhead  |rounds per minute|slices/s "
+    | grep -v Warning | tee $OUT/bench_$name.log | grep -E "ratio|overhead  |rounds per minute|slices/s |paper run"
 done
 timeout ${EXP_TIMEOUT:-330} python3 experiments/run_tables.py --profile acdc-disjoint --root .acdc_pack \
     --out $OUT/acdc --pretrain-arg=--trainer.accelerator=${ACCEL:-gpu} --finetune-arg=--trainer.accelerator=${ACCEL:-gpu} \

@@ -214,12 +214,12 @@ class DownstreamEvaluation:
         d = vol.num_slices
         zs = sorted({d // 5, d // 2, (4 * d) // 5})
         preds = {name: predict_volume(net, vol.image) for name, net in nets.items()}
-        columns = {"ground truth": [vol.label[0, :, :, z].numpy() for z in zs]}
+        columns = {"ground truth": [vol.label[0, :, :, z].cpu().numpy() for z in zs]}  # volumes_on: device
         for name, pred in preds.items():
             columns["FCL init" if name == "fcl" else "random init"] = [pred[0, :, :, z].cpu().numpy() for z in zs]
         save_example_figure(
             root / "downstream.png",
-            [vol.image[0, :, :, z].numpy() for z in zs],
+            [vol.image[0, :, :, z].cpu().numpy() for z in zs],
             columns,
             title=f"{vol.record.key}: N={self.labelled_per_client} labelled patient(s), {self.steps} steps",
             row_labels=[f"slice {z}/{d}" for z in zs],
