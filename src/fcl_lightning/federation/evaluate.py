@@ -38,6 +38,8 @@ def evaluate_run(
         )
     root = Path(root)
     datamodule.setup(stage)
+    if hasattr(datamodule, "place"):  # data.volumes_on: device: scored where they already are
+        datamodule.place(device)
     C = datamodule.num_clients
     weights: dict[int, dict] = {}
     path = resolve_ckpt_path(ckpt_path, root)

@@ -363,6 +363,7 @@ class ReportHook(RoundHook):
             console=loop.log_console,
             transient=True,
             disable=not loop.log_console.is_terminal,
+            refresh_per_second=2,  # its refresh thread takes the GIL from training: twice a second is plenty
         )
         self.progress.start()
         self.task = self.progress.add_task("rounds", total=loop.fed.rounds, completed=state.round, info="")
