@@ -10,7 +10,7 @@ import torch
 
 from fcl_lightning.data.acdc import ACDCSource
 from fcl_lightning.data.phantom import PhantomSource
-from fcl_lightning.data.preprocess import Preprocessor, load_volumes, positive_axcodes
+from fcl_lightning.data.preprocess import Preprocessor, clear_memory_cache, load_volumes, positive_axcodes
 from fcl_lightning.data.volume import DataError, RawVolume, VolumeRecord, VolumeSource
 from fcl_lightning.io import WriteError
 
@@ -90,6 +90,14 @@ def test_oblique_axes_keep_slice_axis_last() -> None:
     assert int((vol.label == 3).sum()) == 25 and bool((vol.label[0, :, :, 2] == 3).any())
 
 
+@pytest.fixture(autouse=True)
+def fresh_memory_cache():
+    """The memory cache is shared by the process: each test here starts from an empty one."""
+    clear_memory_cache()
+    yield
+    clear_memory_cache()
+
+
 def test_memory_cache(small_phantom: PhantomSource) -> None:
     src = CountingSource(small_phantom)
     pre = Preprocessor(size=64)
@@ -110,7 +118,9 @@ def test_disk_cache(small_phantom: PhantomSource, tmp_path: Path) -> None:
     assert src.loads == 2
     files = sorted(p.name for p in cache.iterdir())
     assert len(files) == 2 and all(f.endswith(".pt") and not f.startswith(".") for f in files)
-    second = load_volumes(src, recs, Preprocessor(size=64, cache_dir=str(cache)))  # fresh memory cache
+    assert load_volumes(src, recs, Preprocessor(size=64))[0].image is first[0].image  # shared in memory
+    clear_memory_cache()  # a new process
+    second = load_volumes(src, recs, Preprocessor(size=64, cache_dir=str(cache)))
     assert src.loads == 2
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a.image, b.image) and torch.equal(a.label, b.label)
@@ -118,6 +128,7 @@ def test_disk_cache(small_phantom: PhantomSource, tmp_path: Path) -> None:
     # an unreadable entry is recomputed and replaced
     broken = cache / files[0]
     broken.write_bytes(b"garbage")
+    clear_memory_cache()
     load_volumes(src, recs, Preprocessor(size=64, cache_dir=str(cache)))
     assert src.loads == 3 and broken.stat().st_size > 100
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,48 @@ def positive_axcodes(affine: np.ndarray) -> str:
     return "".join(_POSITIVE[c] for c in nib.aff2axcodes(affine))
 
 
+#: bytes of preprocessed tensors the process keeps in memory (least recently used ones go first)
+MEMORY_CACHE_BYTES = 2 * 2**30
+
+
+class _MemoryCache:
+    """Preprocessed volumes by cache key, least recently used evicted beyond ``max_bytes``."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.nbytes = max_bytes, 0
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+
+    @staticmethod
+    def _size(entry: Entry) -> int:
+        return sum(t.numel() * t.element_size() for t in entry[:2] if t is not None)
+
+    def get(self, key: str) -> Entry | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def __setitem__(self, key: str, entry: Entry) -> None:
+        if key in self._entries:
+            self.nbytes -= self._size(self._entries.pop(key))
+        self._entries[key] = entry
+        self.nbytes += self._size(entry)
+        while self.nbytes > self.max_bytes and len(self._entries) > 1:
+            self.nbytes -= self._size(self._entries.popitem(last=False)[1])
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0
+
+
+_MEMORY = _MemoryCache(MEMORY_CACHE_BYTES)
+
+
+def clear_memory_cache() -> None:
+    """Forget every preprocessed volume this process keeps in memory."""
+    _MEMORY.clear()
+
+
 class Preprocessor:
     """Turn a source's :class:`RawVolume` into a training-ready :class:`Volume`.
 
@@ -50,7 +93,9 @@ class Preprocessor:
     ``ScaleIntensityRangePercentilesd`` (clip to the percentiles, scale to [0, 1]) and
     ``ResizeWithPadOrCropd`` to ``(size, size, all slices)``.
 
-    Results are cached in memory by ``source.fingerprint(record)`` + parameters and, with ``cache_dir``, on
+    Results are cached in memory by ``source.fingerprint(record)`` + parameters (shared by every
+    preprocessor of the process, up to :data:`MEMORY_CACHE_BYTES`: runs one after another in one
+    process, such as the experiments runner's cells, preprocess once) and, with ``cache_dir``, on
     disk (written to a temporary file then renamed, so an interrupted or failed run never leaves a partial
     entry). Cached tensors are shared between calls: treat them as read-only.
     """
@@ -74,7 +119,7 @@ class Preprocessor:
         self.lower_percentile = float(lower_percentile)
         self.upper_percentile = float(upper_percentile)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
-        self._memory: dict[str, Entry] = {}
+        self._memory = _MEMORY
         pixdim = (self.spacing, self.spacing, -1.0)  # non-positive: keep the original slice spacing
         self._tail = Compose(
             [

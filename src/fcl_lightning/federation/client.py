@@ -18,8 +18,8 @@ from fcl_lightning.runtime import quiet_lightning, seed_all
 
 class ClientTrainers:
     """Each client's Trainer, built for its first round and reused in every later one: a round
-    extends the Trainer's budget by ``local_steps`` steps (or ``local_epochs`` epochs) instead of
-    paying for a new Trainer per client per round. ``reuse=False``: a fresh Trainer every round
+    restarts its epoch count (``local_epochs`` as built) or extends its ``max_steps`` by
+    ``local_steps``, instead of paying for a new Trainer per client per round. ``reuse=False``: a fresh Trainer every round
     (the equivalence tests hold the two to the same bits).
 
     Lightning counts a reused Trainer's optimiser steps from its first fit on;
@@ -27,10 +27,8 @@ class ClientTrainers:
     (``step_in_fit``, what the momentum schedule uses). Epochs restart at 0 every round.
     """
 
-    def __init__(
-        self, build: Callable[[], pl.Trainer], local_steps: int | None, local_epochs: int, reuse: bool = True
-    ) -> None:
-        self.build, self.local_steps, self.local_epochs, self.reuse = build, local_steps, local_epochs, reuse
+    def __init__(self, build: Callable[[], pl.Trainer], local_steps: int | None, reuse: bool = True) -> None:
+        self.build, self.local_steps, self.reuse = build, local_steps, reuse
         self._by_client: dict[int, pl.Trainer] = {}
 
     def get(self, client: int) -> pl.Trainer:
@@ -54,9 +52,6 @@ class ClientTrainers:
     def discard(self, client: int) -> None:
         """Forget ``client``'s Trainer (its fit failed: the next round builds a new one)."""
         self._by_client.pop(client, None)
-
-    def clear(self) -> None:
-        self._by_client.clear()
 
 
 @dataclass

@@ -221,7 +221,7 @@ class FederatedLoop:
         return ClientRuntime(
             self.module,
             self.dm,
-            ClientTrainers(self.make_trainer, self.fed.local_steps, self.fed.local_epochs, self.fed.reuse_trainers),
+            ClientTrainers(self.make_trainer, self.fed.local_steps, self.fed.reuse_trainers),
             self.seed,
             self.fed.rounds,
             exchange=self.fed.exchange and self.fed.mode == "federated" and self.module.shares_features,
