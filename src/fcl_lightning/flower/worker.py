@@ -79,7 +79,10 @@ def serve(path: str | Path, max_messages: int | None = None) -> None:
                     reply = ("ok", (REPLIES[kind](content, context), context.state))
                 except Exception:
                     reply = ("error", traceback.format_exc())
-                conn.send(reply)
+                try:
+                    conn.send(reply)
+                except OSError:  # the ClientApp went away (its process was stopped): serve the next
+                    log.warning("a ClientApp left before its %s reply", reply[0])
             served += 1
 
 
