@@ -65,6 +65,7 @@ class ResidentStrategy(SingleDeviceStrategy):
 
 #: the ``trainer`` settings that decide where a Trainer trains
 _PLACEMENT = ("accelerator", "devices", "num_nodes", "strategy")
+_RESOLVED: dict[str, torch.device | None] = {}
 
 
 def resident_device(trainer_kwargs: dict[str, Any]) -> torch.device | None:
@@ -74,9 +75,12 @@ def resident_device(trainer_kwargs: dict[str, Any]) -> torch.device | None:
     kw = {k: v for k, v in trainer_kwargs.items() if k in _PLACEMENT}
     if kw.get("strategy", "auto") != "auto":
         return None
-    with quiet_lightning():
-        probe = pl.Trainer(**kw, logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    return probe.strategy.root_device if type(probe.strategy) is SingleDeviceStrategy else None
+    key = repr(sorted(kw.items()))
+    if key not in _RESOLVED:  # once per process and settings (every fine-tuning asks again)
+        with quiet_lightning():
+            probe = pl.Trainer(**kw, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        _RESOLVED[key] = probe.strategy.root_device if type(probe.strategy) is SingleDeviceStrategy else None
+    return _RESOLVED[key]
 
 
 def resident_trainer(device: torch.device | None, **trainer_kwargs: Any) -> pl.Trainer:

@@ -144,7 +144,6 @@ class FederatedLoop:
         self.log_console = log_console()  # the progress bar, notices
         self.hooks = hooks if hooks is not None else self.default_hooks()
         self.clients: Clients | None = None  # who trains the rounds, set by run()
-        self._device: tuple[torch.device | None] | None = None  # where client Trainers keep the module
 
     def default_hooks(self) -> list[RoundHook]:
         """Byte counts, monitors, the exported encoder and summary, the downstream evaluation,
@@ -180,10 +179,8 @@ class FederatedLoop:
 
     def train_device(self) -> torch.device | None:
         """The one device the client Trainers train on (``None``: Lightning's strategy decides,
-        e.g. several devices); resolved once."""
-        if self._device is None:
-            self._device = (resident_device(self.trainer_kwargs),)
-        return self._device[0]
+        e.g. several devices)."""
+        return resident_device(self.trainer_kwargs)
 
     def ignored_trainer_settings(self) -> list[str]:
         """The ``trainer`` settings the client Trainers do not take (set away from Lightning's

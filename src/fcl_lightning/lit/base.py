@@ -68,15 +68,10 @@ class FederatedModule(pl.LightningModule):
         """Copies of the weights the server aggregates."""
         return {k: v.detach().clone() for k, v in self.state_dict().items() if self._is_global(k)}
 
-    def _global_tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict(keep_vars=True).items() if self._is_global(k)}
-
-    def global_state_mismatch(
-        self, state: dict[str, torch.Tensor], own: dict[str, torch.Tensor] | None = None
-    ) -> str | None:
+    def global_state_mismatch(self, state: dict[str, torch.Tensor]) -> str | None:
         """Why ``state`` cannot be this module's global weights (counts, and the first key that
         is missing, unexpected or of another shape), or ``None`` if it fits."""
-        own = self._global_tensors() if own is None else own
+        own = {k: v for k, v in self.state_dict(keep_vars=True).items() if self._is_global(k)}
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
         if not (missing or unexpected or shapes):
@@ -92,15 +87,11 @@ class FederatedModule(pl.LightningModule):
         return "weights " + ", ".join(p for p in parts if p)
 
     def load_global_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Load aggregated weights; keys and shapes must match exactly. Copied tensor by tensor
-        (what ``load_state_dict`` does, without its walk over every submodule of the module)."""
-        own = self._global_tensors()
-        problem = self.global_state_mismatch(state, own)
+        """Load aggregated weights; keys and shapes must match exactly."""
+        problem = self.global_state_mismatch(state)
         if problem:
             raise KeyError(f"global weights do not match {type(self).__name__}: {problem}")
-        with torch.no_grad():
-            for k, t in own.items():
-                t.copy_(state[k])
+        self.load_state_dict(state, strict=False)
 
     def encoder_state(self) -> dict[str, torch.Tensor] | None:
         """The weights a pre-training stage exports for fine-tuning (``encoder.pt``); ``None``
@@ -131,18 +122,20 @@ class FederatedModule(pl.LightningModule):
     def load_client_state(self, state: dict[str, Any] | None) -> None:
         """Restore a client's state, or initialise a fresh client (``None``) from the global weights.
 
-        A client's tensors become the module's own (:func:`assign_tensors`: a swap of references
-        on the module's device, not a copy); a fresh client first gets copies of the ones the module
+        A client's tensors become the module's own (``load_state_dict(assign=True)``: a swap of
+        references on the module's device, not a copy); a fresh client first gets copies of the ones the module
         holds, so that the client that handed them over keeps its own."""
         self._optimizer_state = None
         if state is None:
             if self._handed_over:
-                assign_tensors(self, {k: v.detach().clone() for k, v in self._client_keys(self.state_dict()).items()})
+                own = {k: v.detach().clone() for k, v in self._client_keys(self.state_dict()).items()}
+                self.load_state_dict(own, strict=False, assign=True)
                 self._handed_over = False
             self.init_client_state()
             return
         device = self.device
-        assign_tensors(self, {k: v.to(device) for k, v in state["modules"].items()})  # .to: a no-op there
+        modules = {k: v.to(device) for k, v in state["modules"].items()}  # .to: a no-op there
+        self.load_state_dict(modules, strict=False, assign=True)
         self._handed_over = True  # the caller still holds these tensors
         self._optimizer_state = state.get("optimizer")  # Optimizer.load_state_dict copies it
 
@@ -201,28 +194,5 @@ class FederatedModule(pl.LightningModule):
 
     def on_train_end(self) -> None:
         if self.keep_optimizer_state and self.trainer.optimizers:
-            # the Trainer and its optimiser are discarded after the round: no copy needed
+            # every fit makes a new optimiser (configure_optimizers): no copy needed
             self._optimizer_state = self.trainer.optimizers[0].state_dict()
-
-
-def assign_tensors(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Make ``tensors`` (state-dict keys -> tensors of the same shapes) the module's own
-    parameters and buffers, without copying: ``load_state_dict(assign=True)`` for these keys
-    only, without its walk over every submodule. Parameters keep their ``requires_grad``."""
-    for key, t in tensors.items():
-        path, _, name = key.rpartition(".")
-        owner = module.get_submodule(path)
-        if name in owner._parameters:
-            old = owner._parameters[name]
-            if old is not None and old.shape != t.shape:
-                raise KeyError(f"{key}: shape {tuple(t.shape)}, the module has {tuple(old.shape)}")
-            owner._parameters[name] = torch.nn.Parameter(
-                t, requires_grad=old.requires_grad if old is not None else False
-            )
-        elif name in owner._buffers:
-            old = owner._buffers[name]
-            if old is not None and old.shape != t.shape:
-                raise KeyError(f"{key}: shape {tuple(t.shape)}, the module has {tuple(old.shape)}")
-            owner._buffers[name] = t
-        else:
-            raise KeyError(f"{key} is neither a parameter nor a buffer of {type(module).__name__}")
