@@ -20,6 +20,7 @@ from fcl_lightning.data.datasets import (
     EpochKeySampler,
     LabelledSliceDataset,
     PartitionDataset,
+    SemiSupervisedSliceDataset,
     collate_partitions,
 )
 from fcl_lightning.data.phantom import PhantomSource
@@ -203,6 +204,12 @@ class FederatedDataModule(pl.LightningDataModule):
         keep = set(self.train_patients[client][:n])
         return [v for v in self.train[client] if v.record.patient in keep]
 
+    def unlabelled_volumes(self, client: int, n: int | None = None) -> list[Volume]:
+        """The client's own training volumes that are not labelled for fine-tuning (of patients
+        after its first ``n``): what semi-supervised fine-tuning trains on without labels."""
+        labelled = {id(v) for v in self.labelled_volumes(client, n)}
+        return [v for v in self.train[client] if id(v) not in labelled]
+
     def pretrain_loader(self, client: int, seed: int) -> DataLoader:
         """Partition-sampled batches of ``V`` volumes x ``S`` slices for one client."""
         ds = PartitionDataset(
@@ -225,8 +232,10 @@ class FederatedDataModule(pl.LightningDataModule):
             persistent_workers=False,
         )
 
-    def batch_augment(self, stage: Literal["pretrain", "finetune"]) -> BatchAugment | None:
-        """The on-device augmentation of ``stage``'s training batches (``augment_on: device``)."""
+    def batch_augment(self, stage: Literal["pretrain", "finetune", "unlabelled"]) -> BatchAugment | None:
+        """The on-device augmentation of ``stage``'s training batches (``augment_on: device``);
+        ``unlabelled``: the weak view of fine-tuning's unlabelled slices (pre-training's kinds:
+        affine and intensity, no elastic), switched with ``augment_finetune``."""
         on = self.augment_pretrain if stage == "pretrain" else self.augment_finetune
         if not on or self.augment_on != "device":
             return None
@@ -240,14 +249,32 @@ class FederatedDataModule(pl.LightningDataModule):
             return self.val[client]
         return self.test
 
-    def finetune_loader(self, client: int, seed: int, n: int | None = None) -> DataLoader:
-        """Labelled 2D slices of the client's first ``n`` labelled patients."""
-        ds = LabelledSliceDataset(
-            self.labelled_volumes(client, n),
-            finetune_augment(self.augment_cfg) if self.augment_finetune and self.augment_on == "loader" else None,
-            seed,
-            emit_seeds=self.augment_finetune and self.augment_on == "device",
-        )
+    def finetune_loader(self, client: int, seed: int, n: int | None = None, unlabelled_ratio: int = 0) -> DataLoader:
+        """Labelled 2D slices of the client's first ``n`` labelled patients; with
+        ``unlabelled_ratio`` > 0 each also carries that many slices of the client's own
+        unlabelled volumes (:meth:`unlabelled_volumes`, weakly augmented, without labels)."""
+        in_loader = self.augment_finetune and self.augment_on == "loader"
+        augment = finetune_augment(self.augment_cfg) if in_loader else None
+        emit = self.augment_finetune and self.augment_on == "device"
+        if unlabelled_ratio > 0:
+            unlabelled = self.unlabelled_volumes(client, n)
+            if not unlabelled:
+                raise DataError(
+                    f"client {client}: semi-supervised fine-tuning needs unlabelled training volumes, but all "
+                    f"{len(self.train_patients[client])} of its training patients are labelled "
+                    "(lower data.labelled_per_client)"
+                )
+            ds = SemiSupervisedSliceDataset(
+                self.labelled_volumes(client, n),
+                unlabelled,
+                unlabelled_ratio,
+                augment,
+                pretrain_augment(self.augment_cfg) if in_loader else None,
+                seed,
+                emit_seeds=emit,
+            )
+        else:
+            ds = LabelledSliceDataset(self.labelled_volumes(client, n), augment, seed, emit_seeds=emit)
         return DataLoader(
             ds, batch_size=self.batch_size, sampler=EpochKeySampler(len(ds), seed), num_workers=self.num_workers
         )

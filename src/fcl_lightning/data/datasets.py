@@ -125,3 +125,45 @@ class LabelledSliceDataset(Dataset):
             }
         out = apply_seeded(self.augment, sample, aug_seed)
         return {"image": out["image"].float(), "label": out["label"].round().long()}
+
+
+class SemiSupervisedSliceDataset(LabelledSliceDataset):
+    """Labelled slices as :class:`LabelledSliceDataset`, each with ``ratio`` slices drawn from
+    the client's unlabelled volumes: ``u_image`` ``[ratio, 1, H, W]`` (weakly augmented by
+    ``weak_augment``, or left to the device) and ``u_seed`` ``[ratio]``, the seeds every later
+    random draw on them derives from. Only the unlabelled volumes' images are kept: no label of
+    theirs can reach a batch.
+    """
+
+    def __init__(
+        self,
+        volumes: list[Volume],
+        unlabelled: list[Volume],
+        ratio: int,
+        augment: Compose | None = None,
+        weak_augment: Compose | None = None,
+        seed: int = 0,
+        emit_seeds: bool = False,
+    ) -> None:
+        super().__init__(volumes, augment, seed, emit_seeds)
+        if not unlabelled:
+            raise ValueError("semi-supervised fine-tuning needs unlabelled volumes, and this client has none")
+        self.u_images = [v.image for v in unlabelled]  # images only
+        self.u_index = [(i, z) for i, im in enumerate(self.u_images) for z in range(im.shape[-1])]
+        self.ratio, self.weak_augment = int(ratio), weak_augment
+
+    def __getitem__(self, key: int) -> dict[str, torch.Tensor]:
+        item = super().__getitem__(key)
+        rng = np.random.default_rng([int(self.seed) % (2**32), int(key), 1])  # a stream of its own
+        picks = rng.integers(0, len(self.u_index), size=self.ratio)
+        seeds = rng.integers(0, 2**31, size=self.ratio)
+        views = []
+        for j, s in zip(picks.tolist(), seeds.tolist()):
+            i, z = self.u_index[j]
+            x = self.u_images[i][..., z]
+            if not self.emit_seeds:
+                x = apply_seeded(self.weak_augment, {"image": x}, s)["image"]
+            views.append(x.float())
+        item["u_image"] = torch.stack(views)
+        item["u_seed"] = torch.as_tensor(seeds, dtype=torch.long)
+        return item

@@ -19,6 +19,7 @@ from fcl_lightning.io import safe_torch_load
 from fcl_lightning.lit.base import FederatedModule
 from fcl_lightning.models.encoder import DEFAULT_FEATURES
 from fcl_lightning.models.unet import UNet
+from fcl_lightning.semi.objectives import SemiSupervised
 
 #: the weights a pre-training started from (beside its ``encoder.pt``): the paired random init
 INIT_ENCODER = "encoder_init.pt"
@@ -103,6 +104,9 @@ class SegmentationModule(FederatedModule):
         loss: segmentation loss (MONAI ``DiceCELoss`` on softmax / one-hot labels by default).
         optimizer, scheduler: optimiser and optional LR scheduler factories.
         eval_batch_size: slices per forward pass when predicting a volume.
+        semi_supervised: also train on the client's own unlabelled slices (``UniMatch``,
+            ``MeanTeacher``; ``None``: labelled slices only). Its state (a mean teacher) is the
+            client's own, kept across rounds and never averaged.
     """
 
     global_prefixes = ("net.",)
@@ -122,9 +126,10 @@ class SegmentationModule(FederatedModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: LRSchedulerCallable | None = None,
         eval_batch_size: int = 32,
+        semi_supervised: SemiSupervised | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler", "semi_supervised"])
         self.net = UNet(1, num_classes, features, norm)
         if pretrained:  # per-client paths are checked here with client 0's file
             first = pretrained.replace("{client}", "0")
@@ -136,6 +141,11 @@ class SegmentationModule(FederatedModule):
         if encoder_lr_scale < 0:
             raise ValueError(f"encoder_lr_scale must be >= 0, got {encoder_lr_scale}")
         self.encoder_lr_scale = encoder_lr_scale
+        self.semi = copy.deepcopy(semi_supervised)  # a config instance may be shared
+        if self.semi is not None:
+            self.semi.attach(self.net)
+        #: on-device weak augmentation of the unlabelled slices (``data.augment_on: device``)
+        self.unlabelled_augment: Any = None
 
     @property
     def input_multiple(self) -> int:
@@ -162,10 +172,48 @@ class SegmentationModule(FederatedModule):
         for p in self.net.encoder.parameters():
             p.requires_grad_(not frozen)
 
+    def init_client_state(self) -> None:
+        """A fresh client's plug-in state (a mean teacher) starts from the current weights."""
+        if self.semi is not None:
+            self.semi.reset(self.net)
+
+    @property
+    def semi_step(self) -> float:
+        """Optimiser steps of this client's fine-tuning so far (rounds before this one included),
+        what the unlabelled weight ramps and the teacher's EMA warms up over."""
+        r = self.round_progress[0]
+        if self._trainer is None:
+            return 0
+        per_round = self.steps_of_fit
+        return (r * per_round if per_round != float("inf") else 0) + self.step_in_fit
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        batch = super().on_after_batch_transfer(batch, dataloader_idx)
+        if isinstance(batch, dict) and "u_image" in batch and batch["u_image"].dim() == 5:
+            batch = dict(batch)  # [B, ratio, 1, H, W] -> [B * ratio, 1, H, W]
+            batch["u_image"], batch["u_seed"] = batch["u_image"].flatten(0, 1), batch["u_seed"].flatten()
+            if self.unlabelled_augment is not None:
+                batch["u_image"], _ = self.unlabelled_augment(batch["u_image"], batch["u_seed"])
+        return batch
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.loss_fn(self.net(batch["image"]), batch["label"])
-        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=batch["image"].shape[0])
+        bs = batch["image"].shape[0]
+        if self.semi is None or "u_image" not in batch:
+            loss = self.loss_fn(self.net(batch["image"]), batch["label"])
+            self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=bs)
+            return loss
+        out = self.semi(self.net, self.loss_fn, batch["image"], batch["label"], batch["u_image"], batch["u_seed"])
+        w = self.semi.weight_at(self.semi_step)
+        loss = out["sup"] + w * out["unsup"]
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=bs)
+        self.log("train/unsup_weight", w, on_step=False, on_epoch=True, batch_size=bs)
+        for k, v in out.items():
+            self.log(f"train/{k}", v.detach(), on_step=False, on_epoch=True, batch_size=bs)
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.semi is not None:
+            self.semi.after_step(self.net, int(self.semi_step) - 1)  # the step just taken
 
     def _volume_step(self, batch: dict[str, Any], prefix: str) -> dict[str, float]:
         pred = predict_volume(self.net, batch["image"], self.eval_batch_size)
@@ -183,7 +231,7 @@ class SegmentationModule(FederatedModule):
 
     def configure_optimizers(self) -> Any:
         enc = [p for n, p in self.named_parameters() if n.startswith("net.encoder.")]
-        rest = [p for n, p in self.named_parameters() if not n.startswith("net.encoder.")]
+        rest = [p for n, p in self.named_parameters() if n.startswith("net.") and not n.startswith("net.encoder.")]
         opt = self.optimizer_factory([{"params": enc}, {"params": rest}])
         opt.param_groups[0]["lr"] *= self.encoder_lr_scale
         if self.scheduler_factory is None:
@@ -192,8 +240,14 @@ class SegmentationModule(FederatedModule):
 
     # ---------------------------------------------------------- federation
     def train_loader(self, datamodule: Any, client: int, seed: int) -> DataLoader:
-        self.batch_augment = datamodule.batch_augment("finetune") if hasattr(datamodule, "batch_augment") else None
-        return datamodule.finetune_loader(client, seed)
+        self.attach_augment(datamodule)
+        return datamodule.finetune_loader(client, seed, unlabelled_ratio=self.semi.ratio if self.semi else 0)
+
+    def attach_augment(self, datamodule: Any) -> None:
+        """The datamodule's on-device augmentation of labelled and (semi-supervised) unlabelled slices."""
+        has = hasattr(datamodule, "batch_augment")
+        self.batch_augment = datamodule.batch_augment("finetune") if has else None
+        self.unlabelled_augment = datamodule.batch_augment("unlabelled") if has and self.semi else None
 
     def val_loader(self, datamodule: Any, client: int) -> DataLoader | None:
         vols = datamodule.val[client]
