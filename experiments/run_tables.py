@@ -40,10 +40,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # the repository's package, installed or not
 
-from fcl_lightning.evaluation import mean_std  # noqa: E402 (after the path it comes from)
+from fcl_lightning.evaluation import mean_std, paired_gain  # noqa: E402 (after the path it comes from)
 from fcl_lightning.lit.segment import INIT_ENCODER  # noqa: E402
 
 METHODS_DIR = REPO / "configs" / "methods"
+SEMI_DIR = REPO / "configs" / "semi"  # METHOD+SEMI: fine-tuning with configs/semi/<SEMI>.yaml
 NO_PRETRAIN = "random"  # random init: no pre-training cell
 COLUMNS = [
     "method",
@@ -71,6 +72,23 @@ LABELS = {
     "fcl_literal": "FCL, paper's literal local term",
     "fcl_dense": "FCL + dense term (extension)",
 }
+SEMI_LABELS = {"unimatch": "UniMatch", "mean_teacher": "mean teacher"}
+
+
+def split_method(method: str) -> tuple[str, str, str]:
+    """``METHOD[@R][+SEMI]`` -> (pre-training method, round or '', semi-supervised config or '')."""
+    head, _, semi = method.partition("+")
+    base, _, rnd = head.partition("@")
+    return base, rnd, semi
+
+
+def label(method: str) -> str:
+    """A method's row label; semi-supervised fine-tuning is marked as the project's extension."""
+    base, rnd, semi = split_method(method)
+    out = LABELS.get(base, base) + (f" @ round {rnd}" if rnd else "")
+    return out + (f" + {SEMI_LABELS.get(semi, semi)} (extension)" if semi else "")
+
+
 PAPER_METHODS = ["random", "local_cl", "fedrotation", "fedsimclr", "fedswav", "fcl"]
 ABLATIONS = ["fcl_no_exchange", "fcl_no_remote", "fcl_no_momentum"]
 
@@ -95,6 +113,7 @@ ACDC_CPU_DATA = [
     "--data.num_clients=5",
     "--data.split=group",
     "--data.val_fraction=0.25",
+    "--data.augment_on=device",  # batched augmentation: fine-tuning cells take about half as long
 ]
 PROFILES: dict[str, Profile] = {
     # the phantom: 4 clients (one per site), held-out phantom test set
@@ -222,7 +241,7 @@ class Runner:
     def encoder_path(self, method: str) -> str:
         """``method`` (the end of its pre-training), ``method@R`` (its round-R checkpoint) or
         ``method@0`` (the weights it started from: the paired random init)."""
-        base, _, rnd = method.partition("@")
+        base, rnd, _ = split_method(method)
         pre = self.pretrain_dir(base)
         if not rnd:
             return str(pre / "encoder.pt")
@@ -260,9 +279,12 @@ class Runner:
         ]
         if fold is not None:
             args.append(f"--data.cv_fold={fold}")
-        if method != NO_PRETRAIN:
-            pre = self.pretrain_dir(method)
-            if setting == "local" and (pre / "encoders").is_dir() and "@" not in method:
+        base, rnd, semi = split_method(method)
+        if semi:
+            args = [*self.p.finetune, "--config", str(SEMI_DIR / f"{semi}.yaml"), *args[len(self.p.finetune) :]]
+        if base != NO_PRETRAIN:
+            pre = self.pretrain_dir(base)
+            if setting == "local" and (pre / "encoders").is_dir() and not rnd:
                 args.append(f"--model.pretrained={pre}/encoders/client{{client}}.pt")  # each client its own
             else:
                 args.append(f"--model.pretrained={self.encoder_path(method)}")
@@ -275,7 +297,7 @@ class Runner:
     def cells(self, methods: list[str]) -> list[tuple]:
         out: list[tuple] = []
         for m in methods:
-            base = m.partition("@")[0]
+            base = split_method(m)[0]
             if ("pretrain", base) not in out:
                 out.append(("pretrain", base))
             for setting in self.p.settings:
@@ -358,12 +380,37 @@ def table(rows: list[dict], methods: list[str], ns: list[int], setting: str) -> 
             if not by_client:
                 cells.append("-")
                 continue
-            mean, std = stats.setdefault(LABELS.get(m, m), {})[n] = mean_std(
-                [mean_std(v)[0] for v in by_client.values()]
-            )
+            mean, std = stats.setdefault(label(m), {})[n] = mean_std([mean_std(v)[0] for v in by_client.values()])
             cells.append(f"{mean:.3f} ± {std:.3f}" if len(by_client) > 1 else f"{mean:.3f}")
-        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
     return "\n".join(lines), stats
+
+
+def paired(rows: list[dict], method: str, setting: str, n: int) -> dict[tuple, float]:
+    """(client, fold, seed) -> Dice of one method's cells: what gains are paired on."""
+    return {
+        (str(r["client"]), str(r["fold"]), int(r["seed"])): float(r["dice_mean"])
+        for r in rows
+        if r["method"] == method and r["setting"] == setting and r["N"] == n
+    }
+
+
+def gains(rows: list[dict], methods: list[str], ns: list[int], setting: str, baseline: str = NO_PRETRAIN) -> str:
+    """Markdown: every method's gain over ``baseline``, paired over (client, seed): mean paired
+    difference, 95% bootstrap interval, pairs in its favour; an interval that holds 0 is 'not shown'."""
+    lines = [
+        f"| method | vs {label(baseline)} | " + " | ".join(f"N={n}" for n in ns) + " |",
+        "|---|---|" + "---|" * len(ns),
+    ]
+    for m in methods:
+        if m == baseline:
+            continue
+        cells = []
+        for n in ns:
+            g = paired_gain(paired(rows, m, setting, n), paired(rows, baseline, setting, n))
+            cells.append("-" if g is None else str(g))
+        lines.append(f"| {label(m)} | paired gain | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def read_rounds(run_dir: Path, key: str) -> dict[int, float]:
@@ -387,7 +434,7 @@ def curves(runner: Runner, methods: list[str]) -> list[str]:
     """Markdown: pre-training monitors per round, and held-out Dice after each fine-tuning round
     (mean over clients, then over seeds): the gain against fine-tuning steps."""
     out = []
-    for m in sorted({m.partition("@")[0] for m in methods} - {NO_PRETRAIN}):
+    for m in sorted({split_method(m)[0] for m in methods} - {NO_PRETRAIN}):
         pre = runner.pretrain_dir(m)
         rows = [
             (label, read_rounds(pre, f"round/monitor/{key}"))
@@ -400,7 +447,7 @@ def curves(runner: Runner, methods: list[str]) -> list[str]:
         if rows[0][1]:
             rounds = list(rows[0][1])
             out += [
-                f"## Pre-training monitors: {LABELS.get(m, m)} (probe chance 1/S; round 0: initialisation)",
+                f"## Pre-training monitors: {label(m)} (probe chance 1/S; round 0: initialisation)",
                 "",
                 "| round | " + " | ".join(map(str, rounds)) + " |",
                 "|---|" + "---|" * len(rounds),
@@ -424,9 +471,7 @@ def curves(runner: Runner, methods: list[str]) -> list[str]:
                     continue
                 r = min(len(c) for c in runs)
                 mean = np.mean([c[:r] for c in runs], axis=0)
-                lines.append(
-                    f"| {LABELS.get(m, m)} | {n} | {len(runs)} | " + " / ".join(f"{v:.3f}" for v in mean) + " |"
-                )
+                lines.append(f"| {label(m)} | {n} | {len(runs)} | " + " / ".join(f"{v:.3f}" for v in mean) + " |")
         if lines:
             out += [
                 f"## Held-out Dice after each fine-tuning round ({setting})",
@@ -464,6 +509,18 @@ def write_results(runner: Runner, methods: list[str], profile_name: str, wall_s:
             continue
         md, stats = table(rows, methods, runner.p.ns, setting)
         parts += [f"## {title}", "", md, ""]
+        if NO_PRETRAIN in methods and len(methods) > 1:
+            parts += [
+                f"Gains over random init, paired over (client, seed) pairs ({setting} fine-tuning): mean "
+                "difference [95% bootstrap interval], pairs in its favour; an interval that holds 0 is not shown.",
+                "",
+                gains(rows, methods, runner.p.ns, setting),
+                "",
+            ]
+            for semi_m in [m for m in methods if split_method(m)[2] and split_method(m)[0] != NO_PRETRAIN]:
+                base = f"{NO_PRETRAIN}+{split_method(semi_m)[2]}"
+                if base in methods:  # what pre-training adds on top of semi-supervised fine-tuning
+                    parts += [gains(rows, [base, semi_m], runner.p.ns, setting, baseline=base), ""]
         if stats:
             save_dice_vs_n_figure(runner.out / f"dice_vs_n_{setting}.png", stats, title=f"{title} ({profile_name})")
     parts += curves(runner, methods)
@@ -481,7 +538,8 @@ def main(argv: list[str] | None = None) -> None:
         "--methods",
         default=None,
         help=f"comma list (default: the profile's); any of {sorted(LABELS)}, "
-        "or METHOD@R to fine-tune from round R of METHOD's pre-training (METHOD@0: the weights it started from)",
+        "or METHOD@R to fine-tune from round R of METHOD's pre-training (METHOD@0: the weights it started from); "
+        "METHOD+SEMI fine-tunes semi-supervised with configs/semi/SEMI.yaml (e.g. fcl+unimatch, random+unimatch)",
     )
     ap.add_argument("--ns", default=None, help="comma list of N (default: the profile's)")
     ap.add_argument("--settings", default=None, help="local,federated (default: the profile's)")
@@ -504,9 +562,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.settings:
         profile = Profile(**{**profile.__dict__, "settings": args.settings.split(",")})
     methods = args.methods.split(",") if args.methods else profile.methods
-    unknown = [m for m in methods if m != NO_PRETRAIN and not (METHODS_DIR / f"{m.partition('@')[0]}.yaml").is_file()]
+    unknown = [
+        m
+        for m in methods
+        if (split_method(m)[0] != NO_PRETRAIN and not (METHODS_DIR / f"{split_method(m)[0]}.yaml").is_file())
+        or (split_method(m)[2] and not (SEMI_DIR / f"{split_method(m)[2]}.yaml").is_file())
+    ]
     if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}: no configs/methods/<name>.yaml; known: {sorted(LABELS)}")
+        raise SystemExit(
+            f"unknown method(s) {unknown}: no configs/methods/<name>.yaml or configs/semi/<name>.yaml; "
+            f"known: {sorted(LABELS)}, +{sorted(p.stem for p in SEMI_DIR.glob('*.yaml'))}"
+        )
     if profile.needs_root and not args.root:
         raise SystemExit(f"profile {args.profile} needs --root /path/to/ACDC/training")
     common = [f"--trainer.accelerator={args.accelerator}"]

@@ -18,6 +18,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,52 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     both (without a warning) if there are none. The project's one "mean +- std over clients"."""
     finite = np.array([float(v) for v in values if not math.isnan(float(v))])
     return (float(finite.mean()), float(finite.std())) if finite.size else (math.nan, math.nan)
+
+
+@dataclass(frozen=True)
+class PairedGain:
+    """A method's gain over a baseline: the mean paired difference, its 95% bootstrap interval,
+    the number of pairs and how many of them favour the method."""
+
+    mean: float
+    low: float
+    high: float
+    pairs: int
+    wins: int
+
+    @property
+    def shown(self) -> bool:
+        """Whether the interval excludes 0 (a gain, or a loss, that the pairs show)."""
+        return self.low > 0 or self.high < 0
+
+    def __str__(self) -> str:
+        verdict = "" if self.shown else ", not shown"
+        return f"{self.mean:+.3f} [{self.low:+.3f}, {self.high:+.3f}], {self.wins}/{self.pairs} pairs{verdict}"
+
+
+def paired_gain(method: Mapping, baseline: Mapping, resamples: int = 10_000, seed: int = 0) -> PairedGain | None:
+    """The gain of ``method`` over ``baseline``, paired on their common keys (e.g. ``(client,
+    seed)``): mean difference and scipy's bootstrap 95% interval (BCa; percentile where BCa is
+    undefined, as for a single distinct difference). ``None`` when they share no key."""
+    from scipy.stats import bootstrap
+
+    keys = sorted(set(method) & set(baseline), key=str)
+    d = np.array([float(method[k]) - float(baseline[k]) for k in keys])
+    d = d[~np.isnan(d)]
+    if d.size == 0:
+        return None
+    if d.size == 1 or np.all(d == d[0]):
+        low = high = float(d.mean())
+    else:
+        res = None
+        for how in ("BCa", "percentile"):
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                res = bootstrap((d,), np.mean, n_resamples=resamples, method=how, random_state=seed)
+            if np.isfinite(res.confidence_interval.low) and np.isfinite(res.confidence_interval.high):
+                break
+        low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return PairedGain(float(d.mean()), low, high, int(d.size), int((d > 0).sum()))
 
 
 def over_clients(

@@ -117,7 +117,9 @@ class UniMatch(SemiSupervised):
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f"UniMatch threshold must be in [0, 1), got {threshold}")
         if strong_views < 1 or not 0.0 <= fp_dropout < 1.0:
-            raise ValueError(f"UniMatch needs strong_views >= 1 and fp_dropout in [0, 1), got {strong_views}, {fp_dropout}")
+            raise ValueError(
+                f"UniMatch needs strong_views >= 1 and fp_dropout in [0, 1), got {strong_views}, {fp_dropout}"
+            )
         self.threshold, self.strong_views, self.fp_dropout = threshold, int(strong_views), fp_dropout
         self.cutmix_prob, self.jitter_prob, self.blur_prob = cutmix_prob, jitter_prob, blur_prob
 

@@ -1,0 +1,340 @@
+"""Semi-supervised fine-tuning: each loss against a slow loop reference, the perturbations, what
+the unlabelled loss sees (only the client's own unlabelled slices, never a label), the teacher as
+client state, a tiny run that beats supervised-only, and a bitwise resume."""
+
+import copy
+import json
+import math
+import shutil
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+
+from fcl_lightning.cli import main
+from fcl_lightning.data.datamodule import FederatedDataModule
+from fcl_lightning.data.phantom import PhantomSource
+from fcl_lightning.federation.checkpoint import load_checkpoint
+from fcl_lightning.lit.segment import SegmentationModule
+from fcl_lightning.models.unet import UNet
+from fcl_lightning.semi import MeanTeacher, UniMatch, sigmoid_rampup
+from fcl_lightning.semi.objectives import masked_dice
+from fcl_lightning.semi.perturb import cutmix, cutmix_boxes, generator_for, intensity_jitter
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = [8, 16, 16, 16]
+
+
+def slow_masked_dice(prob, target, mask, eps=1e-5):
+    """Dice over the masked pixels, classes pooled over the batch, one pixel at a time."""
+    b, c, h, w = prob.shape
+    losses = []
+    for k in range(c):
+        inter = den = 0.0
+        for i in range(b):
+            for y in range(h):
+                for x in range(w):
+                    if mask[i, y, x]:
+                        t = float(target[i, y, x] == k)
+                        inter += float(prob[i, k, y, x]) * t
+                        den += float(prob[i, k, y, x]) + t
+        losses.append(1 - (2 * inter + eps) / (den + eps))
+    return sum(losses) / c
+
+
+def test_masked_dice_matches_a_pixel_loop():
+    g = torch.Generator().manual_seed(0)
+    prob = torch.softmax(torch.randn(2, 4, 5, 6, generator=g), 1)
+    target = torch.randint(0, 4, (2, 5, 6), generator=g)
+    mask = (torch.rand(2, 5, 6, generator=g) > 0.4).float()
+    assert float(masked_dice(prob, target, mask)) == pytest.approx(slow_masked_dice(prob, target, mask), abs=1e-5)
+    # ignored pixels do not count, whatever they hold
+    prob2 = prob.clone()
+    prob2[mask.unsqueeze(1).expand_as(prob2) == 0] = 0.25
+    assert torch.allclose(masked_dice(prob2, target, mask), masked_dice(prob, target, mask))
+
+
+def test_sigmoid_rampup_and_weight():
+    assert sigmoid_rampup(0, 0) == 1.0
+    assert sigmoid_rampup(0, 100) == pytest.approx(math.exp(-5))
+    assert sigmoid_rampup(50, 100) == pytest.approx(math.exp(-5 * 0.25))
+    assert sigmoid_rampup(500, 100) == 1.0
+    assert UniMatch(weight=0.5, rampup_steps=10).weight_at(5) == pytest.approx(0.5 * math.exp(-1.25))
+    with pytest.raises(ValueError, match="ratio"):
+        UniMatch(ratio=0)
+    with pytest.raises(ValueError, match="threshold"):
+        UniMatch(threshold=1.5)
+
+
+def test_cutmix_boxes_and_paste_match_a_loop():
+    g = torch.Generator().manual_seed(1)
+    boxes = cutmix_boxes(64, (20, 30), g, prob=1.0)
+    areas = boxes.flatten(1).sum(1) / (20 * 30)
+    assert bool((areas > 0).all()) and float(areas.max()) <= 0.45
+    for m in boxes:  # one axis-aligned rectangle each
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        assert m[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].all()
+    assert not cutmix_boxes(8, (20, 30), g, prob=0.0).any()
+    x, src = torch.rand(3, 1, 4, 5), torch.rand(3, 1, 4, 5)
+    box = (torch.rand(3, 4, 5) > 0.5).float()
+    out = cutmix(x, box, src)
+    for i in range(3):
+        for y in range(4):
+            for z in range(5):
+                want = src[i, 0, y, z] if box[i, y, z] else x[i, 0, y, z]
+                assert out[i, 0, y, z] == want
+
+
+def test_perturbations_are_a_function_of_the_seeds():
+    x = torch.rand(4, 1, 16, 16)
+    seeds = torch.tensor([3, 1, 4, 1])
+    a = intensity_jitter(x, generator_for(seeds, 1), prob=1.0, blur_prob=1.0)
+    b = intensity_jitter(x, generator_for(seeds, 1), prob=1.0, blur_prob=1.0)
+    c = intensity_jitter(x, generator_for(seeds + 1, 1), prob=1.0, blur_prob=1.0)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert float(a.min()) >= 0 and float(a.max()) <= 1
+
+
+def slow_unimatch(sm, net, sup_loss, image, label, u_image, u_seed):
+    """UniMatch step by step: separate forwards, per-pixel pseudo-labels and the loop Dice."""
+    b, u = image.shape[0], u_image.shape[0]
+    skips = net.encoder(torch.cat([image, u_image]))
+    fp = [torch.nn.functional.dropout2d(s[b:], sm.fp_dropout, training=True) for s in skips]
+    from fcl_lightning.models.unet import decode_skips
+
+    logits = net.final_conv(decode_skips(net.decoder, [torch.cat([s, f]) for s, f in zip(skips, fp)]))
+    sup = sup_loss(logits[:b], label)
+    prob_w = torch.softmax(logits[b : b + u], 1).detach()
+    conf, pseudo = torch.zeros(u, *u_image.shape[-2:]), torch.zeros(u, *u_image.shape[-2:], dtype=torch.long)
+    for i in range(u):
+        for y in range(u_image.shape[-2]):
+            for x in range(u_image.shape[-1]):
+                col = prob_w[i, :, y, x]
+                conf[i, y, x], pseudo[i, y, x] = col.max(), int(col.argmax())
+    g = generator_for(u_seed, 1)
+    strong = []
+    for _ in range(sm.strong_views):
+        xs = intensity_jitter(u_image, g, prob=sm.jitter_prob, blur_prob=sm.blur_prob)
+        box = cutmix_boxes(u, tuple(u_image.shape[-2:]), g, prob=sm.cutmix_prob)
+        mixed_x, mixed_t, mixed_c = xs.clone(), pseudo.clone(), conf.clone()
+        for i in range(u):  # paste from the previous slice of the batch (rolled by one)
+            j = (i - 1) % u
+            inside = box[i] > 0
+            mixed_x[i, 0][inside] = xs[j, 0][inside]
+            mixed_t[i][inside], mixed_c[i][inside] = pseudo[j][inside], conf[j][inside]
+        p = torch.softmax(net(mixed_x), 1)
+        strong.append(slow_masked_dice(p, mixed_t, mixed_c >= sm.threshold))
+    fp_loss = slow_masked_dice(torch.softmax(logits[b + u :], 1), pseudo, conf >= sm.threshold)
+    return float(sup), 0.5 * sum(strong) / len(strong) + 0.5 * fp_loss
+
+
+def test_unimatch_matches_its_slow_reference():
+    torch.manual_seed(0)
+    net = UNet(1, 4, SMALL)
+    sm = UniMatch(threshold=0.3, cutmix_prob=1.0, blur_prob=0.5)
+    seg = SegmentationModule(features=SMALL)
+    image, u_image = torch.rand(2, 1, 16, 16), torch.rand(3, 1, 16, 16)
+    label = torch.randint(0, 4, (2, 1, 16, 16))
+    seeds = torch.tensor([5, 6, 7])
+    torch.manual_seed(1)
+    out = sm(net, seg.loss_fn, image, label, u_image, seeds)
+    torch.manual_seed(1)  # the same dropout draws
+    sup, unsup = slow_unimatch(sm, net, seg.loss_fn, image, label, u_image, seeds)
+    assert float(out["sup"]) == pytest.approx(sup, abs=1e-5)
+    assert float(out["unsup"]) == pytest.approx(unsup, abs=1e-4)
+    assert 0 < float(out["mask_ratio"]) <= 1
+    out["unsup"].backward()
+    assert net.encoder.conv_0.conv_0.conv.weight.grad.abs().sum() > 0
+
+
+def test_mean_teacher_loss_and_ema_against_references():
+    torch.manual_seed(0)
+    net = UNet(1, 4, SMALL)
+    mt = MeanTeacher(decay=0.9, noise=0.1)
+    mt.attach(net)
+    image, u_image = torch.rand(2, 1, 16, 16), torch.rand(3, 1, 16, 16)
+    label = torch.randint(0, 4, (2, 1, 16, 16))
+    seeds = torch.tensor([1, 2, 3])
+    seg = SegmentationModule(features=SMALL)
+    out = mt(net, seg.loss_fn, image, label, u_image, seeds)
+    g = generator_for(seeds, 2)
+    noise = (torch.randn(u_image.shape, generator=g) * 0.1).clamp(-0.2, 0.2)
+    s, t = torch.softmax(net(u_image), 1), torch.softmax(mt.teacher(u_image + noise), 1)
+    ref = sum(float((s.flatten()[i] - t.flatten()[i]) ** 2) for i in range(s.numel())) / s.numel()
+    assert float(out["unsup"]) == pytest.approx(ref, rel=1e-4)
+    assert float(out["sup"]) == pytest.approx(float(seg.loss_fn(net(image), label)), abs=1e-6)
+    # EMA: alpha = min(1 - 1/(t+1), decay) on every parameter
+    before = {k: v.clone() for k, v in mt.teacher.state_dict().items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    mt.after_step(net, 3)  # alpha = min(0.75, 0.9)
+    for (k, p), (_, q) in zip(mt.teacher.named_parameters(), net.named_parameters()):
+        assert torch.allclose(p, 0.75 * before[k] + 0.25 * q), k
+
+
+def test_teacher_is_client_state_and_not_optimised():
+    seg = SegmentationModule(features=SMALL, semi_supervised=MeanTeacher())
+    assert all(k.startswith("net.") for k in seg.global_state())
+    client = seg.client_state()["modules"]
+    assert client and all(k.startswith("semi.teacher.") for k in client)
+    opt = seg.configure_optimizers()
+    optimised = {id(p) for grp in opt.param_groups for p in grp["params"]}
+    assert not any(id(p) in optimised for p in seg.semi.teacher.parameters())
+    assert len(optimised) == len(list(seg.net.parameters()))
+    # a fresh client's teacher is its starting student
+    with torch.no_grad():
+        for p in seg.net.parameters():
+            p.add_(0.5)
+    seg.load_client_state(None)
+    for a, b in zip(seg.semi.teacher.state_dict().values(), seg.net.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def tagged_datamodule():
+    """Two clients whose every volume is a constant image of its own value (no augmentation)."""
+    dm = FederatedDataModule(
+        PhantomSource(num_subjects=8, size=64, num_sites=2),
+        num_clients=2,
+        split="site",
+        val_fraction=0.25,
+        test_source=PhantomSource(num_subjects=2, size=64, seed=99),
+        labelled_per_client=1,
+        img_size=32,
+        spacing=3.0,
+        batch_size=4,
+        augment_finetune=False,
+    )
+    dm.setup()
+    tags = {}
+    for vols in (*dm.train, *dm.val, dm.test):
+        for v in vols:
+            tags.setdefault(id(v), (len(tags) + 1) / 1000.0)
+            v.image = torch.full_like(v.image, tags[id(v)])
+    return dm, tags
+
+
+class Spy(UniMatch):
+    """Records what the unlabelled loss is given."""
+
+    def forward(self, net, sup_loss, image, label, u_image, u_seed):
+        self.seen.append((u_image.detach().clone(), u_seed.clone()))
+        return super().forward(net, sup_loss, image, label, u_image, u_seed)
+
+
+@pytest.mark.parametrize("augment_on", ["loader", "device"])
+def test_unlabelled_loss_sees_only_the_clients_own_unlabelled_slices(augment_on):
+    dm, tags = tagged_datamodule()
+    dm.augment_on = augment_on
+    client = 1
+    own = {tags[id(v)] for v in dm.unlabelled_volumes(client)}
+    labelled = {tags[id(v)] for v in dm.labelled_volumes(client)}
+    assert own and labelled and not own & labelled
+    assert own == {tags[id(v)] for v in dm.train[client]} - labelled
+    for v in dm.unlabelled_volumes(client):
+        v.label = None  # the loader must not need them
+    spy = Spy(ratio=2)
+    spy.seen = []
+    seg = SegmentationModule(features=SMALL, semi_supervised=spy)
+    seg.semi.seen = spy.seen
+    loader = seg.train_loader(dm, client, seed=0)
+    for batch in loader:
+        assert set(batch) <= {"image", "label", "aug_seed", "u_image", "u_seed"}
+        assert batch["u_image"].shape[1] == 2 and "u_label" not in batch
+    trainer = pl.Trainer(
+        max_steps=4,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(seg, train_dataloaders=loader)
+    assert len(spy.seen) == 4
+    for u_image, _ in spy.seen:
+        assert u_image.shape[0] == 2 * dm.batch_size
+        values = {round(float(x.flatten()[0]), 6) for x in u_image}
+        for x in u_image:  # a constant slice: weak augmentation off
+            assert torch.all(x == x.flatten()[0])
+        assert values <= {round(t, 6) for t in own}, (values, own)
+
+
+def test_no_unlabelled_volumes_is_a_clear_error():
+    dm, _ = tagged_datamodule()
+    from fcl_lightning.data.volume import DataError
+
+    with pytest.raises(DataError, match="client 0: semi-supervised fine-tuning needs unlabelled"):
+        dm.finetune_loader(0, 0, n=100, unlabelled_ratio=1)
+
+
+FINETUNE = [
+    "--config",
+    str(REPO / "configs" / "demo_finetune.yaml"),
+    "--trainer.accelerator=cpu",
+    "--model.features=[8,16,16,16]",
+    "--data.img_size=32",
+    "--data.spacing=3.0",
+    "--data.augment_on=device",
+    "--data.source.num_subjects=8",
+    "--data.source.size=64",
+    "--data.source.num_sites=2",
+    "--data.test_source.num_subjects=2",
+    "--data.test_source.size=64",
+    "--data.num_clients=2",
+    "--federation.local_steps=4",
+]
+
+
+@pytest.mark.parametrize("semi", ["mean_teacher", pytest.param("unimatch", marks=pytest.mark.slow)])
+def test_semi_supervised_resume_is_bitwise(tmp_path, semi):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    args = [*FINETUNE, "--config", str(REPO / "configs" / "semi" / f"{semi}.yaml"), "--federation.rounds=3"]
+    main(["fit", *args, f"--trainer.default_root_dir={full}"])
+    main(["fit", *args, f"--trainer.default_root_dir={cut}"])
+    (cut / "checkpoints" / "last.ckpt").unlink()
+    shutil.copy(cut / "checkpoints" / "round-002.ckpt", cut / "checkpoints" / "last.ckpt")
+    main(["fit", *args, f"--trainer.default_root_dir={cut}", "--ckpt_path=last"])
+    a, b = load_checkpoint(full / "checkpoints/last.ckpt"), load_checkpoint(cut / "checkpoints/last.ckpt")
+    for c in ("0", "1"):
+        for k, v in a["clients"][c]["modules"].items():
+            assert torch.equal(v, b["clients"][c]["modules"][k]), (c, k)
+    assert all(torch.equal(v, b["global"][k]) for k, v in a["global"].items())
+    if semi == "mean_teacher":
+        assert any(k.startswith("semi.teacher.") for k in a["clients"]["0"]["modules"])
+    metrics = (full / "logs" / "version_0" / "metrics.csv").read_text()
+    assert "train/unsup" in metrics and "train/unsup_weight" in metrics
+
+
+@pytest.mark.slow
+def test_tiny_unimatch_run_beats_supervised_only(tmp_path):
+    """One labelled phantom patient per client: UniMatch on the client's unlabelled slices scores
+    higher on the held-out test set than the same fine-tuning without them (same seeds)."""
+    scores = {}
+    for name, extra in (("sup", []), ("semi", ["--config", str(REPO / "configs" / "semi" / "unimatch.yaml")])):
+        d = tmp_path / name
+        args = [*FINETUNE, *extra, "--federation.rounds=3", "--federation.local_steps=40", "--seed_everything=0"]
+        main(["fit", *args, f"--trainer.default_root_dir={d}"])
+        main(["test", *args, f"--trainer.default_root_dir={d}", "--ckpt_path=last"])
+        scores[name] = json.loads((d / "summary.json").read_text())["test/dice_mean"]
+    assert scores["semi"] > scores["sup"] + 0.02, scores
+
+
+def test_paired_gain_interval_and_verdict():
+    from fcl_lightning.evaluation import paired_gain
+
+    rng = np.random.default_rng(0)
+    base = {(c, s): float(rng.random()) for c in range(5) for s in range(3)}
+    up = {k: v + 0.1 + 0.01 * rng.standard_normal() for k, v in base.items()}
+    g = paired_gain(up, base)
+    assert g.pairs == 15 and g.wins == 15 and g.low > 0.08 and g.high < 0.12 and g.shown
+    assert g.low <= g.mean <= g.high
+    noisy = {k: v + (0.05 if i % 2 else -0.05) for i, (k, v) in enumerate(base.items())}
+    h = paired_gain(noisy, base)
+    assert h.low < 0 < h.high and not h.shown and "not shown" in str(h)
+    assert paired_gain({(9, 9): 1.0}, base) is None
+    only = {k: v for k, v in list(up.items())[:4]}  # pairs only where both have a value
+    assert paired_gain(only, base).pairs == 4
+    copy.deepcopy(g)
