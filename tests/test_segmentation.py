@@ -130,12 +130,13 @@ def test_test_refuses_pretraining_module(tmp_path, tiny):
         main(["validate", *tiny(tmp_path)[1:]])
 
 
-def test_demo_config_end_to_end_reduced(tmp_path):
+@pytest.mark.parametrize("config", ["demo.yaml", "demo_semi.yaml"])
+def test_demo_config_end_to_end_reduced(tmp_path, config):
     main(
         [
             "fit",
             "--config",
-            str(REPO / "configs" / "demo.yaml"),
+            str(REPO / "configs" / config),
             f"--trainer.default_root_dir={tmp_path}",
             "--trainer.accelerator=cpu",
             "--model.features=[8,16,16,16]",
@@ -154,7 +155,7 @@ def test_demo_config_end_to_end_reduced(tmp_path):
         ]
     )
     summary = json.loads((tmp_path / "summary.json").read_text())
-    for init in ("fcl", "random"):
+    for init in ("fcl", "random", *(["fcl_semi"] if config == "demo_semi.yaml" else [])):
         assert 0.0 <= summary[f"downstream/{init}/dice_mean"] <= 1.0
     for fig in ("downstream.png", "embedding.png"):
         assert (tmp_path / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

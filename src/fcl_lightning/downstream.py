@@ -19,6 +19,7 @@ from fcl_lightning.evaluation import STRUCTURES, evaluate_volumes, over_clients,
 from fcl_lightning.fcl.partition import partition_of
 from fcl_lightning.lit.segment import INIT_ENCODER, SegmentationModule, encoder_state_from_file, load_encoder
 from fcl_lightning.runtime import quiet_lightning, resident_device, resident_trainer, seed_all
+from fcl_lightning.semi.objectives import SemiSupervised
 
 #: the ``trainer`` settings a fine-tuning Trainer takes over from the template (where it runs)
 DEVICE_KEYS = ("accelerator", "devices", "precision", "num_nodes", "strategy", "deterministic", "benchmark")
@@ -43,6 +44,8 @@ class DownstreamEvaluation:
             fine-tuning run (its seed); ``start``: the weights this pre-training started from
             (``encoder_init.pt``), so both columns share the random draw and differ only by what
             pre-training changed (a paired comparison: the init's luck cancels).
+        semi_supervised: also fine-tune from the pre-trained encoder with this plug-in on each
+            client's own unlabelled slices (a third row, ``fcl_semi``; e.g. ``UniMatch``).
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class DownstreamEvaluation:
         accelerator: str | None = None,
         encoder_lr_scale: float = 1.0,
         random_init: Literal["fresh", "start"] = "fresh",
+        semi_supervised: SemiSupervised | None = None,
     ) -> None:
         if random_init not in ("fresh", "start"):
             raise ConfigError(f"downstream.random_init must be 'fresh' or 'start', got {random_init!r}")
@@ -64,6 +68,7 @@ class DownstreamEvaluation:
         self.labelled_per_client, self.steps, self.lr = labelled_per_client, steps, lr
         self.every_n_rounds, self.compare_random, self.clients = every_n_rounds, compare_random, clients
         self.figure, self.accelerator, self.encoder_lr_scale = figure, accelerator, encoder_lr_scale
+        self.semi = semi_supervised
 
     def trainer_settings(self, trainer_kwargs: dict[str, Any] | None) -> dict[str, Any]:
         """The device settings of the ``trainer`` template that a fine-tuning Trainer takes over."""
@@ -81,20 +86,24 @@ class DownstreamEvaluation:
         client: int,
         seed: int,
         trainer_kwargs: dict[str, Any] | None = None,
+        semi: SemiSupervised | None = None,
     ) -> SegmentationModule:
         """One client's fine-tuning run from ``encoder`` (``None``: random init), on the device
-        the ``trainer`` template (``trainer_kwargs``) names."""
+        the ``trainer`` template (``trainer_kwargs``) names; ``semi``: semi-supervised."""
         seed_all(seed)
         module = SegmentationModule(
             features=features,
             norm=norm,
             encoder_lr_scale=self.encoder_lr_scale,
             optimizer=lambda p: torch.optim.Adam(p, lr=self.lr),
+            semi_supervised=semi,
         )
         if encoder is not None:
             load_encoder(module.net, encoder, "pre-trained encoder")
-        loader = datamodule.finetune_loader(client, seed, self.labelled_per_client)
-        module.batch_augment = datamodule.batch_augment("finetune") if hasattr(datamodule, "batch_augment") else None
+            module.init_client_state()  # a teacher starts from the loaded student
+        ratio = module.semi.ratio if module.semi is not None else 0
+        loader = datamodule.finetune_loader(client, seed, self.labelled_per_client, unlabelled_ratio=ratio)
+        module.attach_augment(datamodule)
         settings = self.trainer_settings(trainer_kwargs)
         with quiet_lightning():
             trainer = resident_trainer(  # scored on the training device, no round trip to the CPU
@@ -127,6 +136,8 @@ class DownstreamEvaluation:
         encoder = pretrain_module.encoder_state()
         clients = self.clients if self.clients is not None else list(range(datamodule.num_clients))
         inits = {"fcl": encoder, **({"random": self.random_weights(root)} if self.compare_random else {})}
+        if self.semi is not None:
+            inits["fcl_semi"] = encoder
         per_client: dict[str, list[dict[str, float]]] = {k: [] for k in inits}
         example_nets: dict[str, torch.nn.Module] = {}
         for i, c in enumerate(clients):
@@ -137,12 +148,13 @@ class DownstreamEvaluation:
                 )
             for name, enc in inits.items():
                 t0 = time.perf_counter()
-                module = self.finetune(enc, features, norm, datamodule, c, seed * 31 + c, trainer_kwargs)
+                semi = self.semi if name == "fcl_semi" else None
+                module = self.finetune(enc, features, norm, datamodule, c, seed * 31 + c, trainer_kwargs, semi)
                 per_client[name].append(summarize(evaluate_volumes(module.net, vols)))
                 if console is not None:  # progress (stderr): fine-tuning is most of the demo's time
                     log_console().print(
                         f"downstream: client {i + 1}/{len(clients)} (#{c}) from "
-                        f"{'the pre-trained encoder' if name == 'fcl' else self.random_label}: "
+                        f"{self.label(name)}: "
                         f"{self.steps} steps, Dice {per_client[name][-1]['dice_mean']:.3f} on "
                         f"{len(vols)} held-out volumes ({time.perf_counter() - t0:.1f} s)"
                     )
@@ -162,6 +174,12 @@ class DownstreamEvaluation:
         if self.figure and final:
             self.save_figures(Path(root), pretrain_module, datamodule, example_nets, clients[0])
         return metrics
+
+    def label(self, name: str) -> str:
+        """A row's name in the progress lines and the table."""
+        if name == "fcl_semi":
+            return f"the pre-trained encoder + {type(self.semi).__name__} (unlabelled slices)"
+        return "the pre-trained encoder" if name == "fcl" else self.random_label
 
     @property
     def random_label(self) -> str:
@@ -199,7 +217,9 @@ class DownstreamEvaluation:
                 for s in (*STRUCTURES, "mean")
             ]
             t.add_row(
-                "FCL encoder" if name == "fcl" else self.random_label,
+                {"fcl": "FCL encoder", "fcl_semi": f"FCL encoder + {type(self.semi).__name__}"}.get(
+                    name, self.random_label
+                ),
                 *cells,
                 f"{metrics[f'downstream/{name}/hd95_mean']:.1f}",
             )
@@ -216,7 +236,8 @@ class DownstreamEvaluation:
         preds = {name: predict_volume(net, vol.image) for name, net in nets.items()}
         columns = {"ground truth": [vol.label[0, :, :, z].cpu().numpy() for z in zs]}  # volumes_on: device
         for name, pred in preds.items():
-            columns["FCL init" if name == "fcl" else "random init"] = [pred[0, :, :, z].cpu().numpy() for z in zs]
+            title = {"fcl": "FCL init", "fcl_semi": "FCL + semi"}.get(name, "random init")
+            columns[title] = [pred[0, :, :, z].cpu().numpy() for z in zs]
         save_example_figure(
             root / "downstream.png",
             [vol.image[0, :, :, z].cpu().numpy() for z in zs],
