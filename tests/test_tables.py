@@ -111,3 +111,36 @@ def test_method_at_round_fine_tunes_from_that_rounds_checkpoint(tables, tmp_path
     assert runner.encoder_path("fcl") == str(tmp_path / "pretrain/fcl/encoder.pt")
     assert runner.encoder_path("fcl@0") == str(tmp_path / "pretrain/fcl/encoder_init.pt")
     assert {c[1] for c in cells if c[0] == "finetune"} == {"random", "fcl", "fcl@4"}
+
+
+def test_semi_methods_reuse_pretraining_and_add_the_semi_config(tables, tmp_path, monkeypatch):
+    """``fcl+unimatch`` pre-trains as ``fcl`` (one cell) and fine-tunes with configs/semi/unimatch.yaml."""
+    runner = tables.Runner(tables.PROFILES["quick"], tmp_path, [], [], [])
+    cells = runner.cells(["random", "random+unimatch", "fcl", "fcl+unimatch", "fcl@4+mean_teacher"])
+    assert [c for c in cells if c[0] == "pretrain"] == [("pretrain", "random"), ("pretrain", "fcl")]
+    assert tables.split_method("fcl@4+mean_teacher") == ("fcl", "4", "mean_teacher")
+    assert tables.label("random+unimatch") == "Random init + UniMatch (extension)"
+    calls = []
+    monkeypatch.setattr(tables, "cli", calls.append)
+    runner.run_finetune("fcl@4+mean_teacher", "local", 1, None, 0)
+    fit = calls[0]
+    assert fit[fit.index(str(tables.SEMI_DIR / "mean_teacher.yaml")) - 1] == "--config"
+    assert fit.index(str(tables.SEMI_DIR / "mean_teacher.yaml")) > fit.index("--config")  # after the base config
+    assert f"--model.pretrained={tmp_path}/pretrain/fcl/checkpoints/round-004.ckpt" in fit
+    with pytest.raises(SystemExit, match="unknown method"):
+        tables.main(["--methods", "fcl+nope"])
+
+
+def test_gains_are_paired_with_intervals_and_say_not_shown(tables):
+    rows = []
+    for seed in range(3):
+        for client in range(5):
+            base = 0.4 + 0.05 * client + 0.01 * seed
+            for m, d in (("random", 0.0), ("fcl", 0.02 * (-1) ** (client + seed)), ("fcl+unimatch", 0.2)):
+                rows.append({"method": m, "setting": "local", "N": 1, "client": str(client), "fold": "", "seed": seed,
+                             "dice_mean": base + d + 0.001 * client})  # fmt: skip
+    md = tables.gains(rows, ["random", "fcl", "fcl+unimatch"], [1], "local")
+    fcl = next(line for line in md.splitlines() if line.startswith("| FCL |"))
+    semi = next(line for line in md.splitlines() if line.startswith("| FCL + UniMatch"))
+    assert "not shown" in fcl and "/15 pairs" in fcl
+    assert "+0.200 [+0.200, +0.200], 15/15 pairs" in semi and "not shown" not in semi
