@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from test_segmentation import FINETUNE
 
 from fcl_lightning.cli import main
 from fcl_lightning.data.datamodule import FederatedDataModule
@@ -270,28 +271,11 @@ def test_no_unlabelled_volumes_is_a_clear_error():
         dm.finetune_loader(0, 0, n=100, unlabelled_ratio=1)
 
 
-FINETUNE = [
-    "--config",
-    str(REPO / "configs" / "demo_finetune.yaml"),
-    "--trainer.accelerator=cpu",
-    "--model.features=[8,16,16,16]",
-    "--data.img_size=32",
-    "--data.spacing=3.0",
-    "--data.augment_on=device",
-    "--data.source.num_subjects=8",
-    "--data.source.size=64",
-    "--data.source.num_sites=2",
-    "--data.test_source.num_subjects=2",
-    "--data.test_source.size=64",
-    "--data.num_clients=2",
-    "--federation.local_steps=4",
-]
-
-
 @pytest.mark.parametrize("semi", ["mean_teacher", pytest.param("unimatch", marks=pytest.mark.slow)])
 def test_semi_supervised_resume_is_bitwise(tmp_path, semi):
     full, cut = tmp_path / "full", tmp_path / "cut"
-    args = [*FINETUNE, "--config", str(REPO / "configs" / "semi" / f"{semi}.yaml"), "--federation.rounds=3"]
+    semi_config = ["--config", str(REPO / "configs" / "semi" / f"{semi}.yaml")]
+    args = [*FINETUNE, *semi_config, "--federation.local_steps=4", "--federation.rounds=3"]
     main(["fit", *args, f"--trainer.default_root_dir={full}"])
     main(["fit", *args, f"--trainer.default_root_dir={cut}"])
     (cut / "checkpoints" / "last.ckpt").unlink()
