@@ -2,7 +2,6 @@
 the unlabelled loss sees (only the client's own unlabelled slices, never a label), the teacher as
 client state, and a bitwise resume."""
 
-import copy
 import math
 import shutil
 from pathlib import Path
@@ -306,4 +305,3 @@ def test_paired_gain_interval_and_verdict():
     assert paired_gain({(9, 9): 1.0}, base) is None
     only = {k: v for k, v in list(up.items())[:4]}  # pairs only where both have a value
     assert paired_gain(only, base).pairs == 4
-    copy.deepcopy(g)

@@ -181,11 +181,10 @@ class SegmentationModule(FederatedModule):
     def semi_step(self) -> float:
         """Optimiser steps of this client's fine-tuning so far (rounds before this one included),
         what the unlabelled weight ramps and the teacher's EMA warms up over."""
-        r = self.round_progress[0]
         if self._trainer is None:
             return 0
         per_round = self.steps_of_fit
-        return (r * per_round if per_round != float("inf") else 0) + self.step_in_fit
+        return (self.round_progress[0] * per_round if per_round != float("inf") else 0) + self.step_in_fit
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         batch = super().on_after_batch_transfer(batch, dataloader_idx)
