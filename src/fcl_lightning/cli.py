@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +17,17 @@ import yaml
 from jsonargparse import Namespace, lazy_instance
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from fcl_lightning.console import output_console
+from fcl_lightning.console import output_console, printable_output
 from fcl_lightning.data.datamodule import FederatedDataModule
 from fcl_lightning.errors import ConfigError, as_config_error, debug_requested, run_reporting_errors
 from fcl_lightning.federation.checkpoint import load_checkpoint, resolve_ckpt_path
 from fcl_lightning.federation.config import Federation
 from fcl_lightning.federation.evaluate import evaluate_run
 from fcl_lightning.federation.loop import FederatedLoop
+from fcl_lightning.interrupt import stop_on_signals
 from fcl_lightning.lit.base import FederatedModule
 from fcl_lightning.lit.pretrain import ContrastivePretrainModule
+from fcl_lightning.tracking import stale_log_version
 
 
 def condense_parser_message(message: str) -> str:
@@ -92,8 +95,9 @@ class FCLCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         """``fit``, ``validate`` and ``test``; Lightning's ``predict`` is not offered (writing
-        label maps for new images is not built yet)."""
-        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+        label maps for new images is not built yet). Their ``weights_only`` argument is not
+        offered either: every file is loaded with ``weights_only=True``, whatever it says."""
+        return {k: {*v, "weights_only"} for k, v in LightningCLI.subcommands().items() if k != "predict"}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(Federation, "federation")
@@ -122,12 +126,16 @@ class FCLCLI(LightningCLI):
         self.default_logger, self.filled_logger = False, {}
         resumed: dict[str, Any] = {}
         if self.subcommand == "fit" and self.resume_path:
-            path = resolve_ckpt_path(self.resume_path, root)
+            path = resolve_ckpt_path(self.resume_path, root, missing_last_ok=True)
             resumed = load_checkpoint(path, mmap=True) if path is not None else {}
         if cfg.trainer.logger in (None, True):
             init = Namespace(save_dir=root, name="logs")
             if resumed.get("csv_version") is not None:  # a resume goes on writing the same metrics.csv
                 init.version = resumed["csv_version"]
+            elif self.subcommand == "fit":
+                stale = stale_log_version(root)
+                if stale is not None:  # a run that left nothing to resume: its folder is reused
+                    init.version = stale
             cfg.trainer.logger = Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=init)
             self.default_logger = True
             return
@@ -228,7 +236,6 @@ class FCLCLI(LightningCLI):
 def build(args: list[str]) -> FCLCLI:
     """Parse and instantiate a config (model, data, trainer, federation) without running it: how
     the Flower apps read the same YAML files as ``fcl-lightning fit``."""
-    import warnings
 
     with warnings.catch_warnings():  # the Flower processes have argv of their own; args are what count
         warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
@@ -272,6 +279,26 @@ def resolve_configs(args: list[str]) -> list[str]:
     return out
 
 
+def check_config_files(args: list[str]) -> None:
+    """Every ``--config`` file that exists parses as YAML, or one error naming the file and the
+    line (jsonargparse would name ``<unicode string>``)."""
+    prev = ""
+    for a in args:
+        path = a if prev == "--config" else a[len("--config=") :] if a.startswith("--config=") else None
+        prev = a
+        if path is None or not Path(path).is_file():
+            continue
+        try:
+            yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+
+
 def main(args: list[str] | None = None) -> None:
     """Run one command; errors propagate (what scripts and tests call)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -280,22 +307,31 @@ def main(args: list[str] | None = None) -> None:
             lg = logging.getLogger(name)
             if not any(isinstance(f, _DropStartupNoise) for f in lg.filters):
                 lg.addFilter(_DropStartupNoise())
+        # a resumed run, or one reusing the log folder of a run that left nothing to resume, writes
+        # into an existing logs/version_N on purpose (continue_csv_logs keeps the rows it should)
+        warnings.filterwarnings("ignore", message=".*Experiment logs directory.*exists and is not empty.*")
+        # "Received SIGTERM: 15" from every client Trainer: the stop is reported once, by the loop
+        logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLevel(logging.WARNING)
     if args is None:
         sys.argv[1:] = resolve_configs(sys.argv[1:])
+    check_config_files(sys.argv[1:] if args is None else resolve_configs(args))
     FCLCLI(args=resolve_configs(args) if args is not None else None)
 
 
 def console_main(argv: list[str] | None = None) -> None:
     """The ``fcl-lightning`` command: bad input ends it with one ``error:`` line and exit 2, an
-    internal error with exit 1; ``--debug`` or ``FCL_DEBUG=1`` prints the tracebacks."""
+    internal error with exit 1, SIGTERM / Ctrl-C with where the run stopped and exit 143 / 130;
+    ``--debug`` or ``FCL_DEBUG=1`` prints the tracebacks."""
     global DEBUG
-    if argv is None:  # LightningCLI reads sys.argv itself (given args too, it warns)
-        DEBUG, rest = debug_requested(sys.argv[1:])
-        sys.argv[1:] = rest
-        run_reporting_errors(lambda: main(None), DEBUG)
-    else:
-        DEBUG, rest = debug_requested(list(argv))
-        run_reporting_errors(lambda: main(rest), DEBUG)
+    printable_output()
+    with stop_on_signals():
+        if argv is None:  # LightningCLI reads sys.argv itself (given args too, it warns)
+            DEBUG, rest = debug_requested(sys.argv[1:])
+            sys.argv[1:] = rest
+            run_reporting_errors(lambda: main(None), DEBUG)
+        else:
+            DEBUG, rest = debug_requested(list(argv))
+            run_reporting_errors(lambda: main(rest), DEBUG)
 
 
 if __name__ == "__main__":  # pragma: no cover

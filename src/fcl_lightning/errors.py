@@ -64,9 +64,15 @@ def debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
 
 def run_reporting_errors(fn: Callable[[], Any], debug: bool) -> Any:
     """Run ``fn``; a :class:`UserError` (also one wrapped by another exception) ends the process
-    with one ``error:`` line and exit 2, any other exception with one line and exit 1."""
+    with one ``error:`` line and exit 2, any other exception with one line and exit 1; a stop
+    signal (:mod:`fcl_lightning.interrupt`) with where it stopped and exit ``128 + signal``."""
+    from fcl_lightning.interrupt import RunInterrupted
+
     try:
         return fn()
+    except RunInterrupted as stop:  # a stop signal: where it stopped, exit 128 + signal
+        print(stop.message, file=sys.stderr)
+        raise SystemExit(stop.exit_code) from None
     except (SystemExit, KeyboardInterrupt):
         raise
     except BaseException as exc:  # noqa: BLE001 - this is the process's last handler

@@ -39,6 +39,29 @@ def csv_version(loggers: Iterable[Logger]) -> int | str | None:
     return next((lg.version for lg in loggers if isinstance(lg, CSVLogger)), None)
 
 
+def stale_log_version(root: str | Path) -> int | None:
+    """The latest ``logs/version_N`` of a run folder that holds no checkpoint to resume from (a run
+    killed before its first checkpoint): a new run there reuses that version rather than writing
+    ``version_N+1`` beside a stale one. ``None`` when there is a checkpoint or no log folder."""
+    root = Path(root)
+    if (root / "checkpoints" / "last.ckpt").exists():
+        return None
+    versions = [
+        int(p.name.split("_", 1)[1])
+        for p in (root / "logs").glob("version_*")
+        if p.is_dir() and p.name.split("_", 1)[1].isdigit()
+    ]
+    return max(versions) if versions else None
+
+
+def csv_value(text: str) -> int | float:
+    """A value read back from ``metrics.csv``: integers stay integers (``round``, counts)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def continue_csv_logs(loggers: Iterable[Logger], done: int) -> int:
     """On resume, keep the rows of a CSVLogger's ``metrics.csv`` up to round ``done`` (what the
     checkpoint holds) and go on appending to the same file: after any number of kills it has one
@@ -58,7 +81,7 @@ def continue_csv_logs(loggers: Iterable[Logger], done: int) -> int:
             writer = lg.experiment  # removes the old file
         for r in rows:
             step = int(float(r.pop("step")))
-            writer.log_metrics({k: float(v) for k, v in r.items() if v not in (None, "")}, step=step)
+            writer.log_metrics({k: csv_value(v) for k, v in r.items() if v not in (None, "")}, step=step)
         lg.save()
         kept += len(rows)
     return kept

@@ -20,7 +20,7 @@ from monai.transforms import (
     Spacingd,
 )
 
-from fcl_lightning.data.volume import RawVolume, Volume, VolumeRecord, VolumeSource
+from fcl_lightning.data.volume import DataError, RawVolume, Volume, VolumeRecord, VolumeSource
 from fcl_lightning.io import atomic_save
 
 #: Bump when the pipeline changes, so that stale on-disk cache entries are not reused.
@@ -155,7 +155,12 @@ class Preprocessor:
         if entry is None:
             entry = self._load_disk(key)
             if entry is None:
-                entry = self.apply(source.load(record))
+                entry = self.apply(checked_image(source.load(record), record))
+                if not torch.isfinite(entry[0]).all():
+                    raise DataError(
+                        f"{record.key}: image {record.image_path or ''} is NaN or infinite after preprocessing "
+                        "(its intensity normalisation divided by zero)"
+                    )
                 self._save_disk(key, entry)
             self._memory[key] = entry
         image, label, spacing, meta = entry
@@ -205,6 +210,19 @@ class Preprocessor:
             return
         image, label, spacing, meta = entry
         atomic_save({"image": image, "label": label, "spacing": list(spacing), "meta": meta}, path)
+
+
+def checked_image(raw: RawVolume, record: VolumeRecord) -> RawVolume:
+    """``raw``, or one :class:`DataError` naming the volume when its image holds NaN/inf voxels or
+    is constant (nothing to normalise, nothing to learn): any source, not only NIfTI files."""
+    img = np.asarray(raw.image)
+    where = f"{record.key}: image{f' {record.image_path}' if record.image_path else ''}"
+    bad = int(np.size(img) - np.count_nonzero(np.isfinite(img)))
+    if bad:
+        raise DataError(f"{where} holds {bad} NaN or infinite voxels of {np.size(img)}")
+    if np.size(img) and float(img.max()) == float(img.min()):
+        raise DataError(f"{where} is constant (every voxel {float(img.min()):g}): no intensities to learn from")
+    return raw
 
 
 def load_volumes(source: VolumeSource, records: list[VolumeRecord], preprocessor: Preprocessor) -> list[Volume]:

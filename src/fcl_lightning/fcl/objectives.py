@@ -146,6 +146,9 @@ class FCLObjective(PretrainObjective):
             "loss_local": l_local.detach(),
             **same_age_similarities(inputs.q, inputs.k, inputs.partitions, inputs.volumes, self.self_positive),
         }
+        # the remote term of this step's loss, 0 while the banks are empty: the epoch means then add
+        # up, w_local * local + w_remote * remote_in_loss = loss (the round line shows it)
+        out["remote_in_loss"] = l_remote.detach() if len(negs) else torch.zeros((), device=inputs.q.device)
         if len(negs):  # the first steps have an empty bank: no figure rather than a NaN or a 0 in the epoch mean
             out["loss_remote"] = l_remote.detach()
             out["bank_sim"] = (inputs.q @ negs.vectors.T).mean().detach()

@@ -178,11 +178,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
 
 
-def resolve_ckpt_path(ckpt_path: str | None, root: str | Path) -> Path | None:
-    """``None`` -> no resume; ``last`` -> ``<root>/checkpoints/last.ckpt``; else the path given."""
+def resolve_ckpt_path(ckpt_path: str | None, root: str | Path, missing_last_ok: bool = False) -> Path | None:
+    """``None`` -> no resume; ``last`` -> ``<root>/checkpoints/last.ckpt``; else the path given.
+    ``missing_last_ok``: ``last`` with no such file is ``None`` too (``fit`` then starts the run,
+    so that a retry loop can always pass ``--ckpt_path last``)."""
     if ckpt_path is None:
         return None
     path = Path(root) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if missing_last_ok and ckpt_path == "last" and not path.exists():
+        return None
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (ckpt_path={ckpt_path!r})")
     return path

@@ -293,6 +293,7 @@ class CheckpointHook(RoundHook):
                     atomic_link(atomic_save(ckpt, ckdir / f"round-{done:03d}.ckpt"), ckdir / "last.ckpt")
                 else:
                     atomic_save(ckpt, ckdir / "last.ckpt")
+                state.checkpointed = done  # whole on disk (an interrupted run says so)
             except (CheckpointError, WriteError) as err:
                 before = f"round {done - 1}'s (--ckpt_path last resumes there)" if done > 1 else "none"
                 raise type(err)(f"round {done}'s checkpoint: {err}; the last whole checkpoint is {before}") from err
@@ -406,11 +407,19 @@ def round_line(done: int, m: dict[str, float]) -> str:
         ("round/train/loss", "loss", 4),
         ("round/train/loss_local", "local", 4),
         ("round/train/loss_remote", "remote", 4),
+        ("round/train/loss_dense", "dense", 4),
         ("round/monitor/probe_acc", "probe", 2),
         ("round/monitor/spread", "spread", 2),
     ):
         if key in m:
             parts.append(f"{label} {m[key]:.{digits}f}")
+        if label == "remote" and key in m and "round/train/remote_in_loss" in m:
+            # the remote term is the mean over the steps whose banks held negatives; while they were
+            # empty (round 1's first steps) it added nothing: show what it added, so the parts add up
+            added, mean = m["round/train/remote_in_loss"], m[key]
+            if abs(added - mean) > 5e-5 * max(1.0, abs(mean)):
+                share = added / mean if mean else 0.0
+                parts[-1] = f"remote {added:.4f} ({mean:.4f} on the {share:.0%} of steps with negatives in the bank)"
     if m.get("round/monitor/collapsed"):
         parts.append("[bold red]COLLAPSED: every slice embeds to nearly the same vector[/]")
     up = m.get("round/comm/weights_up_bytes", 0) / 2**20

@@ -37,6 +37,8 @@ from fcl_lightning.federation.hooks import (
     ReportHook,
     RoundHook,
 )
+from fcl_lightning.federation.lock import RunLock
+from fcl_lightning.interrupt import RunInterrupted
 from fcl_lightning.io import atomic_write_text, check_writable, remove_interrupted_writes
 from fcl_lightning.lit.base import FederatedModule
 from fcl_lightning.runtime import resident_device, resident_trainer
@@ -144,6 +146,7 @@ class FederatedLoop:
         self.log_console = log_console()  # the progress bar, notices
         self.hooks = hooks if hooks is not None else self.default_hooks()
         self.clients: Clients | None = None  # who trains the rounds, set by run()
+        self.state: RunState | None = None  # the run's state, once run() has built or resumed it
 
     def default_hooks(self) -> list[RoundHook]:
         """Byte counts, monitors, the exported encoder and summary, the downstream evaluation,
@@ -235,10 +238,44 @@ class FederatedLoop:
         """
         # everything that needs no data is checked before any is loaded, and nothing is written
         # for a run that fails its checks
-        path = resolve_ckpt_path(ckpt_path, self.root)
+        path = resolve_ckpt_path(ckpt_path, self.root, missing_last_ok=True)
         ckpt = load_checkpoint(path) if path is not None else None
         C = clients.num_clients if clients is not None else self.dm.num_clients
         self.validate(ckpt, path, C)
+        with RunLock(self.root):  # one run per folder, from here to the end
+            if ckpt_path == "last" and path is None:
+                self.log_console.print(f"nothing to resume in {self.root} (no checkpoints/last.ckpt): starting the run")
+            return self._run(ckpt, path, C, clients)
+
+    def interrupted_message(self, exc: RunInterrupted) -> str:
+        """Where a stop signal left the run and how to go on."""
+        state = self.state
+        if state is None:
+            return f"interrupted by {exc.signame} before round 1 started: nothing to resume; run the command again"
+        at = (
+            f"at round {state.round + 1} of {self.fed.rounds}"
+            if state.round < self.fed.rounds
+            else "after the last round"
+        )
+        if state.checkpointed is None:
+            return (
+                f"interrupted by {exc.signame} {at}, before any checkpoint: run the command again "
+                "(with --ckpt_path last it starts when there is nothing to resume)"
+            )
+        return (
+            f"interrupted by {exc.signame} {at}: round {state.checkpointed}'s checkpoint is the last; "
+            "resume with --ckpt_path last"
+        )
+
+    def _run(self, ckpt: dict[str, Any] | None, path: Path | None, C: int, clients: Clients | None) -> dict[str, Any]:
+        self.state = None
+        try:
+            return self._train(ckpt, path, C, clients)
+        except RunInterrupted as exc:
+            exc.message = self.interrupted_message(exc)
+            raise
+
+    def _train(self, ckpt: dict[str, Any] | None, path: Path | None, C: int, clients: Clients | None) -> dict[str, Any]:
         ignored = self.ignored_trainer_settings()
         if ignored:
             self.log_console.print(
@@ -261,11 +298,13 @@ class FederatedLoop:
             state = RunState(C, {k: v.cpu() for k, v in self.module.global_state().items()})
         else:
             state = RunState.from_checkpoint(ckpt)
+            state.checkpointed = state.round
             self.module.load_global_state(state.global_w)
             clients.load_states({int(c): s for c, s in ckpt["clients"].items()})
             set_rng_state(ckpt["rng"])
             self.log_console.print(f"[bold]resuming[/] from {path} after round {state.round}/{self.fed.rounds}")
             continue_csv_logs(self.loggers, state.round)
+        self.state = state
 
         hooks, started = self.hooks, []
         try:
@@ -367,6 +406,14 @@ class FederatedLoop:
                 f"data.img_size={size} must be a multiple of {multiple}: the encoder halves the image "
                 f"{multiple.bit_length() - 1} times (model features); try {max(multiple, round(size / multiple) * multiple)}"
             )
+        smallest = self.module.min_input_size
+        if size is not None and size < smallest:
+            raise ConfigError(
+                f"data.img_size={size} leaves the encoder's bottleneck {size // multiple} x {size // multiple} "
+                f"pixels ({multiple.bit_length()} encoder levels halve it {multiple.bit_length() - 1} times) and "
+                f"instance norm needs more than one value per channel: the smallest size is {smallest} "
+                "(or use fewer model.features levels, or model.norm batch)"
+            )
         if self.fed.select_best and self.fed.mode != "local":
             raise ConfigError("federation.select_best needs federation.mode local")
         if self.fed.mode == "federated" and self.module.per_client_init:
@@ -428,6 +475,8 @@ class RunState:
         default_factory=lambda: {"weights_down": 0, "weights_up": 0, "features_up": 0, "features_down": 0}
     )
     round: int = 0  # rounds done
+    #: the last round whose checkpoint is whole on disk (``None``: none yet)
+    checkpointed: int | None = None
     elapsed: float = 0.0  # seconds of training rounds (monitors, downstream runs, checkpoints excluded)
     round_started: float = 0.0
 

@@ -10,7 +10,25 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from fcl_lightning.errors import ConfigError
 from fcl_lightning.fcl.memory_bank import BankEntries
+
+
+def check_optimizer(optimizer: Any, scheduler: Any = None) -> None:
+    """Build the optimiser (and scheduler) once on a dummy parameter, so that a bad argument
+    (``lr -0.1``) is one config error at start-up rather than a failure after the data loaded."""
+    dummy = torch.nn.Parameter(torch.zeros(1))
+    try:
+        opt = optimizer([dummy])
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"model.optimizer: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if scheduler is not None:
+        try:
+            scheduler(opt)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(
+                f"model.scheduler: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            ) from None
 
 
 class FederatedModule(pl.LightningModule):
@@ -106,6 +124,13 @@ class FederatedModule(pl.LightningModule):
     def input_multiple(self) -> int:
         """Image sides must be a multiple of this (the encoder halves them at every level)."""
         return 1
+
+    @property
+    def min_input_size(self) -> int:
+        """The smallest image side: instance norm needs more than one value per channel, so its
+        bottleneck must be at least 2 x 2."""
+        norm = self.hparams.get("norm", "instance") if hasattr(self, "hparams") else "instance"
+        return self.input_multiple * (2 if norm == "instance" and self.input_multiple > 1 else 1)
 
     def _client_keys(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in sd.items() if not self._is_global(k) and not k.startswith(self.transient_prefixes)}

@@ -13,7 +13,7 @@ from fcl_lightning.fcl.contrast import contrast_model
 from fcl_lightning.fcl.memory_bank import BankEntries
 from fcl_lightning.fcl.momentum import cosine_schedule
 from fcl_lightning.fcl.objectives import FCLObjective, PretrainObjective
-from fcl_lightning.lit.base import FederatedModule
+from fcl_lightning.lit.base import FederatedModule, check_optimizer
 from fcl_lightning.models.encoder import DEFAULT_FEATURES
 
 
@@ -83,6 +83,7 @@ class ContrastivePretrainModule(FederatedModule):
         object.__setattr__(self, "core", core)  # not a second registration of the same modules
         self.use_momentum = use_momentum
         self.momentum, self.momentum_end = momentum, momentum_end
+        check_optimizer(optimizer)
         self.optimizer_factory = optimizer
         self.proj_dim = proj_dim
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from fcl_lightning.errors import UserError
 from fcl_lightning.evaluation import predict_volume, volume_metrics
 from fcl_lightning.io import safe_torch_load
-from fcl_lightning.lit.base import FederatedModule
+from fcl_lightning.lit.base import FederatedModule, check_optimizer
 from fcl_lightning.models.encoder import DEFAULT_FEATURES
 from fcl_lightning.models.unet import UNet
 from fcl_lightning.semi.objectives import SemiSupervised
@@ -34,6 +34,16 @@ def encoder_state_from_file(path: str | Path) -> dict[str, torch.Tensor]:
     (its global ``encoder.*`` weights), always with ``weights_only=True``."""
     path = Path(path)
     obj = safe_torch_load(path, "pretrained weights", PretrainedWeightsError)
+    finetuned = isinstance(obj, dict) and (
+        (obj.get("module") == "SegmentationModule" and "global" in obj)
+        or any(str(k).startswith("net.encoder.") for k in (obj.get("state_dict") or obj.get("global") or obj))
+    )
+    if finetuned:
+        what = f", round {obj['round']}" if isinstance(obj.get("round"), int) else ""
+        raise PretrainedWeightsError(
+            f"{path} is a fine-tuning checkpoint (a segmentation model{what}); model.pretrained takes a "
+            "pre-training run's encoder.pt, encoders/client<c>.pt or round checkpoint"
+        )
     if isinstance(obj, dict) and "format" in obj and "global" in obj:
         obj = {
             (k[len("encoder.") :] if k.startswith("encoder.") else k): v
@@ -68,9 +78,17 @@ def load_encoder(net: UNet, state: dict[str, torch.Tensor], source: str = "pretr
         if state[k].shape != own[k].shape
     )
     if missing or unexpected or shapes:
+
+        def few(keys: list[str]) -> str:
+            return f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+
+        parts = [
+            f"missing keys {few(missing)}" if missing else "",
+            f"unexpected keys {few(unexpected)}" if unexpected else "",
+        ]
+        parts.append(f"shape mismatches {few(shapes)}" if shapes else "")
         raise PretrainedWeightsError(
-            f"{source} do not fit the U-Net encoder: missing keys {missing}, unexpected keys {unexpected}, "
-            f"shape mismatches {shapes}"
+            f"{source} do not fit the U-Net encoder (model.features, model.norm): " + ", ".join(p for p in parts if p)
         )
     net.encoder.load_state_dict(state, strict=True)
 
@@ -135,6 +153,7 @@ class SegmentationModule(FederatedModule):
             first = pretrained.replace("{client}", "0")
             load_encoder(self.net, encoder_state_from_file(first), f"pretrained weights {first}")
         self.loss_fn = copy.deepcopy(loss)  # a config default instance is shared; never mutate it
+        check_optimizer(optimizer, scheduler)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.freeze_encoder_epochs, self.eval_batch_size = freeze_encoder_epochs, eval_batch_size
         self.pretrained = pretrained
