@@ -22,7 +22,7 @@ from fcl_lightning.data.datamodule import FederatedDataModule
 from fcl_lightning.errors import ConfigError, as_config_error, debug_requested, run_reporting_errors
 from fcl_lightning.federation.checkpoint import load_checkpoint, resolve_ckpt_path
 from fcl_lightning.federation.config import Federation
-from fcl_lightning.federation.evaluate import evaluate_run
+from fcl_lightning.federation.evaluate import evaluate_run, run_predict
 from fcl_lightning.federation.loop import FederatedLoop
 from fcl_lightning.interrupt import stop_on_signals
 from fcl_lightning.lit.base import FederatedModule
@@ -94,10 +94,32 @@ class FCLCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        """``fit``, ``validate`` and ``test``; Lightning's ``predict`` is not offered (writing
-        label maps for new images is not built yet). Their ``weights_only`` argument is not
-        offered either: every file is loaded with ``weights_only=True``, whatever it says."""
-        return {k: {*v, "weights_only"} for k, v in LightningCLI.subcommands().items() if k != "predict"}
+        """``fit``, ``validate``, ``test`` and ``predict`` (label maps for new scans). Their
+        ``weights_only`` argument is not offered: every file is loaded with ``weights_only=True``."""
+        out = {k: {*v, "weights_only"} for k, v in LightningCLI.subcommands().items()}
+        out["predict"].add("return_predictions")
+        return out
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        """Lightning's subcommand parser; ``predict`` gains what it reads and writes."""
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            parser.add_argument(
+                "--input",
+                type=str | None,
+                default=None,
+                help="NIfTI images: a folder, a glob, a manifest (.csv/.tsv/.json) or an ACDC-layout root",
+            )
+            parser.add_argument(
+                "--output",
+                type=str | None,
+                default=None,
+                help="folder for <name>_seg.nii.gz, volumes.csv, indices.csv (default: <trainer.default_root_dir>/predictions)",
+            )
+            parser.add_argument("--client", type=int, default=0, help="local mode: whose model (default 0)")
+            parser.add_argument("--probabilities", type=bool, default=False, help="also write <name>_prob.nii.gz")
+            self._subcommand_method_arguments[subcommand] += ["input", "output", "client", "probabilities"]
+        return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(Federation, "federation")
@@ -231,6 +253,23 @@ class FCLCLI(LightningCLI):
     ) -> None:
         """Score the run's checkpoint on each client's validation patients (``val/*``)."""
         self._evaluate("val", model, datamodule, ckpt_path or self.resume_path)
+
+    def predict(
+        self,
+        model: FederatedModule,
+        datamodule: FederatedDataModule | None = None,
+        ckpt_path: str | None = None,
+        input: str | None = None,
+        output: str | None = None,
+        client: int = 0,
+        probabilities: bool = False,
+        **_: Any,
+    ) -> None:
+        """Segment new scans with a fine-tuning run's model: label maps in each scan's geometry."""
+        run_predict(
+            model, datamodule, ckpt_path or self.resume_path, input, output, client, probabilities,
+            Path(self.trainer.default_root_dir), self.trainer.strategy.root_device,
+        )  # fmt: skip
 
 
 def build(args: list[str]) -> FCLCLI:

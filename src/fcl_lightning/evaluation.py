@@ -47,16 +47,10 @@ def _net_device_dtype(net: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def predict_volume(net: torch.nn.Module, image: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    """Segment a volume slice by slice with a 2D network.
-
-    ``image`` ``[1, H, W, D]`` is cut into its ``D`` axial slices, which go through ``net``
-    (``[B, 1, H, W] -> [B, C, H, W]`` logits) in chunks of ``batch_size`` on the net's device,
-    in eval mode and under ``torch.no_grad`` (the net's train/eval mode is restored afterwards).
-
-    Returns:
-        uint8 label map ``[1, H, W, D]`` (argmax over classes), on ``image``'s device.
-    """
+def _slicewise(net: torch.nn.Module, image: torch.Tensor, batch_size: int, head) -> torch.Tensor:
+    """``head(logits)`` of every axial slice of ``image`` ``[1, H, W, D]``, in chunks of
+    ``batch_size`` on the net's device, in eval mode under ``torch.no_grad`` (the net's mode is
+    restored afterwards): ``[D, ..., H, W]`` on the CPU."""
     if image.ndim != 4 or image.shape[0] != 1:
         raise ValueError(f"image must be [1, H, W, D], got shape {tuple(image.shape)}")
     if batch_size < 1:
@@ -67,14 +61,29 @@ def predict_volume(net: torch.nn.Module, image: torch.Tensor, batch_size: int = 
     net.eval()
     try:
         with torch.no_grad():
-            preds = [
-                net(chunk.to(device=device, dtype=dtype)).argmax(dim=1).to(torch.uint8).cpu()
-                for chunk in torch.split(slices, batch_size, dim=0)
-            ]
+            return torch.cat(
+                [head(net(chunk.to(device=device, dtype=dtype))).cpu() for chunk in torch.split(slices, batch_size, 0)]
+            )
     finally:
         net.train(was_training)
-    out = torch.cat(preds, dim=0) if preds else torch.zeros((0, *image.shape[1:3]), dtype=torch.uint8)
-    return out.permute(1, 2, 0).unsqueeze(0).to(image.device)  # [D, H, W] -> [1, H, W, D]
+
+
+def predict_volume(net: torch.nn.Module, image: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """Segment a volume slice by slice with a 2D network (``[B, 1, H, W] -> [B, C, H, W]`` logits).
+
+    Returns:
+        uint8 label map ``[1, H, W, D]`` (argmax over classes), on ``image``'s device.
+    """
+    if image.ndim == 4 and image.shape[-1] == 0:
+        return torch.zeros(image.shape, dtype=torch.uint8, device=image.device)
+    out = _slicewise(net, image, batch_size, lambda z: z.argmax(dim=1).to(torch.uint8))  # [D, H, W]
+    return out.permute(1, 2, 0).unsqueeze(0).to(image.device)
+
+
+def predict_probabilities(net: torch.nn.Module, image: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """Softmax class probabilities ``[C, H, W, D]`` (float32, CPU) of a volume ``[1, H, W, D]``."""
+    out = _slicewise(net, image, batch_size, lambda z: torch.softmax(z.float(), dim=1))  # [D, C, H, W]
+    return out.permute(1, 2, 3, 0).contiguous()
 
 
 def _as_label_map(x: torch.Tensor, name: str) -> torch.Tensor:

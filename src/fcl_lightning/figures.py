@@ -1,4 +1,5 @@
-"""Figures for reports: example segmentations, embedding projections, Dice vs labelled patients.
+"""Figures for reports: example segmentations, embedding projections, Dice vs labelled patients,
+Bland-Altman plots of cardiac indices.
 
 Drawn on matplotlib's Agg canvas directly (``Figure`` + ``FigureCanvasAgg``, no ``pyplot``), so
 nothing needs a display and the global backend of the caller is left alone. Every function writes a
@@ -17,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from fcl_lightning.indices import agreement, index_unit
 from fcl_lightning.io import atomic_write
 
 #: Overlay colour (RGB) and legend name of each foreground label; background stays transparent.
@@ -191,5 +193,53 @@ def save_dice_vs_n_figure(
         ax.legend(fontsize=9)
     if title:
         ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def save_bland_altman_figure(
+    path: str | os.PathLike,
+    pairs: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    title: str = "",
+) -> Path:
+    """Bland-Altman plots, one panel per index: index name -> ``(pred, true)`` over patients.
+
+    x is the mean of pred and true, y is pred - true; lines mark the bias and the 95% limits of
+    agreement (:func:`fcl_lightning.indices.agreement`, NaN pairs dropped). Each panel is titled
+    with the index and its unit (ml for volumes, % for EF, g for mass).
+    """
+    if not pairs:
+        raise ValueError("save_bland_altman_figure needs at least one index")
+    n_cols = min(len(pairs), 4)
+    n_rows = -(-len(pairs) // n_cols)
+    fig = Figure(figsize=(3.6 * n_cols, 3.2 * n_rows + (0.4 if title else 0.0)))
+    axes = np.asarray(fig.subplots(n_rows, n_cols, squeeze=False)).reshape(-1)
+    for ax, (name, (pred, true)) in zip(axes, pairs.items()):
+        p = np.asarray(pred, dtype=np.float64).reshape(-1)
+        t = np.asarray(true, dtype=np.float64).reshape(-1)
+        if p.shape != t.shape:
+            raise ValueError(f"index {name!r}: {p.size} predicted values for {t.size} true ones")
+        keep = ~(np.isnan(p) | np.isnan(t))
+        p, t = p[keep], t[keep]
+        stats = agreement(p, t)
+        unit = index_unit(name)
+        ax.scatter((p + t) / 2, p - t, s=14, alpha=0.75, color="tab:blue")
+        if stats["n"] >= 2:
+            ax.axhline(stats["bias"], color="tab:red", linewidth=1.2, label=f"bias {stats['bias']:.2f}")
+            for key in ("loa_low", "loa_high"):
+                ax.axhline(stats[key], color="tab:gray", linestyle="--", linewidth=1.0)
+            ax.plot(
+                [], [], color="tab:gray", linestyle="--", label=f"LoA [{stats['loa_low']:.2f}, {stats['loa_high']:.2f}]"
+            )
+            ax.legend(fontsize=7, loc="best", framealpha=0.8)
+        ax.axhline(0.0, color="black", linewidth=0.6, alpha=0.5)
+        ax.set_title(f"{name} ({unit})", fontsize=10)
+        ax.set_xlabel(f"mean of pred and true ({unit})", fontsize=8)
+        ax.set_ylabel(f"pred - true ({unit})", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(pairs) :]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)

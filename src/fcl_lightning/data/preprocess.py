@@ -120,24 +120,6 @@ class Preprocessor:
         self.upper_percentile = float(upper_percentile)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self._memory = _MEMORY
-        pixdim = (self.spacing, self.spacing, -1.0)  # non-positive: keep the original slice spacing
-        self._tail = Compose(
-            [
-                Spacingd(
-                    ("image", "label"),
-                    pixdim=pixdim,
-                    mode=("bilinear", "nearest"),
-                    dtype=np.float32,
-                    allow_missing_keys=True,
-                ),
-                ScaleIntensityRangePercentilesd(
-                    "image", lower=self.lower_percentile, upper=self.upper_percentile, b_min=0.0, b_max=1.0, clip=True
-                ),
-                ResizeWithPadOrCropd(
-                    ("image", "label"), spatial_size=(self.size, self.size, -1), allow_missing_keys=True
-                ),
-            ]
-        )
 
     def params(self) -> str:
         return (
@@ -166,6 +148,33 @@ class Preprocessor:
         image, label, spacing, meta = entry
         return Volume(record=record, image=image, label=label, spacing=spacing, meta=dict(meta))
 
+    def pipeline(self, affine: np.ndarray, label_mode: str = "nearest") -> Compose:
+        """The whole pipeline for a volume of this ``affine`` (MONAI dictionary transforms on
+        ``image`` and, if present, ``label``): what :meth:`apply` runs, and what ``predict``
+        inverts (``Invertd``) to bring a prediction back onto the scan's own grid.
+        ``label_mode="bilinear"`` resamples a ``label`` of per-class maps (one-hot, probabilities)."""
+        pixdim = (self.spacing, self.spacing, -1.0)  # non-positive: keep the original slice spacing
+        return Compose(
+            [
+                Orientationd(
+                    ("image", "label"), axcodes=positive_axcodes(affine), labels=None, allow_missing_keys=True
+                ),
+                Spacingd(
+                    ("image", "label"),
+                    pixdim=pixdim,
+                    mode=("bilinear", label_mode),
+                    dtype=np.float32,
+                    allow_missing_keys=True,
+                ),
+                ScaleIntensityRangePercentilesd(
+                    "image", lower=self.lower_percentile, upper=self.upper_percentile, b_min=0.0, b_max=1.0, clip=True
+                ),
+                ResizeWithPadOrCropd(
+                    ("image", "label"), spatial_size=(self.size, self.size, -1), allow_missing_keys=True
+                ),
+            ]
+        )
+
     def apply(self, raw: RawVolume) -> Entry:
         """Run the pipeline on one raw volume (no caching)."""
         affine = torch.as_tensor(raw.affine, dtype=torch.float64)
@@ -173,8 +182,7 @@ class Preprocessor:
         data: dict[str, Any] = {"image": MetaTensor(torch.from_numpy(image_np), affine=affine)}
         if raw.label is not None:
             data["label"] = MetaTensor(torch.from_numpy(raw.label[None].astype(np.float32)), affine=affine.clone())
-        data = Orientationd(tuple(data), axcodes=positive_axcodes(raw.affine), labels=None)(data)
-        data = self._tail(data)
+        data = self.pipeline(raw.affine)(data)
         image_mt: MetaTensor = data["image"]
         sx, sy, sz = (float(s) for s in affine_to_spacing(image_mt.affine, 3))
         image = image_mt.as_tensor().to(torch.float32).contiguous()

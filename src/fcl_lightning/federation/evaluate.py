@@ -17,6 +17,14 @@ from fcl_lightning.federation.checkpoint import load_checkpoint, resolve_ckpt_pa
 SUMMARY_KEYS = tuple(f"dice_{s}" for s in STRUCTURES) + ("dice_mean", "hd95_mean")
 
 
+def checkpoint_weights(ckpt: dict[str, Any], num_clients: int) -> dict[int, dict[str, torch.Tensor]]:
+    """client -> the weights a fine-tuning checkpoint scores for it: in local mode each client's
+    own (its best validation round's with ``select_best``), else the global model for every client."""
+    weights = {int(c): w for c, w in ckpt["client_weights"].items()}
+    weights.update({int(c): w for c, w in ckpt.get("best_client_weights", {}).items()})  # select_best
+    return weights or {c: ckpt["global"] for c in range(num_clients)}
+
+
 def evaluate_run(
     module: Any,
     datamodule: Any,
@@ -44,11 +52,7 @@ def evaluate_run(
     weights: dict[int, dict] = {}
     path = resolve_ckpt_path(ckpt_path, root)
     if path is not None:
-        ckpt = load_checkpoint(path)
-        weights = {int(c): w for c, w in ckpt["client_weights"].items()}
-        weights.update({int(c): w for c, w in ckpt.get("best_client_weights", {}).items()})  # select_best
-        if not weights:
-            weights = {c: ckpt["global"] for c in range(C)}
+        weights = checkpoint_weights(load_checkpoint(path), C)
     else:
         current = module.global_state()
         weights = {c: current for c in range(C)}
@@ -92,3 +96,72 @@ def evaluate_run(
         console.print(t)
         console.print(f"per-patient rows: {root / f'{stage}_per_patient.csv'}; summary: {root / 'summary.json'}")
     return out
+
+
+def run_predict(
+    module: Any,
+    datamodule: Any,
+    ckpt_path: str | None,
+    input: str | None,
+    output: str | None,
+    client: int,
+    probabilities: bool,
+    root: Path,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """``fcl-lightning predict``: the model of a fine-tuning checkpoint (``client``'s in local
+    mode), the data section's preprocessing, every scan of ``input`` segmented into ``output``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fcl_lightning.console import log_console, output_console
+    from fcl_lightning.federation.checkpoint import CheckpointError
+    from fcl_lightning.predict import find_scans, predict_scans
+
+    if module.scored_net() is None:
+        raise ConfigError(
+            f"predict segments with a fine-tuned U-Net; the config's model is {type(module).__name__} "
+            "(pre-training): give the fine-tuning config (e.g. configs/acdc/finetune.yaml)"
+        )
+    if not ckpt_path:
+        raise ConfigError(
+            "predict needs --ckpt_path: a fine-tuning run's checkpoint (e.g. <run>/checkpoints/last.ckpt)"
+        )
+    if not input:
+        raise ConfigError("predict needs --input: a NIfTI file, folder, glob, manifest or ACDC-layout root")
+    path = resolve_ckpt_path(ckpt_path, root)
+    ckpt = load_checkpoint(path)
+    if ckpt.get("module") != type(module).__name__:
+        raise CheckpointError(
+            f"{path} is a checkpoint of a {ckpt.get('module')} run (pre-training), not of fine-tuning: "
+            "predict needs a fine-tuning run's checkpoint"
+        )
+    weights = checkpoint_weights(ckpt, int(ckpt["num_clients"]))
+    per_client = bool(ckpt["client_weights"])
+    if per_client and client not in weights:
+        raise ConfigError(f"--client {client}: {path} holds the models of clients {sorted(weights)}")
+    w = weights[client if per_client else next(iter(weights))]
+    problem = module.global_state_mismatch(w)
+    if problem:
+        raise CheckpointError(f"{path} does not fit the configured model: {problem}; use the run's config.yaml")
+    module.load_global_state(w)
+    scans = find_scans(input)
+    out = Path(output) if output else root / "predictions"
+    net = module.scored_net().to(device)
+    with Progress(
+        TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+        TimeElapsedColumn(), console=log_console(), transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task("", total=len(scans))
+
+        def show(i: int, scan: Any) -> None:
+            bar.update(task, completed=i, description=scan.path.name)
+
+        result = predict_scans(net, datamodule.preprocessor, scans, out, module.eval_batch_size, probabilities, show)
+        bar.update(task, completed=len(scans))
+    n = sum(1 for f in result["files"] if f.name.endswith("_seg.nii.gz"))
+    extra = [f.name for f in result["files"] if f.suffix == ".csv"]
+    whose = f"client {client}'s model" if per_client else "the global model"
+    output_console().print(
+        f"outputs in {out}: {n} label maps ({whose}, {path.name})" + "".join(f", {e}" for e in extra), soft_wrap=True
+    )
+    return result

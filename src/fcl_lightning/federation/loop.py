@@ -247,9 +247,14 @@ class FederatedLoop:
                 self.log_console.print(f"nothing to resume in {self.root} (no checkpoints/last.ckpt): starting the run")
             return self._run(ckpt, path, C, clients)
 
-    def interrupted_message(self, exc: RunInterrupted) -> str:
-        """Where a stop signal left the run and how to go on."""
+    def interrupted_message(self, exc: RunInterrupted, ckpt: dict[str, Any] | None) -> str:
+        """Where a stop signal left the run and how to go on (``ckpt``: what it was resuming from)."""
         state = self.state
+        if state is None and ckpt is not None:
+            return (
+                f"interrupted by {exc.signame} before round {int(ckpt['round']) + 1} started: round "
+                f"{int(ckpt['round'])}'s checkpoint is the last; resume with --ckpt_path last"
+            )
         if state is None:
             return f"interrupted by {exc.signame} before round 1 started: nothing to resume; run the command again"
         at = (
@@ -272,7 +277,7 @@ class FederatedLoop:
         try:
             return self._train(ckpt, path, C, clients)
         except RunInterrupted as exc:
-            exc.message = self.interrupted_message(exc)
+            exc.message = self.interrupted_message(exc, ckpt)
             raise
 
     def _train(self, ckpt: dict[str, Any] | None, path: Path | None, C: int, clients: Clients | None) -> dict[str, Any]:

@@ -1,0 +1,275 @@
+"""``fcl-lightning predict``: segment new scans with a fine-tuned U-Net and write label maps in
+each scan's own geometry, plus the cardiac indices of every patient whose ED and ES frames are known.
+
+Each 3D image goes through the fine-tuning config's preprocessing (``Preprocessor.pipeline``: MONAI
+orientation, spacing, intensity scaling, pad/crop), is segmented slice by slice, and its class
+probabilities are brought back onto the original voxel grid by MONAI's ``Invertd`` (the inverse of
+every invertible transform, linear interpolation) before the argmax: a ``<name>_seg.nii.gz`` of the
+input's shape, affine and header geometry (uint8). A 4D cine is segmented frame by frame.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Invertd
+
+from fcl_lightning.data.acdc import read_info_cfg
+from fcl_lightning.data.nifti import nifti_stem, voxel_affine
+from fcl_lightning.data.preprocess import Preprocessor
+from fcl_lightning.errors import UserError
+from fcl_lightning.indices import cardiac_indices, structure_volumes_ml, write_indices_csv
+from fcl_lightning.io import atomic_write, check_writable
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+MANIFEST_SUFFIXES = (".csv", ".tsv", ".json")
+
+
+class PredictInputError(UserError):
+    """An input image, input list or output folder ``predict`` cannot use; names the file."""
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One input image and what is known about it (patient and ED/ES frame: for the indices)."""
+
+    path: Path
+    name: str
+    patient: str | None = None
+    frame: str | None = None
+
+
+def is_nifti(path: str | Path) -> bool:
+    return str(path).endswith(NIFTI_SUFFIXES)
+
+
+def _not_a_label(path: Path) -> bool:
+    return not nifti_stem(path).endswith(("_gt", "_seg"))
+
+
+def find_scans(input: str) -> list[Scan]:
+    """The images named by ``input``: an ACDC-layout root (``patientXXX/`` with ``Info.cfg``: its ED
+    and ES frames), a folder of NIfTI files (label maps ``*_gt`` / ``*_seg`` left out), a manifest
+    (CSV/TSV/JSON with an ``image`` column, optional ``patient`` and ``frame``), one NIfTI file,
+    or a glob pattern."""
+    p = Path(input).expanduser()
+    scans: list[Scan] = []
+    if p.is_dir() and sorted(p.glob("patient*/Info.cfg")):
+        for info_path in sorted(p.glob("patient*/Info.cfg")):
+            patient = info_path.parent.name
+            info = read_info_cfg(info_path, patient)
+            for frame in ("ED", "ES"):
+                stem = f"{patient}_frame{int(info[frame]):02d}"
+                scans.append(Scan(info_path.parent / f"{stem}.nii.gz", stem, patient, frame))
+    elif p.is_dir():
+        paths = sorted(x for x in p.iterdir() if x.is_file() and is_nifti(x) and _not_a_label(x))
+        scans = [Scan(x, nifti_stem(x)) for x in paths]
+    elif p.is_file() and str(p).endswith(MANIFEST_SUFFIXES):
+        from fcl_lightning.data.manifest import ManifestSource
+
+        for r in ManifestSource(str(p)).records():
+            if r.image_path is None:
+                raise PredictInputError(f"{p}: record {r.key} has no image path")
+            scans.append(Scan(Path(r.image_path), nifti_stem(r.image_path), r.patient, r.frame))
+    elif p.is_file():
+        if not is_nifti(p):
+            raise PredictInputError(
+                f"predict input {p} is neither a NIfTI image (.nii, .nii.gz) nor a manifest (.csv, .tsv, .json)"
+            )
+        scans = [Scan(p, nifti_stem(p))]
+    else:
+        paths = sorted(Path(x) for x in glob.glob(str(p)) if is_nifti(x) and _not_a_label(Path(x)))
+        if not paths and not any(ch in input for ch in "*?["):
+            raise PredictInputError(f"predict input {input} does not exist")
+        scans = [Scan(x, nifti_stem(x)) for x in paths]
+    if not scans:
+        raise PredictInputError(f"predict input {input} names no NIfTI image")
+    names: dict[str, Path] = {}
+    for s in scans:
+        if s.name in names and names[s.name] != s.path:
+            raise PredictInputError(
+                f"two inputs would write the same {s.name}_seg.nii.gz: {names[s.name]} and {s.path}; "
+                "predict them into different output folders"
+            )
+        names[s.name] = s.path
+    return scans
+
+
+def stored_zooms(path: Path, img: nib.Nifti1Image) -> np.ndarray:
+    """The voxel spacing as the file stores it (``pixdim[1:4]``): nibabel's loaded header would
+    have turned a missing (0) spacing into 1 mm."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            header = type(img.header).from_fileobj(fh, check=False)
+        return np.asarray(header["pixdim"][1:4], dtype=float)
+    except Exception:  # a header nibabel read once already: fall back to its zooms
+        return np.asarray(img.header.get_zooms()[:3], dtype=float)
+
+
+def read_scan(scan: Scan) -> tuple[nib.Nifti1Image, np.ndarray, np.ndarray]:
+    """The image, its data as float32 (3D, or 4D with time last) and its voxel affine, or one
+    :class:`PredictInputError` naming the file: unreadable, not 3D/4D, no spacing, NaN voxels."""
+    path = scan.path
+    if not path.is_file():
+        raise PredictInputError(f"{path}: image file not found")
+    try:
+        quiet = logging.getLogger("nibabel.global")  # its note on a header it repairs: checked below instead
+        was, quiet.disabled = quiet.disabled, True
+        try:
+            img = nib.load(str(path))
+        finally:
+            quiet.disabled = was
+        data = np.asanyarray(img.dataobj).astype(np.float32)
+        affine = voxel_affine(img)
+    except Exception as exc:  # nibabel raises many types for damaged files
+        raise PredictInputError(
+            f"{path}: cannot read the image: corrupt or not NIfTI ({type(exc).__name__}: {exc})"
+        ) from None
+    while data.ndim > 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim not in (3, 4):
+        raise PredictInputError(f"{path}: not a 3D or 4D image (shape {tuple(data.shape)})")
+    zooms = stored_zooms(path, img)
+    if zooms.size < 3 or not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
+        raise PredictInputError(f"{path}: the header gives no voxel spacing (pixdim {zooms.tolist()})")
+    if not np.all(np.isfinite(data)):
+        raise PredictInputError(f"{path}: holds NaN or infinite voxels")
+    return img, data, affine
+
+
+def check_output_folder(out: Path, scans: list[Scan]) -> None:
+    """The output folder is writable and holds none of the inputs (a prediction never lands
+    beside, or over, the images it came from)."""
+    out = out.expanduser().resolve()
+    for s in scans:
+        if s.path.expanduser().resolve().parent == out:
+            raise PredictInputError(
+                f"the output folder {out} is the folder of the input {s.path}: choose another --output"
+            )
+    check_writable(out, "the output folder", "--output")
+
+
+def preprocess_traced(pre: Preprocessor, image: np.ndarray, affine: np.ndarray, class_maps: np.ndarray | None = None):
+    """The pipeline and its output for one 3D frame: MetaTensors that remember every transform
+    applied (what :func:`to_native` inverts). ``class_maps`` ``[C, X, Y, Z]`` (one-hot of a label
+    map) go along as ``label``, resampled linearly as probabilities would be."""
+    t = pre.pipeline(affine, label_mode="bilinear")
+    aff = torch.as_tensor(affine, dtype=torch.float64)
+    data: dict[str, Any] = {"image": MetaTensor(torch.from_numpy(np.ascontiguousarray(image[None])), affine=aff)}
+    if class_maps is not None:
+        data["label"] = MetaTensor(torch.from_numpy(class_maps.astype(np.float32)), affine=aff.clone())
+    return t, t(data)
+
+
+def to_native(t: Any, image: MetaTensor, probs: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Per-class maps ``[C, S, S, D]`` on the preprocessed grid of ``image`` back onto the scan's
+    own grid (``Invertd``: every invertible transform of ``t`` undone, linear interpolation)."""
+    pred = MetaTensor(probs, affine=image.affine, applied_operations=image.applied_operations)
+    back = Invertd("pred", transform=t, orig_keys="image", nearest_interp=False)({"pred": pred, "image": image})["pred"]
+    out = back.as_tensor().float()
+    if tuple(out.shape[1:]) != tuple(shape):
+        raise RuntimeError(f"inverse preprocessing gave shape {tuple(out.shape[1:])}, not {tuple(shape)}")
+    return out
+
+
+def segment_frame(
+    net: torch.nn.Module, pre: Preprocessor, image: np.ndarray, affine: np.ndarray, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Label map (uint8) and class probabilities ``[C, X, Y, Z]`` of one 3D frame, on its own grid."""
+    from fcl_lightning.evaluation import predict_probabilities
+
+    t, data = preprocess_traced(pre, image, affine)
+    x = data["image"]
+    probs = to_native(t, x, predict_probabilities(net, x.as_tensor().float(), batch_size), image.shape)
+    return probs.argmax(0).to(torch.uint8).numpy(), probs.numpy()
+
+
+def save_label_map(seg: np.ndarray, like: nib.Nifti1Image, path: Path) -> Path:
+    """``seg`` as a uint8 NIfTI with ``like``'s header geometry (affine, sform/qform, zooms),
+    written atomically (a temp file beside it, then a rename)."""
+    header = like.header.copy()
+    out = nib.Nifti1Image(seg.astype(np.uint8), like.affine, header)
+    out.set_data_dtype(np.uint8)
+    out.header.set_slope_inter(1.0, 0.0)
+    out.header["cal_min"], out.header["cal_max"] = 0, max(int(seg.max()), 1)
+    raw = out.to_bytes()
+    body = gzip.compress(raw, compresslevel=1, mtime=0) if str(path).endswith(".gz") else raw
+    return atomic_write(path, lambda tmp: tmp.write_bytes(body))
+
+
+def save_probabilities(probs: np.ndarray, like: nib.Nifti1Image, path: Path) -> Path:
+    """Class probabilities, classes on a trailing axis: ``[X, Y, Z, C]`` (``[X, Y, Z, T, C]`` for a cine)."""
+    header = like.header.copy()
+    out = nib.Nifti1Image(np.moveaxis(probs, 0, -1).astype(np.float32), like.affine, header)
+    out.set_data_dtype(np.float32)
+    out.header.set_slope_inter(1.0, 0.0)
+    body = gzip.compress(out.to_bytes(), compresslevel=1, mtime=0)
+    return atomic_write(path, lambda tmp: tmp.write_bytes(body))
+
+
+def predict_scans(
+    net: torch.nn.Module,
+    pre: Preprocessor,
+    scans: list[Scan],
+    out: Path,
+    batch_size: int = 32,
+    probabilities: bool = False,
+    progress: Callable[[int, Scan], None] | None = None,
+) -> dict[str, Any]:
+    """Segment every scan into ``out``; returns the files written and the rows of the CSVs.
+
+    Every input is read and checked before the first file is written (one bad file stops the
+    command with nothing written); ``volumes.csv`` holds the structure volumes of every 3D
+    image, ``indices.csv`` the cardiac indices of every patient with an ED and an ES frame."""
+    loaded = [(s, *read_scan(s)) for s in scans]
+    check_output_folder(out, scans)
+    written: list[Path] = []
+    volume_rows: list[dict[str, Any]] = []
+    by_patient: dict[str, dict[str, tuple[np.ndarray, tuple[float, float, float]]]] = {}
+    for i, (scan, img, data, affine) in enumerate(loaded):
+        if progress is not None:
+            progress(i, scan)
+        frames = [data] if data.ndim == 3 else [data[..., t] for t in range(data.shape[3])]
+        segs, probs = zip(*(segment_frame(net, pre, f, affine, batch_size) for f in frames))
+        seg = segs[0] if data.ndim == 3 else np.stack(segs, axis=-1)
+        written.append(save_label_map(seg, img, out / f"{scan.name}_seg.nii.gz"))
+        if probabilities:
+            p = probs[0] if data.ndim == 3 else np.stack(probs, axis=-1)
+            written.append(save_probabilities(p, img, out / f"{scan.name}_prob.nii.gz"))
+        spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+        if data.ndim == 3:
+            volume_rows.append({"image": scan.name, **structure_volumes_ml(seg, spacing)})
+            if scan.patient and scan.frame in ("ED", "ES"):
+                by_patient.setdefault(scan.patient, {})[scan.frame] = (seg, spacing)
+    index_rows = [
+        {"patient": p, **cardiac_indices(f["ED"][0], f["ES"][0], f["ED"][1], f["ES"][1])}
+        for p, f in sorted(by_patient.items())
+        if "ED" in f and "ES" in f
+    ]
+    if volume_rows:
+        written.append(write_volumes_csv(volume_rows, out / "volumes.csv"))
+    if index_rows:
+        written.append(write_indices_csv(index_rows, out / "indices.csv"))
+    return {"files": written, "volumes": volume_rows, "indices": index_rows}
+
+
+def write_volumes_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=["image", "RV", "MYO", "LV"])
+            w.writeheader()
+            w.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+
+    return atomic_write(path, write)

@@ -1,0 +1,179 @@
+"""``fcl-lightning predict``: label maps in each scan's own geometry, the inverse preprocessing
+round trip, the indices CSV, and one clear error per bad input."""
+
+import csv
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from fcl_lightning.cli import console_main, main
+from fcl_lightning.data.nifti import voxel_affine
+from fcl_lightning.data.phantom import PhantomSource, write_acdc_layout
+from fcl_lightning.data.preprocess import Preprocessor
+from fcl_lightning.predict import preprocess_traced, to_native
+
+REPO = Path(__file__).resolve().parents[1]
+ACDC = REPO.parent / "shared" / "data" / "acdc" / "training"
+FINETUNE = [
+    "--config",
+    str(REPO / "configs" / "demo_finetune.yaml"),
+    "--trainer.accelerator=cpu",
+    "--model.features=[8,16,16,16]",
+    "--data.img_size=32",
+    "--data.spacing=3.0",
+    "--data.augment_on=device",
+    "--data.source.num_subjects=8",
+    "--data.source.size=64",
+    "--data.source.num_sites=2",
+    "--data.test_source.num_subjects=2",
+    "--data.test_source.size=64",
+    "--data.num_clients=2",
+    "--federation.local_steps=5",
+    "--federation.rounds=1",
+]
+
+
+def run_cli(argv, capsys):
+    with pytest.raises(SystemExit) as ex:
+        console_main(argv)
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return ex.value.code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetuned")
+    main(["fit", *FINETUNE, f"--trainer.default_root_dir={root}"])
+    scans = write_acdc_layout(PhantomSource(num_subjects=2, num_sites=1, size=64, seed=7), str(root / "scans"))
+    return root, Path(scans)
+
+
+def dice(a: np.ndarray, b: np.ndarray, c: int) -> float:
+    return 2 * float(((a == c) & (b == c)).sum()) / max(1, float((a == c).sum() + (b == c).sum()))
+
+
+def round_trip(pre: Preprocessor, image: np.ndarray, label: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """A label map's one-hot through the preprocessing and back (``to_native``), then the argmax:
+    what a perfect prediction on the preprocessed grid becomes on the scan's grid."""
+    onehot = np.eye(4, dtype=np.float32)[label].transpose(3, 0, 1, 2)
+    t, data = preprocess_traced(pre, image, affine, onehot)
+    return to_native(t, data["image"], data["label"].as_tensor(), image.shape).argmax(0).numpy()
+
+
+def test_preprocessing_then_inversion_gives_back_the_label_map():
+    src = PhantomSource(num_subjects=1, num_sites=1, size=96, seed=3)
+    raw = src.load(src.records()[0])
+    back = round_trip(Preprocessor(spacing=1.0, size=128), raw.image, raw.label, raw.affine)
+    assert back.shape == raw.label.shape
+    for c in (1, 2, 3):
+        assert dice(back, raw.label, c) >= 0.99, c
+
+
+@pytest.mark.skipif(not ACDC.is_dir(), reason="opt-in: the ACDC training set is not here")
+def test_round_trip_on_acdc_at_the_fine_tuning_resolution():
+    from fcl_lightning.data.nifti import read_nifti_pair
+
+    for pid in (1, 42, 85):
+        folder = ACDC / f"patient{pid:03d}"
+        stem = sorted(p.name for p in folder.glob("*_frame??.nii.gz"))[0][: -len(".nii.gz")]
+        raw = read_nifti_pair(folder / f"{stem}.nii.gz", folder / f"{stem}_gt.nii.gz", stem)
+        back = round_trip(Preprocessor(spacing=1.367, size=192), raw.image, raw.label, raw.affine)
+        for c in (1, 2, 3):
+            assert dice(back, raw.label, c) >= 0.99, (stem, c)
+
+
+def test_predict_writes_label_maps_in_the_scans_geometry(finetuned, capsys):
+    root, scans = finetuned
+    out = root / "pred"
+    code, stdout, err = run_cli(
+        ["predict", *FINETUNE, f"--ckpt_path={root}/checkpoints/last.ckpt", f"--input={scans}", f"--output={out}"],
+        capsys,
+    )
+    assert code == 0, err
+    assert f"outputs in {out}: 4 label maps (client 0's model, last.ckpt), volumes.csv, indices.csv" in stdout
+    for img_path in sorted(scans.glob("patient*/*_frame??.nii.gz")):
+        img = nib.load(img_path)
+        seg = nib.load(out / img_path.name.replace(".nii.gz", "_seg.nii.gz"))
+        assert seg.shape == img.shape and seg.get_data_dtype() == np.uint8
+        assert np.allclose(seg.affine, img.affine, atol=1e-5)
+        assert np.allclose(voxel_affine(seg), voxel_affine(img), atol=1e-5)
+        assert seg.header.get_zooms() == img.header.get_zooms()
+        assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1, 2, 3}
+    rows = list(csv.DictReader(open(out / "indices.csv")))
+    assert [r["patient"] for r in rows] == ["patient001", "patient002"]
+    assert {"LV_EDV", "LV_ESV", "LV_EF", "RV_EF", "MYO_mass_g"} <= set(rows[0])
+    assert len(list(csv.DictReader(open(out / "volumes.csv")))) == 4
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_predict_segments_a_4d_cine_frame_by_frame(finetuned, tmp_path, capsys):
+    root, scans = finetuned
+    frames = sorted((scans / "patient001").glob("*_frame??.nii.gz"))
+    imgs = [nib.load(f) for f in frames]
+    cine = np.stack([np.asarray(i.dataobj, dtype=np.float32) for i in imgs], axis=-1)
+    (tmp_path / "in").mkdir()
+    nib.save(nib.Nifti1Image(cine, imgs[0].affine, imgs[0].header), tmp_path / "in" / "p1_4d.nii.gz")
+    code, _, err = run_cli(
+        ["predict", *FINETUNE, f"--ckpt_path={root}/checkpoints/last.ckpt", f"--input={tmp_path / 'in'}",
+         f"--output={tmp_path / 'out'}", "--client=1"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    seg = nib.load(tmp_path / "out" / "p1_4d_seg.nii.gz")
+    assert seg.shape == cine.shape and np.allclose(seg.affine, imgs[0].affine, atol=1e-5)
+    # frame t of the cine is segmented as the 3D frame alone would be
+    code, _, err = run_cli(
+        ["predict", *FINETUNE, f"--ckpt_path={root}/checkpoints/last.ckpt", f"--input={frames[1]}",
+         f"--output={tmp_path / 'one'}", "--client=1"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    one = np.asarray(nib.load(tmp_path / "one" / frames[1].name.replace(".nii.gz", "_seg.nii.gz")).dataobj)
+    assert np.array_equal(np.asarray(seg.dataobj)[..., 1], one)
+
+
+def test_predict_bad_inputs_are_one_line_and_write_nothing(finetuned, tmp_path, capsys, tiny):
+    root, scans = finetuned
+    base = ["predict", *FINETUNE, f"--ckpt_path={root}/checkpoints/last.ckpt"]
+    good = sorted((scans / "patient001").glob("*_frame??.nii.gz"))[0]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "junk.nii.gz").write_bytes(b"not a nifti")
+    img = nib.load(good)
+    nib.save(nib.Nifti1Image(np.zeros((8, 8), np.float32), np.eye(4)), bad / "flat.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine), bad / "nospacing.nii")
+    raw = bytearray((bad / "nospacing.nii").read_bytes())
+    raw[80:92] = np.zeros(3, "<f4").tobytes()  # pixdim[1:4] = 0 (nibabel would not write it)
+    (bad / "nospacing.nii").write_bytes(bytes(raw))
+    pre_root = tmp_path / "pre"
+    main(tiny(pre_root, rounds=1))
+    cases = [
+        ([f"--input={bad / 'junk.nii.gz'}"], "junk.nii.gz: cannot read the image"),
+        ([f"--input={bad / 'flat.nii.gz'}"], "flat.nii.gz: not a 3D or 4D image"),
+        ([f"--input={bad / 'nospacing.nii'}"], "nospacing.nii: the header gives no voxel spacing"),
+        ([f"--input={tmp_path / 'nothing-here'}"], "does not exist"),
+        ([f"--input={good}", f"--output={good.parent}"], "is the folder of the input"),
+        ([f"--input={good}", f"--ckpt_path={pre_root}/checkpoints/last.ckpt"], "not of fine-tuning"),
+        ([f"--input={good}", "--client=7"], "holds the models of clients [0, 1]"),
+    ]
+    for extra, needle in cases:
+        out = tmp_path / "out"
+        args = [*base, *extra]
+        if not any(e.startswith("--output") for e in extra):
+            args.append(f"--output={out}")
+        code, _, err = run_cli(args, capsys)
+        errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and needle in errors[0], (needle, err)
+        assert "Traceback" not in err
+        assert not out.exists()
+    assert not list(good.parent.glob("*_seg.nii.gz"))
+
+
+def test_predict_is_offered(capsys):
+    code, out, _ = run_cli(["--help"], capsys)
+    assert code == 0 and "predict" in out
+    code, out, _ = run_cli(["predict", "--help"], capsys)
+    assert code == 0 and "--input" in out and "--output" in out and "--client" in out
