@@ -177,3 +177,55 @@ def test_predict_is_offered(capsys):
     assert code == 0 and "predict" in out
     code, out, _ = run_cli(["predict", "--help"], capsys)
     assert code == 0 and "--input" in out and "--output" in out and "--client" in out
+
+
+def test_test_scores_native_and_preprocessed_grids_and_the_indices(finetuned, capsys, monkeypatch):
+    """``test --space native`` compares with the original label maps on the scans' grids; with the
+    prediction replaced by the truth both spaces give Dice 1 and indices with zero bias, and the
+    true indices equal voxel counts x voxel volume computed here independently."""
+    import json
+
+    import fcl_lightning.predict as pr
+
+    root, _ = finetuned
+    args = [*FINETUNE, f"--trainer.default_root_dir={root}", "--ckpt_path=last"]
+    code, out, err = run_cli(["test", *args], capsys)  # native is the default
+    assert code == 0, err
+    assert "scored on the native grid" in out and "cardiac indices of" in out
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["test/space"] == "native" and "test/indices/LV_EF/bias" in summary
+    assert (root / "test_bland_altman.png").stat().st_size > 0
+    rows = list(csv.DictReader(open(root / "test_indices.csv")))
+    src = PhantomSource(num_subjects=2, num_sites=2, size=64, seed=12345)  # the config's test_source
+    by_key = {(r.patient, r.frame): r for r in src.records()}
+    for row in rows:
+        vox = {}
+        for frame in ("ED", "ES"):
+            raw = src.load(by_key[(row["patient"], frame)])
+            ml = float(np.prod(np.linalg.norm(raw.affine[:3, :3], axis=0))) / 1000
+            vox[frame] = {c: int((raw.label == c).sum()) * ml for c in (1, 2, 3)}
+        assert abs(float(row["LV_EDV_true"]) - vox["ED"][3]) < 1e-6
+        assert abs(float(row["RV_ESV_true"]) - vox["ES"][1]) < 1e-6
+        assert abs(float(row["MYO_mass_g_true"]) - 1.05 * vox["ED"][2]) < 1e-6
+    per = list(csv.DictReader(open(root / "test_per_patient.csv")))
+    assert {r["space"] for r in per} == {"native"}
+
+    # the truth as the prediction: native rows compare the same grid, so everything agrees exactly
+    def oracle(net, pre, image, affine, batch_size):
+        for rec in src.records():
+            raw = src.load(rec)
+            if raw.image.shape == image.shape and np.array_equal(raw.image, image):
+                return raw.label.astype(np.uint8), None
+        raise AssertionError("volume not found")
+
+    monkeypatch.setattr(pr, "segment_frame", oracle)
+    code, out, err = run_cli(["test", *args], capsys)
+    assert code == 0, err
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["test/dice_mean"] == 1.0 and summary["test/indices/LV_EDV/bias"] == 0.0
+
+    monkeypatch.undo()
+    code, out, err = run_cli(["test", *args, "--space=preprocessed"], capsys)
+    assert code == 0 and "scored on the preprocessed grid" in out, err
+    per = list(csv.DictReader(open(root / "test_per_patient.csv")))
+    assert {r["space"] for r in per} == {"preprocessed"}

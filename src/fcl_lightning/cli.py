@@ -11,7 +11,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from jsonargparse import Namespace, lazy_instance
@@ -119,6 +119,14 @@ class FCLCLI(LightningCLI):
             parser.add_argument("--client", type=int, default=0, help="local mode: whose model (default 0)")
             parser.add_argument("--probabilities", type=bool, default=False, help="also write <name>_prob.nii.gz")
             self._subcommand_method_arguments[subcommand] += ["input", "output", "client", "probabilities"]
+        if subcommand in ("test", "validate"):
+            parser.add_argument(
+                "--space",
+                type=Literal["native", "preprocessed"],
+                default="native",
+                help="score on each scan's own grid (native, as ACDC and published tables do) or on the training grid",
+            )
+            self._subcommand_method_arguments[subcommand] += ["space"]
         return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -220,7 +228,12 @@ class FCLCLI(LightningCLI):
         loop.run(ckpt_path or self.resume_path)
 
     def _evaluate(
-        self, stage: str, model: FederatedModule, datamodule: FederatedDataModule | None, ckpt_path: str | None
+        self,
+        stage: str,
+        model: FederatedModule,
+        datamodule: FederatedDataModule | None,
+        ckpt_path: str | None,
+        space: str = "native",
     ) -> None:
         if datamodule is None:
             raise ConfigError(f"fcl-lightning {stage} needs a data section (data: ...)")
@@ -232,6 +245,7 @@ class FCLCLI(LightningCLI):
             stage,
             output_console(),
             device=self.trainer.strategy.root_device,
+            space=space,
         )
 
     def test(
@@ -239,20 +253,22 @@ class FCLCLI(LightningCLI):
         model: FederatedModule,
         datamodule: FederatedDataModule | None = None,
         ckpt_path: str | None = None,
+        space: str = "native",
         **_: Any,
     ) -> None:
         """Score the run's checkpoint on held-out volumes; writes ``test_per_patient.csv`` and ``test/*``."""
-        self._evaluate("test", model, datamodule, ckpt_path or self.resume_path)
+        self._evaluate("test", model, datamodule, ckpt_path or self.resume_path, space)
 
     def validate(
         self,
         model: FederatedModule,
         datamodule: FederatedDataModule | None = None,
         ckpt_path: str | None = None,
+        space: str = "native",
         **_: Any,
     ) -> None:
         """Score the run's checkpoint on each client's validation patients (``val/*``)."""
-        self._evaluate("val", model, datamodule, ckpt_path or self.resume_path)
+        self._evaluate("val", model, datamodule, ckpt_path or self.resume_path, space)
 
     def predict(
         self,

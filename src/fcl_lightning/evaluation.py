@@ -243,8 +243,18 @@ def evaluate_volumes(net: torch.nn.Module, volumes: list[Volume], batch_size: in
         rec = vol.record
         row: dict = {"key": rec.key, "patient": rec.patient, "frame": rec.frame, "group": rec.group, "site": rec.site}
         row.update(volume_metrics(pred, vol.label, vol.spacing))
+        row.update(structure_volume_columns(pred.cpu().numpy(), vol.label.cpu().numpy(), vol.spacing))
         rows.append(row)
     return rows
+
+
+def structure_volume_columns(pred, label, spacing: Sequence[float]) -> dict[str, float]:
+    """``<S>_ml_pred`` and ``<S>_ml_true`` (S in RV, MYO, LV): what the cardiac indices are made of."""
+    from fcl_lightning.indices import structure_volumes_ml
+
+    sp = tuple(float(x) for x in spacing)
+    p, t = structure_volumes_ml(np.asarray(pred), sp), structure_volumes_ml(np.asarray(label), sp)
+    return {**{f"{k}_ml_pred": v for k, v in p.items()}, **{f"{k}_ml_true": v for k, v in t.items()}}
 
 
 def summarize(rows: Sequence[Mapping]) -> dict[str, float]:

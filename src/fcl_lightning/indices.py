@@ -82,6 +82,11 @@ def cardiac_indices(
     """
     v_ed = structure_volumes_ml(ed, spacing_ed)
     v_es = structure_volumes_ml(es, spacing_ed if spacing_es is None else spacing_es)
+    return indices_from_volumes(v_ed, v_es)
+
+
+def indices_from_volumes(v_ed: dict[str, float], v_es: dict[str, float]) -> dict[str, float]:
+    """The indices of :func:`cardiac_indices` from the ED and ES structure volumes (ml)."""
     return {
         "LV_EDV": v_ed["LV"],
         "LV_ESV": v_es["LV"],
@@ -154,3 +159,24 @@ def write_indices_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> Pa
     for row in rows:
         writer.writerow({k: repr(float(v)) if isinstance(v, (float, np.floating)) else v for k, v in row.items()})
     return atomic_write_text(buf.getvalue(), path)
+
+
+def patient_indices(
+    rows: Sequence[dict[str, Any]], group: Sequence[str] = ("client", "patient")
+) -> list[dict[str, Any]]:
+    """Per patient with an ED and an ES row (scored volumes carrying ``<S>_ml_pred`` and
+    ``<S>_ml_true`` for S in RV, MYO, LV): the ``group`` keys and ``<index>_pred`` / ``<index>_true``."""
+    frames: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("frame") in ("ED", "ES") and "LV_ml_pred" in r:
+            frames.setdefault(tuple(r.get(k) for k in group), {})[r["frame"]] = r
+    out = []
+    for key, f in frames.items():
+        if "ED" not in f or "ES" not in f:
+            continue
+        row: dict[str, Any] = dict(zip(group, key))
+        for side in ("pred", "true"):
+            vols = {fr: {s: float(f[fr][f"{s}_ml_{side}"]) for s in STRUCTURE_LABELS} for fr in ("ED", "ES")}
+            row.update({f"{k}_{side}": v for k, v in indices_from_volumes(vols["ED"], vols["ES"]).items()})
+        out.append(row)
+    return out

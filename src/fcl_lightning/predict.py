@@ -273,3 +273,27 @@ def write_volumes_csv(rows: list[dict[str, Any]], path: Path) -> Path:
             w.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
 
     return atomic_write(path, write)
+
+
+def score_native(
+    net: torch.nn.Module, pre: Preprocessor, source: Any, volumes: list, batch_size: int = 32
+) -> list[dict]:
+    """Score volumes on their scans' own grids: each is read again from ``source``, segmented as
+    ``predict`` does (preprocessing, network, ``Invertd`` back) and compared with its original
+    label map at the header spacing; the rows of :func:`~fcl_lightning.evaluation.evaluate_volumes`."""
+    from fcl_lightning.evaluation import structure_volume_columns, volume_metrics
+
+    rows = []
+    for vol in volumes:
+        raw = source.load(vol.record)
+        if raw.label is None:
+            raise ValueError(f"volume {vol.record.key!r} has no label; evaluation needs labelled volumes")
+        seg, _ = segment_frame(net, pre, raw.image, raw.affine, batch_size)
+        spacing = tuple(float(x) for x in np.linalg.norm(np.asarray(raw.affine)[:3, :3], axis=0))
+        label = raw.label.astype(np.uint8)
+        rec = vol.record
+        row: dict = {"key": rec.key, "patient": rec.patient, "frame": rec.frame, "group": rec.group, "site": rec.site}
+        row.update(volume_metrics(torch.from_numpy(seg), torch.from_numpy(label), spacing))
+        row.update(structure_volume_columns(seg, label, spacing))
+        rows.append(row)
+    return rows

@@ -13,8 +13,13 @@ from rich.table import Table
 from fcl_lightning.errors import ConfigError
 from fcl_lightning.evaluation import STRUCTURES, evaluate_volumes, over_clients, summarize, write_rows_csv
 from fcl_lightning.federation.checkpoint import load_checkpoint, resolve_ckpt_path, update_summary
+from fcl_lightning.figures import save_bland_altman_figure
+from fcl_lightning.indices import INDEX_NAMES, agreement, patient_indices, write_indices_csv
+from fcl_lightning.predict import score_native
 
 SUMMARY_KEYS = tuple(f"dice_{s}" for s in STRUCTURES) + ("dice_mean", "hd95_mean")
+#: where ``test`` / ``validate`` score: the scan's own grid, or the preprocessed training grid
+SPACES = ("native", "preprocessed")
 
 
 def checkpoint_weights(ckpt: dict[str, Any], num_clients: int) -> dict[int, dict[str, torch.Tensor]]:
@@ -33,10 +38,18 @@ def evaluate_run(
     stage: str = "test",
     console: Console | None = None,
     device: str | torch.device = "cpu",
+    space: str = "native",
 ) -> dict[str, float]:
     """Score the run in ``ckpt_path`` (``last`` = ``<root>/checkpoints/last.ckpt``; ``None``: the
     module as configured). Federated runs have one global model; local runs one model per client,
-    and the summary is then the mean +- std over clients, as in the paper's tables."""
+    and the summary is then the mean +- std over clients, as in the paper's tables.
+
+    ``space``: ``native`` scores each prediction on its scan's own grid at the header spacing
+    (brought back as ``predict`` does: what the ACDC challenge and published tables report);
+    ``preprocessed`` on the training grid (faster; what the round monitors use). Patients with an
+    ED and an ES frame also get their cardiac indices, predicted against true."""
+    if space not in SPACES:
+        raise ConfigError(f"--space must be one of {SPACES}, got {space!r}")
     if module.scored_net() is None:
         verb = "test" if stage == "test" else "validate"
         raise ConfigError(
@@ -66,7 +79,12 @@ def evaluate_run(
         if not vols:
             raise ValueError(f"client {c} has no {stage} volumes (set data.test_source, data.cv_folds or val_fraction)")
         module.load_global_state(weights[c])
-        r = evaluate_volumes(module.scored_net().to(device), vols, module.eval_batch_size)
+        net = module.scored_net().to(device)
+        if space == "native":
+            source = datamodule.test_source if vols is datamodule.test else datamodule.source
+            r = score_native(net, datamodule.preprocessor, source, vols, module.eval_batch_size)
+        else:
+            r = evaluate_volumes(net, vols, module.eval_batch_size)
         for row in r:
             row["client"] = "global" if (shared_test and global_only) else c
         rows.extend(r)
@@ -78,8 +96,21 @@ def evaluate_run(
     if len(per_client) > 1:
         for c, p in zip(clients, per_client):
             out[f"{stage}/client{c}/dice_mean"] = p["dice_mean"]
+    for r in rows:
+        r["space"] = space
     write_rows_csv(rows, root / f"{stage}_per_patient.csv")
-    update_summary(root, out)
+    idx_rows = patient_indices(rows)
+    agree: dict[str, dict[str, float]] = {}
+    if idx_rows:
+        for name in INDEX_NAMES:
+            agree[name] = agreement([r[f"{name}_pred"] for r in idx_rows], [r[f"{name}_true"] for r in idx_rows])
+            out.update({f"{stage}/indices/{name}/{k}": float(v) for k, v in agree[name].items()})
+        write_indices_csv(idx_rows, root / f"{stage}_indices.csv")
+        pairs = {n: ([r[f"{n}_pred"] for r in idx_rows], [r[f"{n}_true"] for r in idx_rows]) for n in INDEX_NAMES[:7]}
+        save_bland_altman_figure(
+            root / f"{stage}_bland_altman.png", pairs, title=f"{stage}: predicted - true ({space})"
+        )
+    update_summary(root, {**out, f"{stage}/space": space})
     if console is not None:
         t = Table(
             title=f"{stage}: {len(rows)} volumes, {len(per_client)} model(s)"
@@ -94,7 +125,24 @@ def evaluate_run(
             ]
         )
         console.print(t)
-        console.print(f"per-patient rows: {root / f'{stage}_per_patient.csv'}; summary: {root / 'summary.json'}")
+        if agree:
+            pairs_of = "patients" if len(per_client) == 1 else "(model, patient) pairs"
+            ti = Table(title=f"cardiac indices of {len(idx_rows)} {pairs_of}, predicted against true ({space} grid)")
+            for col in ("index", "corr", "bias", "limits of agreement", "MAE"):
+                ti.add_column(col, justify="right")
+            for name, a in agree.items():
+                ti.add_row(
+                    name,
+                    f"{a['corr']:.3f}",
+                    f"{a['bias']:+.2f}",
+                    f"{a['loa_low']:+.2f} .. {a['loa_high']:+.2f}",
+                    f"{a['mae']:.2f}",
+                )
+            console.print(ti)
+        files = f"{root / f'{stage}_per_patient.csv'}" + (
+            f", {stage}_indices.csv, {stage}_bland_altman.png" if agree else ""
+        )
+        console.print(f"scored on the {space} grid; per-patient rows: {files}; summary: {root / 'summary.json'}")
     return out
 
 
