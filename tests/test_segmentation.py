@@ -249,3 +249,24 @@ def test_pretraining_exports_the_weights_it_started_from(pretrained_tiny, tmp_pa
     assert not (tmp_path / "checkpoints" / "round-003.ckpt").exists()
     with pytest.raises(ConfigError, match="random_init must be"):
         DownstreamEvaluation(random_init="same")
+
+
+def test_validation_dice_is_the_torchmetrics_mean_of_the_per_volume_monai_dice():
+    import lightning.pytorch as pl
+
+    from fcl_lightning.data.phantom import PhantomSource
+    from fcl_lightning.data.preprocess import Preprocessor, load_volumes
+    from fcl_lightning.evaluation import evaluate_volumes
+    from fcl_lightning.lit.segment import VolumeDataset
+
+    src = PhantomSource(num_subjects=2, num_sites=1, size=64, seed=5)
+    vols = load_volumes(src, src.records(), Preprocessor(spacing=3.0, size=32))
+    seg = SegmentationModule(features=[8, 16, 16, 16])
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(seg, torch.utils.data.DataLoader(VolumeDataset(vols), batch_size=None), verbose=False)
+    rows = evaluate_volumes(seg.net, vols)
+    for k in ("dice_mean", "dice_lv", "hd95_mean"):
+        vals = [r[k] for r in rows if r[k] == r[k]]
+        expect = sum(vals) / len(vals) if vals else float("nan")
+        got = float(trainer.callback_metrics[f"val/{k}"])
+        assert (got != got and expect != expect) or abs(got - expect) < 1e-6 * max(1.0, abs(expect)), (k, got, expect)

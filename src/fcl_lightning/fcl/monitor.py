@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchmetrics.functional.classification import multiclass_accuracy
 
 from fcl_lightning.fcl.partition import partition_of
 
@@ -45,8 +46,11 @@ def knn_probe_accuracy(z: torch.Tensor, labels: torch.Tensor, groups: torch.Tens
     if kk < 1:
         raise ValueError("the k-NN probe needs items from at least two groups")
     idx = sim.topk(kk, dim=1).indices
-    votes = F.one_hot(labels[idx], int(labels.max()) + 1).sum(1)
-    return float((votes.argmax(1) == labels).double().mean())
+    num_classes = int(labels.max()) + 1
+    votes = F.one_hot(labels[idx], num_classes).sum(1)
+    if num_classes < 2:  # one class: every vote is right (torchmetrics wants two)
+        return 1.0
+    return float(multiclass_accuracy(votes.argmax(1), labels, num_classes=num_classes, average="micro"))
 
 
 class CollapseMonitor:

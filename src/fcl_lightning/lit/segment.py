@@ -12,9 +12,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from monai.losses import DiceCELoss
 from torch import nn
 from torch.utils.data import DataLoader
+from torchmetrics import MeanMetric
 
 from fcl_lightning.errors import UserError
-from fcl_lightning.evaluation import predict_volume, volume_metrics
+from fcl_lightning.evaluation import METRIC_KEYS, predict_volume, volume_metrics
 from fcl_lightning.io import safe_torch_load
 from fcl_lightning.lit.base import FederatedModule, check_optimizer
 from fcl_lightning.models.encoder import DEFAULT_FEATURES
@@ -165,6 +166,10 @@ class SegmentationModule(FederatedModule):
             self.semi.attach(self.net)
         #: on-device weak augmentation of the unlabelled slices (``data.augment_on: device``)
         self.unlabelled_augment: Any = None
+        #: the epoch means of the validation / test volume metrics (torchmetrics: no state-dict entries)
+        self.volume_means = nn.ModuleDict(
+            {f"{p}_{k}": MeanMetric(nan_strategy="ignore") for p in ("val", "test") for k in METRIC_KEYS}
+        )
 
     @property
     def input_multiple(self) -> int:
@@ -234,11 +239,14 @@ class SegmentationModule(FederatedModule):
             self.semi.after_step(self.net, int(self.semi_step) - 1)  # the step just taken
 
     def _volume_step(self, batch: dict[str, Any], prefix: str) -> dict[str, float]:
+        """One whole volume: MONAI's Dice and HD95, averaged over the epoch's volumes by
+        torchmetrics ``MeanMetric`` (nan HD95 skipped) and logged as ``{prefix}/<metric>``."""
         pred = predict_volume(self.net, batch["image"], self.eval_batch_size)
         m = volume_metrics(pred.cpu(), batch["label"].cpu(), tuple(float(s) for s in batch["spacing"]))
         for k, v in m.items():
-            if k.startswith("dice") or v == v:  # skip nan HD95 in the epoch mean
-                self.log(f"{prefix}/{k}", v, on_step=False, on_epoch=True, batch_size=1)
+            mean = self.volume_means[f"{prefix}_{k}"]
+            mean.update(torch.tensor(v, dtype=torch.float64))
+            self.log(f"{prefix}/{k}", mean, on_step=False, on_epoch=True, batch_size=1)
         return m
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
