@@ -242,9 +242,11 @@ def test_yaml_syntax_error_names_the_file(tmp_path, capsys):
     assert f"config file {bad} is not valid YAML at line 4" in errors[0]
 
 
-def test_weights_only_is_not_offered(capsys):
+def test_weights_only_is_documented_as_ignored(capsys):
     code, out, _ = run_cli(["fit", "--help"], capsys)
-    assert code == 0 and "--ckpt_path" in out and "weights_only" not in out
+    text = " ".join(out.split())
+    assert code == 0 and "--weights_only" in text
+    assert "ignored: every checkpoint and weights file is loaded with weights_only=True" in text
 
 
 def test_output_that_cannot_encode_unicode_falls_back_to_ascii(tmp_path, tiny, monkeypatch):

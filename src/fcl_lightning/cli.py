@@ -94,15 +94,17 @@ class FCLCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        """``fit``, ``validate``, ``test`` and ``predict`` (label maps for new scans). Their
-        ``weights_only`` argument is not offered: every file is loaded with ``weights_only=True``."""
-        out = {k: {*v, "weights_only"} for k, v in LightningCLI.subcommands().items()}
+        """``fit``, ``validate``, ``test`` and ``predict`` (label maps for new scans)."""
+        out = {k: set(v) for k, v in LightningCLI.subcommands().items()}
         out["predict"].add("return_predictions")
         return out
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         """Lightning's subcommand parser; ``predict`` gains what it reads and writes."""
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        action = parser._option_string_actions.get("--weights_only")
+        if action is not None:  # kept so that the config.yaml of earlier runs still parses
+            action.help = "ignored: every checkpoint and weights file is loaded with weights_only=True"
         if subcommand == "predict":
             parser.add_argument(
                 "--input",
