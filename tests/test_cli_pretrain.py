@@ -88,8 +88,8 @@ def test_no_exchange_ablation(tmp_path, tiny):
 
 
 def test_bad_checkpoint_is_a_clear_error(tmp_path, tiny):
-    with pytest.raises(CheckpointError, match="does not exist"):
-        main(tiny(tmp_path, rounds=1, extra=["--ckpt_path=last"]))
+    with pytest.raises(CheckpointError, match="does not exist"):  # (last with nothing to resume starts the run)
+        main(tiny(tmp_path, rounds=1, extra=[f"--ckpt_path={tmp_path / 'none.ckpt'}"]))
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="is not a file written by torch.save"):

@@ -227,8 +227,11 @@ def two_volumes() -> list[Volume]:
 def test_evaluate_volumes_rows() -> None:
     rows = evaluate_volumes(nearest_label_net(), two_volumes(), batch_size=5)
     assert len(rows) == 2
+    volumes = tuple(f"{s}_ml_{side}" for side in ("pred", "true") for s in ("RV", "MYO", "LV"))
     for row in rows:
-        assert tuple(row) == ID_KEYS + METRIC_KEYS
+        assert tuple(row) == ID_KEYS + METRIC_KEYS + volumes
+    # LV of volume 0 is the cube the image is, predicted exactly: its volume in ml from the spacing
+    assert rows[0]["LV_ml_pred"] == rows[0]["LV_ml_true"] > 0
     assert rows[0]["key"] == "patient001_ED" and rows[0]["patient"] == "patient001"
     assert rows[1]["frame"] == "ES" and rows[1]["group"] == "NOR" and rows[1]["site"] == 1
     assert rows[0]["dice_lv"] == 1.0 and rows[0]["hd95_lv"] == 0.0
@@ -265,7 +268,7 @@ def test_write_rows_csv(tmp_path) -> None:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         read = list(reader)
-        assert tuple(reader.fieldnames) == ID_KEYS + METRIC_KEYS
+        assert tuple(reader.fieldnames)[: len(ID_KEYS + METRIC_KEYS)] == ID_KEYS + METRIC_KEYS
     assert [r["key"] for r in read] == ["patient001_ED", "patient002_ES"]
     assert float(read[1]["hd95_lv"]) == pytest.approx(10.0)
     assert float(read[0]["hd95_rv"]) == 0.0  # RV absent in both

@@ -108,7 +108,7 @@ FINETUNE = [
 def test_finetune_fit_then_test_writes_csv_and_summary(tmp_path, mode):
     args = [*FINETUNE, f"--trainer.default_root_dir={tmp_path}", f"--federation.mode={mode}"]
     main(["fit", *args])
-    main(["test", *args, "--ckpt_path=last"])
+    main(["test", *args, "--ckpt_path=last", "--space=preprocessed"])  # native: tests/test_predict.py
     summary = json.loads((tmp_path / "summary.json").read_text())
     for k in ("test/dice_rv", "test/dice_myo", "test/dice_lv", "test/dice_mean", "test/hd95_mean"):
         assert k in summary
@@ -118,6 +118,7 @@ def test_finetune_fit_then_test_writes_csv_and_summary(tmp_path, mode):
     # 2 test subjects x 2 frames; local mode scores each client's own model
     assert len(rows) == (8 if mode == "local" else 4)
     assert {"key", "patient", "frame", "dice_mean", "hd95_mean", "client"} <= set(rows[0])
+    assert {r["space"] for r in rows} == {"preprocessed"}
     if mode == "local":
         assert "test/dice_mean_std" in summary
         assert {r["client"] for r in rows} == {"0", "1"}
