@@ -62,6 +62,7 @@ def test_two_clients_two_rounds(tmp_path, tiny):
     assert 0.0 <= summary["final"]["monitor/probe_acc"] <= 1.0 and summary["final"]["monitor/spread"] >= 0.0
 
 
+@pytest.mark.slow  # resume bitwise: also tests/test_operator.py (SIGTERM, in-process)
 def test_resume_gives_same_final_weights(tmp_path, tiny):
     full, cut = tmp_path / "full", tmp_path / "cut"
     main(tiny(full, rounds=3))

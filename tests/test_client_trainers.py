@@ -24,6 +24,7 @@ def built(monkeypatch):
     return out
 
 
+@pytest.mark.slow  # the suite's 3-minute budget (make test-slow)
 def test_reused_trainers_give_the_same_bits_as_fresh_ones(tmp_path, tiny, built):
     """A reused Trainer runs on from its earlier rounds' step counts; the momentum schedule (which
     reads the step within the round and the round's length) and every weight must not notice."""

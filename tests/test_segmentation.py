@@ -131,7 +131,7 @@ def test_test_refuses_pretraining_module(tmp_path, tiny):
         main(["validate", *tiny(tmp_path)[1:]])
 
 
-@pytest.mark.parametrize("config", ["demo.yaml", "demo_semi.yaml"])
+@pytest.mark.parametrize("config", ["demo.yaml", pytest.param("demo_semi.yaml", marks=pytest.mark.slow)])
 def test_demo_config_end_to_end_reduced(tmp_path, config):
     main(
         [

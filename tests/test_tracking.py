@@ -26,6 +26,7 @@ def run_files(root):
     return sorted((root / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
+@pytest.mark.slow  # the suite's 3-minute budget (make test-slow)
 def test_one_run_per_fit_with_round_and_client_keys(offline, tmp_path, tiny):
     root = tmp_path / "run"
     main(tiny(root, rounds=2, extra=WANDB))
