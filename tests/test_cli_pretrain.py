@@ -26,6 +26,7 @@ def test_print_config_is_complete(capsys):
         assert key in out
 
 
+@pytest.mark.slow  # the suite's 3-minute budget; every tiny run covers it too
 def test_two_clients_two_rounds(tmp_path, tiny):
     main(tiny(tmp_path, extra=["--data.augment_on=loader"]))  # the library default (other tiny runs: device)
     ck = tmp_path / "checkpoints"
@@ -97,6 +98,7 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path, tiny):
         main(tiny(tmp_path, rounds=1, extra=[f"--ckpt_path={bad}"]))
 
 
+@pytest.mark.slow  # the suite's 3-minute budget (make test-slow)
 def test_exchange_source_keys_shares_this_rounds_keys(tmp_path, tiny):
     """exchange_source=keys shares the momentum keys computed during the round: one per partition
     and volume per epoch, tagged with the sender, at no extra forward pass."""

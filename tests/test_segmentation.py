@@ -131,13 +131,21 @@ def test_test_refuses_pretraining_module(tmp_path, tiny):
         main(["validate", *tiny(tmp_path)[1:]])
 
 
-@pytest.mark.parametrize("config", ["demo.yaml", pytest.param("demo_semi.yaml", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        "demo.yaml",
+        pytest.param("demo_semi.yaml", marks=pytest.mark.slow),
+        pytest.param("demo.yaml+native", marks=pytest.mark.slow),  # downstream scored on the scans' grids
+    ],
+)
 def test_demo_config_end_to_end_reduced(tmp_path, config):
     main(
         [
             "fit",
             "--config",
-            str(REPO / "configs" / config),
+            str(REPO / "configs" / config.split("+")[0]),
+            *(["--federation.downstream.space=native"] if config.endswith("+native") else []),
             f"--trainer.default_root_dir={tmp_path}",
             "--trainer.accelerator=cpu",
             "--model.features=[8,16,16,16]",
@@ -219,6 +227,7 @@ def test_select_best_keeps_each_clients_best_validation_round(tmp_path):
         main(["fit", *args[:-1], "--data.val_fraction=0.0", f"--trainer.default_root_dir={tmp_path / 'b'}"])
 
 
+@pytest.mark.slow  # the suite's 3-minute budget (make test-slow)
 def test_pretraining_exports_the_weights_it_started_from(pretrained_tiny, tmp_path, tiny):
     """encoder_init.pt is the encoder before the first step (a resume leaves it alone), and the
     downstream's paired random init (random_init: start) fine-tunes from exactly it."""

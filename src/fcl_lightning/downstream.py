@@ -46,6 +46,9 @@ class DownstreamEvaluation:
             pre-training changed (a paired comparison: the init's luck cancels).
         semi_supervised: also fine-tune from the pre-trained encoder with this plug-in on each
             client's own unlabelled slices (a third row, ``fcl_semi``; e.g. ``UniMatch``).
+        space: where the held-out volumes are scored: ``preprocessed`` (the training grid; the
+            default, since this runs during pre-training) or ``native`` (each scan's own grid, as
+            ``test`` scores by default).
     """
 
     def __init__(
@@ -61,7 +64,11 @@ class DownstreamEvaluation:
         encoder_lr_scale: float = 1.0,
         random_init: Literal["fresh", "start"] = "fresh",
         semi_supervised: SemiSupervised | None = None,
+        space: Literal["preprocessed", "native"] = "preprocessed",
     ) -> None:
+        if space not in ("preprocessed", "native"):
+            raise ConfigError(f"downstream.space must be 'preprocessed' or 'native', got {space!r}")
+        self.space = space
         if random_init not in ("fresh", "start"):
             raise ConfigError(f"downstream.random_init must be 'fresh' or 'start', got {random_init!r}")
         self.random_init = random_init
@@ -150,7 +157,14 @@ class DownstreamEvaluation:
                 t0 = time.perf_counter()
                 semi = self.semi if name == "fcl_semi" else None
                 module = self.finetune(enc, features, norm, datamodule, c, seed * 31 + c, trainer_kwargs, semi)
-                per_client[name].append(summarize(evaluate_volumes(module.net, vols)))
+                if self.space == "native":
+                    from fcl_lightning.predict import score_native
+
+                    source = datamodule.test_source if vols is datamodule.test else datamodule.source
+                    rows = score_native(module.net, datamodule.preprocessor, source, vols, module.eval_batch_size)
+                else:
+                    rows = evaluate_volumes(module.net, vols)
+                per_client[name].append(summarize(rows))
                 if console is not None:  # progress (stderr): fine-tuning is most of the demo's time
                     log_console().print(
                         f"downstream: client {i + 1}/{len(clients)} (#{c}) from "

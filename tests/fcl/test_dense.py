@@ -46,6 +46,7 @@ def test_intensity_view_keeps_geometry():
         assert c.item() == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.slow  # the suite's 3-minute budget (make test-slow)
 def test_dense_fcl_pretrains_decoder_blocks_that_load_into_the_unet(tmp_path, tiny):
     from fcl_lightning.cli import main
     from fcl_lightning.lit.segment import SegmentationModule
