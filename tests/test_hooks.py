@@ -49,6 +49,7 @@ class Recorder(RoundHook):
 HOOK = f"--federation.hooks=[{{class_path: {__name__}.Recorder}}]"
 
 
+@pytest.mark.slow  # the suite's 3-minute budget (make test-slow)
 def test_a_config_hook_sees_every_round_and_its_metric_is_logged(tmp_path, tiny):
     CALLS.clear()
     main(tiny(tmp_path, rounds=2, extra=[HOOK]))
