@@ -12,19 +12,12 @@ import time
 import numpy as np
 import pytest
 import torch
+from test_errors import run_cli
 
 from fcl_lightning.cli import console_main, main
 from fcl_lightning.federation.checkpoint import load_checkpoint
 
 WAIT_S = 240  # a bound on every wait for a file or an exit, never a sleep that must be long enough
-
-
-def run_cli(argv, capsys):
-    with pytest.raises(SystemExit) as ex:
-        console_main(argv)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return ex.value.code, out.out, out.err
 
 
 def encoder_equal(a, b) -> bool:

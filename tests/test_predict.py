@@ -9,40 +9,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from test_errors import run_cli
+from test_segmentation import FINETUNE
 
-from fcl_lightning.cli import console_main, main
+from fcl_lightning.cli import main
 from fcl_lightning.data.nifti import voxel_affine
 from fcl_lightning.data.phantom import PhantomSource, write_acdc_layout
 from fcl_lightning.data.preprocess import Preprocessor
 from fcl_lightning.predict import preprocess_traced, to_native
 
-REPO = Path(__file__).resolve().parents[1]
 ACDC = Path(os.environ.get("FCL_ACDC_ROOT", "/nonexistent"))
-FINETUNE = [
-    "--config",
-    str(REPO / "configs" / "demo_finetune.yaml"),
-    "--trainer.accelerator=cpu",
-    "--model.features=[8,16,16,16]",
-    "--data.img_size=32",
-    "--data.spacing=3.0",
-    "--data.augment_on=device",
-    "--data.source.num_subjects=8",
-    "--data.source.size=64",
-    "--data.source.num_sites=2",
-    "--data.test_source.num_subjects=2",
-    "--data.test_source.size=64",
-    "--data.num_clients=2",
-    "--federation.local_steps=5",
-    "--federation.rounds=1",
-]
-
-
-def run_cli(argv, capsys):
-    with pytest.raises(SystemExit) as ex:
-        console_main(argv)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return ex.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from fcl_lightning.indices import agreement, index_unit
+from fcl_lightning.indices import agreement, finite_pairs, index_unit
 from fcl_lightning.io import atomic_write
 
 #: Overlay colour (RGB) and legend name of each foreground label; background stays transparent.
@@ -215,12 +215,7 @@ def save_bland_altman_figure(
     fig = Figure(figsize=(3.6 * n_cols, 3.2 * n_rows + (0.4 if title else 0.0)))
     axes = np.asarray(fig.subplots(n_rows, n_cols, squeeze=False)).reshape(-1)
     for ax, (name, (pred, true)) in zip(axes, pairs.items()):
-        p = np.asarray(pred, dtype=np.float64).reshape(-1)
-        t = np.asarray(true, dtype=np.float64).reshape(-1)
-        if p.shape != t.shape:
-            raise ValueError(f"index {name!r}: {p.size} predicted values for {t.size} true ones")
-        keep = ~(np.isnan(p) | np.isnan(t))
-        p, t = p[keep], t[keep]
+        p, t = finite_pairs(pred, true, f"index {name!r}: pred and true")
         stats = agreement(p, t)
         unit = index_unit(name)
         ax.scatter((p + t) / 2, p - t, s=14, alpha=0.75, color="tab:blue")

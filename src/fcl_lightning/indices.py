@@ -99,6 +99,18 @@ def indices_from_volumes(v_ed: dict[str, float], v_es: dict[str, float]) -> dict
     }
 
 
+def finite_pairs(
+    pred: Sequence[float], true: Sequence[float], what: str = "pred and true"
+) -> tuple[np.ndarray, np.ndarray]:
+    """``pred`` and ``true`` as float64 arrays without the pairs where either is NaN."""
+    p = np.asarray(pred, dtype=np.float64).reshape(-1)
+    t = np.asarray(true, dtype=np.float64).reshape(-1)
+    if p.shape != t.shape:
+        raise ValueError(f"{what} differ in length: {p.size} vs {t.size}")
+    keep = ~(np.isnan(p) | np.isnan(t))
+    return p[keep], t[keep]
+
+
 def agreement(pred: Sequence[float], true: Sequence[float]) -> dict[str, float]:
     """Agreement of predicted with true values of one index over patients, as ACDC reports it.
 
@@ -107,12 +119,7 @@ def agreement(pred: Sequence[float], true: Sequence[float]) -> dict[str, float]:
     (pairs used). Pairs where either value is NaN are dropped; with fewer than 2 pairs every
     statistic is NaN. ``corr`` is NaN when pred or true is constant (undefined, not a warning).
     """
-    p = np.asarray(pred, dtype=np.float64).reshape(-1)
-    t = np.asarray(true, dtype=np.float64).reshape(-1)
-    if p.shape != t.shape:
-        raise ValueError(f"pred and true differ in length: {p.size} vs {t.size}")
-    keep = ~(np.isnan(p) | np.isnan(t))
-    p, t = p[keep], t[keep]
+    p, t = finite_pairs(pred, true)
     n = int(p.size)
     if n < 2:
         return {"corr": math.nan, "bias": math.nan, "loa_low": math.nan, "loa_high": math.nan, "mae": math.nan, "n": n}
