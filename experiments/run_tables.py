@@ -72,7 +72,7 @@ LABELS = {
     "fcl_literal": "FCL, paper's literal local term",
     "fcl_dense": "FCL + dense term (extension)",
 }
-SEMI_LABELS = {"unimatch": "UniMatch", "mean_teacher": "mean teacher"}
+SEMI_LABELS = {"unimatch": "UniMatch", "unimatch_short": "UniMatch (threshold 0.8)", "mean_teacher": "mean teacher"}
 
 
 def split_method(method: str) -> tuple[str, str, str]:
