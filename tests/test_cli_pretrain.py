@@ -8,6 +8,7 @@ import torch
 
 from fcl_lightning.cli import main
 from fcl_lightning.federation.checkpoint import CheckpointError, load_checkpoint
+from fcl_lightning.federation.state import client_files, client_states_of
 
 
 def test_help_lists_sections(capsys):
@@ -32,14 +33,16 @@ def test_two_clients_two_rounds(tmp_path, tiny):
     ck = tmp_path / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == ["last.ckpt", "round-001.ckpt", "round-002.ckpt"]
     ckpt = load_checkpoint(ck / "last.ckpt")
-    assert ckpt["round"] == 2 and set(ckpt["clients"]) == {"0", "1"}
+    assert ckpt["round"] == 2 and ckpt["client_versions"] == {"0": 2, "1": 2}
     assert set(ckpt["inbox"]) == {"0", "1"}
     # each client's remote bank holds only the other client's vectors
     for c, inbox in ckpt["inbox"].items():
         assert set(inbox["clients"].tolist()) == {1 - int(c)}
         assert inbox["vectors"].shape[1] == 16
-    assert "momentum_encoder.conv_0.conv_0.conv.weight" in ckpt["clients"]["0"]["modules"]
-    assert "optimizer" in ckpt["clients"]["0"]
+    # each client's own state beside it, in the version the server's checkpoint names
+    own = client_files(tmp_path, 0).load(2)
+    assert "momentum_encoder.conv_0.conv_0.conv.weight" in own["modules"] and "optimizer" in own
+    assert not any("momentum" in k for k in ckpt["global"])
     enc = torch.load(tmp_path / "encoder.pt", weights_only=True)
     assert torch.equal(enc["conv_0.conv_0.conv.weight"], ckpt["global"]["encoder.conv_0.conv_0.conv.weight"])
     summary = json.loads((tmp_path / "summary.json").read_text())["pretrain"]
@@ -78,9 +81,9 @@ def test_resume_gives_same_final_weights(tmp_path, tiny):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    ca, cb = load_checkpoint(full / "checkpoints/last.ckpt"), load_checkpoint(cut / "checkpoints/last.ckpt")
-    for k, v in ca["clients"]["1"]["modules"].items():
-        assert torch.equal(v, cb["clients"]["1"]["modules"][k]), k
+    ca, cb = client_files(full, 1).load(3)["modules"], client_files(cut, 1).load(3)["modules"]
+    for k, v in ca.items():
+        assert torch.equal(v, cb[k]), k
 
 
 def test_no_exchange_ablation(tmp_path, tiny):
@@ -107,6 +110,8 @@ def test_exchange_source_keys_shares_this_rounds_keys(tmp_path, tiny):
     for c, inbox in ckpt["inbox"].items():
         other = 1 - int(c)
         assert set(inbox["clients"].tolist()) == {other}
-        enqueued = ckpt["clients"][str(other)]["modules"]["local_bank.count"].item()  # 2 equal rounds, bank not full
+        enqueued = client_states_of(ckpt, tmp_path)[other]["modules"][
+            "local_bank.count"
+        ].item()  # 2 equal rounds, bank not full
         assert enqueued < 1024 and len(inbox["vectors"]) == enqueued // 2  # exactly the last round's keys
         assert set(inbox["partitions"].tolist()) == {0, 1, 2, 3}

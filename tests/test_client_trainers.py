@@ -7,6 +7,7 @@ import torch
 from fcl_lightning.cli import main
 from fcl_lightning.federation.checkpoint import load_checkpoint
 from fcl_lightning.federation.loop import FederatedLoop
+from fcl_lightning.federation.state import client_states_of
 from fcl_lightning.runtime import ResidentStrategy, resident_device
 
 
@@ -38,9 +39,10 @@ def test_reused_trainers_give_the_same_bits_as_fresh_ones(tmp_path, tiny, built)
     a, b = (load_checkpoint(tmp_path / d / "checkpoints/last.ckpt") for d in ("reused", "fresh"))
     for k, v in a["global"].items():
         assert torch.equal(v, b["global"][k]), k
-    for c in ("0", "1"):
-        for k, v in a["clients"][c]["modules"].items():
-            assert torch.equal(v, b["clients"][c]["modules"][k]), (c, k)
+    sa, sb = client_states_of(a, tmp_path / "reused"), client_states_of(b, tmp_path / "fresh")
+    for c in (0, 1):
+        for k, v in sa[c]["modules"].items():
+            assert torch.equal(v, sb[c]["modules"][k]), (c, k)
     assert [h["round/train/loss"] for h in a["history"]] == [h["round/train/loss"] for h in b["history"]]
 
 

@@ -136,13 +136,15 @@ def test_disk_full_during_a_checkpoint_stops_at_that_round(tmp_path, tiny, capsy
         )
         line = one_error_line(err)
         assert code == 2
-        assert "round 2's checkpoint: cannot write" in line and "round-002.ckpt: No space left on device" in line
+        # the first file of round 2 that fails: client 0's state (written before the server's file)
+        assert "round 2's checkpoint: cannot write" in line and "state-002.pt: No space left on device" in line
         # a background write's error stops the run at the next round at the latest, never at its end
         assert "outputs in" not in out and not (tmp_path / run / "encoder.pt").exists()
         if write_async == "false":
             assert "round   3" not in out
         assert load_checkpoint(tmp_path / run / "checkpoints" / "last.ckpt")["round"] == 1  # round 1 still resumable
         assert not list((tmp_path / run / "checkpoints").glob(".*.tmp"))
+        assert not list((tmp_path / run / "clients").glob("*/.*.tmp"))
 
 
 def test_internal_error_exits_1_and_debug_shows_the_traceback(tmp_path, tiny, capsys, monkeypatch):
@@ -182,7 +184,8 @@ def test_resume_continues_the_same_metrics_file_and_removes_interrupted_writes(t
     junk = [tmp_path / "checkpoints" / ".round-003.ckpt.abc123.tmp", tmp_path / ".summary.json.x.tmp"]
     for j in junk:  # what a kill during a write leaves
         j.write_bytes(b"\0" * 10)
-    main(tiny(tmp_path, rounds=4, extra=["--ckpt_path=last"]))
+    # (keep round 2's file whole, with its clients' states: the newest 3 rounds)
+    main(tiny(tmp_path, rounds=4, extra=["--ckpt_path=last", "--federation.checkpoint_keep.last=3"]))
     assert not any(j.exists() for j in junk)
     assert [p.parent.name for p in (tmp_path / "logs").glob("*/metrics.csv")] == ["version_0"]
     assert metrics_rounds(tmp_path) == [0, 1, 2, 3, 4]

@@ -16,6 +16,7 @@ from fcl_lightning.cli import main
 from fcl_lightning.data.datamodule import FederatedDataModule
 from fcl_lightning.data.phantom import PhantomSource
 from fcl_lightning.federation.checkpoint import load_checkpoint
+from fcl_lightning.federation.state import client_states_of
 from fcl_lightning.lit.segment import SegmentationModule
 from fcl_lightning.models.unet import UNet
 from fcl_lightning.semi import MeanTeacher, UniMatch, sigmoid_rampup
@@ -281,12 +282,13 @@ def test_semi_supervised_resume_is_bitwise(tmp_path, semi):
     shutil.copy(cut / "checkpoints" / "round-002.ckpt", cut / "checkpoints" / "last.ckpt")
     main(["fit", *args, f"--trainer.default_root_dir={cut}", "--ckpt_path=last"])
     a, b = load_checkpoint(full / "checkpoints/last.ckpt"), load_checkpoint(cut / "checkpoints/last.ckpt")
-    for c in ("0", "1"):
-        for k, v in a["clients"][c]["modules"].items():
-            assert torch.equal(v, b["clients"][c]["modules"][k]), (c, k)
+    sa, sb = client_states_of(a, full), client_states_of(b, cut)
+    for c in (0, 1):
+        for k, v in sa[c]["modules"].items():
+            assert torch.equal(v, sb[c]["modules"][k]), (c, k)
     assert all(torch.equal(v, b["global"][k]) for k, v in a["global"].items())
     if semi == "mean_teacher":
-        assert any(k.startswith("semi.teacher.") for k in a["clients"]["0"]["modules"])
+        assert any(k.startswith("semi.teacher.") for k in sa[0]["modules"])
     metrics = (full / "logs" / "version_0" / "metrics.csv").read_text()
     assert "train/unsup" in metrics and "train/unsup_weight" in metrics
 

@@ -20,7 +20,8 @@ from fcl_lightning.io import atomic_write_text, safe_torch_load
 
 log = logging.getLogger(__name__)
 
-FORMAT = "fcl-lightning/federated-v1"
+FORMAT = "fcl-lightning/federated-v2"  # v2: client states in their own files (federation/state.py)
+READABLE_FORMATS = ("fcl-lightning/federated-v1", FORMAT)
 
 
 class CheckpointError(UserError):
@@ -196,6 +197,6 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """Load a federated round checkpoint with ``weights_only=True`` and check its format
     (``mmap``: tensors are read only when used)."""
     ckpt = safe_torch_load(path, "checkpoint", CheckpointError, mmap=mmap)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS:
         raise CheckpointError(f"{path} is not an fcl-lightning federated checkpoint (expected format {FORMAT!r})")
     return ckpt

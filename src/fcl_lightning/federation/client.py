@@ -73,7 +73,8 @@ class ClientRuntime:
 class ClientResult:
     update: dict[str, torch.Tensor]
     num_samples: int
-    state: dict[str, Any]
+    #: the client's state after the round (``None``: the client saved it where it trained)
+    state: dict[str, Any] | None
     features: BankEntries | None
     metrics: dict[str, float] = field(default_factory=dict)
 

@@ -10,6 +10,7 @@ from fcl_lightning.downstream import DownstreamEvaluation
 from fcl_lightning.fcl.aggregate import Aggregator, FedAvg
 from fcl_lightning.fcl.monitor import CollapseMonitor
 from fcl_lightning.federation.hooks import RoundHook
+from fcl_lightning.federation.state import CheckpointKeep
 
 
 class Federation:
@@ -35,6 +36,8 @@ class Federation:
         downstream: opt-in downstream evaluation after pre-training (and every k rounds): brief
             fine-tuning from the global encoder and from random init; logs ``downstream/*``.
         checkpoint_every: write ``round-NNN.ckpt`` every this many rounds (``last.ckpt`` always).
+        checkpoint_keep: which round files stay: the newest ``last`` whole (resumable), older ones
+            every ``every`` rounds as global weights only (default: the newest 2, and every 10th).
         checkpoint_async: write each round's checkpoint on a background thread while the next
             round trains (its contents are copied first; ``False``: write before going on).
         min_clients: a round in which fewer clients reply fails (Flower: failed or timed-out
@@ -66,6 +69,7 @@ class Federation:
         exchange_source: Literal["embed", "keys"] = "embed",
         keep_optimizer_state: bool = True,
         checkpoint_every: int = 1,
+        checkpoint_keep: CheckpointKeep | None = None,
         checkpoint_async: bool = True,
         downstream: DownstreamEvaluation | None = None,
         min_clients: int = 1,
@@ -86,6 +90,7 @@ class Federation:
         self.exchange_per_partition, self.keep_optimizer_state = exchange_per_partition, keep_optimizer_state
         self.exchange_source = exchange_source
         self.checkpoint_every, self.checkpoint_async = checkpoint_every, checkpoint_async
+        self.checkpoint_keep = checkpoint_keep if checkpoint_keep is not None else CheckpointKeep()
         self.local_steps = local_steps
         self.downstream = downstream
         if min_clients < 1:

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from itertools import zip_longest
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,15 +21,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fcl_lightning.fcl.aggregate import state_nbytes
 from fcl_lightning.fcl.exchange import payload_nbytes
 from fcl_lightning.federation.checkpoint import (
-    FORMAT,
     BackgroundWriter,
     CheckpointError,
-    bank_to_dict,
     rng_state,
     snapshot,
     to_cpu,
     update_summary,
 )
+from fcl_lightning.federation.state import RunState, client_files, load_round_versions, retention
 from fcl_lightning.io import WriteError, atomic_link, atomic_save
 from fcl_lightning.lit.segment import INIT_ENCODER
 from fcl_lightning.tracking import (
@@ -44,7 +44,7 @@ from fcl_lightning.tracking import (
 if TYPE_CHECKING:
     from fcl_lightning.downstream import DownstreamEvaluation
     from fcl_lightning.federation.client import ClientResult
-    from fcl_lightning.federation.loop import FederatedLoop, RunState
+    from fcl_lightning.federation.loop import FederatedLoop
 
 log = logging.getLogger(__name__)
 
@@ -229,14 +229,22 @@ class DownstreamHook(RoundHook):
 
 
 class CheckpointHook(RoundHook):
-    """``checkpoints/last.ckpt`` after every round and ``round-NNN.ckpt`` every
-    ``federation.checkpoint_every`` rounds, written in the background while the next round trains
-    (``federation.checkpoint_async``); a write error stops the run at the next round at the latest."""
+    """After every round: the clients' new states (in-process clients: ``clients/client<c>/``),
+    then the server's ``checkpoints/last.ckpt``, and ``round-NNN.ckpt`` every
+    ``federation.checkpoint_every`` rounds; then the round files and client states that
+    ``federation.checkpoint_keep`` does not keep go. Written in the background while the next
+    round trains (``federation.checkpoint_async``); a write error stops the run at the next round
+    at the latest. Client files are in place before the server file that names them
+    (:mod:`fcl_lightning.federation.state`: the commit)."""
 
     def on_run_start(self, loop, state) -> None:
         self.wandb_id = wandb_run_id(loop.loggers)  # stored in checkpoints: a resume continues this run
         self.writer = BackgroundWriter(loop.fed.checkpoint_async)
-        self.written: dict[str, Any] | None = None  # the last checkpoint handed to the writer (buffers reused)
+        self.written: dict[str, Any] | None = None  # the last job handed to the writer (buffers reused)
+        ckdir = loop.root / "checkpoints"
+        # round -> client versions of the round files retention decides about: this run's, and on
+        # a resume the ones on disk up to where it resumes (later ones are written again)
+        self.index = {r: v for r, v in load_round_versions(ckdir).items() if r <= state.round} if state.round else {}
 
     def on_round_start(self, loop, state, round_idx) -> None:
         self.writer.check()  # the previous round's checkpoint failed: stop before training on
@@ -251,54 +259,62 @@ class CheckpointHook(RoundHook):
         self.writer.__exit__(type(error) if error else None, error, None)
 
     def save(self, loop: FederatedLoop, state: RunState) -> None:
-        done = state.round
-        ckpt = {
-            "format": FORMAT,
-            "round": done,
-            "rounds": loop.fed.rounds,
-            "num_clients": state.num_clients,
-            "module": type(loop.module).__name__,
-            "global": state.global_w,
-            "client_weights": {str(c): w for c, w in state.client_w.items()},
-            "clients": {str(c): s for c, s in loop.clients.states().items() if s is not None},
-            "inbox": {str(c): bank_to_dict(b) for c, b in state.inbox.items() if b is not None},
-            "rng": rng_state(),
-            "history": state.history,
-            "comm": state.comm,
-            "elapsed_s": state.elapsed,
-            "seed": loop.seed,
-            "config": loop.config_text,
-            "wandb_run_id": self.wandb_id,
-            "csv_version": csv_version(loop.loggers),
-            "dice_rows": state.dice_rows,
-            # select_best: each client's weights from its round with the best validation Dice (what `test` scores)
-            "best_client_weights": {str(c): w for c, (_, w) in state.best.items()},
-            "best_val_dice": {str(c): d for c, (d, _) in state.best.items()},
-        }
+        done, fed = state.round, loop.fed
+        ckpt = state.checkpoint(
+            rounds=fed.rounds,
+            module=type(loop.module).__name__,
+            rng=rng_state(),
+            seed=loop.seed,
+            config=loop.config_text,
+            wandb_run_id=self.wandb_id,
+            csv_version=csv_version(loop.loggers),
+        )
+        job = {"server": ckpt, "clients": dict(state.fresh_states)}
         # both rebuild every dict and list (the loop appends to history later); in the background,
-        # tensors are copied too, into the previous checkpoint's buffers once its write is done,
-        # because the next round mutates some of them in place (Adam's moments)
+        # tensors are copied too, into the previous job's buffers once its write is done, because
+        # the next round mutates some of them in place (Adam's moments, the momentum nets, banks)
         if self.writer.enabled:
             self.writer.wait()
-            ckpt = snapshot(ckpt, into=self.written)
-            self.written = ckpt
+            job = snapshot(job, into=self.written)
+            self.written = job
         else:
-            ckpt = to_cpu(ckpt)
+            job = to_cpu(job)
         ckdir = loop.root / "checkpoints"
-        periodic = done % loop.fed.checkpoint_every == 0 or done == loop.fed.rounds
+        periodic = done % fed.checkpoint_every == 0 or done == fed.rounds
+        versions = dict(state.client_versions)
 
         def write() -> None:
             try:
+                for c, client_state in sorted(job["clients"].items()):
+                    client_files(loop.root, c).save(done, client_state, save=atomic_save)
                 if periodic:  # serialise once; last.ckpt is a link to the round file
-                    atomic_link(atomic_save(ckpt, ckdir / f"round-{done:03d}.ckpt"), ckdir / "last.ckpt")
+                    atomic_link(atomic_save(job["server"], ckdir / f"round-{done:03d}.ckpt"), ckdir / "last.ckpt")
+                    self.index[done] = versions
                 else:
-                    atomic_save(ckpt, ckdir / "last.ckpt")
+                    atomic_save(job["server"], ckdir / "last.ckpt")
                 state.checkpointed = done  # whole on disk (an interrupted run says so)
             except (CheckpointError, WriteError) as err:
                 before = f"round {done - 1}'s (--ckpt_path last resumes there)" if done > 1 else "none"
                 raise type(err)(f"round {done}'s checkpoint: {err}; the last whole checkpoint is {before}") from err
+            state.keep_from = self.retain(loop, ckdir, versions)
 
         self.writer.submit(write)
+
+    def retain(self, loop: FederatedLoop, ckdir: Path, current: dict[int, int]) -> dict[int, int]:
+        """Delete the round files ``federation.checkpoint_keep`` does not keep and the client
+        states no file kept whole names; return client -> its oldest state still named."""
+        whole, weights = retention(list(self.index), loop.fed.checkpoint_keep, loop.fed.rounds)
+        for r in sorted(set(self.index) - whole - weights):
+            (ckdir / f"round-{r:03d}.ckpt").unlink(missing_ok=True)
+            del self.index[r]
+        keep_from = dict(current)  # last.ckpt names the current ones
+        for r in whole:
+            for c, v in self.index[r].items():
+                keep_from[c] = min(v, keep_from.get(c, v))
+        if loop.clients is not None and loop.clients.states_come_back:
+            for c, v in keep_from.items():
+                client_files(loop.root, c).prune(v)
+        return keep_from
 
 
 class ExportHook(RoundHook):

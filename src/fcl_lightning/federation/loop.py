@@ -7,7 +7,6 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +18,7 @@ from rich.console import Console
 from fcl_lightning.console import log_console, output_console
 from fcl_lightning.errors import ConfigError
 from fcl_lightning.fcl.exchange import route
-from fcl_lightning.federation.checkpoint import (
-    CheckpointError,
-    bank_from_dict,
-    load_checkpoint,
-    resolve_ckpt_path,
-    set_rng_state,
-)
+from fcl_lightning.federation.checkpoint import load_checkpoint, resolve_ckpt_path, set_rng_state
 from fcl_lightning.federation.client import ClientResult, ClientRuntime, ClientTrainers, client_step
 from fcl_lightning.federation.config import Federation
 from fcl_lightning.federation.hooks import (
@@ -38,11 +31,12 @@ from fcl_lightning.federation.hooks import (
     RoundHook,
 )
 from fcl_lightning.federation.lock import RunLock
+from fcl_lightning.federation.state import RunState, check_checkpoint, client_states_of
 from fcl_lightning.interrupt import RunInterrupted
 from fcl_lightning.io import atomic_write_text, check_writable, remove_interrupted_writes
 from fcl_lightning.lit.base import FederatedModule
 from fcl_lightning.runtime import resident_device, resident_trainer
-from fcl_lightning.tracking import continue_csv_logs, per_client_dice_rows
+from fcl_lightning.tracking import continue_csv_logs
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +60,11 @@ class Clients:
     num_clients: int
     #: client -> why it was left out of the last round
     failures: dict[int, str]
+    #: whether the clients' states come back to this process (which then saves them in
+    #: ``<root>/clients/``); ``False``: each client saves its own where it trains
+    states_come_back: bool = False
+    #: the run's state, for what a round's messages carry (which saved state a client resumes from)
+    run_state: RunState | None = None
 
     def train_round(
         self, round_idx: int, starts: dict[int, dict[str, torch.Tensor]], inbox: dict[int, Any], progress: Any
@@ -74,18 +73,16 @@ class Clients:
         results of the clients that succeeded."""
         raise NotImplementedError
 
-    def states(self) -> dict[int, Any]:
-        """Per-client state the server's checkpoint holds (none when clients keep their own)."""
-        return {}
-
     def load_states(self, states: dict[int, Any]) -> None:
-        """Restore what :meth:`states` returned, when resuming."""
+        """The clients' states a resumed run starts from (when they come back to this process)."""
 
 
 class InProcessClients(Clients):
     """Every client in this process, one after another, sharing one module instance (its state
     is swapped in and out by :func:`client_step`). Client states stay where they were trained
     (on the training device); the checkpoint copies them to the CPU."""
+
+    states_come_back = True
 
     def __init__(self, runtime: ClientRuntime, num_clients: int) -> None:
         self.runtime, self.num_clients = runtime, num_clients
@@ -101,9 +98,6 @@ class InProcessClients(Clients):
             )
             self._states[c] = results[c].state
         return results
-
-    def states(self) -> dict[int, Any]:
-        return dict(self._states)
 
     def load_states(self, states: dict[int, Any]) -> None:
         self._states = dict(states)
@@ -241,7 +235,7 @@ class FederatedLoop:
         path = resolve_ckpt_path(ckpt_path, self.root, missing_last_ok=True)
         ckpt = load_checkpoint(path) if path is not None else None
         C = clients.num_clients if clients is not None else self.dm.num_clients
-        self.validate(ckpt, path, C)
+        self.validate(ckpt, path, C, states_here=clients is None or clients.states_come_back)
         with RunLock(self.root):  # one run per folder, from here to the end
             if ckpt_path == "last" and path is None:
                 self.log_console.print(f"nothing to resume in {self.root} (no checkpoints/last.ckpt): starting the run")
@@ -288,7 +282,9 @@ class FederatedLoop:
                 "(federation.local_epochs or local_steps), writes the checkpoints (federation.checkpoint_*) "
                 "and shows the progress[/]"
             )
-        remove_interrupted_writes(self.root, self.root / "checkpoints")
+        remove_interrupted_writes(
+            self.root, self.root / "checkpoints", *sorted((self.root / "clients").glob("client*"))
+        )
         if clients is None:
             self.dm.setup("fit")
             clients = InProcessClients(self.client_runtime(), self.dm.num_clients)
@@ -305,11 +301,12 @@ class FederatedLoop:
             state = RunState.from_checkpoint(ckpt)
             state.checkpointed = state.round
             self.module.load_global_state(state.global_w)
-            clients.load_states({int(c): s for c, s in ckpt["clients"].items()})
+            if clients.states_come_back:
+                clients.load_states(client_states_of(ckpt, self.root))
             set_rng_state(ckpt["rng"])
             self.log_console.print(f"[bold]resuming[/] from {path} after round {state.round}/{self.fed.rounds}")
             continue_csv_logs(self.loggers, state.round)
-        self.state = state
+        self.state = clients.run_state = state
 
         hooks, started = self.hooks, []
         try:
@@ -368,7 +365,7 @@ class FederatedLoop:
         if any(res.features is not None for res in results.values()):
             dim = next(int(res.features.vectors.shape[1]) for res in results.values())
             state.inbox = route({c: results[c].features for c in selected}, dim, recipients=range(state.num_clients))
-        state.round = r + 1
+        state.finish_round(r, {c: results[c].state for c in selected})
         state.elapsed += time.perf_counter() - t0
 
         metrics = train_metrics({c: results[c] for c in selected})
@@ -402,9 +399,12 @@ class FederatedLoop:
                 if d is not None and (c not in state.best or d > state.best[c][0]):
                     state.best[c] = (float(d), r.update)
 
-    def validate(self, ckpt: dict[str, Any] | None, path: Path | None, num_clients: int) -> None:
+    def validate(
+        self, ckpt: dict[str, Any] | None, path: Path | None, num_clients: int, states_here: bool = True
+    ) -> None:
         """The checks that need no data: image size against the encoder's depth, the output
-        folder, and a checkpoint to resume from against the config (clients, rounds, shapes)."""
+        folder, and a checkpoint to resume from against the config (clients, rounds, shapes and,
+        ``states_here``, the client state files it names)."""
         size, multiple = getattr(self.dm, "img_size", None), self.module.input_multiple
         if size is not None and size % multiple:
             raise ConfigError(
@@ -429,22 +429,7 @@ class FederatedLoop:
         check_writable(self.root)
         if ckpt is None:
             return
-        if ckpt["num_clients"] != num_clients:
-            raise CheckpointError(
-                f"{path} was written with {ckpt['num_clients']} clients, the config has {num_clients} "
-                "(data.num_clients)"
-            )
-        if ckpt["round"] > self.fed.rounds:
-            raise CheckpointError(
-                f"{path} is from round {ckpt['round']}, after the configured "
-                f"federation.rounds={self.fed.rounds}: set federation.rounds >= {ckpt['round']} to go on"
-            )
-        problem = self.module.global_state_mismatch(ckpt["global"])
-        if problem:
-            raise CheckpointError(
-                f"{path} does not fit the configured model ({type(self.module).__name__}): {problem}; "
-                "resume with the config the run was started with"
-            )
+        check_checkpoint(ckpt, path, num_clients, self.fed.rounds, self.module, self.root if states_here else None)
 
 
 def train_metrics(results: dict[int, ClientResult]) -> dict[str, float]:
@@ -460,56 +445,3 @@ def train_metrics(results: dict[int, ClientResult]) -> dict[str, float]:
     m["round/clients"] = len(results)
     m["round/train_volumes"] = sum(r.num_samples for r in results.values())
     return m
-
-
-@dataclass
-class RunState:
-    """What the round engine carries from round to round; a checkpoint holds all of it."""
-
-    num_clients: int
-    global_w: dict[str, torch.Tensor]
-    client_w: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
-    #: select_best: client -> (best validation Dice, its weights)
-    best: dict[int, tuple[float, dict[str, torch.Tensor]]] = field(default_factory=dict)
-    inbox: dict[int, Any] = field(default_factory=dict)
-    history: list[dict[str, float]] = field(default_factory=list)
-    #: per-round, per-client Dice rows (a wandb table when wandb is on)
-    dice_rows: list[list[Any]] = field(default_factory=list)
-    new_dice_rows: list[list[Any]] = field(default_factory=list)
-    comm: dict[str, int] = field(
-        default_factory=lambda: {"weights_down": 0, "weights_up": 0, "features_up": 0, "features_down": 0}
-    )
-    round: int = 0  # rounds done
-    #: the last round whose checkpoint is whole on disk (``None``: none yet)
-    checkpointed: int | None = None
-    elapsed: float = 0.0  # seconds of training rounds (monitors, downstream runs, checkpoints excluded)
-    round_started: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.inbox = {c: self.inbox.get(c) for c in range(self.num_clients)}
-
-    @classmethod
-    def from_checkpoint(cls, ckpt: dict[str, Any]) -> RunState:
-        C = int(ckpt["num_clients"])
-        return cls(
-            num_clients=C,
-            global_w=ckpt["global"],
-            client_w={int(c): w for c, w in ckpt["client_weights"].items()},
-            best={int(c): (float(ckpt["best_val_dice"][c]), w) for c, w in ckpt.get("best_client_weights", {}).items()},
-            inbox={c: bank_from_dict(ckpt["inbox"].get(str(c))) for c in range(C)},
-            history=ckpt["history"],
-            dice_rows=[list(r) for r in ckpt.get("dice_rows", [])],
-            comm=ckpt["comm"],
-            round=int(ckpt["round"]),
-            elapsed=float(ckpt["elapsed_s"]),
-        )
-
-    def record(self, metrics: dict[str, float]) -> None:
-        """The round's ``round/`` (and ``downstream/``) figures into the history, its Dice rows
-        into the table."""
-        self.history.append({k: float(v) for k, v in metrics.items() if k.startswith(("round/", "downstream/"))})
-        self.record_dice(metrics, self.round)
-
-    def record_dice(self, metrics: dict[str, float], round_idx: int) -> None:
-        self.new_dice_rows = per_client_dice_rows(metrics, round_idx)
-        self.dice_rows += self.new_dice_rows

@@ -1,12 +1,16 @@
 """The Flower client side: a node trains its own client with :func:`client_step`, the same
 function the in-process loop calls, and keeps its state (momentum encoder, local bank, optimiser)
-on the node: in ``Context.state`` and, when the node config names a ``state-dir``, on its disk.
+on the node: in ``Context.state`` or, when the node config names a ``state-dir``, on its disk
+only (``state-NNN.pt``, as an in-process client's; nothing of it stays in memory between rounds).
+The server names in each message which saved state the round starts from (``state-version``,
+the rounds done when it was saved; 0: a fresh client) and the oldest one a checkpoint it keeps
+still names (``keep-from``), so a server resumed from any kept checkpoint gets the same bits.
 
 Node config (``flower-supernode --node-config``): ``partition-id`` (this client's id in the
 federation, 0..C-1); optional ``data-root``: this site's own data folder, which makes the node's
 datamodule hold only that site (``data.root`` set, ``data.num_clients`` 1); optional
 ``overrides`` (CLI-style arguments for this site only, e.g. ``--data.source.patients=1-10``);
-optional ``state-dir`` (the client state also on disk, for restarts). Run config (``pyproject.toml`` / ``flwr run --run-config``): ``config``
+optional ``state-dir`` (the client state on disk, for restarts and for many simulated nodes). Run config (``pyproject.toml`` / ``flwr run --run-config``): ``config``
 (the project YAML), optional ``overrides`` (CLI-style arguments, space-separated).
 """
 
@@ -14,13 +18,13 @@ from __future__ import annotations
 
 import logging
 import shlex
-from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
 from fcl_lightning.federation.checkpoint import CheckpointError, to_cpu
 from fcl_lightning.federation.client import ClientRuntime, client_step
+from fcl_lightning.federation.state import ClientStateFiles
 from fcl_lightning.flower.codec import (
     bytes_to_state,
     features_to_record,
@@ -29,11 +33,9 @@ from fcl_lightning.flower.codec import (
     state_to_bytes,
     weights_to_record,
 )
-from fcl_lightning.io import atomic_save, safe_torch_load
 
 log = logging.getLogger(__name__)
-STATE_KEY = "fcl-client"
-STATE_FORMAT = "fcl-lightning/client-state-v1"
+STATE_KEY = "fcl-client"  # Context.state entries fcl-client-NNN: the states this node keeps
 _RUNTIMES: dict[tuple, ClientRuntime] = {}  # one built module + datamodule per process and config
 
 
@@ -84,24 +86,50 @@ def client_ids(node_config: dict[str, Any], runtime: ClientRuntime) -> tuple[int
     return client, client
 
 
-def load_state(context: Context) -> Any:
-    if STATE_KEY in context.state:
-        return bytes_to_state(context.state[STATE_KEY]["state"])
+def state_files(context: Context, client: int) -> ClientStateFiles | None:
+    """The node's state files (node config ``state-dir``), or ``None``: states in ``Context.state``."""
     d = context.node_config.get("state-dir")
-    path = Path(d) / "client_state.pt" if d else None
-    if path is not None and path.is_file():  # a restarted node picks up its own state
-        saved = safe_torch_load(path, "client state", CheckpointError)
-        if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"{path} is not an fcl-lightning client state ({STATE_FORMAT})")
-        return saved["state"]
-    return None
+    return ClientStateFiles(d, client) if d else None
 
 
-def save_state(context: Context, state: Any, round_idx: int) -> None:
-    context.state[STATE_KEY] = ConfigRecord({"state": state_to_bytes(state), "round": round_idx})
-    d = context.node_config.get("state-dir")
-    if d:
-        atomic_save({"format": STATE_FORMAT, "round": round_idx, "state": state}, Path(d) / "client_state.pt")
+def memory_versions(context: Context) -> list[int]:
+    prefix = f"{STATE_KEY}-"
+    return sorted(int(k[len(prefix) :]) for k in context.state.keys() if k.startswith(prefix))
+
+
+def load_state(context: Context, client: int, version: int) -> Any:
+    """The state this client saved after round ``version`` (0: a fresh client, ``None``)."""
+    if version == 0:
+        return None
+    files = state_files(context, client)
+    if files is not None:
+        if not files.path(version).is_file():
+            raise CheckpointError(
+                f"client {client}: the server resumes it from its state after round {version}, "
+                f"which {files.folder} (node config state-dir) does not hold (it has rounds {files.versions() or 'none'})"
+            )
+        return files.load(version)
+    key = f"{STATE_KEY}-{version:03d}"
+    if key not in context.state:
+        raise CheckpointError(
+            f"client {client}: the server resumes it from its state after round {version}, which this node "
+            f"does not hold (it has rounds {memory_versions(context) or 'none'}; a restarted node keeps its "
+            "states only with node config state-dir)"
+        )
+    return bytes_to_state(context.state[key]["state"])
+
+
+def save_state(context: Context, client: int, state: Any, version: int, keep_from: int) -> None:
+    """Save this client's state after round ``version``; drop the ones older than ``keep_from``."""
+    files = state_files(context, client)
+    if files is not None:
+        files.save(version, state)
+        files.prune(keep_from)
+        return
+    context.state[f"{STATE_KEY}-{version:03d}"] = ConfigRecord({"state": state_to_bytes(state), "round": version})
+    for v in memory_versions(context):
+        if v < keep_from:
+            del context.state[f"{STATE_KEY}-{v:03d}"]
 
 
 def query_reply(content: RecordDict, context: Context) -> RecordDict:
@@ -116,19 +144,20 @@ def train_reply(content: RecordDict, context: Context) -> RecordDict:
     metrics and this client's own features out."""
     runtime = get_runtime(context.run_config, context.node_config)
     client, data_client = client_ids(context.node_config, runtime)
-    round_idx = int(content["config"]["round"])
+    config = content["config"]
+    round_idx, version = int(config["round"]), int(config.get("state-version", 0))
     weights = record_to_weights(content["weights"])
     remote = record_to_features(content["features"]) if "features" in content else None
     res = client_step(
         weights,
-        load_state(context),
+        load_state(context, client, version),
         remote,
         client=client,
         round_idx=round_idx,
         runtime=runtime,
         data_client=data_client,
     )
-    save_state(context, to_cpu(res.state), round_idx)
+    save_state(context, client, to_cpu(res.state), round_idx + 1, int(config.get("keep-from", version)))
     reply = RecordDict(
         {
             "update": weights_to_record(res.update),

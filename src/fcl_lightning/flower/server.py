@@ -90,7 +90,12 @@ class FlowerClients(Clients):
             if id(start) not in weight_records:  # federated: one record of the global weights for all
                 weight_records[id(start)] = weights_to_record(start)
             rec = weight_records[id(start)]
-            content = RecordDict({"weights": rec, "config": ConfigRecord({"round": round_idx})})
+            # which saved state the node starts from, and the oldest one a kept checkpoint names
+            st = self.run_state
+            version = st.client_versions.get(c, 0) if st is not None else 0
+            keep_from = st.keep_from.get(c, version) if st is not None else version
+            config = ConfigRecord({"round": round_idx, "state-version": version, "keep-from": min(keep_from, version)})
+            content = RecordDict({"weights": rec, "config": config})
             if inbox.get(c) is not None:
                 content["features"] = features_to_record(inbox[c])
             msg = Message(content, dst_node_id=self.node_of[c], message_type="train", group_id=str(round_idx))
@@ -111,7 +116,7 @@ class FlowerClients(Clients):
             results[c] = ClientResult(
                 update=record_to_weights(reply.content["update"]),
                 num_samples=n,
-                state={},
+                state=None,  # saved on the node
                 features=feats,
                 metrics={k: float(v) for k, v in m.items()},
             )

@@ -6,7 +6,8 @@ module, the data and the Trainers. With ``worker="<socket path>"`` in a SuperNod
 the ClientApp imports neither: it relays the message's content and the node's ``Context`` to this
 process over a Unix socket, which keeps the runtime (module, preprocessed data, each client's
 Trainer) between messages and runs the same handlers (:mod:`fcl_lightning.flower.client`). The
-client state still travels in ``Context.state`` as before, so a restarted worker loses nothing.
+client state still travels in ``Context.state`` (or lies in the node's ``state-dir``), so a
+restarted worker loses nothing.
 
 Start one next to each SuperNode, before ``flwr run``::
 
@@ -51,6 +52,9 @@ def relay(kind: str, content: Any, context: Any) -> Any:
     if status != "ok":
         raise WorkerError(f"the worker at {path} failed on a {kind} message:\n{payload}")
     reply, state = payload
+    for key in list(context.state.keys()):
+        if key not in state:  # a state the worker dropped
+            del context.state[key]
     for key in list(state.keys()):
         context.state[key] = state[key]
     return reply

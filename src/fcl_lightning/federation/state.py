@@ -1,0 +1,277 @@
+"""The run's state, its one home: what the round engine carries from round to round
+(:class:`RunState`), the server's round checkpoint made from it and read back
+(:meth:`RunState.checkpoint`, :meth:`RunState.from_checkpoint`) and checked against a config
+(:func:`check_checkpoint`), each client's own state in files beside it (:class:`ClientStateFiles`),
+and which round files stay on disk (:class:`CheckpointKeep`, :func:`retention`).
+
+The server's checkpoint holds the global weights, the exchanged features in flight and the
+bookkeeping; a client's momentum nets, memory bank, optimiser moments and teacher are saved by
+the client (in-process: ``<root>/clients/client<c>/state-NNN.pt``; on Flower: the node's
+``state-dir``), as ``state-NNN.pt`` with NNN the rounds done when it was saved. The server's
+checkpoint records, per client, which file holds its state (``client_versions``).
+
+**Commit.** A round's client files are renamed into place before the round's server file, and
+a client file is only ever read through a server file that names it. A process killed at any
+point leaves either both (the round is committed) or a server file of an earlier round, which
+names only earlier client files; a newer client file is then never read, and redoing the round
+writes it again with the same bits. (Files are renamed into place atomically, so a kill leaves
+whole files; surviving a power loss as well would need fsyncs, which no file here pays for.)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fcl_lightning.federation.checkpoint import (
+    FORMAT,
+    CheckpointError,
+    bank_from_dict,
+    bank_to_dict,
+    load_checkpoint,
+)
+from fcl_lightning.io import atomic_save, safe_torch_load
+from fcl_lightning.tracking import per_client_dice_rows
+
+CLIENT_FORMAT = "fcl-lightning/client-state-v2"
+ROUND_FILE = re.compile(r"round-(\d+)\.ckpt")
+STATE_FILE = re.compile(r"state-(\d+)\.pt")
+
+
+@dataclass
+class CheckpointKeep:
+    """Which ``round-NNN.ckpt`` files stay on disk (``last.ckpt`` and the final round's always do).
+
+    Args:
+        last: the newest this many round files are kept whole: the run resumes from any of them
+            (``None``: every round file, with every client state it names).
+        every: older round files are kept when their round is a multiple of this, as the global
+            weights of that round (what ``METHOD@R`` cells, ``model.pretrained`` and ``test``
+            read); their client states are not kept, so a run does not resume from them
+            (``None``: no older round file is kept).
+    """
+
+    last: int | None = 2
+    every: int | None = 10
+
+    def __post_init__(self) -> None:
+        for name in ("last", "every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"federation.checkpoint_keep.{name} must be >= 1 or null, got {value}")
+
+
+def retention(rounds: list[int], keep: CheckpointKeep, final: int) -> tuple[set[int], set[int]]:
+    """Of the round files ``rounds`` on disk: (kept whole, kept as weights only); the others go.
+    ``final``: the run's last round (its file is always kept whole)."""
+    rounds = sorted(rounds)
+    whole = set(rounds if keep.last is None else rounds[-keep.last :]) | ({final} & set(rounds))
+    weights = {r for r in rounds if r not in whole and keep.every is not None and r % keep.every == 0}
+    return whole, weights
+
+
+class ClientStateFiles:
+    """One client's saved states in ``folder``: ``state-NNN.pt``, NNN the rounds done when it was
+    saved (its *version*). Written atomically, loaded with ``weights_only=True``."""
+
+    def __init__(self, folder: str | Path, client: int) -> None:
+        self.folder, self.client = Path(folder), int(client)
+
+    def path(self, version: int) -> Path:
+        return self.folder / f"state-{int(version):03d}.pt"
+
+    def versions(self) -> list[int]:
+        if not self.folder.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.folder.iterdir() if (m := STATE_FILE.fullmatch(p.name)))
+
+    def save(self, version: int, state: Any, save: Callable[[Any, Path], Any] = atomic_save) -> Path:
+        record = {"format": CLIENT_FORMAT, "client": self.client, "round": int(version), "state": state}
+        return save(record, self.path(version))
+
+    def load(self, version: int) -> Any:
+        path = self.path(version)
+        saved = safe_torch_load(path, f"client {self.client}'s state", CheckpointError)
+        if not isinstance(saved, dict) or saved.get("format") != CLIENT_FORMAT:
+            raise CheckpointError(f"{path} is not an fcl-lightning client state (expected format {CLIENT_FORMAT!r})")
+        if int(saved["client"]) != self.client or int(saved["round"]) != int(version):
+            raise CheckpointError(
+                f"{path} holds client {saved['client']}'s state after round {saved['round']}, "
+                f"not client {self.client}'s after round {version}"
+            )
+        return saved["state"]
+
+    def prune(self, below: int) -> list[int]:
+        """Delete the versions older than ``below`` (no checkpoint that is kept whole names them)."""
+        gone = [v for v in self.versions() if v < below]
+        for v in gone:
+            self.path(v).unlink(missing_ok=True)
+        return gone
+
+
+def client_files(root: str | Path, client: int) -> ClientStateFiles:
+    """Where an in-process client's states go: ``<root>/clients/client<c>/``."""
+    return ClientStateFiles(Path(root) / "clients" / f"client{int(client)}", client)
+
+
+@dataclass
+class RunState:
+    """What the round engine carries from round to round; the server's checkpoint holds all of
+    it but the clients' own states, which it names by version (``client_versions``)."""
+
+    num_clients: int
+    global_w: dict[str, torch.Tensor]
+    client_w: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    #: select_best: client -> (best validation Dice, its weights)
+    best: dict[int, tuple[float, dict[str, torch.Tensor]]] = field(default_factory=dict)
+    inbox: dict[int, Any] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    #: per-round, per-client Dice rows (a wandb table when wandb is on)
+    dice_rows: list[list[Any]] = field(default_factory=list)
+    new_dice_rows: list[list[Any]] = field(default_factory=list)
+    comm: dict[str, int] = field(
+        default_factory=lambda: {"weights_down": 0, "weights_up": 0, "features_down": 0, "features_up": 0}
+    )
+    round: int = 0  # rounds done
+    #: client -> the rounds done when its current state was saved (absent: a fresh client)
+    client_versions: dict[int, int] = field(default_factory=dict)
+    #: client -> its oldest state a checkpoint kept whole still names (older ones may go)
+    keep_from: dict[int, int] = field(default_factory=dict)
+    #: the states the clients that trained in this process handed back this round, to be saved
+    fresh_states: dict[int, Any] = field(default_factory=dict)
+    #: the last round whose checkpoint is whole on disk (``None``: none yet)
+    checkpointed: int | None = None
+    elapsed: float = 0.0  # seconds of training rounds (monitors, downstream runs, checkpoints excluded)
+    round_started: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.inbox = {c: self.inbox.get(c) for c in range(self.num_clients)}
+
+    def finish_round(self, r: int, trained: dict[int, Any | None]) -> None:
+        """Round ``r`` (0-based) is done: each client in ``trained`` now has the state it saved
+        after it (``None``: saved where it trained, e.g. a Flower node; else to be saved here)."""
+        self.round = r + 1
+        self.fresh_states = {c: s for c, s in trained.items() if s is not None}
+        self.client_versions.update({c: self.round for c in trained})
+
+    def checkpoint(self, **run: Any) -> dict[str, Any]:
+        """The server's round checkpoint (no client state; ``run``: the run's own entries: rounds,
+        module, seed, config, rng, wandb and CSV ids)."""
+        return {
+            "format": FORMAT,
+            "round": self.round,
+            "num_clients": self.num_clients,
+            "global": self.global_w,
+            "client_weights": {str(c): w for c, w in self.client_w.items()},
+            "client_versions": {str(c): v for c, v in self.client_versions.items()},
+            "inbox": {str(c): bank_to_dict(b) for c, b in self.inbox.items() if b is not None},
+            "history": self.history,
+            "comm": self.comm,
+            "elapsed_s": self.elapsed,
+            "dice_rows": self.dice_rows,
+            # select_best: each client's weights from its round with the best validation Dice (what `test` scores)
+            "best_client_weights": {str(c): w for c, (_, w) in self.best.items()},
+            "best_val_dice": {str(c): d for c, (d, _) in self.best.items()},
+            **run,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any]) -> RunState:
+        C = int(ckpt["num_clients"])
+        return cls(
+            num_clients=C,
+            global_w=ckpt["global"],
+            client_w={int(c): w for c, w in ckpt["client_weights"].items()},
+            best={int(c): (float(ckpt["best_val_dice"][c]), w) for c, w in ckpt.get("best_client_weights", {}).items()},
+            inbox={c: bank_from_dict(ckpt["inbox"].get(str(c))) for c in range(C)},
+            history=ckpt["history"],
+            dice_rows=[list(r) for r in ckpt.get("dice_rows", [])],
+            comm=ckpt["comm"],
+            round=int(ckpt["round"]),
+            client_versions=versions_of(ckpt),
+            elapsed=float(ckpt["elapsed_s"]),
+        )
+
+    def record(self, metrics: dict[str, float]) -> None:
+        """The round's ``round/`` (and ``downstream/``) figures into the history, its Dice rows
+        into the table."""
+        self.history.append({k: float(v) for k, v in metrics.items() if k.startswith(("round/", "downstream/"))})
+        self.record_dice(metrics, self.round)
+
+    def record_dice(self, metrics: dict[str, float], round_idx: int) -> None:
+        self.new_dice_rows = per_client_dice_rows(metrics, round_idx)
+        self.dice_rows += self.new_dice_rows
+
+
+def versions_of(ckpt: dict[str, Any]) -> dict[int, int]:
+    """client -> version of its state a server checkpoint names (an earlier format held the
+    states themselves, under ``clients``: version 0 there means "in this file")."""
+    if "client_versions" in ckpt:
+        return {int(c): int(v) for c, v in ckpt["client_versions"].items()}
+    return {int(c): 0 for c in ckpt.get("clients", {})}
+
+
+def client_states_of(ckpt: dict[str, Any], root: str | Path) -> dict[int, Any]:
+    """The in-process clients' states a server checkpoint names, read from their files (or, in
+    the earlier format, from the checkpoint itself)."""
+    if "client_versions" not in ckpt:
+        return {int(c): s for c, s in ckpt.get("clients", {}).items()}
+    return {c: client_files(root, c).load(v) for c, v in versions_of(ckpt).items()}
+
+
+def round_files(ckdir: str | Path) -> dict[int, Path]:
+    """round -> ``round-NNN.ckpt`` in ``ckdir``."""
+    ckdir = Path(ckdir)
+    if not ckdir.is_dir():
+        return {}
+    return {int(m.group(1)): p for p in ckdir.iterdir() if (m := ROUND_FILE.fullmatch(p.name))}
+
+
+def check_checkpoint(
+    ckpt: dict[str, Any], path: Path, num_clients: int, rounds: int, module: Any, root: Path | None
+) -> None:
+    """A checkpoint to resume from against the config: clients, rounds, the model's shapes, and
+    (``root``: clients in this process) every client state file it names."""
+    if ckpt["num_clients"] != num_clients:
+        raise CheckpointError(
+            f"{path} was written with {ckpt['num_clients']} clients, the config has {num_clients} (data.num_clients)"
+        )
+    if ckpt["round"] > rounds:
+        raise CheckpointError(
+            f"{path} is from round {ckpt['round']}, after the configured "
+            f"federation.rounds={rounds}: set federation.rounds >= {ckpt['round']} to go on"
+        )
+    problem = module.global_state_mismatch(ckpt["global"])
+    if problem:
+        raise CheckpointError(
+            f"{path} does not fit the configured model ({type(module).__name__}): {problem}; "
+            "resume with the config the run was started with"
+        )
+    if root is None or "client_versions" not in ckpt:
+        return
+    missing = [(c, v) for c, v in sorted(versions_of(ckpt).items()) if not client_files(root, c).path(v).is_file()]
+    if missing:
+        c, v = missing[0]
+        whole = sorted(round_files(path.parent))
+        raise CheckpointError(
+            f"{path} names client {c}'s state after round {v} ({client_files(root, c).path(v)}), which is not "
+            f"there ({len(missing)} of {len(versions_of(ckpt))} client states missing): older round files keep "
+            "the global weights only (federation.checkpoint_keep.last); resume from checkpoints/last.ckpt"
+            + (f" or a newer round file (on disk: rounds {', '.join(map(str, whole))})" if whole else "")
+        )
+
+
+def load_round_versions(ckdir: str | Path) -> dict[int, dict[int, int]]:
+    """round -> the client versions each ``round-NNN.ckpt`` in ``ckdir`` names (read mapped)."""
+    out = {}
+    for r, p in round_files(ckdir).items():
+        try:
+            out[r] = versions_of(load_checkpoint(p, mmap=True))
+        except CheckpointError:
+            continue  # not ours to prune by
+    return out
