@@ -200,3 +200,45 @@ def test_federated_finetuning_on_flower(tmp_path):
     a = torch.load(tmp_path / "inproc/checkpoints/last.ckpt", weights_only=True)["global"]
     b = torch.load(tmp_path / "flower/checkpoints/last.ckpt", weights_only=True)["global"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("where", ["context", pytest.param("state-dir", marks=pytest.mark.slow)])
+def test_server_killed_before_its_checkpoint_resumes_the_nodes_from_the_state_it_names(tmp_path, tiny, where):
+    """The nodes trained round 2 but the server died before round 2's checkpoint: resumed from
+    round 1's, it tells each node to start from its state after round 1 (which the node still
+    keeps, in Context.state or its state-dir), not its newest, and ends bitwise as in-process."""
+    main(tiny(tmp_path / "inproc", rounds=2))
+    base = tmp_path / "base.yaml"
+    base.write_text("seed_everything: 0\n")
+
+    def config(**extra):
+        ov = tiny(tmp_path / "flower", rounds=2)[1:]
+        return {"config": str(base), "overrides": " ".join(shlex.quote(a) for a in ov), "wait-s": 5, **extra}
+
+    nodes = {100 + c: {"partition-id": c} for c in range(2)}
+    if where == "state-dir":
+        nodes = {n: {**cfg, "state-dir": str(tmp_path / f"site{n}")} for n, cfg in nodes.items()}
+    grid = LocalGrid(client_app, config(), nodes)
+    run_server(grid, config())
+    ck = tmp_path / "flower" / "checkpoints"
+    (ck / "last.ckpt").unlink()  # the kill: round 2's server file never made it
+    (ck / "round-002.ckpt").unlink()
+    (tmp_path / "flower" / "encoder.pt").unlink()
+    for ctx in grid.contexts.values():
+        ctx.run_config = config(**{"ckpt-path": str(ck / "round-001.ckpt")})
+        held = (
+            sorted(p.name for p in (tmp_path / f"site{ctx.node_id}").iterdir())
+            if where == "state-dir"
+            else sorted(k for k in ctx.state.keys() if k.startswith("fcl-client-"))
+        )
+        assert held == (
+            ["state-001.pt", "state-002.pt"] if where == "state-dir" else ["fcl-client-001", "fcl-client-002"]
+        )
+        if where == "state-dir":
+            assert not any(k.startswith("fcl-client") for k in ctx.state.keys())  # on disk, not in memory
+    summary = run_server(grid, config(**{"ckpt-path": str(ck / "round-001.ckpt")}))
+    assert summary["rounds_completed"] == 2
+    assert [int(m.content["config"]["state-version"]) for m in train_messages(grid, 1)][-2:] == [1, 1]
+    a = torch.load(tmp_path / "inproc/encoder.pt", weights_only=True)
+    b = torch.load(tmp_path / "flower/encoder.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,95 @@
+"""The run state's home (``federation/state.py``): which round files stay, each client's state in
+its own versioned file, and a resume that finds (or clearly misses) the states a checkpoint names."""
+
+import shutil
+
+import pytest
+import torch
+
+from fcl_lightning.cli import main
+from fcl_lightning.federation.checkpoint import CheckpointError, load_checkpoint
+from fcl_lightning.federation.state import CheckpointKeep, ClientStateFiles, client_files, retention
+
+
+def slow_retention(rounds, last, every, final):
+    """Round by round: kept whole if among the newest ``last`` (or the final round), else kept as
+    weights if a multiple of ``every``, else deleted."""
+    whole, weights = set(), set()
+    for r in rounds:
+        newer = sum(1 for o in rounds if o > r)
+        if last is None or newer < last or r == final:
+            whole.add(r)
+        elif every is not None and r % every == 0:
+            weights.add(r)
+    return whole, weights
+
+
+@pytest.mark.parametrize("last", [None, 1, 2, 5])
+@pytest.mark.parametrize("every", [None, 1, 3, 10])
+def test_retention_matches_its_slow_reference(last, every):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        rounds = sorted(
+            set((torch.randperm(30, generator=g)[: int(torch.randint(1, 12, (1,), generator=g))] + 1).tolist())
+        )
+        final = max(rounds) + int(torch.randint(0, 2, (1,), generator=g))  # the run's end, or not yet
+        got = retention(rounds, CheckpointKeep(last=last, every=every), final)
+        assert got == slow_retention(rounds, last, every, final), (rounds, final)
+
+
+def test_checkpoint_keep_refuses_zero():
+    with pytest.raises(ValueError, match="checkpoint_keep.last must be >= 1"):
+        CheckpointKeep(last=0)
+
+
+def test_client_state_files_round_trip_name_their_client_and_prune(tmp_path):
+    files = ClientStateFiles(tmp_path / "c3", client=3)
+    state = {"modules": {"bank": torch.arange(4.0)}, "optimizer": {"state": {}, "param_groups": []}}
+    for v in (1, 2, 5):
+        files.save(v, state)
+    assert files.versions() == [1, 2, 5]
+    assert torch.equal(files.load(2)["modules"]["bank"], torch.arange(4.0))
+    (tmp_path / "c3" / "state-002.pt").rename(tmp_path / "c3" / "state-004.pt")  # a file under another name
+    with pytest.raises(CheckpointError, match="holds client 3's state after round 2, not client 3's after round 4"):
+        files.load(4)
+    with pytest.raises(CheckpointError, match="client 3's state .*state-003.pt does not exist"):
+        files.load(3)
+    assert files.prune(5) == [1, 4] and files.versions() == [5]
+
+
+def test_retention_keeps_the_newest_whole_and_every_nth_as_weights(tmp_path, tiny, capsys):
+    """5 rounds, newest 2 whole, every 2nd as weights: round files 2, 4, 5 stay, 1 and 3 go; each
+    client keeps the states rounds 4 and 5 name; round 2 gives its weights but does not resume."""
+    keep = ["--federation.checkpoint_keep.last=2", "--federation.checkpoint_keep.every=2"]
+    main(tiny(tmp_path, rounds=5, extra=keep))
+    ck = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["last.ckpt", "round-002.ckpt", "round-004.ckpt", "round-005.ckpt"]
+    for c in (0, 1):
+        assert client_files(tmp_path, c).versions() == [4, 5]
+    server = load_checkpoint(ck / "round-002.ckpt")
+    assert server["client_versions"] == {"0": 2, "1": 2} and "clients" not in server
+    assert not any("momentum" in k or "bank" in k for k in server["global"])  # no client state in it
+    with pytest.raises(CheckpointError, match=r"names client 0's state after round 2 .*global weights only"):
+        main(tiny(tmp_path, rounds=5, extra=[*keep, f"--ckpt_path={ck / 'round-002.ckpt'}"]))
+    # a whole one resumes, and the resumed round writes the same state as before
+    before = client_files(tmp_path, 1).load(5)
+    main(tiny(tmp_path, rounds=5, extra=[*keep, f"--ckpt_path={ck / 'round-004.ckpt'}"]))
+    after = client_files(tmp_path, 1).load(5)
+    assert all(torch.equal(v, after["modules"][k]) for k, v in before["modules"].items())
+
+
+def test_a_checkpoint_from_before_client_files_still_resumes(tmp_path, tiny):
+    """The earlier format (client states inside the server's file) resumes to the same bits."""
+    ref, old = tmp_path / "ref", tmp_path / "old"
+    main(tiny(ref, rounds=2))
+    main(tiny(old, rounds=1))
+    ckpt = load_checkpoint(old / "checkpoints" / "last.ckpt")
+    versions = ckpt.pop("client_versions")
+    ckpt["clients"] = {c: client_files(old, int(c)).load(v) for c, v in versions.items()}
+    ckpt["format"] = "fcl-lightning/federated-v1"
+    (old / "checkpoints" / "last.ckpt").unlink()
+    torch.save(ckpt, old / "checkpoints" / "last.ckpt")
+    shutil.rmtree(old / "clients")
+    main(tiny(old, rounds=2, extra=["--ckpt_path=last"]))
+    a, b = (torch.load(r / "encoder.pt", weights_only=True) for r in (ref, old))
+    assert all(torch.equal(a[k], b[k]) for k in a)
