@@ -245,7 +245,17 @@ class Runner:
         pre = self.pretrain_dir(base)
         if not rnd:
             return str(pre / "encoder.pt")
-        return str(pre / INIT_ENCODER) if int(rnd) == 0 else str(pre / "checkpoints" / f"round-{int(rnd):03d}.ckpt")
+        if int(rnd) == 0:
+            return str(pre / INIT_ENCODER)
+        path = pre / "checkpoints" / f"round-{int(rnd):03d}.ckpt"
+        if not path.is_file() and self.pretrain_done(base):
+            kept = sorted(int(p.stem.split("-")[1]) for p in (pre / "checkpoints").glob("round-*.ckpt"))
+            raise SystemExit(
+                f"{method}: round {int(rnd)} of {base}'s pre-training was not kept ({pre / 'checkpoints'} holds "
+                f"rounds {', '.join(map(str, kept)) or 'none'}; federation.checkpoint_keep decides which stay, "
+                "and this runner keeps every round of the pre-trainings it starts)"
+            )
+        return str(path)
 
     def finetune_done(self, d: Path) -> bool:
         s = d / "summary.json"
@@ -258,6 +268,7 @@ class Runner:
             *self.p.pretrain,
             "--config",
             str(METHODS_DIR / f"{method}.yaml"),
+            "--federation.checkpoint_keep.every=1",  # every round's weights, for METHOD@R cells
             *self.common,
             *self.extra_pretrain,
             f"--trainer.default_root_dir={d}",

@@ -111,6 +111,12 @@ def test_method_at_round_fine_tunes_from_that_rounds_checkpoint(tables, tmp_path
     assert runner.encoder_path("fcl") == str(tmp_path / "pretrain/fcl/encoder.pt")
     assert runner.encoder_path("fcl@0") == str(tmp_path / "pretrain/fcl/encoder_init.pt")
     assert {c[1] for c in cells if c[0] == "finetune"} == {"random", "fcl", "fcl@4"}
+    # a finished pre-training whose round 4 was not kept says so, with the rounds it has
+    (tmp_path / "pretrain/fcl/checkpoints").mkdir(parents=True)
+    for name in ("encoder.pt", "checkpoints/round-003.ckpt", "checkpoints/round-010.ckpt"):
+        (tmp_path / "pretrain/fcl" / name).write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"fcl@4: round 4 of fcl's pre-training was not kept .* rounds 3, 10"):
+        runner.encoder_path("fcl@4")
 
 
 def test_semi_methods_reuse_pretraining_and_add_the_semi_config(tables, tmp_path, monkeypatch):
