@@ -242,3 +242,33 @@ def test_server_killed_before_its_checkpoint_resumes_the_nodes_from_the_state_it
     a = torch.load(tmp_path / "inproc/encoder.pt", weights_only=True)
     b = torch.load(tmp_path / "flower/encoder.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow  # Ray's start-up alone is ~10 s (make test-slow; needs the [simulation] extra)
+def test_simulated_federation_equals_the_in_process_loop(tmp_path, tiny):
+    """Flower's simulation runtime (Ray) with 3 virtual nodes, 2 of them sampled a round and their
+    states on disk only: the in-process loop's encoder, bitwise, when both train with one torch
+    thread (what Ray gives a node of cpus-per-client 1; more threads sum in another order)."""
+    pytest.importorskip("ray")
+    from fcl_lightning.federation.state import client_files
+    from fcl_lightning.flower.simulation import simulate
+
+    extra = ["--federation.clients_per_round=2"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main(tiny(tmp_path / "inproc", rounds=2, clients=3, extra=extra))
+    finally:
+        torch.set_num_threads(threads)
+    base = tmp_path / "base.yaml"
+    base.write_text("seed_everything: 0\n")
+    states = tmp_path / "states"
+    simulate(str(base), tiny(tmp_path / "sim", rounds=2, clients=3, extra=extra)[1:], 3, str(states), cpus=2)
+    a = torch.load(tmp_path / "inproc/encoder.pt", weights_only=True)
+    b = torch.load(tmp_path / "sim/encoder.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for c in range(3):  # the same clients trained in the same rounds, their states on the "sites"' disks
+        assert sorted(p.name for p in (states / f"client{c}").iterdir()) == [
+            p.name for p in sorted(client_files(tmp_path / "inproc", c).folder.iterdir())
+        ]
+    assert not (tmp_path / "sim" / "clients").exists()  # the server holds no client state

@@ -36,7 +36,7 @@ from fcl_lightning.flower.codec import (
 
 log = logging.getLogger(__name__)
 STATE_KEY = "fcl-client"  # Context.state entries fcl-client-NNN: the states this node keeps
-_RUNTIMES: dict[tuple, ClientRuntime] = {}  # one built module + datamodule per process and config
+_RUNTIMES: dict[tuple, ClientRuntime] = {}  # one built module + datamodule per process and config (not per node)
 
 
 def config_args(run_config: dict[str, Any], node_config: dict[str, Any] | None = None) -> list[str]:
@@ -57,7 +57,7 @@ def get_runtime(run_config: dict[str, Any], node_config: dict[str, Any]) -> Clie
     from fcl_lightning.federation.loop import FederatedLoop
 
     args = config_args(run_config, node_config)
-    key = (*args, node_config.get("partition-id"))
+    key = tuple(args)  # one runtime serves every client of this config (client_step swaps their state)
     if key not in _RUNTIMES:
         cli = build(args)
         loop = FederatedLoop(
