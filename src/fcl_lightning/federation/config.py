@@ -10,6 +10,7 @@ from fcl_lightning.downstream import DownstreamEvaluation
 from fcl_lightning.fcl.aggregate import Aggregator, FedAvg
 from fcl_lightning.fcl.monitor import CollapseMonitor
 from fcl_lightning.federation.hooks import RoundHook
+from fcl_lightning.federation.mode import Mode, mode_of
 from fcl_lightning.federation.state import CheckpointKeep
 
 
@@ -23,7 +24,8 @@ class Federation:
             instead of ``local_epochs`` epochs (handy when a client has very few labelled slices).
         clients_per_round: clients sampled each round (``None``: all).
         mode: ``federated`` aggregates every round; ``local`` trains each client alone
-            (no aggregation, no exchange: the per-client baselines and local fine-tuning).
+            (no aggregation, no exchange: the per-client baselines and local fine-tuning); or a
+            :class:`~fcl_lightning.federation.mode.Mode` plug-in by ``class_path``.
         aggregator: server-side merge plug-in (FedAvg weighted by training volumes by default).
         exchange: share momentum-encoder features between rounds (``False``: the
             "FedAvg + partition loss" ablation).
@@ -62,7 +64,7 @@ class Federation:
         local_epochs: int = 1,
         local_steps: int | None = None,
         clients_per_round: int | None = None,
-        mode: Literal["federated", "local"] = "federated",
+        mode: Literal["federated", "local"] | Mode = "federated",
         aggregator: Aggregator = lazy_instance(FedAvg),
         exchange: bool = True,
         exchange_per_partition: int | None = None,
@@ -86,7 +88,8 @@ class Federation:
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
         self.rounds, self.local_epochs, self.clients_per_round = rounds, local_epochs, clients_per_round
-        self.mode, self.aggregator, self.exchange = mode, aggregator, exchange
+        self.mode: Mode = mode_of(mode)
+        self.aggregator, self.exchange = aggregator, exchange
         self.exchange_per_partition, self.keep_optimizer_state = exchange_per_partition, keep_optimizer_state
         self.exchange_source = exchange_source
         self.checkpoint_every, self.checkpoint_async = checkpoint_every, checkpoint_async

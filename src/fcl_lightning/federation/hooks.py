@@ -82,7 +82,7 @@ class CommCounter(RoundHook):
     """Bytes each client sent and received (weights and features), per round and in total."""
 
     def on_round_end(self, loop, state, results, metrics) -> None:
-        federated = loop.fed.mode == "federated"
+        federated = loop.fed.mode.global_model  # weights travel only when one model is trained
         up = down = feat_up = 0
         for c in sorted(results):
             w_down = state_nbytes(state.global_w) if federated else 0
@@ -161,7 +161,7 @@ class MonitorHook(RoundHook):
     def measure(self, loop: FederatedLoop, done: int, global_w: dict[str, torch.Tensor]) -> dict[str, float]:
         mon, module = loop.fed.monitor, loop.module
         features = getattr(module, "probe_features", None)
-        if mon is None or features is None or loop.fed.mode != "federated" or not mon.due(done, loop.fed.rounds):
+        if mon is None or features is None or not loop.fed.mode.global_model or not mon.due(done, loop.fed.rounds):
             return {}
         probe = self.probe_set(loop.dm, mon.max_volumes)
         if probe is None:
@@ -193,7 +193,7 @@ class DownstreamHook(RoundHook):
         self.evaluation = evaluation
 
     def applies(self, loop: FederatedLoop) -> bool:
-        return loop.fed.mode == "federated" and loop.module.stage == "pretrain"
+        return loop.fed.mode.global_model and loop.module.stage == "pretrain"
 
     def on_run_start(self, loop, state) -> None:
         if self.applies(loop):  # a missing paired init fails now, not after the last round
@@ -332,21 +332,7 @@ class ExportHook(RoundHook):
 
     def on_run_end(self, loop, state, summary) -> None:
         module, root = loop.module, loop.root
-        encoder = module.encoder_state()
-        if encoder is not None and loop.fed.mode == "federated":
-            atomic_save(encoder, root / "encoder.pt")
-        elif encoder is not None and state.client_w:
-            # local pre-training (e.g. Local CL): one encoder per client, and their FedAvg as
-            # encoder.pt, the common start of federated fine-tuning
-            clients = sorted(state.client_w)
-            for c in clients:
-                module.load_global_state(state.client_w[c])
-                atomic_save(module.encoder_state(), root / "encoders" / f"client{c}.pt")
-            merged = loop.fed.aggregator(
-                [state.client_w[c] for c in clients], [module.num_samples(loop.dm, c) for c in clients]
-            )
-            module.load_global_state(merged)
-            atomic_save(module.encoder_state(), root / "encoder.pt")
+        loop.fed.mode.export(root, state, module, loop.fed, loop.dm)
         last = state.history[-1] if state.history else {}
         summary.update(
             {

@@ -218,7 +218,7 @@ class FederatedLoop:
             ClientTrainers(self.make_trainer, self.fed.local_steps, self.fed.reuse_trainers),
             self.seed,
             self.fed.rounds,
-            exchange=self.fed.exchange and self.fed.mode == "federated" and self.module.shares_features,
+            exchange=self.fed.exchange and self.fed.mode.global_model and self.module.shares_features,
             exchange_per_partition=self.fed.exchange_per_partition,
             exchange_source=self.fed.exchange_source,
             keep_optimizer_state=self.fed.keep_optimizer_state,
@@ -325,8 +325,7 @@ class FederatedLoop:
         for h in reversed(started):
             h.teardown(self, None)
         self.module.cpu()  # client Trainers kept it on their device; what the run leaves is on the CPU
-        if self.fed.mode == "federated":
-            self.module.load_global_state(state.global_w)
+        self.fed.mode.final_weights(state, self.module)
         summary: dict[str, Any] = {}
         for h in hooks:
             h.on_run_end(self, state, summary)
@@ -377,27 +376,13 @@ class FederatedLoop:
             h.on_round_recorded(self, state, metrics)
 
     def start_weights(self, client: int, state: RunState) -> dict[str, torch.Tensor]:
-        """What ``client`` trains from: the global weights, or in local mode its own."""
-        if self.fed.mode != "local":
-            return state.global_w
-        if client in state.client_w:
-            return state.client_w[client]
-        return self.module.client_initial_weights(client, state.global_w)
+        """What ``client`` trains from (the mode decides: the global weights, or its own)."""
+        return self.fed.mode.start_weights(client, state, self.module)
 
     def aggregate(self, state: RunState, results: dict[int, ClientResult]) -> None:
-        """FedAvg (the aggregator plug-in) of the updates; in local mode each client keeps its
-        own (and, with ``select_best``, its weights from its best validation round)."""
-        if self.fed.mode == "federated":
-            state.global_w = self.fed.aggregator(
-                [r.update for r in results.values()], [r.num_samples for r in results.values()]
-            )
-            return
-        state.client_w.update({c: r.update for c, r in results.items()})
-        if self.fed.select_best:
-            for c, r in results.items():
-                d = r.metrics.get("val/dice_mean")
-                if d is not None and (c not in state.best or d > state.best[c][0]):
-                    state.best[c] = (float(d), r.update)
+        """The mode's merge of the round's updates (FedAvg by the aggregator plug-in, or each
+        client keeping its own)."""
+        self.fed.mode.aggregate(self.fed, state, results)
 
     def validate(
         self, ckpt: dict[str, Any] | None, path: Path | None, num_clients: int, states_here: bool = True
@@ -419,13 +404,9 @@ class FederatedLoop:
                 f"instance norm needs more than one value per channel: the smallest size is {smallest} "
                 "(or use fewer model.features levels, or model.norm batch)"
             )
-        if self.fed.select_best and self.fed.mode != "local":
+        if self.fed.select_best and self.fed.mode.global_model:
             raise ConfigError("federation.select_best needs federation.mode local")
-        if self.fed.mode == "federated" and self.module.per_client_init:
-            raise ConfigError(
-                "a per-client pretrained path ('{client}' in model.pretrained) needs "
-                "federation.mode local; federated fine-tuning starts every client from one model"
-            )
+        self.fed.mode.check(self.fed, self.module)
         check_writable(self.root)
         if ckpt is None:
             return

@@ -133,7 +133,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], console: Console | None =
     console = console or Console(stderr=True)
     cli = build(config_args(run_config))
     fed = cli.config_init["federation"]
-    if fed.mode != "federated":
+    if not fed.mode.global_model:
         raise ValueError("Flower runs federation.mode federated (local mode needs no server)")
     if fed.downstream is not None:
         console.print(
