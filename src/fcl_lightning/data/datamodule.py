@@ -139,6 +139,11 @@ class FederatedDataModule(pl.LightningDataModule):
         self._ready = False
 
     # ------------------------------------------------------------------ setup
+    @property
+    def ready(self) -> bool:
+        """Whether :meth:`setup` has loaded the volumes."""
+        return self._ready
+
     def setup(self, stage: str | None = None) -> None:
         """Split patients over clients and preprocess every volume (once; later calls are no-ops)."""
         if self._ready:

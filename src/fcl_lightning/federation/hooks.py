@@ -1,6 +1,7 @@
-"""Round hooks: everything a federated run does besides the round itself (Lightning-callback style).
+"""Round hooks: everything a federated run does besides the round itself (Lightning-callback style;
+the protocol, :class:`RoundHook`, and what a hook sees, :class:`RunContext`, are in ``state.py``).
 
-The round engine (:class:`~fcl_lightning.federation.loop.FederatedLoop`) selects clients, trains
+The round engine (:class:`~fcl_lightning.federation.run.FederatedLoop`) selects clients, trains
 them, aggregates and routes the exchanged features; these hooks count bytes, measure the monitors,
 run the downstream evaluation, write checkpoints, export the encoder and the summary, and report
 (loggers, progress bar, round lines). Add your own under ``federation.hooks`` with ``class_path``.
@@ -28,7 +29,14 @@ from fcl_lightning.federation.checkpoint import (
     to_cpu,
     update_summary,
 )
-from fcl_lightning.federation.state import RunState, client_files, load_round_versions, retention
+from fcl_lightning.federation.state import (
+    RoundHook,
+    RunContext,
+    RunState,
+    client_files,
+    load_round_versions,
+    retention,
+)
 from fcl_lightning.io import WriteError, atomic_link, atomic_save
 from fcl_lightning.lit.segment import INIT_ENCODER
 from fcl_lightning.tracking import (
@@ -43,46 +51,15 @@ from fcl_lightning.tracking import (
 
 if TYPE_CHECKING:
     from fcl_lightning.downstream import DownstreamEvaluation
-    from fcl_lightning.federation.client import ClientResult
-    from fcl_lightning.federation.loop import FederatedLoop
 
 log = logging.getLogger(__name__)
-
-
-class RoundHook:
-    """A hook of the round engine; every method is optional. Per round: ``on_round_start``,
-    ``on_client_start`` per client, ``on_round_end`` (add to ``metrics``), then the engine records
-    the round in ``state.history``, then ``on_round_recorded`` (write, report)."""
-
-    def on_run_start(self, loop: FederatedLoop, state: RunState) -> None:
-        """Before the first round to run (``state.round`` rounds are already done on a resume)."""
-
-    def on_round_start(self, loop: FederatedLoop, state: RunState, round_idx: int) -> None:
-        """Before round ``round_idx`` (0-based) trains."""
-
-    def on_client_start(self, loop: FederatedLoop, round_idx: int, i: int, client: int, n: int) -> None:
-        """Before client ``client`` (the ``i``-th of ``n`` this round) trains."""
-
-    def on_round_end(
-        self, loop: FederatedLoop, state: RunState, results: dict[int, ClientResult], metrics: dict[str, float]
-    ) -> None:
-        """After aggregation and routing of round ``state.round``: add figures to ``metrics``."""
-
-    def on_round_recorded(self, loop: FederatedLoop, state: RunState, metrics: dict[str, float]) -> None:
-        """After the round is in ``state.history``: write and report it."""
-
-    def on_run_end(self, loop: FederatedLoop, state: RunState, summary: dict[str, Any]) -> None:
-        """After the last round (the global weights are in the module): add to ``summary``."""
-
-    def teardown(self, loop: FederatedLoop, error: BaseException | None) -> None:
-        """Always, last hook first, also when the run fails (``error``); release what it holds."""
 
 
 class CommCounter(RoundHook):
     """Bytes each client sent and received (weights and features), per round and in total."""
 
-    def on_round_end(self, loop, state, results, metrics) -> None:
-        federated = loop.fed.mode.global_model  # weights travel only when one model is trained
+    def on_round_end(self, run, state, results, metrics) -> None:
+        federated = run.fed.mode.global_model  # weights travel only when one model is trained
         up = down = feat_up = 0
         for c in sorted(results):
             w_down = state_nbytes(state.global_w) if federated else 0
@@ -120,19 +97,19 @@ class MonitorHook(RoundHook):
         self._probe: tuple[list, bool] | None = None
         self._chosen = False  # the probe set is chosen once, at its first use
 
-    def on_run_start(self, loop, state) -> None:
+    def on_run_start(self, run, state) -> None:
         if state.round == 0:  # the monitors at initialisation: the baseline the rounds are read against
-            init = self.measure(loop, 0, state.global_w)
+            init = self.measure(run, 0, state.global_w)
             if init:
-                loop.log_metrics({**init, "round": 0}, step=0)
-                loop.console.print(
+                run.log_metrics({**init, "round": 0}, step=0)
+                run.console.print(
                     f"round   0 | at initialisation | probe {init['round/monitor/probe_acc']:.2f} | "
                     f"spread {init['round/monitor/spread']:.2f}",
                     soft_wrap=True,
                 )
 
-    def on_round_end(self, loop, state, results, metrics) -> None:
-        metrics.update(self.measure(loop, state.round, state.global_w))
+    def on_round_end(self, run, state, results, metrics) -> None:
+        metrics.update(self.measure(run, state.round, state.global_w))
 
     def probe_set(self, dm: Any, max_volumes: int) -> tuple[list, bool] | None:
         """The fixed probe set: the first ``max_volumes`` held-out volumes (validation patients of
@@ -141,7 +118,7 @@ class MonitorHook(RoundHook):
         patients (no leave-one-patient-out probe)."""
         if not self._chosen:
             self._chosen = True
-            if getattr(dm, "_ready", False):
+            if dm.ready:
 
                 def interleaved(groups: list) -> list:
                     return [v for vs in zip_longest(*groups) for v in vs if v is not None]
@@ -158,12 +135,12 @@ class MonitorHook(RoundHook):
                     )
         return self._probe
 
-    def measure(self, loop: FederatedLoop, done: int, global_w: dict[str, torch.Tensor]) -> dict[str, float]:
-        mon, module = loop.fed.monitor, loop.module
+    def measure(self, run: RunContext, done: int, global_w: dict[str, torch.Tensor]) -> dict[str, float]:
+        mon, module = run.fed.monitor, run.module
         features = getattr(module, "probe_features", None)
-        if mon is None or features is None or not loop.fed.mode.global_model or not mon.due(done, loop.fed.rounds):
+        if mon is None or features is None or not run.fed.mode.global_model or not mon.due(done, run.fed.rounds):
             return {}
-        probe = self.probe_set(loop.dm, mon.max_volumes)
+        probe = self.probe_set(run.dm, mon.max_volumes)
         if probe is None:
             return {}
         vols, held_out = probe
@@ -174,7 +151,7 @@ class MonitorHook(RoundHook):
             features,
             [v.image for v in vols],
             [v.record.patient for v in vols],
-            loop.dm.num_partitions,
+            run.dm.num_partitions,
             device=next(module.parameters()).device,
         )
         module.train(was_training)
@@ -192,39 +169,39 @@ class DownstreamHook(RoundHook):
     def __init__(self, evaluation: DownstreamEvaluation) -> None:
         self.evaluation = evaluation
 
-    def applies(self, loop: FederatedLoop) -> bool:
-        return loop.fed.mode.global_model and loop.module.stage == "pretrain"
+    def applies(self, run: RunContext) -> bool:
+        return run.fed.mode.global_model and run.module.stage == "pretrain"
 
-    def on_run_start(self, loop, state) -> None:
-        if self.applies(loop):  # a missing paired init fails now, not after the last round
-            self.evaluation.check_start(loop.root)
+    def on_run_start(self, run, state) -> None:
+        if self.applies(run):  # a missing paired init fails now, not after the last round
+            self.evaluation.check_start(run.root)
 
-    def run(self, loop: FederatedLoop, state: RunState, final: bool) -> dict[str, float]:
-        loop.module.load_global_state(state.global_w)
+    def run(self, run: RunContext, state: RunState, final: bool) -> dict[str, float]:
+        run.module.load_global_state(state.global_w)
         return self.evaluation.run(
-            loop.module, loop.dm, loop.root, loop.seed, loop.console, final=final, trainer_kwargs=loop.trainer_kwargs
+            run.module, run.dm, run.root, run.seed, run.console, final=final, trainer_kwargs=run.trainer_kwargs
         )
 
-    def on_round_end(self, loop, state, results, metrics) -> None:
+    def on_round_end(self, run, state, results, metrics) -> None:
         every = self.evaluation.every_n_rounds
-        if every and state.round % every == 0 and state.round < loop.fed.rounds and self.applies(loop):
-            metrics.update(self.run(loop, state, final=False))
+        if every and state.round % every == 0 and state.round < run.fed.rounds and self.applies(run):
+            metrics.update(self.run(run, state, final=False))
 
-    def on_run_end(self, loop, state, summary) -> None:
-        if not self.applies(loop):
+    def on_run_end(self, run, state, summary) -> None:
+        if not self.applies(run):
             return
         t0 = time.perf_counter()
-        down = self.run(loop, state, final=True)
+        down = self.run(run, state, final=True)
         down["downstream/time_s"] = time.perf_counter() - t0
-        loop.log_metrics(down, step=loop.fed.rounds)
-        update_summary(loop.root, down)
+        run.log_metrics(down, step=run.fed.rounds)
+        update_summary(run.root, down)
         summary.update(down)
-        state.record_dice(down, loop.fed.rounds)
-        log_dice_table(loop.loggers, state.dice_rows, step=loop.fed.rounds)
+        state.record_dice(down, run.fed.rounds)
+        log_dice_table(run.loggers, state.dice_rows, step=run.fed.rounds)
         log_images(
-            loop.loggers,
-            {"downstream/examples": loop.root / "downstream.png", "downstream/embedding": loop.root / "embedding.png"},
-            step=loop.fed.rounds,
+            run.loggers,
+            {"downstream/examples": run.root / "downstream.png", "downstream/embedding": run.root / "embedding.png"},
+            step=run.fed.rounds,
         )
 
 
@@ -237,37 +214,37 @@ class CheckpointHook(RoundHook):
     at the latest. Client files are in place before the server file that names them
     (:mod:`fcl_lightning.federation.state`: the commit)."""
 
-    def on_run_start(self, loop, state) -> None:
-        self.wandb_id = wandb_run_id(loop.loggers)  # stored in checkpoints: a resume continues this run
-        self.writer = BackgroundWriter(loop.fed.checkpoint_async)
+    def on_run_start(self, run, state) -> None:
+        self.wandb_id = wandb_run_id(run.loggers)  # stored in checkpoints: a resume continues this run
+        self.writer = BackgroundWriter(run.fed.checkpoint_async)
         self.written: dict[str, Any] | None = None  # the last job handed to the writer (buffers reused)
-        ckdir = loop.root / "checkpoints"
+        ckdir = run.root / "checkpoints"
         # round -> client versions of the round files retention decides about: this run's, and on
         # a resume the ones on disk up to where it resumes (later ones are written again)
         self.index = {r: v for r, v in load_round_versions(ckdir).items() if r <= state.round} if state.round else {}
 
-    def on_round_start(self, loop, state, round_idx) -> None:
+    def on_round_start(self, run, state, round_idx) -> None:
         self.writer.check()  # the previous round's checkpoint failed: stop before training on
 
-    def on_round_recorded(self, loop, state, metrics) -> None:
+    def on_round_recorded(self, run, state, metrics) -> None:
         t0 = time.perf_counter()
-        self.save(loop, state)
+        self.save(run, state)
         metrics["round/time/checkpoint_s"] = time.perf_counter() - t0
 
-    def teardown(self, loop, error) -> None:
+    def teardown(self, run, error) -> None:
         # the last checkpoint is on disk (or its error raised) before the run goes on
         self.writer.__exit__(type(error) if error else None, error, None)
 
-    def save(self, loop: FederatedLoop, state: RunState) -> None:
-        done, fed = state.round, loop.fed
+    def save(self, run: RunContext, state: RunState) -> None:
+        done, fed = state.round, run.fed
         ckpt = state.checkpoint(
             rounds=fed.rounds,
-            module=type(loop.module).__name__,
+            module=type(run.module).__name__,
             rng=rng_state(),
-            seed=loop.seed,
-            config=loop.config_text,
+            seed=run.seed,
+            config=run.config_text,
             wandb_run_id=self.wandb_id,
-            csv_version=csv_version(loop.loggers),
+            csv_version=csv_version(run.loggers),
         )
         job = {"server": ckpt, "clients": dict(state.fresh_states)}
         # both rebuild every dict and list (the loop appends to history later); in the background,
@@ -279,14 +256,14 @@ class CheckpointHook(RoundHook):
             self.written = job
         else:
             job = to_cpu(job)
-        ckdir = loop.root / "checkpoints"
+        ckdir = run.root / "checkpoints"
         periodic = done % fed.checkpoint_every == 0 or done == fed.rounds
         versions = dict(state.client_versions)
 
         def write() -> None:
             try:
                 for c, client_state in sorted(job["clients"].items()):
-                    client_files(loop.root, c).save(done, client_state, save=atomic_save)
+                    client_files(run.root, c).save(done, client_state, save=atomic_save)
                 if periodic:  # serialise once; last.ckpt is a link to the round file
                     atomic_link(atomic_save(job["server"], ckdir / f"round-{done:03d}.ckpt"), ckdir / "last.ckpt")
                     self.index[done] = versions
@@ -296,14 +273,14 @@ class CheckpointHook(RoundHook):
             except (CheckpointError, WriteError) as err:
                 before = f"round {done - 1}'s (--ckpt_path last resumes there)" if done > 1 else "none"
                 raise type(err)(f"round {done}'s checkpoint: {err}; the last whole checkpoint is {before}") from err
-            state.keep_from = self.retain(loop, ckdir, versions)
+            state.keep_from = self.retain(run, ckdir, versions)
 
         self.writer.submit(write)
 
-    def retain(self, loop: FederatedLoop, ckdir: Path, current: dict[int, int]) -> dict[int, int]:
+    def retain(self, run: RunContext, ckdir: Path, current: dict[int, int]) -> dict[int, int]:
         """Delete the round files ``federation.checkpoint_keep`` does not keep and the client
         states no file kept whole names; return client -> its oldest state still named."""
-        whole, weights = retention(list(self.index), loop.fed.checkpoint_keep, loop.fed.rounds)
+        whole, weights = retention(list(self.index), run.fed.checkpoint_keep, run.fed.rounds)
         for r in sorted(set(self.index) - whole - weights):
             (ckdir / f"round-{r:03d}.ckpt").unlink(missing_ok=True)
             del self.index[r]
@@ -311,9 +288,9 @@ class CheckpointHook(RoundHook):
         for r in whole:
             for c, v in self.index[r].items():
                 keep_from[c] = min(v, keep_from.get(c, v))
-        if loop.clients is not None and loop.clients.states_come_back:
+        if run.states_come_back:
             for c, v in keep_from.items():
-                client_files(loop.root, c).prune(v)
+                client_files(run.root, c).prune(v)
         return keep_from
 
 
@@ -324,15 +301,15 @@ class ExportHook(RoundHook):
     that isolates what pre-training changed (``downstream.random_init: start``, ``METHOD@0`` in
     ``run_tables.py``)."""
 
-    def on_run_start(self, loop, state) -> None:
-        if state.round == 0 and loop.module.stage == "pretrain":
-            encoder = loop.module.encoder_state()
+    def on_run_start(self, run, state) -> None:
+        if state.round == 0 and run.module.stage == "pretrain":
+            encoder = run.module.encoder_state()
             if encoder is not None:
-                atomic_save(encoder, loop.root / INIT_ENCODER)
+                atomic_save(encoder, run.root / INIT_ENCODER)
 
-    def on_run_end(self, loop, state, summary) -> None:
-        module, root = loop.module, loop.root
-        loop.fed.mode.export(root, state, module, loop.fed, loop.dm)
+    def on_run_end(self, run, state, summary) -> None:
+        module, root = run.module, run.root
+        run.fed.mode.export(root, state, module, run.fed, run.dm)
         last = state.history[-1] if state.history else {}
         summary.update(
             {
@@ -355,51 +332,51 @@ class ReportHook(RoundHook):
     the config and the summary for wandb), the progress bar (stderr) and the round lines and
     outputs line (stdout)."""
 
-    def on_run_start(self, loop, state) -> None:
-        log_config(loop.loggers, loop.config_text)
+    def on_run_start(self, run, state) -> None:
+        log_config(run.loggers, run.config_text)
         self.progress = Progress(
             TextColumn("[bold]FCL[/]"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(),
-            console=loop.log_console,
+            console=run.log_console,
             transient=True,
-            disable=not loop.log_console.is_terminal,
+            disable=not run.log_console.is_terminal,
             refresh_per_second=2,  # its refresh thread takes the GIL from training: twice a second is plenty
         )
         self.progress.start()
-        self.task = self.progress.add_task("rounds", total=loop.fed.rounds, completed=state.round, info="")
+        self.task = self.progress.add_task("rounds", total=run.fed.rounds, completed=state.round, info="")
 
-    def on_client_start(self, loop, round_idx, i, client, n) -> None:
-        self.progress.update(self.task, info=f"round {round_idx + 1}/{loop.fed.rounds} client {i + 1}/{n} (#{client})")
+    def on_client_start(self, run, round_idx, i, client, n) -> None:
+        self.progress.update(self.task, info=f"round {round_idx + 1}/{run.fed.rounds} client {i + 1}/{n} (#{client})")
 
-    def on_round_recorded(self, loop, state, metrics) -> None:
+    def on_round_recorded(self, run, state, metrics) -> None:
         metrics["round/time/total_s"] = time.perf_counter() - state.round_started
         state.history[-1].update(
             {k: metrics[k] for k in ("round/time/checkpoint_s", "round/time/total_s") if k in metrics}
         )
-        loop.log_metrics(metrics, step=state.round)
-        for lg in loop.loggers:  # every round on disk: a killed run keeps its rows
+        run.log_metrics(metrics, step=state.round)
+        for lg in run.loggers:  # every round on disk: a killed run keeps its rows
             lg.save()
         if state.new_dice_rows:
-            log_dice_table(loop.loggers, state.dice_rows, step=state.round)
+            log_dice_table(run.loggers, state.dice_rows, step=state.round)
         loss = metrics.get("round/train/loss", float("nan"))
-        self.progress.update(self.task, advance=1, info=f"round {state.round}/{loop.fed.rounds} loss {loss:.4f}")
-        loop.console.print(round_line(state.round, metrics), soft_wrap=True)
+        self.progress.update(self.task, advance=1, info=f"round {state.round}/{run.fed.rounds} loss {loss:.4f}")
+        run.console.print(round_line(state.round, metrics), soft_wrap=True)
 
-    def teardown(self, loop, error) -> None:
+    def teardown(self, run, error) -> None:
         self.progress.stop()
 
-    def on_run_end(self, loop, state, summary) -> None:
-        log_summary(loop.loggers, json.loads((loop.root / "summary.json").read_text()))
+    def on_run_end(self, run, state, summary) -> None:
+        log_summary(run.loggers, json.loads((run.root / "summary.json").read_text()))
         outputs = ("encoder.pt", INIT_ENCODER, "encoders/", "summary.json", "checkpoints/", "logs/", "downstream.png")
-        loop.console.print(
-            f"outputs in {loop.root}: " + ", ".join(n for n in outputs if (loop.root / n).exists()), soft_wrap=True
+        run.console.print(
+            f"outputs in {run.root}: " + ", ".join(n for n in outputs if (run.root / n).exists()), soft_wrap=True
         )
-        for lg in loop.loggers:
+        for lg in run.loggers:
             lg.save()
-        finish(loop.loggers)
+        finish(run.loggers)
 
 
 def round_line(done: int, m: dict[str, float]) -> str:

@@ -28,10 +28,16 @@ from fcl_lightning.federation.hooks import (
     ExportHook,
     MonitorHook,
     ReportHook,
-    RoundHook,
 )
 from fcl_lightning.federation.lock import RunLock
-from fcl_lightning.federation.state import RunState, check_checkpoint, client_states_of
+from fcl_lightning.federation.state import (
+    FederatedData,
+    RoundHook,
+    RunContext,
+    RunState,
+    check_checkpoint,
+    client_states_of,
+)
 from fcl_lightning.interrupt import RunInterrupted
 from fcl_lightning.io import atomic_write_text, check_writable, remove_interrupted_writes
 from fcl_lightning.lit.base import FederatedModule
@@ -109,7 +115,8 @@ class FederatedLoop:
     Args:
         federation: the ``federation`` config section.
         module: the LightningModule instance (reused for every client: state is swapped in and out).
-        datamodule: a :class:`~fcl_lightning.data.datamodule.FederatedDataModule`.
+        datamodule: what the loop needs of the data (:class:`~fcl_lightning.federation.state.FederatedData`;
+            :class:`~fcl_lightning.data.datamodule.FederatedDataModule` has it).
         trainer_kwargs: the ``trainer`` section, the template of every client's Trainer.
         root_dir: where checkpoints, ``encoder.pt`` and ``summary.json`` go.
         loggers: Lightning loggers that receive round-level and per-client metrics.
@@ -122,7 +129,7 @@ class FederatedLoop:
         self,
         federation: Federation,
         module: FederatedModule,
-        datamodule: Any,
+        datamodule: FederatedData,
         trainer_kwargs: dict[str, Any] | None = None,
         root_dir: str | Path = ".",
         loggers: list[Logger] | None = None,
@@ -141,6 +148,7 @@ class FederatedLoop:
         self.hooks = hooks if hooks is not None else self.default_hooks()
         self.clients: Clients | None = None  # who trains the rounds, set by run()
         self.state: RunState | None = None  # the run's state, once run() has built or resumed it
+        self.context: RunContext | None = None  # what the hooks see of the run, set with the state
 
     def default_hooks(self) -> list[RoundHook]:
         """Byte counts, monitors, the exported encoder and summary, the downstream evaluation,
@@ -202,16 +210,11 @@ class FederatedLoop:
         g = torch.Generator().manual_seed(self.seed * 7919 + round_idx)
         return sorted(torch.randperm(num_clients, generator=g)[:k].tolist())
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        for lg in self.loggers:
-            lg.log_metrics(metrics, step=step)
-
     # ------------------------------------------------------------------ run
     def client_runtime(self) -> ClientRuntime:
         """What every client step runs with (the in-process clients and the Flower ClientApp);
         with ``data.volumes_on: device`` the volumes move to the training device here, once."""
-        if hasattr(self.dm, "place"):
-            self.dm.place(self.train_device())
+        self.dm.place(self.train_device())
         return ClientRuntime(
             self.module,
             self.dm,
@@ -307,42 +310,55 @@ class FederatedLoop:
             self.log_console.print(f"[bold]resuming[/] from {path} after round {state.round}/{self.fed.rounds}")
             continue_csv_logs(self.loggers, state.round)
         self.state = clients.run_state = state
+        run = self.context = RunContext(
+            self.fed,
+            self.module,
+            self.dm,
+            self.root,
+            self.seed,
+            self.config_text,
+            self.loggers,
+            self.console,
+            self.log_console,
+            self.trainer_kwargs,
+            states_come_back=clients.states_come_back,
+        )
 
         hooks, started = self.hooks, []
         try:
             for h in hooks:
                 started.append(h)
-                h.on_run_start(self, state)
+                h.on_run_start(run, state)
             for r in range(state.round, self.fed.rounds):
                 self.train_round(r, state, hooks)
         except BaseException as exc:
             for h in reversed(started):
                 try:
-                    h.teardown(self, exc)
+                    h.teardown(run, exc)
                 except Exception:  # the run's own error is the one to report
                     log.debug("teardown of %s failed", type(h).__name__, exc_info=True)
             raise
         for h in reversed(started):
-            h.teardown(self, None)
+            h.teardown(run, None)
         self.module.cpu()  # client Trainers kept it on their device; what the run leaves is on the CPU
         self.fed.mode.final_weights(state, self.module)
         summary: dict[str, Any] = {}
         for h in hooks:
-            h.on_run_end(self, state, summary)
+            h.on_run_end(run, state, summary)
         return summary
 
     def train_round(self, r: int, state: RunState, hooks: list[RoundHook]) -> None:
         """Round ``r`` (0-based), the paper's round: select clients, train each from the global
         weights (its own in local mode) and its remote features, aggregate, route the features."""
         for h in hooks:
-            h.on_round_start(self, state, r)
+            h.on_round_start(self.context, state, r)
         t0 = state.round_started = time.perf_counter()
         wanted = self.select_clients(r, state.num_clients)
         starts = {c: self.start_weights(c, state) for c in wanted}
 
         def show(i: int, c: int, n: int = len(wanted)) -> None:  # Flower sends all n at once
             for h in hooks:
-                h.on_client_start(self, r, i, c, n)
+                h.on_client_start(self.context, r, i, c, n)
 
         results = self.clients.train_round(r, starts, {c: state.inbox[c] for c in wanted}, show)
         selected = sorted(results)
@@ -370,10 +386,10 @@ class FederatedLoop:
         metrics = train_metrics({c: results[c] for c in selected})
         metrics.update({"round/time/train_s": t_train, "round/time/aggregate_s": t_agg, "round": r + 1})
         for h in hooks:
-            h.on_round_end(self, state, results, metrics)
+            h.on_round_end(self.context, state, results, metrics)
         state.record(metrics)
         for h in hooks:
-            h.on_round_recorded(self, state, metrics)
+            h.on_round_recorded(self.context, state, metrics)
 
     def start_weights(self, client: int, state: RunState) -> dict[str, torch.Tensor]:
         """What ``client`` trains from (the mode decides: the global weights, or its own)."""

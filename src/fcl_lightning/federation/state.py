@@ -1,5 +1,6 @@
 """The run's state, its one home: what the round engine carries from round to round
-(:class:`RunState`), the server's round checkpoint made from it and read back
+(:class:`RunState`), what a round hook sees of a run (:class:`RunContext`, :class:`RoundHook`) and
+of its data (:class:`FederatedData`), the server's round checkpoint made from it and read back
 (:meth:`RunState.checkpoint`, :meth:`RunState.from_checkpoint`) and checked against a config
 (:func:`check_checkpoint`), each client's own state in files beside it (:class:`ClientStateFiles`),
 and which round files stay on disk (:class:`CheckpointKeep`, :func:`retention`).
@@ -21,10 +22,10 @@ whole files; surviving a power loss as well would need fsyncs, which no file her
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
@@ -37,6 +38,13 @@ from fcl_lightning.federation.checkpoint import (
 )
 from fcl_lightning.io import atomic_save, safe_torch_load
 from fcl_lightning.tracking import per_client_dice_rows
+
+if TYPE_CHECKING:
+    from lightning.pytorch.loggers import Logger
+    from rich.console import Console
+
+    from fcl_lightning.federation.config import Federation
+    from fcl_lightning.lit.base import FederatedModule
 
 CLIENT_FORMAT = "fcl-lightning/client-state-v2"
 ROUND_FILE = re.compile(r"round-(\d+)\.ckpt")
@@ -206,6 +214,85 @@ class RunState:
     def record_dice(self, metrics: dict[str, float], round_idx: int) -> None:
         self.new_dice_rows = per_client_dice_rows(metrics, round_idx)
         self.dice_rows += self.new_dice_rows
+
+
+@runtime_checkable
+class FederatedData(Protocol):
+    """What the round engine and its hooks need of a datamodule
+    (:class:`~fcl_lightning.data.datamodule.FederatedDataModule` has it all)."""
+
+    num_clients: int
+    num_partitions: int
+    #: per client, its training / validation volumes; the shared test volumes
+    train: Sequence[Sequence[Any]]
+    val: Sequence[Sequence[Any]]
+    test: Sequence[Any]
+
+    @property
+    def ready(self) -> bool:
+        """Whether the volumes are loaded (a Flower server's datamodule never is)."""
+        ...
+
+    def setup(self, stage: str | None = None) -> None: ...
+
+    def place(self, device: torch.device | None) -> None:
+        """Move the preprocessed volumes to ``device`` (``data.volumes_on``)."""
+        ...
+
+
+@dataclass
+class RunContext:
+    """What a round hook sees of a run: its settings, module, data, folder and outputs, and one
+    thing it may do (:meth:`log_metrics`); not the round engine. It changes the run only through
+    what it adds to a round's ``metrics`` or the summary, and the files it writes."""
+
+    fed: Federation
+    module: FederatedModule
+    dm: FederatedData
+    root: Path
+    seed: int
+    config_text: str
+    loggers: list[Logger]
+    console: Console  # round lines, tables: results (stdout)
+    log_console: Console  # progress bar, notices (stderr)
+    trainer_kwargs: dict[str, Any]
+    #: whether the clients' states come back to this process (then saved under ``clients/``)
+    states_come_back: bool = True
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for lg in self.loggers:
+            lg.log_metrics(metrics, step=step)
+
+
+class RoundHook:
+    """A hook of the round engine (Lightning-callback style); every method is optional. Per round:
+    ``on_round_start``, ``on_client_start`` per client, ``on_round_end`` (add to ``metrics``), then
+    the engine records the round in ``state.history``, then ``on_round_recorded`` (write, report).
+    ``run`` is the :class:`RunContext`."""
+
+    def on_run_start(self, run: RunContext, state: RunState) -> None:
+        """Before the first round to run (``state.round`` rounds are already done on a resume)."""
+
+    def on_round_start(self, run: RunContext, state: RunState, round_idx: int) -> None:
+        """Before round ``round_idx`` (0-based) trains."""
+
+    def on_client_start(self, run: RunContext, round_idx: int, i: int, client: int, n: int) -> None:
+        """Before client ``client`` (the ``i``-th of ``n`` this round) trains."""
+
+    def on_round_end(
+        self, run: RunContext, state: RunState, results: dict[int, Any], metrics: dict[str, float]
+    ) -> None:
+        """After aggregation and routing of round ``state.round``: add figures to ``metrics``
+        (``results``: client -> :class:`~fcl_lightning.federation.client.ClientResult`)."""
+
+    def on_round_recorded(self, run: RunContext, state: RunState, metrics: dict[str, float]) -> None:
+        """After the round is in ``state.history``: write and report it."""
+
+    def on_run_end(self, run: RunContext, state: RunState, summary: dict[str, Any]) -> None:
+        """After the last round (the run's weights are in the module): add to ``summary``."""
+
+    def teardown(self, run: RunContext, error: BaseException | None) -> None:
+        """Always, last hook first, also when the run fails (``error``); release what it holds."""
 
 
 def versions_of(ckpt: dict[str, Any]) -> dict[int, int]:
