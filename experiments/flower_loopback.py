@@ -34,18 +34,12 @@ def free_port() -> int:
 
 
 def tiny_overrides(root: Path, rounds: int, clients: int) -> list[str]:
-    """The phantom at a size a CPU does in seconds (the config of the test suite's tiny runs)."""
+    """The phantom at a size a CPU does in seconds: ``configs/tiny.yaml``, the test suite's tiny runs."""
     return [
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
         f"--trainer.default_root_dir={root}",
-        "--trainer.accelerator=cpu",
         f"--data.num_clients={clients}",
-        "--data.source.num_subjects=8",
-        "--data.source.size=64",
-        "--data.img_size=32",
-        "--data.volumes_per_batch=2",
-        "--model.features=[8,16,16,16]",
-        "--model.proj_hidden=32",
-        "--model.proj_dim=16",
         "--model.objective.num_negatives=32",
         f"--federation.rounds={rounds}",
     ]

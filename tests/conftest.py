@@ -1,26 +1,23 @@
 import os
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
 def tiny_args(root, rounds=2, clients=2, extra=()):
-    """A seconds-long pre-training run on a tiny phantom (small encoder, 32 px, batched augmentation:
-    the per-sample MONAI pipelines took half of a tiny run's time)."""
+    """A seconds-long pre-training run on a tiny phantom (``configs/tiny.yaml``: small encoder,
+    32 px, batched augmentation; the per-sample MONAI pipelines took half of a tiny run's time)."""
     return [
         "fit",
+        "--config",
+        str(TINY_CONFIG),
         f"--trainer.default_root_dir={root}",
-        "--trainer.accelerator=cpu",
         f"--data.num_clients={clients}",
-        "--data.source.num_subjects=8",
-        "--data.source.size=64",
-        "--data.img_size=32",
-        "--data.volumes_per_batch=2",
-        "--data.augment_on=device",
-        "--model.features=[8,16,16,16]",
-        "--model.proj_hidden=32",
-        "--model.proj_dim=16",
         "--model.objective.num_negatives=32",
         f"--federation.rounds={rounds}",
         *extra,

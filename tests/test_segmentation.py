@@ -35,11 +35,11 @@ def test_pretrained_encoder_loads_by_key(tmp_path):
 def test_pretrained_mismatch_lists_keys(tmp_path):
     pre = ContrastivePretrainModule(features=[8, 16, 16], proj_hidden=32, proj_dim=16)
     torch.save(pre.encoder_state(), tmp_path / "encoder.pt")
-    with pytest.raises(PretrainedWeightsError, match=r"missing keys [0-9]+ \(down_3"):
+    with pytest.raises(PretrainedWeightsError, match=r"[0-9]+ missing \(first: down_3"):
         SegmentationModule(features=SMALL, pretrained=str(tmp_path / "encoder.pt"))
     wide = ContrastivePretrainModule(features=[4, 16, 16, 16], proj_hidden=32, proj_dim=16)
     torch.save(wide.encoder_state(), tmp_path / "wide.pt")
-    with pytest.raises(PretrainedWeightsError, match="shape mismatches"):
+    with pytest.raises(PretrainedWeightsError, match="of another shape"):
         SegmentationModule(features=SMALL, pretrained=str(tmp_path / "wide.pt"))
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(PretrainedWeightsError, match="is not a file written by torch.save"):

@@ -16,13 +16,12 @@ from rich.table import Table
 from fcl_lightning.console import log_console
 from fcl_lightning.errors import ConfigError
 from fcl_lightning.evaluation import STRUCTURES, evaluate_volumes, over_clients, predict_volume, summarize
-from fcl_lightning.fcl.partition import partition_of
+from fcl_lightning.fcl.partition import volume_slices
 from fcl_lightning.lit.segment import INIT_ENCODER, SegmentationModule, encoder_state_from_file, load_encoder
-from fcl_lightning.runtime import quiet_lightning, resident_device, resident_trainer, seed_all
+from fcl_lightning.runtime import DEVICE_KEYS, quiet_lightning, quiet_trainer, seed_all
 from fcl_lightning.semi.objectives import SemiSupervised
 
 #: the ``trainer`` settings a fine-tuning Trainer takes over from the template (where it runs)
-DEVICE_KEYS = ("accelerator", "devices", "precision", "num_nodes", "strategy", "deterministic", "benchmark")
 
 
 class DownstreamEvaluation:
@@ -112,17 +111,8 @@ class DownstreamEvaluation:
         loader = datamodule.finetune_loader(client, seed, self.labelled_per_client, unlabelled_ratio=ratio)
         module.attach_augment(datamodule)
         settings = self.trainer_settings(trainer_kwargs)
-        with quiet_lightning():
-            trainer = resident_trainer(  # scored on the training device, no round trip to the CPU
-                resident_device(settings),
-                max_steps=self.steps,
-                max_epochs=-1,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                **settings,
-            )
+        with quiet_lightning():  # scored on the training device, no round trip to the CPU
+            trainer = quiet_trainer(settings, max_steps=self.steps, max_epochs=-1)
             trainer.fit(module, train_dataloaders=loader)
         return module.to(trainer.strategy.root_device).eval()  # a no-op when the Trainer kept it there
 
@@ -263,9 +253,9 @@ class DownstreamEvaluation:
         pretrain_module.eval()
         with torch.no_grad():
             for v in datamodule.eval_volumes(client)[:20]:
-                x = v.image.permute(3, 0, 1, 2).to(pretrain_module.device)
-                feats.append(pretrain_module.embed(x).cpu().numpy())
-                parts.append(partition_of(np.arange(v.num_slices), v.num_slices, datamodule.num_partitions))
+                x, p = volume_slices([v.image], datamodule.num_partitions)
+                feats.append(pretrain_module.embed(x.to(pretrain_module.device)).cpu().numpy())
+                parts.append(p.numpy())
         save_embedding_figure(
             root / "embedding.png",
             np.concatenate(feats),

@@ -65,6 +65,19 @@ class ResidentStrategy(SingleDeviceStrategy):
 
 #: the ``trainer`` settings that decide where a Trainer trains
 _PLACEMENT = ("accelerator", "devices", "num_nodes", "strategy")
+#: the ``trainer`` settings of how a Trainer computes (what a side Trainer, e.g. a downstream
+#: fine-tuning, takes over from the template: its placement, precision and determinism)
+DEVICE_KEYS = (*_PLACEMENT, "precision", "deterministic", "benchmark")
+#: the ``trainer`` settings the project's own Trainers never take from the template: the caller
+#: sets the budget, and the federation owns checkpoints, progress and the model summary
+CALLER_OWNS = (
+    "max_epochs",
+    "min_epochs",
+    "max_steps",
+    "enable_checkpointing",
+    "enable_progress_bar",
+    "enable_model_summary",
+)
 _RESOLVED: dict[str, torch.device | None] = {}
 
 
@@ -89,3 +102,31 @@ def resident_trainer(device: torch.device | None, **trainer_kwargs: Any) -> pl.T
     if device is not None:
         trainer_kwargs = {**trainer_kwargs, "strategy": ResidentStrategy(device=device)}
     return pl.Trainer(**trainer_kwargs)
+
+
+def quiet_trainer(
+    template: dict[str, Any],
+    *,
+    max_steps: int = -1,
+    max_epochs: int | None = None,
+    callbacks: list[pl.Callback] | None = None,
+    default_root_dir: str | None = None,
+) -> pl.Trainer:
+    """A Trainer from the ``trainer`` settings ``template`` that logs, checkpoints, shows and
+    summarises nothing (the caller reports), with the budget given here (the template's is
+    ignored: :data:`CALLER_OWNS`), keeping the module on its device between fits
+    (:func:`resident_device`). The one builder of the federation's client Trainers and of the
+    downstream fine-tuning's."""
+    kw = {k: v for k, v in template.items() if k not in ("logger", "default_root_dir", "callbacks", *CALLER_OWNS)}
+    return resident_trainer(
+        resident_device(kw),
+        **kw,
+        max_steps=max_steps,
+        max_epochs=max_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks or []),
+        default_root_dir=default_root_dir,
+    )

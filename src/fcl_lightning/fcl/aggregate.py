@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -52,6 +52,12 @@ class FedAvg(Aggregator):
         return out
 
 
+def tensor_nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the tensors' storage: what sending them costs (framing excluded); the one byte
+    count of weights and of exchanged features."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def state_nbytes(state: dict[str, torch.Tensor]) -> int:
     """Bytes of a state dict's tensors (what a weight transfer costs)."""
-    return sum(t.numel() * t.element_size() for t in state.values())
+    return tensor_nbytes(state.values())

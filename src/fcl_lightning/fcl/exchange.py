@@ -8,8 +8,9 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from fcl_lightning.fcl.aggregate import tensor_nbytes
 from fcl_lightning.fcl.memory_bank import BankEntries
-from fcl_lightning.fcl.partition import partition_of
+from fcl_lightning.fcl.partition import volume_slices
 
 
 @torch.no_grad()
@@ -29,14 +30,9 @@ def embed_slices(
         volumes: the client's ``[1, H, W, D]`` images.
         per_partition: keep at most this many randomly chosen slices per partition (``None``: all).
     """
-    slices, parts = [], []
-    for vol in volumes:
-        d = vol.shape[-1]
-        slices.append(vol.permute(3, 0, 1, 2))  # [D, 1, H, W]
-        parts.append(torch.as_tensor(partition_of(torch.arange(d).numpy(), d, num_partitions)))
-    if not slices:
+    if not volumes:
         raise ValueError(f"client {client} has no volumes to embed")
-    x, p = torch.cat(slices), torch.cat(parts).long()
+    x, p = volume_slices(volumes, num_partitions)
     if per_partition is not None:
         order = per_partition_indices(p, num_partitions, per_partition, generator)
         x, p = x[order], p[order]
@@ -97,4 +93,4 @@ def route(
 
 def payload_nbytes(payload: BankEntries) -> int:
     """Bytes on the wire for a payload (tensor storage; framing excluded)."""
-    return sum(t.numel() * t.element_size() for t in payload)
+    return tensor_nbytes(payload)

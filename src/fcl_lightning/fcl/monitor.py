@@ -18,12 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics.functional.classification import multiclass_accuracy
 
-from fcl_lightning.fcl.partition import partition_of
+from fcl_lightning.fcl.partition import volume_slices
 
 
 def embedding_spread(z: torch.Tensor) -> dict[str, float]:
@@ -89,10 +88,7 @@ class CollapseMonitor:
         ``features`` maps ``[N, 1, H, W]`` slices to their embeddings ``[N, d]`` and, optionally,
         the encoder's pooled features ``[N, c]`` (one encoder pass for both)."""
         vols, pats = list(volumes)[: self.max_volumes], list(patients)[: self.max_volumes]
-        x = torch.cat([v.permute(3, 0, 1, 2) for v in vols])  # [N, 1, H, W]
-        parts = torch.cat(
-            [torch.as_tensor(partition_of(np.arange(v.shape[-1]), v.shape[-1], num_partitions)) for v in vols]
-        ).long()
+        x, parts = volume_slices(vols, num_partitions)  # [N, 1, H, W], [N]
         ids = {p: i for i, p in enumerate(dict.fromkeys(pats))}
         groups = torch.cat([torch.full((v.shape[-1],), ids[p]) for v, p in zip(vols, pats)])
         z, h = [], []

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+import torch
 
 
 def partition_of(z: int | np.ndarray, num_slices: int, num_partitions: int) -> int | np.ndarray:
@@ -25,3 +28,13 @@ def partition_slices(num_slices: int, num_partitions: int) -> list[np.ndarray]:
 def sample_partition_slices(num_slices: int, num_partitions: int, rng: np.random.Generator) -> np.ndarray:
     """One random slice from every partition, in partition order (a pre-training batch's per-volume draw)."""
     return np.array([rng.choice(s) for s in partition_slices(num_slices, num_partitions)], dtype=np.int64)
+
+
+def volume_slices(volumes: Sequence[torch.Tensor], num_partitions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every slice of the ``[1, H, W, D]`` volumes as one batch ``[N, 1, H, W]``, with each slice's
+    partition ``[N]`` (long, on the CPU): what the exchange, the monitors and the embedding figure embed."""
+    x = torch.cat([v.permute(3, 0, 1, 2) for v in volumes])
+    parts = torch.cat(
+        [torch.as_tensor(partition_of(np.arange(v.shape[-1]), v.shape[-1], num_partitions)) for v in volumes]
+    )
+    return x, parts.long()

@@ -41,20 +41,11 @@ from fcl_lightning.federation.state import (
 from fcl_lightning.interrupt import RunInterrupted
 from fcl_lightning.io import atomic_write_text, check_writable, remove_interrupted_writes
 from fcl_lightning.lit.base import FederatedModule
-from fcl_lightning.runtime import resident_device, resident_trainer
+from fcl_lightning.runtime import CALLER_OWNS, quiet_trainer, resident_device
 from fcl_lightning.tracking import continue_csv_logs
 
 log = logging.getLogger(__name__)
 
-#: ``trainer`` settings the federation owns: each client's budget, checkpoints, progress, summary
-FEDERATION_OWNS = (
-    "max_epochs",
-    "min_epochs",
-    "max_steps",
-    "enable_checkpointing",
-    "enable_progress_bar",
-    "enable_model_summary",
-)
 #: Lightning callbacks the federation replaces (its own checkpoints, progress bar and round lines)
 REPLACED_CALLBACKS = (pl.callbacks.ModelCheckpoint, pl.callbacks.ProgressBar, pl.callbacks.ModelSummary)
 
@@ -161,25 +152,15 @@ class FederatedLoop:
         """A quiet per-client Trainer from the ``trainer`` template (the federation owns logging,
         progress and checkpoints, and sets the epoch count); the template's callbacks come along,
         except the ones the federation replaces (checkpoints, progress bars, model summaries)."""
-        kw = dict(self.trainer_kwargs)
-        for k in ("logger", "default_root_dir", "callbacks", *FEDERATION_OWNS):
-            kw.pop(k, None)
         callbacks = [
             cb for cb in (self.trainer_kwargs.get("callbacks") or []) if not isinstance(cb, REPLACED_CALLBACKS)
         ]
         if self.fed.local_steps is not None:
-            kw.update(max_epochs=-1, max_steps=self.fed.local_steps)
+            budget = {"max_epochs": -1, "max_steps": self.fed.local_steps}
         else:
-            kw.update(max_epochs=self.fed.local_epochs)
-        return resident_trainer(
-            self.train_device(),
-            **kw,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=callbacks,
-            default_root_dir=str(self.root / "clients"),
+            budget = {"max_epochs": self.fed.local_epochs}
+        return quiet_trainer(
+            self.trainer_kwargs, **budget, callbacks=callbacks, default_root_dir=str(self.root / "clients")
         )
 
     def train_device(self) -> torch.device | None:
@@ -194,7 +175,7 @@ class FederatedLoop:
         out = [
             f"trainer.{k}={v}"
             for k, v in self.trainer_kwargs.items()
-            if k in FEDERATION_OWNS and v is not None and v != defaults[k].default
+            if k in CALLER_OWNS and v is not None and v != defaults[k].default
         ]
         out += [
             f"trainer.callbacks ({type(cb).__name__})"

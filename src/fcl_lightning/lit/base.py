@@ -4,6 +4,7 @@ which state is the client's own, and which loader to train on."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -29,6 +30,24 @@ def check_optimizer(optimizer: Any, scheduler: Any = None) -> None:
             raise ConfigError(
                 f"model.scheduler: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
             ) from None
+
+
+def state_mismatch(own: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], configured: str) -> str | None:
+    """Why the state dict ``given`` cannot be loaded where ``own`` is (the counts, and the first
+    key missing, unexpected and of another shape; ``configured`` names ``own``), or ``None``."""
+    missing, unexpected = sorted(set(own) - set(given)), sorted(set(given) - set(own))
+    shapes = sorted(k for k in own if k in given and tuple(own[k].shape) != tuple(given[k].shape))
+    if not (missing or unexpected or shapes):
+        return None
+    parts = [
+        f"{len(missing)} missing (first: {missing[0]})" if missing else "",
+        f"{len(unexpected)} unexpected (first: {unexpected[0]})" if unexpected else "",
+        f"{len(shapes)} of another shape (first: {shapes[0]}: {tuple(given[shapes[0]].shape)} there, "
+        f"{tuple(own[shapes[0]].shape)} in {configured})"
+        if shapes
+        else "",
+    ]
+    return ", ".join(p for p in parts if p)
 
 
 class FederatedModule(pl.LightningModule):
@@ -87,22 +106,10 @@ class FederatedModule(pl.LightningModule):
         return {k: v.detach().clone() for k, v in self.state_dict().items() if self._is_global(k)}
 
     def global_state_mismatch(self, state: dict[str, torch.Tensor]) -> str | None:
-        """Why ``state`` cannot be this module's global weights (counts, and the first key that
-        is missing, unexpected or of another shape), or ``None`` if it fits."""
+        """Why ``state`` cannot be this module's global weights, or ``None`` if it fits."""
         own = {k: v for k, v in self.state_dict(keep_vars=True).items() if self._is_global(k)}
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-        if not (missing or unexpected or shapes):
-            return None
-        parts = [
-            f"{len(missing)} missing (first: {missing[0]})" if missing else "",
-            f"{len(unexpected)} unexpected (first: {unexpected[0]})" if unexpected else "",
-            f"{len(shapes)} of another shape (first: {shapes[0]}: {tuple(state[shapes[0]].shape)} there, "
-            f"{tuple(own[shapes[0]].shape)} in the configured {type(self).__name__})"
-            if shapes
-            else "",
-        ]
-        return "weights " + ", ".join(p for p in parts if p)
+        problem = state_mismatch(own, state, f"the configured {type(self).__name__}")
+        return None if problem is None else "weights " + problem
 
     def load_global_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load aggregated weights; keys and shapes must match exactly."""
@@ -199,6 +206,12 @@ class FederatedModule(pl.LightningModule):
 
     #: on-device augmentation of training batches (``data.augment_on: device``), set with the loader
     batch_augment: Any = None
+
+    @staticmethod
+    def augment_of(datamodule: Any, stage: str) -> Any:
+        """The datamodule's on-device augmentation for ``stage`` (``None``: none, or a datamodule
+        without it)."""
+        return datamodule.batch_augment(stage) if hasattr(datamodule, "batch_augment") else None
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Augment a training batch on its device when the loader left it to us (``aug_seed``)."""

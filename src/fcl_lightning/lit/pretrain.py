@@ -142,7 +142,7 @@ class ContrastivePretrainModule(FederatedModule):
         self.core.reset_client()
 
     def train_loader(self, datamodule: Any, client: int, seed: int):
-        self.batch_augment = datamodule.batch_augment("pretrain") if hasattr(datamodule, "batch_augment") else None
+        self.batch_augment = self.augment_of(datamodule, "pretrain")
         return datamodule.pretrain_loader(client, seed)
 
     def receive_features(self, entries: BankEntries | None) -> None:

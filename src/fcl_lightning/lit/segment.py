@@ -17,7 +17,7 @@ from torchmetrics import MeanMetric
 from fcl_lightning.errors import UserError
 from fcl_lightning.evaluation import METRIC_KEYS, predict_volume, volume_metrics
 from fcl_lightning.io import safe_torch_load
-from fcl_lightning.lit.base import FederatedModule, check_optimizer
+from fcl_lightning.lit.base import FederatedModule, check_optimizer, state_mismatch
 from fcl_lightning.models.encoder import DEFAULT_FEATURES
 from fcl_lightning.models.unet import UNet
 from fcl_lightning.semi.objectives import SemiSupervised
@@ -60,8 +60,8 @@ def encoder_state_from_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_encoder(net: UNet, state: dict[str, torch.Tensor], source: str = "pretrained weights") -> None:
     """Load ``state`` into ``net.encoder`` (and its ``decoder.*`` entries, pre-trained decoder
-    blocks, into ``net.decoder``); any missing, unexpected or mis-shaped encoder key, or a decoder
-    key the U-Net lacks, is an error listing them all (never a silent partial load)."""
+    blocks, into ``net.decoder``); any missing, unexpected or mis-shaped encoder key (counted, the
+    first of each named), or a decoder key the U-Net lacks, is an error (never a silent partial load)."""
     dec = {k[len("decoder.") :]: v for k, v in state.items() if k.startswith("decoder.")}
     state = {k: v for k, v in state.items() if not k.startswith("decoder.")}
     own_dec = net.decoder.state_dict()
@@ -70,26 +70,10 @@ def load_encoder(net: UNet, state: dict[str, torch.Tensor], source: str = "pretr
         raise PretrainedWeightsError(f"{source}: decoder entries {bad_dec} do not fit the U-Net's decoder")
     if dec:
         net.decoder.load_state_dict(dec, strict=False)
-    own = net.encoder.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(
-        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in set(own) & set(state)
-        if state[k].shape != own[k].shape
-    )
-    if missing or unexpected or shapes:
-
-        def few(keys: list[str]) -> str:
-            return f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-
-        parts = [
-            f"missing keys {few(missing)}" if missing else "",
-            f"unexpected keys {few(unexpected)}" if unexpected else "",
-        ]
-        parts.append(f"shape mismatches {few(shapes)}" if shapes else "")
+    problem = state_mismatch(net.encoder.state_dict(), state, "the configured U-Net encoder")
+    if problem:
         raise PretrainedWeightsError(
-            f"{source} do not fit the U-Net encoder (model.features, model.norm): " + ", ".join(p for p in parts if p)
+            f"{source} do not fit the U-Net encoder (model.features, model.norm): encoder weights {problem}"
         )
     net.encoder.load_state_dict(state, strict=True)
 
@@ -271,9 +255,8 @@ class SegmentationModule(FederatedModule):
 
     def attach_augment(self, datamodule: Any) -> None:
         """The datamodule's on-device augmentation of labelled and (semi-supervised) unlabelled slices."""
-        has = hasattr(datamodule, "batch_augment")
-        self.batch_augment = datamodule.batch_augment("finetune") if has else None
-        self.unlabelled_augment = datamodule.batch_augment("unlabelled") if has and self.semi else None
+        self.batch_augment = self.augment_of(datamodule, "finetune")
+        self.unlabelled_augment = self.augment_of(datamodule, "unlabelled") if self.semi else None
 
     def val_loader(self, datamodule: Any, client: int) -> DataLoader | None:
         vols = datamodule.val[client]
