@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fcl_lightning.cli import main
-from fcl_lightning.federation.checkpoint import BackgroundWriter, CheckpointError, load_checkpoint, snapshot
-from fcl_lightning.federation.state import client_files
+from fcl_lightning.federation.checkpoint import BackgroundWriter, CheckpointError, snapshot
+from fcl_lightning.federation.state import client_files, load_checkpoint
 
 
 def test_snapshot_does_not_share_storage():

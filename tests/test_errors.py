@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fcl_lightning.cli import console_main, main
-from fcl_lightning.federation.checkpoint import load_checkpoint
+from fcl_lightning.federation.state import load_checkpoint
 
 
 def run_cli(argv, capsys):

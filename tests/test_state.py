@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fcl_lightning.cli import main
-from fcl_lightning.federation.checkpoint import CheckpointError, load_checkpoint
-from fcl_lightning.federation.state import CheckpointKeep, ClientStateFiles, client_files, retention
+from fcl_lightning.federation.checkpoint import CheckpointError
+from fcl_lightning.federation.state import CheckpointKeep, ClientStateFiles, client_files, load_checkpoint, retention
 
 
 def slow_retention(rounds, last, every, final):

@@ -1,27 +1,23 @@
-"""Round checkpoints: atomic writes, ``weights_only`` loads, clear errors on bad files."""
+"""Writing round checkpoints: CPU snapshots of what training goes on mutating, one background
+writer, the summary file, and the error a bad checkpoint raises. What a checkpoint holds, and
+reading it back, is :mod:`fcl_lightning.federation.state`'s."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import random
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from fcl_lightning.errors import UserError
-from fcl_lightning.fcl.memory_bank import BankEntries
-from fcl_lightning.io import atomic_write_text, safe_torch_load
+from fcl_lightning.io import atomic_write_text
 
 log = logging.getLogger(__name__)
-
-FORMAT = "fcl-lightning/federated-v2"  # v2: client states in their own files (federation/state.py)
-READABLE_FORMATS = ("fcl-lightning/federated-v1", FORMAT)
 
 
 class CheckpointError(UserError):
@@ -39,14 +35,6 @@ def update_summary(root: str | Path, values: dict[str, Any]) -> Path:
             data = {}
     data.update(values)
     return atomic_write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n", path)
-
-
-def bank_to_dict(entries: BankEntries | None) -> dict[str, torch.Tensor] | None:
-    return None if entries is None else {k: v.detach().cpu() for k, v in entries._asdict().items()}
-
-
-def bank_from_dict(d: dict[str, torch.Tensor] | None) -> BankEntries | None:
-    return None if d is None else BankEntries(d["vectors"], d["partitions"], d["clients"])
 
 
 def to_cpu(obj: Any) -> Any:
@@ -160,43 +148,3 @@ class BackgroundWriter:
             if isinstance(err, UserError):  # already names the file and the round
                 raise err
             raise CheckpointError(f"writing a round checkpoint failed: {type(err).__name__}: {err}") from err
-
-
-def rng_state() -> dict[str, Any]:
-    """Global RNG states in a ``weights_only``-loadable form."""
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
-    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
-
-
-def resolve_ckpt_path(ckpt_path: str | None, root: str | Path, missing_last_ok: bool = False) -> Path | None:
-    """``None`` -> no resume; ``last`` -> ``<root>/checkpoints/last.ckpt``; else the path given.
-    ``missing_last_ok``: ``last`` with no such file is ``None`` too (``fit`` then starts the run,
-    so that a retry loop can always pass ``--ckpt_path last``)."""
-    if ckpt_path is None:
-        return None
-    path = Path(root) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
-    if missing_last_ok and ckpt_path == "last" and not path.exists():
-        return None
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist (ckpt_path={ckpt_path!r})")
-    return path
-
-
-def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
-    """Load a federated round checkpoint with ``weights_only=True`` and check its format
-    (``mmap``: tensors are read only when used)."""
-    ckpt = safe_torch_load(path, "checkpoint", CheckpointError, mmap=mmap)
-    if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS:
-        raise CheckpointError(f"{path} is not an fcl-lightning federated checkpoint (expected format {FORMAT!r})")
-    return ckpt

@@ -12,7 +12,8 @@ from rich.table import Table
 
 from fcl_lightning.errors import ConfigError
 from fcl_lightning.evaluation import STRUCTURES, evaluate_volumes, over_clients, summarize, write_rows_csv
-from fcl_lightning.federation.checkpoint import load_checkpoint, resolve_ckpt_path, update_summary
+from fcl_lightning.federation.checkpoint import update_summary
+from fcl_lightning.federation.state import load_checkpoint, resolve_ckpt_path
 from fcl_lightning.figures import save_bland_altman_figure
 from fcl_lightning.indices import INDEX_NAMES, agreement, patient_indices, write_indices_csv
 from fcl_lightning.predict import score_native

@@ -21,14 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fcl_lightning.fcl.aggregate import state_nbytes
 from fcl_lightning.fcl.exchange import payload_nbytes
-from fcl_lightning.federation.checkpoint import (
-    BackgroundWriter,
-    CheckpointError,
-    rng_state,
-    snapshot,
-    to_cpu,
-    update_summary,
-)
+from fcl_lightning.federation.checkpoint import BackgroundWriter, CheckpointError, snapshot, to_cpu, update_summary
 from fcl_lightning.federation.state import (
     RoundHook,
     RunContext,
@@ -36,6 +29,7 @@ from fcl_lightning.federation.state import (
     client_files,
     load_round_versions,
     retention,
+    rng_state,
 )
 from fcl_lightning.io import WriteError, atomic_link, atomic_save
 from fcl_lightning.lit.segment import INIT_ENCODER

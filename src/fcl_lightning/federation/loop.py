@@ -18,7 +18,6 @@ from rich.console import Console
 from fcl_lightning.console import log_console, output_console
 from fcl_lightning.errors import ConfigError
 from fcl_lightning.fcl.exchange import route
-from fcl_lightning.federation.checkpoint import load_checkpoint, resolve_ckpt_path, set_rng_state
 from fcl_lightning.federation.client import ClientResult, ClientRuntime, ClientTrainers, client_step
 from fcl_lightning.federation.config import Federation
 from fcl_lightning.federation.hooks import (
@@ -37,6 +36,9 @@ from fcl_lightning.federation.state import (
     RunState,
     check_checkpoint,
     client_states_of,
+    load_checkpoint,
+    resolve_ckpt_path,
+    set_rng_state,
 )
 from fcl_lightning.interrupt import RunInterrupted
 from fcl_lightning.io import atomic_write_text, check_writable, remove_interrupted_writes

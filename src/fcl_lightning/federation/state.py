@@ -21,21 +21,18 @@ whole files; surviving a power loss as well would need fsyncs, which no file her
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
-from fcl_lightning.federation.checkpoint import (
-    FORMAT,
-    CheckpointError,
-    bank_from_dict,
-    bank_to_dict,
-    load_checkpoint,
-)
+from fcl_lightning.fcl.memory_bank import BankEntries
+from fcl_lightning.federation.checkpoint import CheckpointError
 from fcl_lightning.io import atomic_save, safe_torch_load
 from fcl_lightning.tracking import per_client_dice_rows
 
@@ -46,9 +43,59 @@ if TYPE_CHECKING:
     from fcl_lightning.federation.config import Federation
     from fcl_lightning.lit.base import FederatedModule
 
+FORMAT = "fcl-lightning/federated-v2"  # v2: client states in their own files (federation/state.py)
+READABLE_FORMATS = ("fcl-lightning/federated-v1", FORMAT)
 CLIENT_FORMAT = "fcl-lightning/client-state-v2"
 ROUND_FILE = re.compile(r"round-(\d+)\.ckpt")
 STATE_FILE = re.compile(r"state-(\d+)\.pt")
+
+
+def bank_to_dict(entries: BankEntries | None) -> dict[str, torch.Tensor] | None:
+    return None if entries is None else {k: v.detach().cpu() for k, v in entries._asdict().items()}
+
+
+def bank_from_dict(d: dict[str, torch.Tensor] | None) -> BankEntries | None:
+    return None if d is None else BankEntries(d["vectors"], d["partitions"], d["clients"])
+
+
+def rng_state() -> dict[str, Any]:
+    """Global RNG states in a ``weights_only``-loadable form."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
+
+
+def resolve_ckpt_path(ckpt_path: str | None, root: str | Path, missing_last_ok: bool = False) -> Path | None:
+    """``None`` -> no resume; ``last`` -> ``<root>/checkpoints/last.ckpt``; else the path given.
+    ``missing_last_ok``: ``last`` with no such file is ``None`` too (``fit`` then starts the run,
+    so that a retry loop can always pass ``--ckpt_path last``)."""
+    if ckpt_path is None:
+        return None
+    path = Path(root) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if missing_last_ok and ckpt_path == "last" and not path.exists():
+        return None
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (ckpt_path={ckpt_path!r})")
+    return path
+
+
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Load a federated round checkpoint with ``weights_only=True`` and check its format
+    (``mmap``: tensors are read only when used)."""
+    ckpt = safe_torch_load(path, "checkpoint", CheckpointError, mmap=mmap)
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS:
+        raise CheckpointError(f"{path} is not an fcl-lightning federated checkpoint (expected format {FORMAT!r})")
+    return ckpt
 
 
 @dataclass
