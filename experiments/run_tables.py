@@ -71,6 +71,10 @@ LABELS = {
     "fcl_no_momentum": "FCL w/o momentum encoder",
     "fcl_literal": "FCL, paper's literal local term",
     "fcl_dense": "FCL + dense term (extension)",
+    "fclopt": "FCLOpt (no negatives, no exchange)",
+    "fcl_dp8": "FCL, DP exchange at epsilon 8",
+    "fcl_dp2": "FCL, DP exchange at epsilon 2",
+    "fcl_dp1": "FCL, DP exchange at epsilon 1",
 }
 SEMI_LABELS = {"unimatch": "UniMatch", "unimatch_short": "UniMatch (threshold 0.8)", "mean_teacher": "mean teacher"}
 

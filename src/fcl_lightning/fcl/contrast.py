@@ -154,8 +154,10 @@ class ContrastModel(nn.Module):
             return
         if entries is None:
             self.remote_bank.reset()
-        else:
-            self.remote_bank.replace(entries)
+        else:  # unit vectors again (DP-noised vectors arrive as noised; for the others a no-op)
+            self.remote_bank.replace(
+                BankEntries(F.normalize(entries.vectors, dim=1), entries.partitions, entries.clients)
+            )
 
     @torch.no_grad()
     def shared_features(

@@ -243,3 +243,54 @@ class DenseFCLObjective(FCLObjective):
         out["loss"] = out["loss"] + self.w_dense * l_dense
         out["loss_dense"] = l_dense.detach()
         return out, keys
+
+
+def partition_positive_mask(partitions: torch.Tensor) -> torch.Tensor:
+    """``[B, B]``: slices of the same partition (own slice included: its key is the other view)."""
+    return partitions[:, None] == partitions[None, :]
+
+
+def byol_partition_loss(p: torch.Tensor, k: torch.Tensor, partitions: torch.Tensor) -> torch.Tensor:
+    """Mean over queries of the mean ``2 - 2 cos(p_i, k_j)`` over the keys ``j`` of the same
+    partition (BYOL's regression loss, with the partition-aware positives of FCL)."""
+    pos = partition_positive_mask(partitions).float()
+    dist = 2 - 2 * F.normalize(p, dim=1) @ F.normalize(k, dim=1).T
+    return ((dist * pos).sum(1) / pos.sum(1)).mean()
+
+
+class FCLOptObjective(PretrainObjective):
+    """FCLOpt (Wu et al., Medical Image Analysis 2022, the journal extension of FCL): no
+    negatives, so no memory banks and no feature exchange. An online encoder + head + predictor
+    regresses the momentum (target) encoder's keys of the slices of the same partition, BYOL-style
+    (Grill et al. 2020), symmetrised over the two views; the encoder, head and predictor are
+    federated with FedAvg as in FCL, the target nets stay with each client. Needs
+    ``model.use_momentum: true`` (the target is the momentum copy).
+
+    Args:
+        predictor_hidden: hidden width of the predictor MLP (BYOL: 4096 for a 256-d output).
+    """
+
+    uses_bank = False
+
+    def __init__(self, predictor_hidden: int = 512) -> None:
+        super().__init__()
+        if predictor_hidden < 1:
+            raise ValueError(f"predictor_hidden must be >= 1, got {predictor_hidden}")
+        self.predictor_hidden = predictor_hidden
+
+    def build(self, feature_channels: int, embed_dim: int) -> None:
+        self.predictor = nn.Sequential(
+            nn.Linear(embed_dim, self.predictor_hidden),
+            nn.BatchNorm1d(self.predictor_hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(self.predictor_hidden, embed_dim),
+        )
+
+    def step(self, s: PretrainStep) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        v1, v2 = s.views
+        p1, p2 = self.predictor(s.embed(v1)), self.predictor(s.embed(v2))
+        k1, k2 = s.embed_keys(v1), s.embed_keys(v2)
+        loss = 0.5 * (byol_partition_loss(p1, k2, s.partitions) + byol_partition_loss(p2, k1, s.partitions))
+        with torch.no_grad():
+            sims = same_age_similarities(F.normalize(p1, dim=1), k2, s.partitions, s.volumes, self_positive=True)
+        return {"loss": loss, **sims}, None

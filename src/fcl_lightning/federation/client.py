@@ -13,6 +13,8 @@ import torch
 
 from fcl_lightning.fcl.memory_bank import BankEntries
 from fcl_lightning.lit.base import FederatedModule
+from fcl_lightning.privacy.config import Privacy
+from fcl_lightning.privacy.mechanism import noise_generator, private_update, secret
 from fcl_lightning.runtime import quiet_lightning, seed_all
 
 
@@ -67,6 +69,8 @@ class ClientRuntime:
     exchange_per_partition: int | None = None
     exchange_source: str = "embed"
     keep_optimizer_state: bool = True
+    #: ``federation.privacy`` (``None``: off)
+    privacy: Privacy | None = None
 
 
 @dataclass
@@ -77,6 +81,10 @@ class ClientResult:
     state: dict[str, Any] | None
     features: BankEntries | None
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+#: the client state's entry holding its secret noise seed (never sent: client state stays on the site)
+PRIVACY_SECRET = "privacy_secret"
 
 
 def client_seed(seed: int, round_idx: int, client: int) -> int:
@@ -109,6 +117,20 @@ def client_step(
     module.load_global_state(global_weights)
     module.load_client_state(state)
     module.receive_features(remote)
+    privacy = runtime.privacy
+    # the client's secret noise seed, kept in its state (a resumed run repeats its noise)
+    noise_seed = None if privacy is None else int((state or {}).get(PRIVACY_SECRET, secret()))
+    features = None
+    if runtime.exchange and privacy is not None and privacy.features:
+        # with DP, the vectors come from the round's global model (see Privacy), before training
+        features = module.export_private_features(
+            runtime.datamodule,
+            d,
+            runtime.exchange_per_partition,
+            torch.Generator().manual_seed(s + 1),
+            noise_generator(noise_seed, round_idx, 0),
+            privacy,
+        )
     loader = module.train_loader(runtime.datamodule, d, s)
     with quiet_lightning():
         trainer = runtime.trainers.get(client)
@@ -122,20 +144,31 @@ def client_step(
         except BaseException:
             runtime.trainers.discard(client)  # a Trainer stopped mid-fit is not reused
             raise
-    features = None
-    if runtime.exchange:
+    if runtime.exchange and features is None:
         g = torch.Generator().manual_seed(s + 1)
         if module.device != trainer.strategy.root_device:  # Lightning's own strategies move it off
             module.to(trainer.strategy.root_device)
         features = module.export_features(
             runtime.datamodule, d, runtime.exchange_per_partition, g, source=runtime.exchange_source
         )
-        if d != client:  # tag the vectors with the federation-wide client id
-            features = BankEntries(features.vectors, features.partitions, torch.full_like(features.clients, client))
+    if features is not None and d != client:  # tag the vectors with the federation-wide client id
+        features = BankEntries(features.vectors, features.partitions, torch.full_like(features.clients, client))
+    update = {k: v.cpu() for k, v in module.global_state().items()}
+    if privacy is not None and privacy.weights:  # clipped and noised before it leaves the client
+        update = private_update(
+            update,
+            global_weights,
+            privacy.weights_clip,
+            privacy.weights_sigma,
+            noise_generator(noise_seed, round_idx, 1),
+        )
+    client_state = module.client_state()
+    if noise_seed is not None:
+        client_state[PRIVACY_SECRET] = torch.tensor(noise_seed, dtype=torch.long)
     return ClientResult(
-        update={k: v.cpu() for k, v in module.global_state().items()},
+        update=update,
         num_samples=module.num_samples(runtime.datamodule, d),
-        state=module.client_state(),
+        state=client_state,
         features=features,
         metrics=metrics,
     )

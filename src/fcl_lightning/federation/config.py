@@ -7,11 +7,13 @@ from typing import Literal
 from jsonargparse import lazy_instance
 
 from fcl_lightning.downstream import DownstreamEvaluation
+from fcl_lightning.errors import ConfigError
 from fcl_lightning.fcl.aggregate import Aggregator, FedAvg
 from fcl_lightning.fcl.monitor import CollapseMonitor
 from fcl_lightning.federation.hooks import RoundHook
 from fcl_lightning.federation.mode import Mode, mode_of
 from fcl_lightning.federation.state import CheckpointKeep
+from fcl_lightning.privacy.config import Privacy
 
 
 class Federation:
@@ -56,6 +58,8 @@ class Federation:
             built-in ones that measure a round and before the checkpoint and the report.
         reuse_trainers: build each client's Trainer once and extend its budget every round
             (``False``: a new Trainer per client per round; same results, slower).
+        privacy: opt-in differential privacy of what each client sends (the exchanged vectors,
+            the weight updates), with the privacy loss over the run (README, "What leaves a hospital").
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class Federation:
         select_best: bool = False,
         hooks: list[RoundHook] | None = None,
         reuse_trainers: bool = True,
+        privacy: Privacy | None = None,
     ) -> None:
         if rounds < 1 or local_epochs < 1:
             raise ValueError(f"rounds and local_epochs must be >= 1 (got {rounds}, {local_epochs})")
@@ -103,3 +108,11 @@ class Federation:
         self.select_best = select_best
         self.hooks = list(hooks or [])
         self.reuse_trainers = reuse_trainers
+        if privacy is not None:
+            if privacy.features and not exchange:
+                raise ConfigError(
+                    "federation.privacy.features noises the exchanged vectors, but federation.exchange is false: "
+                    "set privacy.features false (weights only) or turn the exchange on"
+                )
+            privacy.calibrate(rounds)
+        self.privacy = privacy

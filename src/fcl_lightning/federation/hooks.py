@@ -318,6 +318,8 @@ class ExportHook(RoundHook):
                 "wall_time_s": state.elapsed,
             }
         )
+        if run.fed.privacy is not None:
+            summary["privacy"] = run.fed.privacy.summary(len(state.history), getattr(run.dm, "num_partitions", None))
         update_summary(root, {module.stage: dict(summary)})
 
 
@@ -399,5 +401,7 @@ def round_line(done: int, m: dict[str, float]) -> str:
     down = m.get("round/comm/weights_down_bytes", 0) / 2**20
     feats = m.get("round/comm/features_up_bytes", 0) / 2**10
     parts.append(f"weights up {up:.1f} / down {down:.1f} MiB, features shared {feats:.0f} KiB")
+    if "round/privacy/epsilon" in m:
+        parts.append(f"epsilon {m['round/privacy/epsilon']:.2f}")
     parts.append(f"{m['round/time/total_s']:.1f} s")
     return " | ".join(parts)

@@ -208,6 +208,7 @@ class FederatedLoop:
             exchange_per_partition=self.fed.exchange_per_partition,
             exchange_source=self.fed.exchange_source,
             keep_optimizer_state=self.fed.keep_optimizer_state,
+            privacy=self.fed.privacy,
         )
 
     def run(self, ckpt_path: str | None = None, clients: Clients | None = None) -> dict[str, Any]:
@@ -368,6 +369,8 @@ class FederatedLoop:
 
         metrics = train_metrics({c: results[c] for c in selected})
         metrics.update({"round/time/train_s": t_train, "round/time/aggregate_s": t_agg, "round": r + 1})
+        if self.fed.privacy is not None:  # a client that sent in every round so far (an upper bound)
+            metrics["round/privacy/epsilon"] = self.fed.privacy.epsilon(r + 1)
         for h in hooks:
             h.on_round_end(self.context, state, results, metrics)
         state.record(metrics)

@@ -59,6 +59,12 @@ class Federated(Mode):
     name, global_model = "federated", True
 
     def check(self, fed, module) -> None:
+        privacy = getattr(fed, "privacy", None)
+        if privacy is not None and privacy.features and not module.shares_features:
+            raise ConfigError(
+                f"federation.privacy.features noises the exchanged vectors, but {type(module).__name__} with "
+                f"{type(getattr(module, 'objective', module)).__name__} exchanges none: set privacy.features false"
+            )
         if module.per_client_init:
             raise ConfigError(
                 "a per-client pretrained path ('{client}' in model.pretrained) needs "
@@ -86,6 +92,13 @@ class Local(Mode):
     from its best validation round."""
 
     name = "local"
+
+    def check(self, fed, module) -> None:
+        if getattr(fed, "privacy", None) is not None:
+            raise ConfigError(
+                "federation.privacy bounds what clients send, and in federation.mode local nothing leaves a client: "
+                "remove federation.privacy"
+            )
 
     def start_weights(self, client, state, module):
         if client in state.client_w:

@@ -15,6 +15,8 @@ from fcl_lightning.fcl.momentum import cosine_schedule
 from fcl_lightning.fcl.objectives import FCLObjective, PretrainObjective
 from fcl_lightning.lit.base import FederatedModule, check_optimizer
 from fcl_lightning.models.encoder import DEFAULT_FEATURES
+from fcl_lightning.privacy.config import Privacy
+from fcl_lightning.privacy.mechanism import private_features
 
 
 class ContrastivePretrainModule(FederatedModule):
@@ -157,6 +159,36 @@ class ContrastivePretrainModule(FederatedModule):
     ) -> BankEntries:
         vols = [v.image.to(self.device) for v in datamodule.train[client]] if source == "embed" else []
         return self.core.shared_features(vols, datamodule.num_partitions, client, per_partition, generator, source)
+
+    def export_private_features(
+        self,
+        datamodule: Any,
+        client: int,
+        per_partition: int | None,
+        sample_generator: torch.Generator,
+        noise_generator: torch.Generator,
+        privacy: Privacy,
+    ) -> BankEntries:
+        """The DP payload (:func:`~fcl_lightning.privacy.mechanism.private_features`): embedded by
+        the main encoder and head as they are now (the round's global weights), in eval mode."""
+        vols = datamodule.train[client]
+        was_training = self.core.training
+        self.core.eval()
+        try:
+            return private_features(
+                self.core.embed,
+                [v.image.to(self.device) for v in vols],
+                [v.record.patient for v in vols],
+                datamodule.num_partitions,
+                client,
+                per_partition,
+                privacy.feature_clip,
+                privacy.feature_sigma(datamodule.num_partitions),
+                sample_generator,
+                noise_generator,
+            )
+        finally:
+            self.core.train(was_training)
 
     def encoder_state(self) -> dict[str, torch.Tensor]:
         """The main encoder's plain state dict (and the pre-trained decoder blocks under
