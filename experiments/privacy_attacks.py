@@ -224,7 +224,7 @@ def main(argv=None) -> None:
         alln = [n for c in range(C) for n in payloads[c][4]]
         row.update(attribution(allv, allc, alln))
         mem, non = [], []
-        for (c, p), (role, e, parts) in cand.items():
+        for (c, _patient), (role, e, parts) in cand.items():
             sc = membership_score(e, parts, payloads[c][0], payloads[c][1])
             (mem if role == "member" else non).append(sc)
         row.update({"membership_auc": auc(mem, non), "members": len(mem), "non_members": len(non)})
