@@ -109,6 +109,19 @@ def auc(pos, neg):
     return float(gt + 0.5 * eq)
 
 
+def auc_interval(pos, neg, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of the AUC (members and non-members resampled separately)."""
+    g = torch.Generator().manual_seed(seed)
+    pos, neg = torch.tensor(pos), torch.tensor(neg)
+    vals = []
+    for _ in range(n_boot):
+        a = pos[torch.randint(len(pos), (len(pos),), generator=g)]
+        b = neg[torch.randint(len(neg), (len(neg),), generator=g)]
+        vals.append(auc(a.tolist(), b.tolist()))
+    vals = torch.tensor(vals)
+    return float(vals.quantile(0.025)), float(vals.quantile(0.975))
+
+
 def membership_score(cand, cand_parts, sent, sent_parts):
     scores = []
     for s in cand_parts.unique().tolist():
@@ -227,18 +240,21 @@ def main(argv=None) -> None:
         for (c, _patient), (role, e, parts) in cand.items():
             sc = membership_score(e, parts, payloads[c][0], payloads[c][1])
             (mem if role == "member" else non).append(sc)
-        row.update({"membership_auc": auc(mem, non), "members": len(mem), "non_members": len(non)})
+        lo, hi = auc_interval(mem, non)
+        row.update({"membership_auc": auc(mem, non), "membership_auc_ci": [lo, hi]})
+        row.update({"members": len(mem), "non_members": len(non)})
         row["vectors_per_client"] = sum(len(payloads[c][0]) for c in range(C)) / C
         results.append(row)
         print(json.dumps(row), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
-    print("\n| setting | re-id top-1 (chance) | top-5 (chance) | site (chance) | membership AUC |")
+    print("\n| setting | re-id top-1 (chance) | top-5 (chance) | site (chance) | membership AUC [95% CI] |")
     print("|---|---|---|---|---|")
     for r in results:
         print(
             f"| {r['setting']} | {r['reid_top1']:.3f} ({r['reid_top1_chance']:.3f}) | {r['reid_top5']:.3f} "
-            f"({r['reid_top5_chance']:.3f}) | {r['site_acc']:.3f} ({r['site_chance']:.3f}) | {r['membership_auc']:.3f} |"
+            f"({r['reid_top5_chance']:.3f}) | {r['site_acc']:.3f} ({r['site_chance']:.3f}) | {r['membership_auc']:.3f} "
+            f"[{r['membership_auc_ci'][0]:.2f}, {r['membership_auc_ci'][1]:.2f}] |"
         )
 
 

@@ -161,6 +161,6 @@ def test_every_method_config_runs_one_round(tmp_path, tiny, method):
     assert ckpt["round"] == 1
     assert (tmp_path / "encoder.pt").is_file()
     exchanged = ckpt["comm"]["features_up"] > 0
-    assert exchanged == ("fcl" in method.stem and "no_exchange" not in method.stem)
+    assert exchanged == ("fcl" in method.stem and method.stem not in ("fcl_no_exchange", "fclopt"))
     if "local" in method.stem:
         assert sorted(p.name for p in (tmp_path / "encoders").iterdir()) == ["client0.pt", "client1.pt"]
