@@ -8,6 +8,7 @@ PNG to a temporary file next to ``path`` and moves it into place with ``os.repla
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -234,6 +235,49 @@ def save_bland_altman_figure(
         ax.grid(alpha=0.3)
     for ax in axes[len(pairs) :]:
         ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def save_privacy_utility_figure(
+    path: str | os.PathLike,
+    arms: Sequence[str],
+    dice: Mapping[int, Sequence[tuple[float, float]]],
+    attacks: Sequence[Mapping | None],
+    title: str = "Privacy and utility",
+) -> Path:
+    """Two panels over the same arms: held-out Dice (mean, std) at each N, and each attack's success
+    as a multiple of its chance (``privacy_attacks.py``'s rows; ``None``: the arm sends no vectors)."""
+    fig = Figure(figsize=(11, 4.2))
+    left, right = fig.subplots(1, 2)
+    x = np.arange(len(arms))
+    width = 0.8 / max(1, len(dice))
+    for i, (n, vals) in enumerate(sorted(dice.items())):
+        means = [v[0] for v in vals]
+        stds = [v[1] for v in vals]
+        left.bar(x + (i - (len(dice) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=f"N={n}")
+    left.set_ylabel("held-out Dice")
+    attack_keys = (
+        ("re-id top-1", "reid_top1", "reid_top1_chance"),
+        ("re-id top-5", "reid_top5", "reid_top5_chance"),
+        ("site", "site_acc", "site_chance"),
+        ("membership AUC", "membership_auc", None),
+    )
+    width = 0.8 / len(attack_keys)
+    for i, (name, key, chance) in enumerate(attack_keys):
+        ratio = [
+            math.nan if a is None else a[key] / (a[chance] if chance else 0.5)  # AUC: chance is 0.5
+            for a in attacks
+        ]
+        right.bar(x + (i - (len(attack_keys) - 1) / 2) * width, ratio, width, label=name)
+    right.axhline(1.0, color="k", linewidth=1, linestyle="--")
+    right.set_ylabel("attack success / chance")
+    for ax in (left, right):
+        ax.set_xticks(x, arms, rotation=20, ha="right", fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
