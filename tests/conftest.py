@@ -1,4 +1,6 @@
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,22 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+@pytest.fixture
+def experiment():
+    """``experiment(name)``: ``experiments/<name>.py`` as a module (the scripts are not a package)."""
+    return load_experiment
+
+
+def load_experiment(name: str):
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def tiny_args(root, rounds=2, clients=2, extra=()):

@@ -1,24 +1,16 @@
 """experiments/gain_curves.py on hand-made run_tables folders: the gains it reports are the
 differences of the logged held-out Dice, paired by seed, at the steps the configs imply."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
-def curves():
-    spec = importlib.util.spec_from_file_location("gain_curves", REPO / "experiments" / "gain_curves.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def curves(experiment):
+    return experiment("gain_curves")
 
 
 def write_run(d: Path, local_steps: int, rows: list[dict], summary: dict | None = None) -> None:

@@ -2,23 +2,15 @@
 and random init, bytes per client-round, epsilon and the attack rows land in the arm they belong to."""
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
-def pu():
-    spec = importlib.util.spec_from_file_location("privacy_utility", REPO / "experiments" / "privacy_utility.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def pu(experiment):
+    return experiment("privacy_utility")
 
 
 def pretrain(out: Path, method: str, weights: int, feats: int, epsilon: float | None, probe: float) -> None:

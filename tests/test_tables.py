@@ -2,8 +2,6 @@
 that skips every finished cell."""
 
 import csv
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,12 +17,8 @@ TINY_DATA = [
 
 
 @pytest.fixture
-def tables():
-    spec = importlib.util.spec_from_file_location("run_tables", REPO / "experiments" / "run_tables.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+def tables(experiment):
+    return experiment("run_tables")
 
 
 def run(tables, out, monkeypatch):
