@@ -17,6 +17,7 @@ from fcl_lightning.federation.hooks import RoundHook
 from fcl_lightning.privacy import accountant
 from fcl_lightning.privacy.config import Privacy
 from fcl_lightning.privacy.mechanism import (
+    VAR_FLOOR,
     clip_rows,
     noise_generator,
     one_per_patient,
@@ -98,6 +99,16 @@ def test_noise_has_the_scale_the_accountant_was_told():
     w = {"w": torch.zeros(200_000)}
     noisy = private_update(w, w, 1.0, 0.3, noise_generator(5, 0, 1))
     assert float(noisy["w"].std()) == pytest.approx(0.3, rel=0.01)
+
+
+def test_noised_batchnorm_variances_stay_positive():
+    bn = torch.nn.BatchNorm1d(1000)
+    start = {k: v.clone() for k, v in bn.state_dict().items()}
+    out = private_update(bn.state_dict(), start, 1.0, 5.0, noise_generator(3, 0, 1))
+    assert float(out["running_mean"].min()) < -1  # the noise is there
+    assert float(out["running_var"].min()) >= VAR_FLOOR  # but no variance went negative
+    bn.load_state_dict(out)
+    assert torch.isfinite(bn.eval()(torch.randn(4, 1000))).all()
 
 
 def slow_one_per_patient_ok(partitions, patients, keep, S, per_partition):

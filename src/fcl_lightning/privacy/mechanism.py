@@ -102,6 +102,10 @@ def update_norm(update: dict[str, torch.Tensor], start: dict[str, torch.Tensor])
     return math.sqrt(sq)
 
 
+#: the smallest running variance a noised BatchNorm buffer keeps
+VAR_FLOOR = 1e-3
+
+
 def private_update(
     update: dict[str, torch.Tensor],
     start: dict[str, torch.Tensor],
@@ -111,7 +115,8 @@ def private_update(
 ) -> dict[str, torch.Tensor]:
     """``start + clip(update - start) + N(0, sigma^2)`` on every floating-point tensor (the
     weights and the float buffers, e.g. BatchNorm statistics, which are data too); integer
-    buffers (step counts) pass unchanged."""
+    buffers (step counts) pass unchanged. Noised running variances are floored at
+    ``VAR_FLOOR`` (post-processing: no privacy cost), as a negative one turns batch norm to NaN."""
     scale = min(1.0, clip / max(update_norm(update, start), 1e-12))
     out = {}
     for k, v in update.items():
@@ -119,7 +124,10 @@ def private_update(
             out[k] = v
             continue
         delta = (v.double() - start[k].double()) * scale
-        out[k] = (start[k].double() + delta + gaussian(v.shape, sigma, generator, torch.float64)).to(v.dtype)
+        noised = start[k].double() + delta + gaussian(v.shape, sigma, generator, torch.float64)
+        if k.endswith("running_var"):
+            noised = noised.clamp_min(VAR_FLOOR)
+        out[k] = noised.to(v.dtype)
     return out
 
 
