@@ -40,6 +40,7 @@ ARMS = {
     "fcl_dp8": "epsilon 8",
     "fcl_dp2": "epsilon 2",
     "fcl_dp1": "epsilon 1",
+    "fcl_dp8w": "epsilon 8",  # the same vectors; the weights noised too
     "fclopt": None,  # sends no vectors: nothing for these attacks to read
 }
 

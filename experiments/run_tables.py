@@ -75,6 +75,7 @@ LABELS = {
     "fcl_dp8": "FCL, DP exchange at epsilon 8",
     "fcl_dp2": "FCL, DP exchange at epsilon 2",
     "fcl_dp1": "FCL, DP exchange at epsilon 1",
+    "fcl_dp8w": "FCL, DP exchange and DP weights at epsilon 8",
 }
 SEMI_LABELS = {"unimatch": "UniMatch", "unimatch_short": "UniMatch (threshold 0.8)", "mean_teacher": "mean teacher"}
 

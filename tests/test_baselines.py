@@ -35,6 +35,8 @@ ABLATIONS = {
     "fedsimclr",
     "fedrotation",
     "fedswav",
+    "fcl_dp2",  # fcl_dp8 with another epsilon
+    "fcl_dp1",
 }
 METHOD_PARAMS = [pytest.param(m, id=m.stem, marks=[pytest.mark.slow] if m.stem in ABLATIONS else []) for m in METHODS]
 
