@@ -7,11 +7,18 @@ With ``--worker`` (the default) each SuperNode gets a long-lived ``fcl_lightning
 Every process it starts is stopped at the end (also on errors). Telemetry is off.
 
     python experiments/flower_loopback.py --rounds 2 --clients 2 [--no-worker]
+
+``--app floor`` runs ``experiments/flower_floor`` instead: the same messages (one ``query.info``
+per node, one ``train`` per node and round, replies of ``--payload-bytes``) with no work, i.e.
+what Flower itself costs:
+
+    python experiments/flower_loopback.py --app floor --rounds 2 --clients 2 --payload-bytes 0
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -21,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,16 +53,23 @@ def tiny_overrides(root: Path, rounds: int, clients: int) -> list[str]:
     ]
 
 
-def run_loopback(work: Path, rounds: int, clients: int, timeout: float = 600.0, worker: bool = True) -> dict:
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(work / "flwr_home"), "WANDB_MODE": "disabled"}
+@contextlib.contextmanager
+def federation(work: Path, clients: int, worker: bool) -> Iterator[dict]:
+    """A SuperLink and ``clients`` SuperNodes on 127.0.0.1 (each with a long-lived worker if
+    ``worker``), ready when entered; yields the environment for ``flwr run`` and stops every
+    process on exit (also on errors)."""
+    env = {
+        **os.environ,
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_HOME": str(work / "flwr_home"),
+        "WANDB_MODE": "disabled",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the SuperLink starts flower-superexec by name
+    }
     link = free_port()  # Flower 1.4x serves the Fleet, Control and ServerApp APIs on one HTTP port
     (work / "flwr_home").mkdir(parents=True, exist_ok=True)
     (work / "flwr_home" / "config.toml").write_text(
         f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
     )
-    base = work / "base.yaml"
-    base.write_text("seed_everything: 0\n")
-    flower_root, inproc_root = work / "flower_run", work / "inprocess_run"
     procs: list[subprocess.Popen] = []
     logs = []
 
@@ -100,26 +115,7 @@ def run_loopback(work: Path, rounds: int, clients: int, timeout: float = 600.0, 
                 raise TimeoutError(f"the workers did not start (see {work}/worker*.log)")
             time.sleep(0.2)
         time.sleep(3)
-        run_config = {
-            "config": str(base),
-            "overrides": " ".join(map(shlex.quote, tiny_overrides(flower_root, rounds, clients))),
-            "wait-s": 60,
-        }
-        rc_arg = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-        t0 = time.perf_counter()
-        subprocess.run(
-            [str(BIN / "flwr"), "run", str(REPO / "flower"), "loopback", "--run-config", rc_arg, "--stream"],
-            env=env,
-            cwd=REPO,
-            timeout=timeout,
-            check=True,
-        )
-        deadline = time.monotonic() + timeout
-        while not (flower_root / "summary.json").is_file():  # the stream may end before the server writes
-            if time.monotonic() > deadline:
-                raise TimeoutError("the Flower run wrote no summary.json")
-            time.sleep(0.5)
-        flower_s = time.perf_counter() - t0
+        yield env
     finally:
         for p in procs:
             try:
@@ -136,6 +132,55 @@ def run_loopback(work: Path, rounds: int, clients: int, timeout: float = 600.0, 
     left = [p.pid for p in procs if p.poll() is None]
     if left:
         raise RuntimeError(f"processes still running after cleanup: {left}")
+
+
+def flwr_run(env: dict, app: Path, run_config: dict, done: Path, timeout: float) -> float:
+    """``flwr run app`` on the loopback federation; seconds until the server wrote ``done``."""
+    rc_arg = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+    t0 = time.perf_counter()
+    subprocess.run(
+        [str(BIN / "flwr"), "run", str(app), "loopback", "--run-config", rc_arg, "--stream"],
+        env=env,
+        cwd=REPO,
+        timeout=timeout,
+        check=True,
+    )
+    deadline = time.monotonic() + timeout
+    while not done.is_file():  # the stream may end before the server writes
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the Flower run wrote no {done.name}")
+        time.sleep(0.5)
+    return time.perf_counter() - t0
+
+
+def run_floor(work: Path, rounds: int, clients: int, payload_bytes: int, timeout: float = 600.0) -> dict:
+    """Flower's own cost: ``experiments/flower_floor`` (the project's messages, no work) on the
+    same loopback federation, without workers."""
+    done = work / "floor_done.txt"
+    with federation(work, clients, worker=False) as env:
+        run_config = {"rounds": rounds, "nodes": clients, "payload-bytes": payload_bytes, "done": str(done)}
+        flower_s = flwr_run(env, REPO / "experiments" / "flower_floor", run_config, done, timeout)
+    per_round = [float(x) for x in done.read_text().split()]
+    return {
+        "flower_s": flower_s,
+        "round_s": per_round,
+        "rounds": rounds,
+        "clients": clients,
+        "payload_bytes": payload_bytes,
+    }
+
+
+def run_loopback(work: Path, rounds: int, clients: int, timeout: float = 600.0, worker: bool = True) -> dict:
+    base = work / "base.yaml"
+    base.write_text("seed_everything: 0\n")
+    flower_root, inproc_root = work / "flower_run", work / "inprocess_run"
+    with federation(work, clients, worker) as env:
+        run_config = {
+            "config": str(base),
+            "overrides": " ".join(map(shlex.quote, tiny_overrides(flower_root, rounds, clients))),
+            "wait-s": 60,
+        }
+        flower_s = flwr_run(env, REPO / "flower", run_config, flower_root / "summary.json", timeout)
 
     t0 = time.perf_counter()
     subprocess.run(
@@ -177,9 +222,16 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=2)
     ap.add_argument("--work", default=None, help="working folder (default: a temp dir)")
     ap.add_argument("--worker", action=argparse.BooleanOptionalAction, default=True, help="a worker per node")
+    ap.add_argument(
+        "--app", choices=["fcl", "floor"], default="fcl", help="floor: Flower's own cost (no work, same messages)"
+    )
+    ap.add_argument("--payload-bytes", type=int, default=0, help="--app floor: bytes of each message and reply")
     args = ap.parse_args()
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fcl_flower_"))
-    res = run_loopback(work.resolve(), args.rounds, args.clients, worker=args.worker)
+    work = (Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fcl_flower_"))).resolve()
+    if args.app == "floor":
+        res = run_floor(work, args.rounds, args.clients, args.payload_bytes)
+    else:
+        res = run_loopback(work, args.rounds, args.clients, worker=args.worker)
     print(json.dumps(res, indent=2))
 
 

@@ -158,6 +158,19 @@ def test_loopback_deployment_matches_in_process(tmp_path):
     assert res["bitwise_equal"], res
 
 
+@pytest.mark.skipif(
+    os.environ.get("FCL_FLOWER_LOOPBACK") != "1", reason="set FCL_FLOWER_LOOPBACK=1 (starts Flower processes)"
+)
+def test_floor_app_echoes_the_payload_every_round(tmp_path):
+    """experiments/flower_floor on the same loopback: every round's replies came back (the server
+    asserts it) and it timed each of the rounds asked for."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    from flower_loopback import run_floor
+
+    res = run_floor(tmp_path, rounds=3, clients=2, payload_bytes=1 << 20, timeout=300)
+    assert len(res["round_s"]) == 3 and all(t > 0 for t in res["round_s"]), res
+
+
 @pytest.mark.slow
 def test_server_resumes_from_its_checkpoint(tmp_path, tiny):
     """The server stops after round 1 and resumes with ckpt-path=last; the nodes kept their own
