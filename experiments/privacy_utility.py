@@ -36,6 +36,7 @@ from fcl_lightning.evaluation import mean_std, paired_gain  # noqa: E402
 
 #: method -> the attack row (``privacy_attacks.py``'s ``setting``) that measures what it sends
 ARMS = {
+    NO_PRETRAIN: None,  # the baseline: no pre-training, nothing sent
     "fcl": "no DP",
     "fcl_dp8": "epsilon 8",
     "fcl_dp2": "epsilon 2",
@@ -43,6 +44,7 @@ ARMS = {
     "fcl_dp8w": "epsilon 8",  # the same vectors; the weights noised too
     "fclopt": None,  # sends no vectors: nothing for these attacks to read
 }
+NOTHING = {NO_PRETRAIN: "nothing sent", "fclopt": "no vectors sent"}
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -112,12 +114,16 @@ def build(tables: Path, attacks: list[dict], ns: list[int], setting: str = "loca
                 f"{a['membership_auc']:.3f} [{a['membership_auc_ci'][0]:.2f}, {a['membership_auc_ci'][1]:.2f}]",
             ]
         else:
-            risk = ["no vectors sent"] * 4 if ARMS[m] is None else ["-"] * 4
+            risk = [NOTHING.get(m, "-")] * 4
         eps = "-" if math.isnan(sent["epsilon"]) else f"{sent['epsilon']:.2f}"
         lines.append(
             f"| {label(m)} | {eps} | "
             + " | ".join(cells)
-            + f" | {sent['probe']:.2f} | {sent['weights_mib']:.2f} / {sent['features_kib']:.0f} | "
+            + (
+                " | - | 0 / 0 | "
+                if m == NO_PRETRAIN
+                else f" | {sent['probe']:.2f} | {sent['weights_mib']:.2f} / {sent['features_kib']:.0f} | "
+            )
             + " | ".join(risk)
             + " |"
         )

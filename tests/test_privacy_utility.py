@@ -73,7 +73,7 @@ def test_table_pairs_each_arm_with_fcl_and_random_and_its_attack(pu, tmp_path):
     attacks = [{**attack, "setting": "no DP"}, {**attack, "setting": "epsilon 8", "reid_top1": 0.11}]
     md, fig = pu.build(tmp_path, attacks, [1])
     rows = {line.split(" | ")[0].strip("| "): line for line in md.splitlines()[2:]}
-    assert set(rows) == {"FCL", "FCL, DP exchange at epsilon 8", "FCLOpt (no negatives, no exchange)"}
+    assert set(rows) == {"Random init", "FCL", "FCL, DP exchange at epsilon 8", "FCLOpt (no negatives, no exchange)"}
     dp = rows["FCL, DP exchange at epsilon 8"].split(" | ")
     assert dp[1] == "8.00"  # the last round's epsilon
     assert dp[3].startswith("-0.010 [-0.010, -0.010]")  # every pair 0.01 below FCL
@@ -82,7 +82,9 @@ def test_table_pairs_each_arm_with_fcl_and_random_and_its_attack(pu, tmp_path):
     assert dp[7] == "0.110 (0.100)"
     assert "no vectors sent" in rows["FCLOpt (no negatives, no exchange)"]
     assert rows["FCL"].split(" | ")[3] == "-"  # FCL is not compared with itself
-    assert fig["arms"][2] == "FCLOpt (no negatives, no exchange)" and fig["attacks"][2] is None
+    assert fig["arms"][3] == "FCLOpt (no negatives, no exchange)" and fig["attacks"][3] is None
+    assert rows["Random init"].split(" | ")[3].startswith("-0.050")  # against FCL
+    assert "nothing sent" in rows["Random init"]
     (tmp_path / "attacks.json").write_text(json.dumps(attacks))
     pu.main(["--tables", str(tmp_path), "--attacks", str(tmp_path / "attacks.json"), "--ns", "1"])
     assert (tmp_path / "privacy_utility.png").stat().st_size > 0
