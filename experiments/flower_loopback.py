@@ -156,6 +156,7 @@ def flwr_run(env: dict, app: Path, run_config: dict, done: Path, timeout: float)
 def run_floor(work: Path, rounds: int, clients: int, payload_bytes: int, timeout: float = 600.0) -> dict:
     """Flower's own cost: ``experiments/flower_floor`` (the project's messages, no work) on the
     same loopback federation, without workers."""
+    work.mkdir(parents=True, exist_ok=True)
     done = work / "floor_done.txt"
     with federation(work, clients, worker=False) as env:
         run_config = {"rounds": rounds, "nodes": clients, "payload-bytes": payload_bytes, "done": str(done)}
@@ -171,6 +172,7 @@ def run_floor(work: Path, rounds: int, clients: int, payload_bytes: int, timeout
 
 
 def run_loopback(work: Path, rounds: int, clients: int, timeout: float = 600.0, worker: bool = True) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
     base = work / "base.yaml"
     base.write_text("seed_everything: 0\n")
     flower_root, inproc_root = work / "flower_run", work / "inprocess_run"
