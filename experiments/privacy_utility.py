@@ -30,9 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "experiments"))
 
-from run_tables import NO_PRETRAIN, label, paired, read_rounds  # noqa: E402
+from run_tables import NO_PRETRAIN, label, paired, read_rounds, table  # noqa: E402
 
-from fcl_lightning.evaluation import mean_std, paired_gain  # noqa: E402
+from fcl_lightning.evaluation import paired_gain  # noqa: E402
 
 #: method -> the attack row (``privacy_attacks.py``'s ``setting``) that measures what it sends
 ARMS = {
@@ -51,7 +51,7 @@ def read_rows(path: Path) -> list[dict]:
     with open(path) as fh:
         rows = list(csv.DictReader(fh))
     for r in rows:
-        r["N"] = int(r["N"])
+        r["N"], r["dice_mean"] = int(r["N"]), float(r["dice_mean"])
     return rows
 
 
@@ -64,10 +64,10 @@ def sent_per_round(pre: Path) -> dict[str, float]:
     up = read_rounds(pre, "round/comm/weights_up_bytes")
     feats = read_rounds(pre, "round/comm/features_up_bytes")
     clients = read_rounds(pre, "round/clients")
-    n = [clients.get(r, math.nan) for r in up]
+    rounds = max(1, len(up))
     return {
-        "weights_mib": sum(up[r] / c for r, c in zip(up, n, strict=True)) / max(1, len(up)) / 2**20,
-        "features_kib": sum(feats.get(r, 0) / c for r, c in zip(up, n, strict=True)) / max(1, len(up)) / 2**10,
+        "weights_mib": sum(up[r] / clients[r] for r in up) / rounds / 2**20,
+        "features_kib": sum(feats.get(r, 0) / clients[r] for r in up) / rounds / 2**10,
         "epsilon": last(read_rounds(pre, "round/privacy/epsilon")),
         "probe": last(read_rounds(pre, "round/monitor/probe_acc")),
     }
@@ -78,6 +78,7 @@ def build(tables: Path, attacks: list[dict], ns: list[int], setting: str = "loca
     by_attack = {a["setting"]: a for a in attacks}
     have = {r["method"] for r in rows}
     arms = [m for m in ARMS if m in have]
+    _, stats = table(rows, arms, ns, setting)  # label -> N -> (mean, std) over clients, as run_tables reports
     head = (
         "| arm | epsilon | "
         + " | ".join(f"Dice N={n} | vs FCL N={n} | vs random N={n}" for n in ns)
@@ -90,15 +91,11 @@ def build(tables: Path, attacks: list[dict], ns: list[int], setting: str = "loca
         sent = sent_per_round(tables / "pretrain" / m)
         cells = []
         for n in ns:
-            by_client: dict[str, list[float]] = {}
-            for r in rows:
-                if r["method"] == m and r["N"] == n and r["setting"] == setting:
-                    by_client.setdefault(r["client"], []).append(float(r["dice_mean"]))
-            if not by_client:
+            if n not in stats.get(label(m), {}):
                 cells += ["-", "-", "-"]
                 fig["dice"][n].append((math.nan, math.nan))
                 continue
-            mean, std = mean_std([mean_std(v)[0] for v in by_client.values()])
+            mean, std = stats[label(m)][n]
             fig["dice"][n].append((mean, std))
             vs = [
                 paired_gain(paired(rows, m, setting, n), paired(rows, base, setting, n)) if base != m else None
