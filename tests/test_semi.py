@@ -307,3 +307,50 @@ def test_paired_gain_interval_and_verdict():
     assert paired_gain({(9, 9): 1.0}, base) is None
     only = {k: v for k, v in list(up.items())[:4]}  # pairs only where both have a value
     assert paired_gain(only, base).pairs == 4
+
+
+def held_out_dice(root: Path) -> dict[str, float]:
+    """Mean Dice per client over the held-out phantom volumes of a tested run."""
+    import csv
+
+    per: dict[str, list[float]] = {}
+    with open(root / "test_per_patient.csv") as fh:
+        for r in csv.DictReader(fh):
+            per.setdefault(r["client"], []).append(float(r["dice_mean"]))
+    return {c: float(np.mean(v)) for c, v in per.items()}
+
+
+# 160 steps per client, 24 phantom subjects (about 9 unlabelled patients a client), scored on 8
+# held-out subjects. The mean teacher at full weight (1, ramped over 80 steps): SSL4MIS's 0.1 over
+# 200 steps barely acts in so short a run.
+PHANTOM_SEMI = [
+    *FINETUNE,
+    "--federation.local_steps=40",
+    "--federation.rounds=4",
+    "--data.source.num_subjects=24",
+    "--data.test_source.num_subjects=8",
+]
+STRONG_TEACHER = [
+    "--config",
+    str(REPO / "configs" / "semi" / "mean_teacher.yaml"),
+    "--model.init_args.semi_supervised.init_args.weight=1.0",
+    "--model.init_args.semi_supervised.init_args.rampup_steps=80",
+]
+
+
+@pytest.mark.slow  # 2 minutes: 3 seeds x (supervised + mean teacher) fine-tunings (make test-slow)
+def test_a_tiny_mean_teacher_run_improves_on_supervised_on_the_phantom(tmp_path):
+    gains = []
+    for seed in (0, 1, 2):
+        dice = {}
+        for arm, extra in (("sup", []), ("semi", STRONG_TEACHER)):
+            root = tmp_path / f"{arm}{seed}"
+            args = [*PHANTOM_SEMI, *extra, f"--seed_everything={seed}", f"--trainer.default_root_dir={root}"]
+            main(["fit", *args])
+            main(["test", *args, "--ckpt_path=last", "--space=preprocessed"])
+            dice[arm] = held_out_dice(root)
+        gains += [dice["semi"][c] - dice["sup"][c] for c in dice["sup"]]
+    print("mean teacher - supervised per (seed, client):", [round(g, 3) for g in gains])
+    # measured (2-core CPU, torch 2.13): +0.010 on the mean, 4 of 6 pairs up, the worst -0.005
+    assert len(gains) == 6
+    assert np.mean(gains) > 0 and min(gains) > -0.02, gains
