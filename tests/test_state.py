@@ -112,3 +112,42 @@ def test_mode_is_a_plug_in_and_nothing_else_compares_its_name():
     pattern = re.compile(r"mode\s*[!=]=\s*\"(federated|local)\"")
     offenders = [p.name for p in src.rglob("*.py") if p.name != "mode.py" and pattern.search(p.read_text())]
     assert offenders == []
+
+
+def test_checkpoint_every_n_rounds_saves_waiting_states_and_resumes_bitwise(tmp_path, tiny):
+    """3 clients, 2 sampled a round, a checkpoint every 2 rounds: round files 2 and 4 only; a client
+    that last trained in an odd round is saved then, under that round; a run stopped after round 3
+    resumes from round 2 and ends on the same bits as the run that went through."""
+    every = [
+        "--federation.checkpoint_every=2",
+        "--federation.clients_per_round=2",
+        "--federation.checkpoint_keep.last=null",
+        "--seed_everything=0",
+    ]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    main(tiny(full, rounds=4, clients=3, extra=every))
+    ck = full / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["last.ckpt", "round-002.ckpt", "round-004.ckpt"]
+    named = [load_checkpoint(ck / f"round-00{r}.ckpt")["client_versions"] for r in (2, 4)]
+    for c in range(3):  # the states on disk are the ones the round files name
+        assert client_files(full, c).versions() == sorted({v[str(c)] for v in named if str(c) in v})
+    assert any(v % 2 for n in named for v in n.values()), named  # a state that waited for the write
+
+    main(tiny(cut, rounds=4, clients=3, extra=every))
+    (cut / "checkpoints" / "round-004.ckpt").unlink()  # stopped after round 3: round 2 is the last
+    (cut / "checkpoints" / "last.ckpt").unlink()
+    (cut / "checkpoints" / "last.ckpt").symlink_to("round-002.ckpt")
+    for c in range(3):
+        files = client_files(cut, c)
+        for v in files.versions():
+            if v > 2:
+                files.path(v).unlink()
+    (cut / "encoder.pt").unlink()
+    main(tiny(cut, rounds=4, clients=3, extra=[*every, "--ckpt_path=last"]))
+    a = torch.load(full / "encoder.pt", weights_only=True)
+    b = torch.load(cut / "encoder.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    last = load_checkpoint(full / "checkpoints" / "round-004.ckpt")["client_versions"]
+    for c, v in last.items():
+        sa, sb = client_files(full, int(c)).load(v)["modules"], client_files(cut, int(c)).load(v)["modules"]
+        assert all(torch.equal(t, sb[k]) for k, t in sa.items()), c

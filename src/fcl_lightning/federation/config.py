@@ -39,7 +39,10 @@ class Federation:
         keep_optimizer_state: keep each client's optimiser state across rounds.
         downstream: opt-in downstream evaluation after pre-training (and every k rounds): brief
             fine-tuning from the global encoder and from random init; logs ``downstream/*``.
-        checkpoint_every: write ``round-NNN.ckpt`` every this many rounds (``last.ckpt`` always).
+        checkpoint_every: write the run's checkpoint (the clients' states, then ``round-NNN.ckpt``
+            linked as ``last.ckpt``) every this many rounds and after the last; a run stopped in
+            between resumes from the last one and trains the rounds after it again, bitwise.
+            Larger: fewer bytes written (what competes with training), more rounds redone.
         checkpoint_keep: which round files stay: the newest ``last`` whole (resumable), older ones
             every ``every`` rounds as global weights only (default: the newest 2, and every 10th).
         checkpoint_async: write each round's checkpoint on a background thread while the next

@@ -200,18 +200,21 @@ class DownstreamHook(RoundHook):
 
 
 class CheckpointHook(RoundHook):
-    """After every round: the clients' new states (in-process clients: ``clients/client<c>/``),
-    then the server's ``checkpoints/last.ckpt``, and ``round-NNN.ckpt`` every
-    ``federation.checkpoint_every`` rounds; then the round files and client states that
+    """Every ``federation.checkpoint_every`` rounds and after the last: the clients' states
+    handed back since the previous write (in-process clients: ``clients/client<c>/``, each under
+    the round it trained in), then the server's ``round-NNN.ckpt``, linked as
+    ``checkpoints/last.ckpt``; then the round files and client states that
     ``federation.checkpoint_keep`` does not keep go. Written in the background while the next
     round trains (``federation.checkpoint_async``); a write error stops the run at the next round
     at the latest. Client files are in place before the server file that names them
-    (:mod:`fcl_lightning.federation.state`: the commit)."""
+    (:mod:`fcl_lightning.federation.state`: the commit). Between writes a stopped run resumes
+    from the last one and trains the rounds after it again, bitwise (the file holds the RNG)."""
 
     def on_run_start(self, run, state) -> None:
         self.wandb_id = wandb_run_id(run.loggers)  # stored in checkpoints: a resume continues this run
         self.writer = BackgroundWriter(run.fed.checkpoint_async)
         self.written: dict[str, Any] | None = None  # the last job handed to the writer (buffers reused)
+        self.pending: dict[int, Any] = {}  # client -> its newest state not written yet
         ckdir = run.root / "checkpoints"
         # round -> client versions of the round files retention decides about: this run's, and on
         # a resume the ones on disk up to where it resumes (later ones are written again)
@@ -231,6 +234,9 @@ class CheckpointHook(RoundHook):
 
     def save(self, run: RunContext, state: RunState) -> None:
         done, fed = state.round, run.fed
+        self.pending.update(state.fresh_states)  # a state kept in memory is not changed until its client trains
+        if done % fed.checkpoint_every and done != fed.rounds:
+            return
         ckpt = state.checkpoint(
             rounds=fed.rounds,
             module=type(run.module).__name__,
@@ -240,7 +246,7 @@ class CheckpointHook(RoundHook):
             wandb_run_id=self.wandb_id,
             csv_version=csv_version(run.loggers),
         )
-        job = {"server": ckpt, "clients": dict(state.fresh_states)}
+        job, self.pending = {"server": ckpt, "clients": self.pending}, {}
         # both rebuild every dict and list (the loop appends to history later); in the background,
         # tensors are copied too, into the previous job's buffers once its write is done, because
         # the next round mutates some of them in place (Adam's moments, the momentum nets, banks)
@@ -251,21 +257,19 @@ class CheckpointHook(RoundHook):
         else:
             job = to_cpu(job)
         ckdir = run.root / "checkpoints"
-        periodic = done % fed.checkpoint_every == 0 or done == fed.rounds
         versions = dict(state.client_versions)
 
         def write() -> None:
             try:
                 for c, client_state in sorted(job["clients"].items()):
-                    client_files(run.root, c).save(done, client_state, save=atomic_save)
-                if periodic:  # serialise once; last.ckpt is a link to the round file
-                    atomic_link(atomic_save(job["server"], ckdir / f"round-{done:03d}.ckpt"), ckdir / "last.ckpt")
-                    self.index[done] = versions
-                else:
-                    atomic_save(job["server"], ckdir / "last.ckpt")
+                    client_files(run.root, c).save(versions[c], client_state, save=atomic_save)
+                # serialise once; last.ckpt is a link to the round file
+                atomic_link(atomic_save(job["server"], ckdir / f"round-{done:03d}.ckpt"), ckdir / "last.ckpt")
+                self.index[done] = versions
                 state.checkpointed = done  # whole on disk (an interrupted run says so)
             except (CheckpointError, WriteError) as err:
-                before = f"round {done - 1}'s (--ckpt_path last resumes there)" if done > 1 else "none"
+                prev = state.checkpointed  # the previous write (the writer runs one job at a time)
+                before = f"round {prev}'s (--ckpt_path last resumes there)" if prev else "none"
                 raise type(err)(f"round {done}'s checkpoint: {err}; the last whole checkpoint is {before}") from err
             state.keep_from = self.retain(run, ckdir, versions)
 
