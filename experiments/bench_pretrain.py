@@ -96,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         help_ = f"federation.{name} of the project run (default: the project's default)"
         ap.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, help=help_)
     ap.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help="federation.checkpoint_every of the project run (default 1: a checkpoint every round)",
+    )
+    ap.add_argument(
         "--augment-on",
         choices=["off", "loader", "device"],
         default="off",
@@ -138,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
 
     def project(rounds: int, run_root: Path) -> dict[str, Any]:
-        fed = {k: v for k in ("checkpoint_async", "reuse_trainers") if (v := getattr(args, k)) is not None}
+        names = ("checkpoint_async", "reuse_trainers", "checkpoint_every")
+        fed = {k: v for k in names if (v := getattr(args, k)) is not None}
         module, source = copy.deepcopy(pristine), args.exchange_source
         return fb.run_project(module, dm, rounds, device, run_root, console, source, fed, args.precision)
 
@@ -275,7 +282,10 @@ def main(argv: list[str] | None = None) -> int:
             "features": p["features"],
             "warmup": args.warmup,
             "augmentation": args.augment_on,
-            **{k: getattr(args, k) for k in ("precision", "volumes_on", "reuse_trainers", "checkpoint_async")},
+            **{
+                k: getattr(args, k)
+                for k in ("precision", "volumes_on", "reuse_trainers", "checkpoint_async", "checkpoint_every")
+            },
             "rounds_per_minute": 60 * R / proj["wall_s"],
             "paper_run_min_estimate": paper_min,
             "project": {k: v for k, v in proj.items() if k != "step_times"},
