@@ -61,6 +61,9 @@ from rich.console import Console
 
 from fcl_lightning import benchmark as fb
 
+#: ``federation.*`` settings of the project run the command line may set (absent: the project's default)
+FEDERATION_OPTIONS = ("checkpoint_async", "reuse_trainers", "checkpoint_every")
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
@@ -144,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
 
     def project(rounds: int, run_root: Path) -> dict[str, Any]:
-        names = ("checkpoint_async", "reuse_trainers", "checkpoint_every")
-        fed = {k: v for k in names if (v := getattr(args, k)) is not None}
+        fed = {k: v for k in FEDERATION_OPTIONS if (v := getattr(args, k)) is not None}
         module, source = copy.deepcopy(pristine), args.exchange_source
         return fb.run_project(module, dm, rounds, device, run_root, console, source, fed, args.precision)
 
@@ -282,10 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             "features": p["features"],
             "warmup": args.warmup,
             "augmentation": args.augment_on,
-            **{
-                k: getattr(args, k)
-                for k in ("precision", "volumes_on", "reuse_trainers", "checkpoint_async", "checkpoint_every")
-            },
+            **{k: getattr(args, k) for k in ("precision", "volumes_on", *FEDERATION_OPTIONS)},
             "rounds_per_minute": 60 * R / proj["wall_s"],
             "paper_run_min_estimate": paper_min,
             "project": {k: v for k, v in proj.items() if k != "step_times"},

@@ -2,6 +2,7 @@
 the unlabelled loss sees (only the client's own unlabelled slices, never a label), the teacher as
 client state, and a bitwise resume."""
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -310,14 +311,9 @@ def test_paired_gain_interval_and_verdict():
 
 
 def held_out_dice(root: Path) -> dict[str, float]:
-    """Mean Dice per client over the held-out phantom volumes of a tested run."""
-    import csv
-
-    per: dict[str, list[float]] = {}
-    with open(root / "test_per_patient.csv") as fh:
-        for r in csv.DictReader(fh):
-            per.setdefault(r["client"], []).append(float(r["dice_mean"]))
-    return {c: float(np.mean(v)) for c, v in per.items()}
+    """Each client's mean Dice over its held-out phantom volumes, as ``test`` summarised it."""
+    summary = json.loads((root / "summary.json").read_text())
+    return {k: v for k, v in summary.items() if k.startswith("test/client") and k.endswith("/dice_mean")}
 
 
 # 160 steps per client, 24 phantom subjects (about 9 unlabelled patients a client), scored on 8
