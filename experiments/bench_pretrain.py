@@ -33,8 +33,9 @@ Run
 
 On a shared, busy CPU, multi-threaded torch slows down by up to ~15x whenever another process
 competes for the cores, which swamps the comparison: the script warns when a path had steps over
-3x its median. Use ``--repeats 3`` (alternating runs, the fastest of each path is reported) and/or
-``--threads 1`` there.
+3x its median. Use ``--repeats 3`` (alternating runs, the fastest of each path is reported, and
+each repeat's pair: the median of bare/project wall over the repeats, which a machine whose speed
+drifts between runs disturbs less) and/or ``--threads 1`` there.
 
 Data preprocessing (phantom generation, ~0.5 s per patient on one core, so about a minute for the
 full ACDC scale) happens once before any timing; ``--cache-dir`` keeps it on disk between runs.
@@ -220,10 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     w(
         f"{'last round loss':34}{proj['losses'][-1]:>12.5f}{bare['losses'][-1]:>12.5f}   max |diff| over rounds {f['loss_max_abs_diff']:.2e}"
     )
+    paired = fb.paired_ratios(proj_runs, bare_runs)
     if len(proj_runs) > 1:
         walls_p = " ".join(f"{r['wall_s']:.2f}" for r in proj_runs)
         walls_b = " ".join(f"{r['wall_s']:.2f}" for r in bare_runs)
-        w(f"{'wall of each repeat (s)':34}{walls_p:>12}{walls_b:>12}   (fastest reported)")
+        w(f"{'wall of each repeat (s)':34}project {walls_p} | bare {walls_b}   (fastest reported)")
     w(f"  load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after, {os.cpu_count()} CPUs")
     if f["disturbed"]:
         w(
@@ -248,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     w(
         f"ratio project/bare slices/s : {ratio:6.3f}   target >= {fb.TARGET_RATIO:.2f}   {'PASS' if f['pass']['ratio'] else 'FAIL'}"
     )
+    if len(proj_runs) > 1:
+        pairs = " ".join(f"{q:.3f}" for q in paired["pairs"])
+        w(f"  paired (each repeat's runs) : {paired['median']:6.3f}   median of {pairs}")
     w(
         f"project overhead            : {100 * overhead:5.1f}%   target <= {100 * fb.TARGET_OVERHEAD:.0f}%   {'PASS' if f['pass']['overhead'] else 'FAIL'}"
         f"   ({overhead_s:.2f} s of {total:.2f} s round time not in training steps)"
@@ -293,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             **{k: f[k] for k in ("overhead_not_in_bare_s", "round_total_s", "step_s", "loss_max_abs_diff")},
             "targets": {"ratio": fb.TARGET_RATIO, "overhead": fb.TARGET_OVERHEAD},
             "repeats_wall_s": {"project": [r["wall_s"] for r in proj_runs], "bare": [r["wall_s"] for r in bare_runs]},
+            "ratio_paired": paired,
             "step_ms_median": {"project": med(pt), "bare": med(bt)},
             "threads": torch.get_num_threads(),
             "loadavg": {"before": load_before, "after": load_after},

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # the repository's package, installed or not
 
 from fcl_lightning.evaluation import mean_std, paired_gain  # noqa: E402 (after the path it comes from)
-from fcl_lightning.lit.segment import INIT_ENCODER  # noqa: E402
+from fcl_lightning.federation.state import INIT_ENCODER  # noqa: E402
 
 METHODS_DIR = REPO / "configs" / "methods"
 SEMI_DIR = REPO / "configs" / "semi"  # METHOD+SEMI: fine-tuning with configs/semi/<SEMI>.yaml

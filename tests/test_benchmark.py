@@ -101,3 +101,11 @@ def test_bare_loop_does_the_project_loops_work(runs):
     f = fb.figures(proj, bare)
     assert f["loss_max_abs_diff"] < 1e-5
     assert f["step_s"] + sum(f["overhead_breakdown_s"].values()) == pytest.approx(proj["wall_s"])
+
+
+def test_paired_ratios_compare_each_repeats_runs():
+    proj = [{"wall_s": w} for w in (50.0, 60.0, 40.0)]
+    bare = [{"wall_s": w} for w in (45.0, 60.0, 20.0)]
+    out = fb.paired_ratios(proj, bare)
+    assert out["pairs"] == [0.9, 1.0, 0.5]
+    assert out["median"] == 0.9  # the fastest runs alone would say 20 / 40 = 0.5

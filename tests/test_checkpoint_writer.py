@@ -89,7 +89,7 @@ def test_async_checkpoints_equal_sync_ones(tmp_path, tiny, monkeypatch):
     import fcl_lightning.federation.loop as loop_mod
 
     round2_done = threading.Event()
-    save, train_round = hooks_mod.atomic_save, loop_mod.InProcessClients.train_round
+    save, train_round = hooks_mod.save_checkpoint_file, loop_mod.InProcessClients.train_round
 
     def slow_save(obj, path):
         if obj.get("round") == 1:
@@ -102,7 +102,7 @@ def test_async_checkpoints_equal_sync_ones(tmp_path, tiny, monkeypatch):
             round2_done.set()
         return out
 
-    monkeypatch.setattr(hooks_mod, "atomic_save", slow_save)
+    monkeypatch.setattr(hooks_mod, "save_checkpoint_file", slow_save)
     monkeypatch.setattr(loop_mod.InProcessClients, "train_round", tracked_train_round)
     main(tiny(tmp_path / "async", rounds=2, extra=["--federation.checkpoint_async=true"]))
     assert round2_done.is_set()

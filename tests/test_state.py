@@ -57,6 +57,34 @@ def test_client_state_files_round_trip_name_their_client_and_prune(tmp_path):
     assert files.prune(5) == [1, 4] and files.versions() == [5]
 
 
+def test_checkpoint_files_leave_out_the_crc_that_torch_load_does_not_check(tmp_path):
+    """A checkpoint file carries no CRC-32 (half its write time), loads back bitwise, and a
+    damaged byte loads unnoticed with the CRC too: leaving it out loses no check. Torch's
+    process-wide setting is back as it was, also after a failed write."""
+    import zipfile
+
+    from torch.utils.serialization import config
+
+    from fcl_lightning.federation.state import save_checkpoint_file
+    from fcl_lightning.io import WriteError, atomic_save
+
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    save_checkpoint_file({"x": x}, tmp_path / "a.ckpt")
+    assert {i.CRC for i in zipfile.ZipFile(tmp_path / "a.ckpt").infolist()} == {0}
+    assert torch.equal(torch.load(tmp_path / "a.ckpt", weights_only=True)["x"], x)
+    assert config.save.compute_crc32 is True
+    atomic_save({"x": x}, tmp_path / "b.pt")  # with its CRC
+    assert 0 not in {i.CRC for i in zipfile.ZipFile(tmp_path / "b.pt").infolist()}
+    raw = bytearray((tmp_path / "b.pt").read_bytes())
+    at = raw.find(x.numpy().tobytes()[:64]) + 100
+    raw[at] ^= 0xFF
+    (tmp_path / "b.pt").write_bytes(bytes(raw))
+    assert not torch.equal(torch.load(tmp_path / "b.pt", weights_only=True)["x"], x)  # no error: unchecked
+    with pytest.raises(WriteError):
+        save_checkpoint_file({"x": x}, tmp_path / "a.ckpt" / "below-a-file.ckpt")
+    assert config.save.compute_crc32 is True
+
+
 def test_retention_keeps_the_newest_whole_and_every_nth_as_weights(tmp_path, tiny, capsys):
     """5 rounds, newest 2 whole, every 2nd as weights: round files 2, 4, 5 stay, 1 and 3 go; each
     client keeps the states rounds 4 and 5 name; round 2 gives its weights but does not resume."""

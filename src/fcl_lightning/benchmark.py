@@ -38,6 +38,11 @@ Figures
   ``on_train_batch_end`` (so it includes the momentum update), measured with :class:`StepTimer`
   and a timing shim on the module instance (measurement only; no project code is changed).
 * step ms (mean, median, min/max) of both paths: the per-step cost of Lightning's loop and logging.
+* paired ratios (:func:`paired_ratios`, with ``--repeats`` > 1): repeat i's project run against
+  the bare run beside it (bare wall / project wall), and their median. Where the machine's speed
+  drifts between runs (on the 2-core CPU by up to 40% over a few minutes), the ratio of the
+  fastest runs compares a fast moment of one path with a slow one of the other; a pair shares
+  its moment, so the pairs say how far the gap is the project's.
 
 On CUDA the timers synchronise at step boundaries (:class:`Clock`, in both paths), and the meter
 records on which device the project's feature export ran.
@@ -510,6 +515,12 @@ def disturbed(proj: dict[str, Any], bare: dict[str, Any]) -> list[str]:
         if not 1 / 2 < q < 2:
             noisy = ["project" if q > 1 else "bare"]
     return noisy
+
+
+def paired_ratios(proj_runs: list[dict[str, Any]], bare_runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Repeat i's bare wall / project wall (the two runs side by side in time), and their median."""
+    pairs = [b["wall_s"] / p["wall_s"] for p, b in zip(proj_runs, bare_runs)]
+    return {"pairs": pairs, "median": statistics.median(pairs) if pairs else float("nan")}
 
 
 def mean_ms(xs: list[float]) -> float:

@@ -23,6 +23,8 @@ from fcl_lightning.fcl.aggregate import state_nbytes
 from fcl_lightning.fcl.exchange import payload_nbytes
 from fcl_lightning.federation.checkpoint import BackgroundWriter, CheckpointError, snapshot, to_cpu, update_summary
 from fcl_lightning.federation.state import (
+    ENCODER,
+    INIT_ENCODER,
     RoundHook,
     RunContext,
     RunState,
@@ -30,9 +32,9 @@ from fcl_lightning.federation.state import (
     load_round_versions,
     retention,
     rng_state,
+    save_checkpoint_file,
 )
 from fcl_lightning.io import WriteError, atomic_link, atomic_save
-from fcl_lightning.lit.segment import INIT_ENCODER
 from fcl_lightning.tracking import (
     csv_version,
     finish,
@@ -262,9 +264,9 @@ class CheckpointHook(RoundHook):
         def write() -> None:
             try:
                 for c, client_state in sorted(job["clients"].items()):
-                    client_files(run.root, c).save(versions[c], client_state, save=atomic_save)
+                    client_files(run.root, c).save(versions[c], client_state, save=save_checkpoint_file)
                 # serialise once; last.ckpt is a link to the round file
-                atomic_link(atomic_save(job["server"], ckdir / f"round-{done:03d}.ckpt"), ckdir / "last.ckpt")
+                atomic_link(save_checkpoint_file(job["server"], ckdir / f"round-{done:03d}.ckpt"), ckdir / "last.ckpt")
                 self.index[done] = versions
                 state.checkpointed = done  # whole on disk (an interrupted run says so)
             except (CheckpointError, WriteError) as err:
@@ -370,7 +372,7 @@ class ReportHook(RoundHook):
 
     def on_run_end(self, run, state, summary) -> None:
         log_summary(run.loggers, json.loads((run.root / "summary.json").read_text()))
-        outputs = ("encoder.pt", INIT_ENCODER, "encoders/", "summary.json", "checkpoints/", "logs/", "downstream.png")
+        outputs = (ENCODER, INIT_ENCODER, "encoders/", "summary.json", "checkpoints/", "logs/", "downstream.png")
         run.console.print(
             f"outputs in {run.root}: " + ", ".join(n for n in outputs if (run.root / n).exists()), soft_wrap=True
         )

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fcl_lightning.errors import ConfigError
+from fcl_lightning.federation.state import ENCODER
 from fcl_lightning.io import atomic_save
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ class Federated(Mode):
     def export(self, root, state, module, fed, datamodule) -> None:
         encoder = module.encoder_state()
         if encoder is not None:
-            atomic_save(encoder, root / "encoder.pt")
+            atomic_save(encoder, root / ENCODER)
 
 
 class Local(Mode):
@@ -126,7 +127,7 @@ class Local(Mode):
             [state.client_w[c] for c in clients], [module.num_samples(datamodule, c) for c in clients]
         )
         module.load_global_state(merged)
-        atomic_save(module.encoder_state(), root / "encoder.pt")
+        atomic_save(module.encoder_state(), root / ENCODER)
 
 
 MODES: dict[str, type[Mode]] = {"federated": Federated, "local": Local}

@@ -22,9 +22,6 @@ from fcl_lightning.models.encoder import DEFAULT_FEATURES
 from fcl_lightning.models.unet import UNet
 from fcl_lightning.semi.objectives import SemiSupervised
 
-#: the weights a pre-training started from (beside its ``encoder.pt``): the paired random init
-INIT_ENCODER = "encoder_init.pt"
-
 
 class PretrainedWeightsError(UserError):
     """A pre-trained file that does not fit the U-Net encoder; names the file and the keys."""
