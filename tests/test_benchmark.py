@@ -94,13 +94,33 @@ def test_step_timer_counts_the_steps_of_the_client_fits(runs):
 
 def test_bare_loop_does_the_project_loops_work(runs):
     _, batches, proj, bare = runs
-    assert bare["steps"] == proj["steps"] == sum(len(b) for b in batches[0])
+    assert bare["steps"] == proj["steps"] == sum(len(epoch) for client in batches[0] for epoch in client)
     assert bare["slices"] == proj["slices"]
     assert len(bare["losses"]) == len(proj["losses"]) == 1
     assert bare["losses"] == pytest.approx(proj["losses"], abs=1e-5)
     f = fb.figures(proj, bare)
     assert f["loss_max_abs_diff"] < 1e-5
     assert f["step_s"] + sum(f["overhead_breakdown_s"].values()) == pytest.approx(proj["wall_s"])
+
+
+def test_bare_loop_does_the_project_loops_work_over_local_steps(tmp_path):
+    """``federation.local_steps`` past one epoch: the bare loop replays the epochs Lightning
+    iterates (2 batches each, the third cut short) and ends on the project's loss."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dm = fb.build_data(MICRO, 2, MICRO["img_size"], None)
+        module = fb.build_module(MICRO)
+        init = {k: v.cpu().clone() for k, v in module.global_state().items()}
+        batches = fb.prebuild_batches(dm, 1, local_steps=5)
+        cpu, console = torch.device("cpu"), Console(file=io.StringIO())
+        proj = fb.run_project(module, dm, 1, cpu, tmp_path, console, federation={"local_steps": 5})
+        bare = fb.run_bare(init, MICRO, dm, batches, 1, cpu)
+    finally:
+        torch.set_num_threads(threads)
+    assert [[len(e) for e in client] for client in batches[0]] == [[2, 2, 1], [2, 2, 1]]
+    assert bare["steps"] == proj["steps"] == 10
+    assert bare["losses"] == pytest.approx(proj["losses"], abs=1e-5)
 
 
 def test_paired_ratios_compare_each_repeats_runs():

@@ -50,6 +50,7 @@ records on which device the project's feature export ran.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from pathlib import Path
@@ -391,18 +392,36 @@ def bare_client(p: dict[str, Any], device: torch.device) -> tuple[MomentumContra
     return model, torch.optim.Adam([w for n, w in model.named_parameters() if not n.startswith("momentum_")])
 
 
-def prebuild_batches(dm: FederatedDataModule, rounds: int) -> list[list[list[dict[str, torch.Tensor]]]]:
-    """batches[r][c]: the batches the project's client c Trainer gets in round r (loader iterated once here)."""
-    return [
-        [list(dm.pretrain_loader(c, client_seed(SEED, r, c))) for c in range(dm.num_clients)] for r in range(rounds)
-    ]
+Batch = dict[str, torch.Tensor]
+
+
+def prebuild_batches(
+    dm: FederatedDataModule, rounds: int, local_steps: int | None = None
+) -> list[list[list[list[Batch]]]]:
+    """batches[r][c]: the epochs (lists of batches) the project's client c Trainer iterates in round
+    r, as Lightning's loop does with the client's loader: one epoch, or (``local_steps``) epoch after
+    epoch of the same loader until that many steps, the last epoch cut short."""
+
+    def client_round(c: int, r: int) -> list[list[Batch]]:
+        loader = dm.pretrain_loader(c, client_seed(SEED, r, c))
+        if local_steps is None:
+            return [list(loader)]
+        epochs: list[list[Batch]] = []
+        while (done := sum(map(len, epochs))) < local_steps:
+            epoch = list(itertools.islice(loader, local_steps - done))
+            if not epoch:
+                break
+            epochs.append(epoch)
+        return epochs
+
+    return [[client_round(c, r) for c in range(dm.num_clients)] for r in range(rounds)]
 
 
 def run_bare(
     init_global: dict[str, torch.Tensor],
     p: dict[str, Any],
     dm: FederatedDataModule,
-    batches: list[list[list[dict[str, torch.Tensor]]]],
+    batches: list[list[list[list[Batch]]]],
     rounds: int,
     device: torch.device,
     exchange_source: str = "embed",
@@ -444,21 +463,24 @@ def run_bare(
             model.start_round()
             meter.add("state", clock() - t0)
             client_losses = []
-            for batch in batches[r][c]:
-                t0 = clock()
-                b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                if augment is not None and "aug_seed" in b:  # data.augment_on: device, as the project does it
-                    b["image"], _ = augment(b["image"], b.pop("aug_seed"))
-                    if "aug_seed_k" in b:
-                        b["image_k"], _ = augment(b["image_k"], b.pop("aug_seed_k"))
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    out = model.step(b)
-                opt.zero_grad(set_to_none=True)
-                out["loss"].backward()
-                opt.step()
-                model.after_step(MOMENTUM)
-                client_losses.append(out["loss"].detach())
-                meter.step(clock() - t0, int(b["image"].shape[0]))
+            for e, epoch in enumerate(batches[r][c]):
+                if e:  # each later epoch's DataLoader iterator draws from the RNG too
+                    torch.empty((), dtype=torch.int64).random_()
+                for batch in epoch:
+                    t0 = clock()
+                    b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                    if augment is not None and "aug_seed" in b:  # data.augment_on: device, as the project does it
+                        b["image"], _ = augment(b["image"], b.pop("aug_seed"))
+                        if "aug_seed_k" in b:
+                            b["image_k"], _ = augment(b["image_k"], b.pop("aug_seed_k"))
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                        out = model.step(b)
+                    opt.zero_grad(set_to_none=True)
+                    out["loss"].backward()
+                    opt.step()
+                    model.after_step(MOMENTUM)
+                    client_losses.append(out["loss"].detach())
+                    meter.step(clock() - t0, int(b["image"].shape[0]))
             t0 = clock()
             updates.append({k: v.detach().clone() for k, v in model.state_dict().items() if k in global_w})
             counts.append(dm.num_train_samples(c))

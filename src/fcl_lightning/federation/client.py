@@ -137,6 +137,7 @@ def client_step(
         try:
             trainer.fit(module, train_dataloaders=loader)
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+            metrics.update(module.fit_means)  # the round's means, not its last epoch's
             val = module.val_loader(runtime.datamodule, d)
             if val is not None:  # once per round, on the client's own validation patients
                 for res in trainer.validate(module, dataloaders=val, verbose=False):

@@ -79,7 +79,21 @@ class FederatedModule(pl.LightningModule):
     # A client's Trainer lives across rounds (federation.reuse_trainers) and Lightning's step
     # count runs on from round to round: these count from the start of this fit.
     def on_fit_start(self) -> None:
-        self._fit_start_step = self.trainer.global_step
+        self._fit_start_step = self._epoch_start_step = self.trainer.global_step
+        self.fit_means: dict[str, float] = {}
+        self._fit_steps: dict[str, int] = {}
+
+    def on_train_epoch_end(self) -> None:
+        """``fit_means``: each ``train/*`` epoch mean averaged over this fit's epochs, weighted by
+        their optimiser steps, i.e. the mean over the client's round; with ``local_steps`` past
+        one epoch, ``callback_metrics`` holds the last (cut short) epoch's mean alone."""
+        n = self.trainer.global_step - self._epoch_start_step
+        self._epoch_start_step = self.trainer.global_step
+        for k, v in self.trainer.callback_metrics.items():
+            if n > 0 and k.startswith("train/") and torch.as_tensor(v).numel() == 1:
+                seen = self._fit_steps.get(k, 0)
+                self.fit_means[k] = (self.fit_means.get(k, 0.0) * seen + float(v) * n) / (seen + n)
+                self._fit_steps[k] = seen + n
 
     @property
     def step_in_fit(self) -> int:
