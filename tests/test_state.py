@@ -58,7 +58,7 @@ def test_client_state_files_round_trip_name_their_client_and_prune(tmp_path):
 
 
 def test_checkpoint_files_leave_out_the_crc_that_torch_load_does_not_check(tmp_path):
-    """A checkpoint file carries no CRC-32 (half its write time), loads back bitwise, and a
+    """A checkpoint file carries no CRC-32 (a third of its write time), loads back bitwise, and a
     damaged byte loads unnoticed with the CRC too: leaving it out loses no check. Torch's
     process-wide setting is back as it was, also after a failed write."""
     import zipfile
