@@ -23,12 +23,16 @@ Profiles
   for ACDC (``PhantomSource(num_subjects=10*C, num_sites=C)``, ``split="site"``, ``val_fraction=0``;
   C=10 gives ``PhantomSource(num_subjects=100, num_sites=10)``), img 128 (``--img-size``), encoder
   [16,32,64,128,128,128], module defaults (head 1024 -> 128, K=512 negatives, banks 1024/4096),
-  V=3 volumes x S=4 partitions per batch, 1 local epoch, ``--rounds`` (default 2).
+  V=3 volumes x S=4 partitions per batch, 1 local epoch (6 steps a client round), ``--rounds``
+  (default 2). The ACDC config trains 40 steps a client round (``federation.local_steps``):
+  ``--local-steps 40`` runs its rounds (110 s each here instead of 15 s, so the per-round costs,
+  the checkpoint above all, weigh 6.7x less).
 
 Run
 ---
     python experiments/bench_pretrain.py --profile tiny
     python experiments/bench_pretrain.py --profile acdc --rounds 2
+    python experiments/bench_pretrain.py --profile acdc --clients 10 --threads 2 --repeats 2 --rounds 2 --local-steps 40
     python experiments/bench_pretrain.py --profile acdc --rounds 1 --clients 2 --device cpu --json bench.json
 
 On a shared, busy CPU, multi-threaded torch slows down by up to ~15x whenever another process
