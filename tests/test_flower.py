@@ -4,6 +4,7 @@ counts, and leaves failing clients out."""
 
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -276,7 +277,9 @@ def test_simulated_federation_equals_the_in_process_loop(tmp_path, tiny):
     base = tmp_path / "base.yaml"
     base.write_text("seed_everything: 0\n")
     states = tmp_path / "states"
+    before = signal.getsignal(signal.SIGTERM)
     simulate(str(base), tiny(tmp_path / "sim", rounds=2, clients=3, extra=extra)[1:], 3, str(states), cpus=2)
+    assert signal.getsignal(signal.SIGTERM) is before  # not Ray's, which outlived the run before
     a = torch.load(tmp_path / "inproc/encoder.pt", weights_only=True)
     b = torch.load(tmp_path / "sim/encoder.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

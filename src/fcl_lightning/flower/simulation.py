@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -89,7 +91,13 @@ def simulate(
         "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
         "init_args": {"num_cpus": cpus or os.cpu_count() or 1, "log_to_driver": True},
     }
-    run_simulation(server_app, client_app, num_supernodes=num_supernodes, backend_config=backend)
+    main_thread = threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
+    try:
+        run_simulation(server_app, client_app, num_supernodes=num_supernodes, backend_config=backend)
+    finally:
+        for sig, handler in handlers.items():  # ray.init installs a SIGTERM handler and leaves it
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> None:
