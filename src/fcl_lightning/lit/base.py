@@ -85,8 +85,9 @@ class FederatedModule(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         """``fit_means``: each ``train/*`` epoch mean averaged over this fit's epochs, weighted by
-        their optimiser steps, i.e. the mean over the client's round; with ``local_steps`` past
-        one epoch, ``callback_metrics`` holds the last (cut short) epoch's mean alone."""
+        their optimiser steps, i.e. the mean over the client's round (a metric logged on some
+        steps only, weighted by its epochs' steps all the same); with ``local_steps`` past one
+        epoch, ``callback_metrics`` holds the last (cut short) epoch's mean alone."""
         n = self.trainer.global_step - self._epoch_start_step
         self._epoch_start_step = self.trainer.global_step
         for k, v in self.trainer.callback_metrics.items():
