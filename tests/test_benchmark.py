@@ -61,8 +61,7 @@ def test_disturbed_flags_outlier_steps_and_unequal_medians():
     assert fb.disturbed(steady, {"step_times": [0.3, 0.3, 0.3]}) == ["bare"]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def run_both(root, local_steps=None):
     """One project round and one bare round on MICRO, from the same initial weights."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a busy shared CPU slows multi-threaded torch many times over
@@ -70,13 +69,19 @@ def runs(tmp_path_factory):
         dm = fb.build_data(MICRO, 2, MICRO["img_size"], None)
         module = fb.build_module(MICRO)
         init = {k: v.cpu().clone() for k, v in module.global_state().items()}
-        batches = fb.prebuild_batches(dm, 1)
-        cpu, root = torch.device("cpu"), tmp_path_factory.mktemp("bench")
-        proj = fb.run_project(copy.deepcopy(module), dm, 1, cpu, root, Console(file=io.StringIO()))
+        batches = fb.prebuild_batches(dm, 1, local_steps)
+        fed = {"local_steps": local_steps} if local_steps else None
+        cpu, console = torch.device("cpu"), Console(file=io.StringIO())
+        proj = fb.run_project(copy.deepcopy(module), dm, 1, cpu, root, console, federation=fed)
         bare = fb.run_bare(init, MICRO, dm, batches, 1, cpu)
     finally:
         torch.set_num_threads(threads)
     return dm, batches, proj, bare
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return run_both(tmp_path_factory.mktemp("bench"))
 
 
 def test_step_timer_counts_the_steps_of_the_client_fits(runs):
@@ -106,18 +111,7 @@ def test_bare_loop_does_the_project_loops_work(runs):
 def test_bare_loop_does_the_project_loops_work_over_local_steps(tmp_path):
     """``federation.local_steps`` past one epoch: the bare loop replays the epochs Lightning
     iterates (2 batches each, the third cut short) and ends on the project's loss."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        dm = fb.build_data(MICRO, 2, MICRO["img_size"], None)
-        module = fb.build_module(MICRO)
-        init = {k: v.cpu().clone() for k, v in module.global_state().items()}
-        batches = fb.prebuild_batches(dm, 1, local_steps=5)
-        cpu, console = torch.device("cpu"), Console(file=io.StringIO())
-        proj = fb.run_project(module, dm, 1, cpu, tmp_path, console, federation={"local_steps": 5})
-        bare = fb.run_bare(init, MICRO, dm, batches, 1, cpu)
-    finally:
-        torch.set_num_threads(threads)
+    _, batches, proj, bare = run_both(tmp_path, local_steps=5)
     assert [[len(e) for e in client] for client in batches[0]] == [[2, 2, 1], [2, 2, 1]]
     assert bare["steps"] == proj["steps"] == 10
     assert bare["losses"] == pytest.approx(proj["losses"], abs=1e-5)

@@ -4,6 +4,7 @@ kill or a full disk never leaves a half-written file and every failure names the
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -12,7 +13,7 @@ import shutil
 import threading
 import uuid
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,13 +86,18 @@ def atomic_save(obj: Any, path: str | Path, crc32: bool = True) -> Path:
     hundreds of MB it writes in about two thirds of the time, at no loss, since ``torch.load`` never checks
     it (PyTorch builds miniz with ``MINIZ_DISABLE_ZIP_READER_CRC32_CHECKS``). Another thread's
     ``torch.save`` meanwhile leaves it out too, which is as harmless."""
-    if crc32:
+    with contextlib.nullcontext() if crc32 else without_crc32():
         return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+@contextlib.contextmanager
+def without_crc32() -> Iterator[None]:
+    """``torch.save`` without CRC-32 inside, torch's setting restored after."""
     config = torch_serialization.save
     with _NO_CRC32:
         before, config.compute_crc32 = config.compute_crc32, False
         try:
-            return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+            yield
         finally:
             config.compute_crc32 = before
 
