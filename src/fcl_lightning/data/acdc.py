@@ -41,20 +41,27 @@ def read_info_cfg(path: Path, patient: str) -> dict[str, str]:
 
 
 class ACDCSource(VolumeSource):
-    """The ACDC training/testing set as distributed: one record per selected patient and frame.
+    """Folders in the ACDC layout: one record per selected patient and frame.
+
+    Each ``<patient>/`` folder holds ``Info.cfg`` (``ED:`` and ``ES:`` frame numbers),
+    ``<patient>_frameNN.nii.gz`` images and, for labelled frames, ``<patient>_frameNN_gt.nii.gz``
+    labels. A frame without its ``_gt`` file is an unlabelled scan (pre-training and
+    semi-supervised fine-tuning use it; supervised fine-tuning, validation and test do not).
 
     Args:
-        root: folder holding the ``patientXXX`` folders (e.g. ``.../ACDC/training``).
-        patients: patient numbers to use, e.g. ``"1-100"``, ``"1-20,41-60"``, ``"5"``.
+        root: folder holding the patient folders (e.g. ``.../ACDC/training``).
+        patients: ``"all"`` (every sub-folder with an ``Info.cfg``) or patient numbers of
+            ``patientNNN`` folders, e.g. ``"1-100"``, ``"1-20,41-60"``, ``"5"``.
         frames: which frames to list, a subset of ``("ED", "ES")``.
 
-    ``records()`` checks every selected folder, ``Info.cfg`` and NIfTI file exists (fail before training);
-    ``load()`` reads and validates file content.
+    ``records()`` checks every selected folder, ``Info.cfg`` and image file exists (fail before
+    training); ``load()`` reads and validates file content.
     """
 
-    def __init__(self, root: str = "", patients: str = "1-100", frames: tuple[str, ...] = FRAMES) -> None:
+    def __init__(self, root: str = "", patients: str = "all", frames: tuple[str, ...] = FRAMES) -> None:
         self.root = Path(root).expanduser() if str(root) else None
-        self.patient_ids = parse_id_range(patients)
+        self.patients = str(patients).strip()
+        self.patient_ids = None if self.patients.lower() == "all" else parse_id_range(patients)
         frames = tuple(frames)
         bad = [f for f in frames if f not in FRAMES]
         if bad or not frames or len(set(frames)) != len(frames):
@@ -67,34 +74,47 @@ class ACDCSource(VolumeSource):
             self._records = self._scan()
         return list(self._records)
 
-    def _scan(self) -> list[VolumeRecord]:
+    def patient_folders(self) -> list[Path]:
+        """The selected patient folders, in order (``"all"``: every sub-folder holding ``Info.cfg``)."""
         if self.root is None:
             raise DataError("ACDC root not set: pass --data.root PATH (the folder holding patientXXX folders)")
         if not self.root.is_dir():
             raise DataError(f"ACDC root folder not found: {self.root}")
-        out: list[VolumeRecord] = []
+        if self.patient_ids is None:
+            folders = sorted(p.parent for p in self.root.glob("*/Info.cfg"))
+            if not folders:
+                raise DataError(f"{self.root} holds no patient folder with an Info.cfg (ACDC layout)")
+            return folders
+        folders = []
         for pid in self.patient_ids:
-            patient = f"patient{pid:03d}"
-            folder = self.root / patient
+            folder = self.root / f"patient{pid:03d}"
             if not folder.is_dir():
-                raise DataError(f"{patient}: patient folder missing from ACDC root {self.root}")
+                raise DataError(f"{folder.name}: patient folder missing from ACDC root {self.root}")
+            folders.append(folder)
+        return folders
+
+    def _scan(self) -> list[VolumeRecord]:
+        out: list[VolumeRecord] = []
+        for folder in self.patient_folders():
+            patient = folder.name
             info = read_info_cfg(folder / "Info.cfg", patient)
             for frame in self.frames:
                 stem = f"{patient}_frame{int(info[frame]):02d}"
                 image, label = folder / f"{stem}.nii.gz", folder / f"{stem}_gt.nii.gz"
-                for path, what in ((image, "image"), (label, "label")):
-                    if not path.is_file():
-                        raise DataError(
-                            f"{patient}: {frame} {what} file not found: {path} (Info.cfg {frame}: {info[frame]})"
-                        )
+                if not image.is_file():
+                    raise DataError(
+                        f"{patient}: {frame} image file not found: {image} (Info.cfg {frame}: {info[frame]})"
+                    )
+                labelled = label.is_file()
                 out.append(
                     VolumeRecord(
                         key=f"{patient}_{frame}",
                         patient=patient,
                         image_path=image,
-                        label_path=label,
+                        label_path=label if labelled else None,
                         frame=frame,
                         group=info.get("Group") or None,
+                        labelled=labelled,
                     )
                 )
         return out

@@ -15,6 +15,7 @@ import torch
 from jsonargparse import lazy_instance
 from torch.utils.data import DataLoader
 
+from fcl_lightning.console import log_console
 from fcl_lightning.data.augment import AugmentConfig, BatchAugment, finetune_augment, pretrain_augment
 from fcl_lightning.data.datasets import (
     EpochKeySampler,
@@ -23,10 +24,11 @@ from fcl_lightning.data.datasets import (
     SemiSupervisedSliceDataset,
     collate_partitions,
 )
+from fcl_lightning.data.folders import FolderSource, SiteFolders  # noqa: F401 (--help lists the sources)
 from fcl_lightning.data.phantom import PhantomSource
 from fcl_lightning.data.preprocess import Preprocessor, load_volumes
 from fcl_lightning.data.split import federated_split, kfold_split, train_val_split
-from fcl_lightning.data.volume import DataError, Volume, VolumeSource
+from fcl_lightning.data.volume import DataError, Volume, VolumeRecord, VolumeSource
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +37,18 @@ class FederatedDataModule(pl.LightningDataModule):
     """Volumes of ``source`` split over ``num_clients`` clients, preprocessed once and cached.
 
     Args:
-        source: where volumes come from (``PhantomSource`` by default; ``ACDCSource``,
-            ``ManifestSource`` or your own ``VolumeSource`` subclass via ``class_path``).
+        source: where volumes come from: ``PhantomSource`` (the default), ``FolderSource`` (one
+            site's folder in any layout), ``SiteFolders`` (a folder per site), ``ACDCSource``,
+            ``ManifestSource``, ``NiftiFolderSource`` or your own ``VolumeSource`` subclass
+            (``class_path``). Scans without a label file are unlabelled.
         num_clients: number of clients C.
         split: ``iid`` (random), ``group`` (non-IID by diagnostic group) or ``site`` (the
             source's own site/client ids, e.g. a manifest's ``client`` column).
-        val_fraction: share of each client's patients held out for validation.
+        val_fraction: share of each client's patients held out for validation (drawn from its
+            labelled and its unlabelled patients separately; only labelled volumes are scored).
         cv_folds: if set, k-fold cross-validation inside each client (the paper's protocol): fold
-            ``cv_fold`` of each client's patients is held out and scored, the rest is training data.
+            ``cv_fold`` of each client's labelled patients is held out and scored, the rest
+            (and every unlabelled patient) is training data.
         cv_fold: which fold is held out.
         test_source: a separate held-out test set (another root or id range); ``None``: none.
         root: shortcut that sets ``root`` of ``source`` and ``test_source`` when they have one
@@ -50,7 +56,10 @@ class FederatedDataModule(pl.LightningDataModule):
         num_partitions: S, partitions per volume along the slice axis.
         volumes_per_batch: V, volumes per pre-training batch (a batch holds V * S slices).
         batch_size: slices per fine-tuning batch.
-        labelled_per_client: N labelled patients per client for fine-tuning (``None``: all).
+        labelled_per_client: a simulation knob for fully labelled data: fine-tune with the
+            labels of the first N (by id) labelled training patients of each client and treat the
+            rest as unlabelled. ``None``: every scan that has a label is labelled, every other one
+            unlabelled (real, partially labelled data).
         spacing: in-plane target spacing in mm.
         img_size: in-plane crop/pad size (128 default, 192 for the paper's scale).
         cache_dir: optional on-disk cache of preprocessed volumes.
@@ -67,6 +76,9 @@ class FederatedDataModule(pl.LightningDataModule):
         two_views: augment query and key views independently (MoCo); else the key sees the query's input.
         num_workers: DataLoader workers.
         seed: seed of the split (training randomness is seeded by the loop).
+        first_client: the federation-wide id of this datamodule's first client: a Flower node
+            whose ``data-root`` holds one site's data is client ``partition-id``, and its
+            validation split is seeded as the in-process run seeds that client's.
     """
 
     def __init__(
@@ -94,6 +106,7 @@ class FederatedDataModule(pl.LightningDataModule):
         two_views: bool = True,
         num_workers: int = 0,
         seed: int = 0,
+        first_client: int = 0,
     ) -> None:
         super().__init__()
         if num_clients < 1:
@@ -136,7 +149,10 @@ class FederatedDataModule(pl.LightningDataModule):
                 "assembled from volumes on the training device, in the training process"
             )
         self.volumes_on = volumes_on
-        self._ready = False
+        if first_client < 0:
+            raise ValueError(f"data.first_client must be >= 0, got {first_client}")
+        self.first_client = first_client
+        self._ready = self._eval_ready = False
 
     # ------------------------------------------------------------------ setup
     @property
@@ -145,46 +161,88 @@ class FederatedDataModule(pl.LightningDataModule):
         return self._ready
 
     def setup(self, stage: str | None = None) -> None:
-        """Split patients over clients and preprocess every volume (once; later calls are no-ops)."""
-        if self._ready:
+        """Split patients over clients and preprocess the volumes the stage needs (once; later calls
+        are no-ops). ``test`` / ``validate`` load only what they score, not the training volumes."""
+        eval_only = stage in ("test", "validate")
+        if self._ready or (eval_only and self._eval_ready):
             return
         records = self.source.records()
         clients = federated_split(records, self.num_clients, self.split, self.seed)
-        by_patient: dict[str, list] = {}
+        by_patient: dict[str, list[VolumeRecord]] = {}
         for r in records:
             by_patient.setdefault(r.patient, []).append(r)
-        self.train: list[list[Volume]] = []
-        self.val: list[list[Volume]] = []
-        self.train_patients: list[list[str]] = []
-        self.volume_ids: list[list[int]] = []
+        self.splits = [self.client_split(c, patients, by_patient) for c, patients in enumerate(clients)]
+        self.train_patients = [tr for tr, _ in self.splits]
+        load = lambda patients: load_volumes(  # noqa: E731
+            self.source, [r for p in patients for r in by_patient[p]], self.preprocessor
+        )
+        # scoring needs the held-out volumes only: test the test set, validate and cross-validation the
+        # held-out patients
+        val_needed = not eval_only or stage == "validate" or self.cv_folds or self.test_source is None
+        self.val = [load(va) if val_needed else [] for _, va in self.splits]
+        self.train = [[] if eval_only else load(tr) for tr, _ in self.splits]
+        self.volume_ids = []
         next_id = 0
-        for c, patients in enumerate(clients):
-            if self.cv_folds:
-                tr, va = kfold_split(patients, self.cv_folds, self.cv_fold, self.seed + c)
-            else:
-                tr, va = train_val_split(patients, self.val_fraction, self.seed + c)
-            self.train_patients.append(tr)
-            tr_vols = load_volumes(self.source, [r for p in tr for r in by_patient[p]], self.preprocessor)
-            va_vols = load_volumes(self.source, [r for p in va for r in by_patient[p]], self.preprocessor)
-            for v in tr_vols:
+        for vols in self.train:
+            for v in vols:
                 if v.num_slices < self.num_partitions:
                     raise DataError(
                         f"{v.record.key}: {v.num_slices} slices, fewer than num_partitions={self.num_partitions}"
                     )
-            self.train.append(tr_vols)
-            self.val.append(va_vols)
-            self.volume_ids.append(list(range(next_id, next_id + len(tr_vols))))
-            next_id += len(tr_vols)
-        self.test: list[Volume] = []
+            self.volume_ids.append(list(range(next_id, next_id + len(vols))))
+            next_id += len(vols)
+        self.test = []
         if self.test_source is not None:
             self.test = load_volumes(self.test_source, self.test_source.records(), self.preprocessor)
-        self._ready = True
-        log.info(
-            "data: %d clients, train volumes per client %s, %d test volumes",
-            self.num_clients,
-            [len(t) for t in self.train],
-            len(self.test),
-        )
+        self._eval_ready = True
+        self._ready = not eval_only
+        log_console().print(self.describe(training=not eval_only), soft_wrap=True, markup=False, highlight=False)
+
+    def client_split(
+        self, client: int, patients: list[str], by_patient: dict[str, list[VolumeRecord]]
+    ) -> tuple[list[str], list[str]]:
+        """``(training, held-out)`` patients of a client. Only labelled patients (one labelled
+        volume or more) can be scored, so validation and cross-validation folds are drawn from
+        them; unlabelled patients are split by ``val_fraction`` on their own (the label-free
+        monitors use them) and never into a cross-validation fold. On fully labelled data this is
+        the plain split of all patients."""
+        seed = self.seed + self.first_client + client
+        labelled = [p for p in patients if any(r.labelled for r in by_patient[p])]
+        unlabelled = [p for p in patients if p not in set(labelled)]
+        if self.cv_folds:
+            if len(labelled) < self.cv_folds:
+                raise DataError(
+                    f"client {client} has {len(labelled)} labelled patient(s), fewer than data.cv_folds="
+                    f"{self.cv_folds} (cross-validation folds hold labelled patients): lower data.cv_folds "
+                    "or use data.val_fraction"
+                )
+            tr, va = kfold_split(labelled, self.cv_folds, self.cv_fold, seed)
+            return sorted(tr + unlabelled, key=patients.index), va
+        tr, va = train_val_split(labelled, self.val_fraction, seed) if labelled else ([], [])
+        if unlabelled:
+            tr_u, va_u = train_val_split(unlabelled, self.val_fraction, seed)
+            tr, va = sorted(tr + tr_u, key=patients.index), sorted(va + va_u, key=patients.index)
+        return tr, va
+
+    def describe(self, training: bool = True) -> str:
+        """The ``data:`` lines: per client its training, validation and test patients and volumes,
+        each as labelled + unlabelled."""
+
+        def count(vols: list[Volume]) -> str:
+            lab = [v for v in vols if v.label is not None]
+            unl = [v for v in vols if v.label is None]
+            parts = [f"{len({v.record.patient for v in vols})} patients / {len(vols)} volumes"]
+            if vols:
+                parts.append(f"({len(lab)} labelled, {len(unl)} unlabelled volumes)")
+            return " ".join(parts)
+
+        lines = [f"data: {self.num_clients} client(s), split {self.split}, {type(self.source).__name__}"]
+        for c in range(self.num_clients):
+            train = f"train {count(self.train[c])}, " if training else ""
+            lines.append(f"  client {c + self.first_client}: {train}validation {count(self.val[c])}")
+        if self.test_source is not None:
+            lines.append(f"  test (every client): {count(self.test)}")
+        return "\n".join(lines)
 
     def place(self, device: torch.device | str | None) -> None:
         """``volumes_on: device``: move every preprocessed volume (training, validation, test) to
@@ -202,18 +260,62 @@ class FederatedDataModule(pl.LightningDataModule):
         return len(self.train[client])
 
     def labelled_volumes(self, client: int, n: int | None = None) -> list[Volume]:
-        """Both frames of the first ``n`` (default ``labelled_per_client``) training patients of a client."""
+        """The client's labelled training volumes: all of them, or (``n``, default
+        ``labelled_per_client``) those of its first ``n`` labelled training patients by id, a
+        simulation that hides the other labels of fully labelled data."""
         n = self.labelled_per_client if n is None else n
+        labelled = [v for v in self.train[client] if v.label is not None]
         if n is None:
-            return self.train[client]
-        keep = set(self.train_patients[client][:n])
-        return [v for v in self.train[client] if v.record.patient in keep]
+            return labelled
+        patients = [p for p in self.train_patients[client] if any(v.record.patient == p for v in labelled)]
+        keep = set(patients[:n])
+        return [v for v in labelled if v.record.patient in keep]
 
     def unlabelled_volumes(self, client: int, n: int | None = None) -> list[Volume]:
-        """The client's own training volumes that are not labelled for fine-tuning (of patients
-        after its first ``n``): what semi-supervised fine-tuning trains on without labels."""
+        """The client's training volumes that fine-tuning does not use labelled: the scans
+        without labels, and under ``labelled_per_client`` those whose labels it hides. What
+        semi-supervised fine-tuning trains on; their labels are never read."""
         labelled = {id(v) for v in self.labelled_volumes(client, n)}
         return [v for v in self.train[client] if id(v) not in labelled]
+
+    def validation_volumes(self, client: int) -> list[Volume]:
+        """The client's labelled held-out volumes: what validation scores."""
+        return [v for v in self.val[client] if v.label is not None]
+
+    def check_finetune(self, n: int | None = None, unlabelled: bool = False) -> list[str]:
+        """Check every client can fine-tune (labelled training volumes; ``n`` labelled patients
+        under ``labelled_per_client``; ``unlabelled``: unlabelled volumes for a semi-supervised
+        plug-in) and return its ``fine-tuning:`` lines; a client that cannot is one DataError."""
+        n = self.labelled_per_client if n is None else n
+        lines = []
+        for c in range(self.num_clients):
+            name = f"client {c + self.first_client}"
+            have = sorted({v.record.patient for v in self.train[c] if v.label is not None})
+            if not have:
+                raise DataError(
+                    f"{name} has no labelled training scan ({len(self.train[c])} training volumes, none with a "
+                    "label; validation holds the labelled ones when data.val_fraction or data.cv_folds takes them): "
+                    "fine-tuning needs labels"
+                )
+            if n is not None and len(have) < n:
+                raise DataError(
+                    f"{name} has {len(have)} labelled training patient(s) but data.labelled_per_client is {n} "
+                    "(it picks N of the labelled patients; leave it unset to use every labelled scan)"
+                )
+            lab, unl = self.labelled_volumes(c, n), self.unlabelled_volumes(c, n)
+            if unlabelled and not unl:
+                raise DataError(
+                    f"{name}: semi-supervised fine-tuning needs unlabelled training scans, and all "
+                    f"{len(self.train[c])} of its training volumes are labelled and used as such "
+                    "(set data.labelled_per_client to hide labels, or add unlabelled scans)"
+                )
+            hidden = sum(1 for v in unl if v.label is not None)
+            line = f"  {name}: {len({v.record.patient for v in lab})} labelled patients / {len(lab)} volumes"
+            if unlabelled:
+                line += f", {len(unl)} unlabelled volumes" + (f" ({hidden} with hidden labels)" if hidden else "")
+            line += f", validation {len(self.validation_volumes(c))} labelled volumes"
+            lines.append(line)
+        return lines
 
     def pretrain_loader(self, client: int, seed: int) -> DataLoader:
         """Partition-sampled batches of ``V`` volumes x ``S`` slices for one client."""
@@ -247,12 +349,12 @@ class FederatedDataModule(pl.LightningDataModule):
         return BatchAugment(self.augment_cfg, with_label=stage == "finetune")
 
     def eval_volumes(self, client: int) -> list[Volume]:
-        """What a client's model is scored on: its held-out cross-validation fold when ``cv_folds``
-        is set, else the held-out test set if there is one, else the client's own validation
-        patients (never its training patients)."""
+        """What a client's model is scored on (labelled volumes only): its held-out
+        cross-validation fold when ``cv_folds`` is set, else the held-out test set if there is
+        one, else the client's own validation patients (never its training patients)."""
         if self.cv_folds or not self.test:
-            return self.val[client]
-        return self.test
+            return self.validation_volumes(client)
+        return [v for v in self.test if v.label is not None]
 
     def finetune_loader(self, client: int, seed: int, n: int | None = None, unlabelled_ratio: int = 0) -> DataLoader:
         """Labelled 2D slices of the client's first ``n`` labelled patients; with
@@ -265,9 +367,8 @@ class FederatedDataModule(pl.LightningDataModule):
             unlabelled = self.unlabelled_volumes(client, n)
             if not unlabelled:
                 raise DataError(
-                    f"client {client}: semi-supervised fine-tuning needs unlabelled training volumes, but all "
-                    f"{len(self.train_patients[client])} of its training patients are labelled "
-                    "(lower data.labelled_per_client)"
+                    f"client {client}: semi-supervised fine-tuning needs unlabelled training scans, and all "
+                    f"{len(self.train[client])} of its training volumes are labelled and used as such"
                 )
             ds = SemiSupervisedSliceDataset(
                 self.labelled_volumes(client, n),

@@ -14,13 +14,20 @@ COLUMNS = ("image", "label", "patient", "client", "frame", "group")
 
 
 class ManifestSource(VolumeSource):
-    """Volumes listed in a manifest: CSV with a header row, or JSON list of objects.
+    """Volumes listed in a manifest: a CSV/TSV with a header row, or a JSON list of objects.
 
-    Columns/keys: ``image`` (required), ``label``, ``patient`` (default: image file stem), ``client``
-    (integer -> ``record.site``, used by the ``site`` split), ``frame``, ``group``. Empty values count as
-    absent. Relative paths are relative to the manifest's folder. Unknown columns are rejected (a typo such
-    as ``lable`` would otherwise silently drop the labels). Record key = ``patient`` + ``_frame`` if a
-    frame is given; two rows with the same key are an error (give them a ``frame`` to tell them apart).
+    Columns (keys): ``image`` (required: a NIfTI file); ``label`` (its label map; an empty cell
+    or no column: the scan is unlabelled, used by pre-training and semi-supervised fine-tuning
+    only); ``patient`` (default: the image's file stem; a patient's volumes are never split
+    apart); ``frame`` (any text telling a patient's volumes apart; ``ED`` and ``ES`` also give
+    the cardiac indices); ``client`` (a non-negative integer: the site, used by
+    ``data.split: site``); ``group`` (e.g. a diagnosis, used by ``data.split: group``). Empty
+    cells count as absent. Relative paths are relative to the manifest's folder. Unknown columns
+    are rejected (a typo such as ``lable`` would otherwise silently drop the labels). Two rows
+    with the same ``patient`` and ``frame`` are an error.
+
+    Args:
+        path: the manifest file (``.csv``, ``.tsv`` or ``.json``).
     """
 
     def __init__(self, path: str) -> None:
@@ -103,6 +110,7 @@ class ManifestSource(VolumeSource):
                     frame=frame,
                     group=values["group"],
                     site=_client(row.get("client"), where),
+                    labelled=label is not None,
                 )
             )
         return out

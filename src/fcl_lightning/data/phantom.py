@@ -303,3 +303,68 @@ def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
     img.set_qform(None, code=0)
     img.set_sform(direction, code=2)
     nib.save(img, str(path))
+
+
+#: the layouts :func:`write_consortium` gives its sites, in turn
+CONSORTIUM_LAYOUTS = ("acdc", "acdc-reoriented", "manifest")
+
+
+def write_consortium(
+    out_dir: str | Path,
+    num_sites: int = 3,
+    patients_per_site: int = 6,
+    labelled_per_site: int = 2,
+    seed: int = 0,
+    size: int = 96,
+) -> Path:
+    """Write a partially labelled phantom consortium: one folder per site (``site0`` ...), each
+    site a different scanner (spacing, contrast, noise) and, in turn, a different layout:
+
+    - ``acdc``: ACDC layout (``patientNNN/`` with ``Info.cfg``);
+    - ``acdc-reoriented``: the same layout with every file stored in another axis order
+      (x and y swapped in the array and the affine: the same anatomy in world space);
+    - ``manifest``: NIfTI files listed in ``manifest.csv`` with empty ``label`` cells.
+
+    Only ``labelled_per_site`` patients of a site keep their label files, and not the first ones
+    by id (the last ones, counted back), as on real data. Returns ``out_dir``.
+    """
+    if num_sites < 1 or patients_per_site < 1 or not 0 <= labelled_per_site <= patients_per_site:
+        raise ValueError("need num_sites >= 1, patients_per_site >= 1 and 0 <= labelled_per_site <= patients_per_site")
+    out = Path(out_dir)
+    source = PhantomSource(num_subjects=num_sites * patients_per_site, num_sites=num_sites, seed=seed, size=size)
+    for site in range(num_sites):
+        layout = CONSORTIUM_LAYOUTS[site % len(CONSORTIUM_LAYOUTS)]
+        folder = out / f"site{site}"
+        folder.mkdir(parents=True, exist_ok=True)
+        subjects = [i for i in range(source.num_subjects) if i % num_sites == site]
+        labelled = set(subjects[len(subjects) - labelled_per_site :])
+        rows = ["image,label,patient,frame"]
+        for n, i in enumerate(subjects, start=1):
+            subj = source.subject_params(i)
+            patient = f"patient{n:03d}"
+            for frame, number in (("ED", 1), ("ES", subj.es_frame)):
+                raw = source.generate(i, frame)
+                image, label, affine = raw.image, raw.label, raw.affine
+                if layout == "acdc-reoriented":
+                    image, label = image.transpose(1, 0, 2), label.transpose(1, 0, 2)
+                    affine = affine[:, [1, 0, 2, 3]]
+                stem = f"{patient}_frame{number:02d}"
+                if layout == "manifest":
+                    _save(image.astype(np.float32), affine, folder / f"{stem}.nii.gz")
+                    cell = ""
+                    if i in labelled:
+                        _save(label, affine, folder / f"{stem}_gt.nii.gz")
+                        cell = f"{stem}_gt.nii.gz"
+                    rows.append(f"{stem}.nii.gz,{cell},{patient},{frame}")
+                    continue
+                (folder / patient).mkdir(exist_ok=True)
+                _save(image.astype(np.float32), affine, folder / patient / f"{stem}.nii.gz")
+                if i in labelled:
+                    _save(label, affine, folder / patient / f"{stem}_gt.nii.gz")
+            if layout != "manifest":
+                (folder / patient / "Info.cfg").write_text(
+                    f"ED: 1\nES: {subj.es_frame}\nGroup: G{subj.group}\nNbFrame: {subj.nb_frames}\n"
+                )
+        if layout == "manifest":
+            (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return out

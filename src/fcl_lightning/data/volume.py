@@ -31,7 +31,10 @@ class VolumeRecord:
         label_path: NIfTI label file, if labelled.
         frame: ``"ED"`` / ``"ES"`` or ``None``.
         group: diagnostic group (ACDC: DCM, HCM, MINF, NOR, RV) or ``None``.
-        site: client/site id given by the source (manifest column, phantom scanner), else ``None``.
+        site: client/site id given by the source (manifest column, phantom scanner, site folder), else ``None``.
+        labelled: whether the volume has a label (a label file, or a generated one). A label is a
+            property of the scan: pre-training uses every volume, supervised fine-tuning, validation
+            and test the labelled ones, semi-supervised fine-tuning the unlabelled ones.
     """
 
     key: str
@@ -41,6 +44,7 @@ class VolumeRecord:
     frame: str | None = None
     group: str | None = None
     site: int | None = None
+    labelled: bool = True
 
 
 @dataclass

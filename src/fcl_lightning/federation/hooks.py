@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fcl_lightning.data.volume import DataError
 from fcl_lightning.fcl.aggregate import state_nbytes
 from fcl_lightning.fcl.exchange import payload_nbytes
 from fcl_lightning.federation.checkpoint import BackgroundWriter, CheckpointError, snapshot, to_cpu, update_summary
@@ -167,6 +168,23 @@ class DownstreamHook(RoundHook):
 
     def applies(self, run: RunContext) -> bool:
         return run.fed.mode.global_model and run.module.stage == "pretrain"
+
+    def check_data(self, run) -> None:
+        """Every client it fine-tunes has the labelled (and, semi-supervised, unlabelled) training
+        scans and labelled held-out scans it needs: said now, not after the last round."""
+        if not self.applies(run):
+            return
+        ev = self.evaluation
+        run.dm.check_finetune(ev.labelled_per_client, unlabelled=ev.semi is not None)
+        for c in ev.clients if ev.clients is not None else range(run.dm.num_clients):
+            if not run.dm.eval_volumes(c):
+                raise DataError(
+                    f"federation.downstream: client {c} has no labelled held-out scan to score "
+                    "(set data.test_source, data.val_fraction > 0 or data.cv_folds)"
+                )
+        warning = ev.semi.ramp_warning(ev.steps) if ev.semi is not None else None
+        if warning:
+            run.log_console.print(f"[yellow]warning: federation.downstream: {warning}[/]", soft_wrap=True)
 
     def on_run_start(self, run, state) -> None:
         if self.applies(run):  # a missing paired init fails now, not after the last round
@@ -389,6 +407,10 @@ def round_line(done: int, m: dict[str, float]) -> str:
         ("round/train/loss_local", "local", 4),
         ("round/train/loss_remote", "remote", 4),
         ("round/train/loss_dense", "dense", 4),
+        ("round/train/sup", "supervised", 4),
+        ("round/train/unsup", "unlabelled", 4),
+        ("round/train/unsup_weight", "x weight", 4),
+        ("round/val/dice_mean", "val Dice", 3),
         ("round/monitor/probe_acc", "probe", 2),
         ("round/monitor/spread", "spread", 2),
     ):

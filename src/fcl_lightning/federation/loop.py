@@ -272,14 +272,26 @@ class FederatedLoop:
         remove_interrupted_writes(
             self.root, self.root / "checkpoints", *sorted((self.root / "clients").glob("client*"))
         )
-        if clients is None:
+        data_here = clients is None
+        if data_here:
             self.dm.setup("fit")
             clients = InProcessClients(self.client_runtime(), self.dm.num_clients)
         self.clients = clients
-        if self.fed.select_best and not any(getattr(self.dm, "val", None) or []):
-            raise ConfigError(
-                "federation.select_best needs validation patients (data.val_fraction > 0 or data.cv_folds)"
-            )
+        run = self.context = RunContext(
+            self.fed,
+            self.module,
+            self.dm,
+            self.root,
+            self.seed,
+            self.config_text,
+            self.loggers,
+            self.console,
+            self.log_console,
+            self.trainer_kwargs,
+            states_come_back=clients.states_come_back,
+        )
+        if data_here:
+            self.check_data()
         if self.config_text:
             atomic_write_text(self.config_text, self.root / "config.yaml")
         if ckpt is None:
@@ -294,19 +306,6 @@ class FederatedLoop:
             self.log_console.print(f"[bold]resuming[/] from {path} after round {state.round}/{self.fed.rounds}")
             continue_csv_logs(self.loggers, state.round)
         self.state = clients.run_state = state
-        run = self.context = RunContext(
-            self.fed,
-            self.module,
-            self.dm,
-            self.root,
-            self.seed,
-            self.config_text,
-            self.loggers,
-            self.console,
-            self.log_console,
-            self.trainer_kwargs,
-            states_come_back=clients.states_come_back,
-        )
 
         hooks, started = self.hooks, []
         try:
@@ -330,6 +329,23 @@ class FederatedLoop:
         for h in hooks:
             h.on_run_end(run, state, summary)
         return summary
+
+    def client_steps(self) -> int | None:
+        """The optimiser steps a client takes over the run, when the config fixes them
+        (``federation.local_steps``; at most this many when clients are sampled)."""
+        return None if self.fed.local_steps is None else self.fed.rounds * self.fed.local_steps
+
+    def check_data(self) -> None:
+        """The checks that need the loaded data (the module's and the hooks'), before anything is
+        written; the in-process run and every Flower site run them."""
+        if self.fed.select_best and not any(self.dm.validation_volumes(c) for c in range(self.dm.num_clients)):
+            raise ConfigError(
+                "federation.select_best needs labelled validation patients (data.val_fraction > 0 or data.cv_folds)"
+            )
+        self.module.check_data(self.dm, self.client_steps(), self.log_console)
+        if self.context is not None:
+            for h in self.hooks:
+                h.check_data(self.context)
 
     def train_round(self, r: int, state: RunState, hooks: list[RoundHook]) -> None:
         """Round ``r`` (0-based), the paper's round: select clients, train each from the global

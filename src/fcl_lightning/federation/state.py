@@ -293,6 +293,10 @@ class FederatedData(Protocol):
 
     def setup(self, stage: str | None = None) -> None: ...
 
+    def validation_volumes(self, client: int) -> Sequence[Any]:
+        """The client's labelled held-out volumes (what validation scores)."""
+        ...
+
     def place(self, device: torch.device | None) -> None:
         """Move the preprocessed volumes to ``device`` (``data.volumes_on``)."""
         ...
@@ -327,6 +331,10 @@ class RoundHook:
     ``on_round_start``, ``on_client_start`` per client, ``on_round_end`` (add to ``metrics``), then
     the engine records the round in ``state.history``, then ``on_round_recorded`` (write, report).
     ``run`` is the :class:`RunContext`."""
+
+    def check_data(self, run: RunContext) -> None:
+        """After the data is loaded, before anything is written: raise a ``DataError`` if the
+        data cannot serve this hook (runs where the clients' data is in this process)."""
 
     def on_run_start(self, run: RunContext, state: RunState) -> None:
         """Before the first round to run (``state.round`` rounds are already done on a resume)."""

@@ -7,8 +7,9 @@ the rounds done when it was saved; 0: a fresh client) and the oldest one a check
 still names (``keep-from``), so a server resumed from any kept checkpoint gets the same bits.
 
 Node config (``flower-supernode --node-config``): ``partition-id`` (this client's id in the
-federation, 0..C-1); optional ``data-root``: this site's own data folder, which makes the node's
-datamodule hold only that site (``data.root`` set, ``data.num_clients`` 1); optional
+federation, 0..C-1); optional ``data-root``: this site's own data folder in any layout
+(:class:`~fcl_lightning.data.folders.FolderSource`), which makes the node's datamodule hold only
+that site (``data.num_clients`` 1, client ``partition-id``'s split); optional
 ``overrides`` (CLI-style arguments for this site only, e.g. ``--data.source.patients=1-10``);
 optional ``state-dir`` (the client state on disk, for restarts and for many simulated nodes). Run config (``pyproject.toml`` / ``flwr run --run-config``): ``config``
 (the project YAML), optional ``overrides`` (CLI-style arguments, space-separated).
@@ -22,6 +23,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
+from fcl_lightning.errors import UserError
 from fcl_lightning.federation.checkpoint import CheckpointError, to_cpu
 from fcl_lightning.federation.client import ClientRuntime, client_step
 from fcl_lightning.federation.state import ClientStateFiles
@@ -45,14 +47,22 @@ def config_args(run_config: dict[str, Any], node_config: dict[str, Any] | None =
         raise ValueError("the Flower run config needs `config` (the project YAML, e.g. configs/demo_pretrain.yaml)")
     args = ["--config", str(run_config["config"]), *shlex.split(str(run_config.get("overrides", "")))]
     node_config = node_config or {}
-    if node_config.get("data-root"):  # a real site: its datamodule holds its own data only
-        args += [f"--data.root={node_config['data-root']}", "--data.num_clients=1", "--data.split=iid"]
+    if node_config.get("data-root"):  # a real site: its datamodule holds its own folder, in any layout
+        args += [
+            "--data.source=fcl_lightning.data.folders.FolderSource",
+            f"--data.source.root={node_config['data-root']}",
+            "--data.root=null",
+            "--data.num_clients=1",
+            "--data.split=iid",
+            f"--data.first_client={int(node_config.get('partition-id', 0))}",
+        ]
     args += shlex.split(str(node_config.get("overrides", "")))
     return args
 
 
 def get_runtime(run_config: dict[str, Any], node_config: dict[str, Any]) -> ClientRuntime:
-    """Build (once per process) the module, datamodule and Trainer factory from the project config."""
+    """Build (once per process) the module, datamodule and Trainer factory from the project config,
+    load this site's data and run the data checks of ``fit`` on it."""
     from fcl_lightning.cli import build
     from fcl_lightning.federation.loop import FederatedLoop
 
@@ -69,6 +79,7 @@ def get_runtime(run_config: dict[str, Any], node_config: dict[str, Any]) -> Clie
             seed=int(cli.config.get("seed_everything") or 0),
         )
         cli.datamodule.setup("fit")
+        loop.check_data()
         _RUNTIMES[key] = loop.client_runtime()
     return _RUNTIMES[key]
 
@@ -133,9 +144,15 @@ def save_state(context: Context, client: int, state: Any, version: int, keep_fro
 
 
 def query_reply(content: RecordDict, context: Context) -> RecordDict:
-    """Who am I: the server maps its client ids to nodes with this."""
-    runtime = get_runtime(context.run_config, context.node_config)
-    client, _ = client_ids(context.node_config, runtime)
+    """Who am I: the server maps its client ids to nodes with this. The site loads and checks its
+    data here, before round 1; a bad config or bad data comes back as the site's own one-line
+    message (``error``), which the server reports and stops on."""
+    try:
+        runtime = get_runtime(context.run_config, context.node_config)
+        client, _ = client_ids(context.node_config, runtime)
+    except (UserError, ValueError) as exc:
+        site = context.node_config.get("partition-id", "?")
+        return RecordDict({"info": ConfigRecord({"client": -1, "error": f"site {site}: {exc}"})})
     return RecordDict({"info": ConfigRecord({"client": client})})
 
 

@@ -17,11 +17,16 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from rich.console import Console
 
+from fcl_lightning.errors import UserError
 from fcl_lightning.federation.client import ClientResult
 from fcl_lightning.federation.loop import Clients, FederatedLoop
 from fcl_lightning.flower.client import config_args
 from fcl_lightning.flower.codec import features_to_record, record_to_features, record_to_weights, weights_to_record
 from fcl_lightning.io import atomic_write_text
+
+
+class SiteError(UserError):
+    """A site could not take part: its config or data is bad (the site's own message)."""
 
 
 class FlowerClients(Clients):
@@ -60,10 +65,16 @@ class FlowerClients(Clients):
         msgs = [
             Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.info") for n in nodes
         ]
+        errors = []
         for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
+            node = reply.metadata.src_node_id
             if reply.has_error():
+                errors.append(f"node {node}: {reply.error.reason.strip().splitlines()[-1] if reply.error.reason else 'error'}")
                 continue
-            c = int(reply.content["info"]["client"])
+            info = reply.content["info"]
+            if "error" in info:
+                raise SiteError(f"{info['error']} (node {node})")
+            c = int(info["client"])
             if not 0 <= c < self.num_clients:
                 raise RuntimeError(
                     f"node {reply.metadata.src_node_id} says it is client {c}, "
@@ -74,8 +85,11 @@ class FlowerClients(Clients):
             self.node_of[c] = reply.metadata.src_node_id
         self.console.print(
             f"flower: {len(self.node_of)} client node(s): "
-            + ", ".join(f"client {c} = node {n}" for c, n in sorted(self.node_of.items()))
+            + ", ".join(f"client {c} = node {n}" for c, n in sorted(self.node_of.items())),
+            markup=False,
         )
+        for e in errors:
+            self.console.print(f"[yellow]flower: a node failed to answer: {e}[/]", soft_wrap=True)
 
     def train_round(self, round_idx, starts, inbox, progress) -> dict[int, ClientResult]:
         if len(self.node_of) < len(starts):

@@ -206,6 +206,11 @@ class FederatedModule(pl.LightningModule):
         """The loader this module validates on for ``client`` (``None``: no validation)."""
         return None
 
+    def check_data(self, datamodule: Any, client_steps: int | None, console: Any) -> None:
+        """Before anything is written: check that every client's data suits this module (raise
+        a ``DataError`` naming the client) and print what each client will train on.
+        ``client_steps``: the optimiser steps a client takes over the run, when known."""
+
     def num_samples(self, datamodule: Any, client: int) -> int:
         """The client's weight in FedAvg: its number of training volumes."""
         return datamodule.num_train_samples(client)

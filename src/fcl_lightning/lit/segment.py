@@ -256,8 +256,22 @@ class SegmentationModule(FederatedModule):
         self.unlabelled_augment = self.augment_of(datamodule, "unlabelled") if self.semi else None
 
     def val_loader(self, datamodule: Any, client: int) -> DataLoader | None:
-        vols = datamodule.val[client]
+        vols = datamodule.validation_volumes(client)
         return DataLoader(VolumeDataset(vols), batch_size=None) if vols else None
+
+    def check_data(self, datamodule: Any, client_steps: int | None, console: Any) -> None:
+        """Every client has labelled training scans (and unlabelled ones for a semi-supervised
+        plug-in); prints the ``fine-tuning:`` lines, and warns when the run ends before the
+        unlabelled weight's ramp does."""
+        lines = datamodule.check_finetune(unlabelled=self.semi is not None)
+        console.print("fine-tuning (labelled / unlabelled training scans):", markup=False, highlight=False)
+        for line in lines:
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+        if not any(datamodule.validation_volumes(c) for c in range(datamodule.num_clients)):
+            console.print("  no labelled validation scan: val/* is not measured (data.val_fraction, data.cv_folds)")
+        warning = self.semi.ramp_warning(client_steps) if self.semi is not None else None
+        if warning:
+            console.print(f"[yellow]warning: {warning}[/]", soft_wrap=True)
 
     def num_samples(self, datamodule: Any, client: int) -> int:
         return len(datamodule.labelled_volumes(client))

@@ -52,6 +52,16 @@ class SemiSupervised(nn.Module):
         """The unlabelled loss's weight after ``step`` optimiser steps."""
         return self.weight * sigmoid_rampup(step, self.rampup_steps)
 
+    def ramp_warning(self, client_steps: int | None) -> str | None:
+        """What to say when a client's ``client_steps`` end before the weight's ramp does."""
+        if client_steps is None or client_steps >= self.rampup_steps:
+            return None
+        return (
+            f"semi_supervised.rampup_steps is {self.rampup_steps} but a client trains {client_steps} steps: "
+            f"its unlabelled weight ends at {self.weight_at(client_steps):.4g} of {self.weight:g} "
+            "(lower rampup_steps or train longer)"
+        )
+
     def attach(self, net: nn.Module) -> None:
         """Build what the plug-in keeps beside the student ``net`` (called once)."""
 
