@@ -55,3 +55,28 @@ def pretrained_tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrained")
     main(tiny_args(root, rounds=1, extra=["--seed_everything=0"]))
     return root
+
+
+@pytest.fixture(scope="session")
+def consortium(tmp_path_factory):
+    """A partially labelled phantom consortium (``write_consortium``): 3 site folders (ACDC
+    layout, ACDC layout in another axis order, a manifest with empty label cells), each a
+    different scanner spacing, 6 patients per site of which the last 2 by id keep their labels."""
+    from fcl_lightning.data.phantom import write_consortium
+
+    return write_consortium(tmp_path_factory.mktemp("consortium"), num_sites=3, patients_per_site=6, size=64)
+
+
+@pytest.fixture
+def cli(capsys):
+    """``cli(argv)``: ``fcl-lightning ARGV`` in-process as a user types it: exit code, stdout, stderr."""
+    from fcl_lightning.cli import console_main
+
+    def run(argv: list[str]) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as ex:
+            console_main([str(a) for a in argv])
+            raise SystemExit(0)
+        out = capsys.readouterr()
+        return ex.value.code, out.out, out.err
+
+    return run

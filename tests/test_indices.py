@@ -15,9 +15,12 @@ from fcl_lightning.figures import save_bland_altman_figure
 from fcl_lightning.indices import (
     INDEX_NAMES,
     MYO_DENSITY_G_PER_ML,
+    PLAUSIBLE_RANGES,
     agreement,
     cardiac_indices,
+    implausible,
     index_unit,
+    indices_from_volumes,
     indices_table,
     structure_volumes_ml,
     write_indices_csv,
@@ -215,3 +218,73 @@ def test_bland_altman_figure_writes_png(tmp_path):
     assert [p.name for p in Path(tmp_path).iterdir()] == ["ba.png"]
     with pytest.raises(ValueError):
         save_bland_altman_figure(tmp_path / "none.png", {})
+
+
+#: a normal adult heart: nothing implausible
+NORMAL_ROW = {
+    "LV_EDV": 150.0,
+    "LV_ESV": 60.0,
+    "LV_EF": 60.0,
+    "RV_EDV": 160.0,
+    "RV_ESV": 70.0,
+    "RV_EF": 56.25,
+    "MYO_mass_g": 120.0,
+    "MYO_ES_mass_g": 118.0,
+}
+
+
+def test_plausible_ranges_cover_every_index():
+    assert set(PLAUSIBLE_RANGES) == set(INDEX_NAMES)
+    assert PLAUSIBLE_RANGES["LV_EDV"] == (10.0, 600.0) and PLAUSIBLE_RANGES["RV_ESV"] == (3.0, 550.0)
+    assert PLAUSIBLE_RANGES["LV_EF"] == (5.0, 90.0) and PLAUSIBLE_RANGES["MYO_mass_g"] == (30.0, 400.0)
+    assert implausible(NORMAL_ROW) == []
+
+
+@pytest.mark.parametrize("name", INDEX_NAMES)
+def test_implausible_flags_each_bound_on_both_sides(name):
+    low, high = PLAUSIBLE_RANGES[name]
+    unit = index_unit(name)
+    for value, want in (
+        (low - 0.01, [f"{name}<{low:g}{unit}"]),
+        (low, []),
+        (low + 0.01, []),
+        (high - 0.01, []),
+        (high, []),
+        (high + 0.01, [f"{name}>{high:g}{unit}"]),
+    ):
+        assert implausible({**NORMAL_ROW, name: value}) == want, (name, value)
+
+
+def test_implausible_names_impossible_relations():
+    # the case: an RV of 1 ml at ED and more at ES (ESV > EDV: EF -50 %)
+    row = indices_from_volumes({"RV": 1.0, "MYO": 110.0, "LV": 150.0}, {"RV": 1.5, "MYO": 110.0, "LV": 60.0})
+    assert row["RV_EF"] == pytest.approx(-50.0)
+    assert implausible(row) == ["RV_EDV<10ml", "RV_ESV<3ml", "RV_EF<0%"]  # not also RV_EF<5%
+    assert implausible({**NORMAL_ROW, "LV_EF": 100.5}) == ["LV_EF>100%"]  # not also LV_EF>90%
+    assert implausible({**NORMAL_ROW, "LV_EF": -0.1}) == ["LV_EF<0%"]
+    # no LV cavity at ED: EDV 0 and an undefined EF
+    empty = indices_from_volumes({"RV": 160.0, "MYO": 110.0, "LV": 0.0}, {"RV": 70.0, "MYO": 110.0, "LV": 0.0})
+    assert implausible(empty) == ["LV_EDV<10ml", "LV_ESV<3ml", "LV_EF=NaN"]
+
+
+def test_implausible_passes_acdc_pathologies_and_skips_missing():
+    dcm = {**NORMAL_ROW, "LV_EDV": 480.0, "LV_ESV": 430.0, "LV_EF": 100 * 50 / 480, "MYO_mass_g": 260.0}
+    hcm = {**NORMAL_ROW, "LV_EDV": 110.0, "LV_ESV": 20.0, "LV_EF": 100 * 90 / 110, "MYO_mass_g": 350.0}
+    arv = {**NORMAL_ROW, "RV_EDV": 420.0, "RV_ESV": 340.0, "RV_EF": 100 * 80 / 420}
+    minf = {**NORMAL_ROW, "LV_EDV": 260.0, "LV_ESV": 220.0, "LV_EF": 100 * 40 / 260, "MYO_mass_g": 140.0}
+    for row in (dcm, hcm, arv, minf):
+        assert implausible(row) == [], row
+    assert implausible({"patient": "p", "LV_EDV": "4.5", "LV_EF": ""}) == ["LV_EDV<10ml"]  # a CSV row read back
+    assert implausible({}) == []
+
+
+def test_write_indices_csv_adds_flags_only_when_rows_carry_them(tmp_path):
+    rows = [{"patient": "p1", **NORMAL_ROW, "flags": ""}, {"patient": "p2", **NORMAL_ROW, "RV_EDV": 1.0}]
+    rows[1]["flags"] = ";".join(implausible(rows[1]))
+    with open(write_indices_csv(rows, tmp_path / "with.csv"), newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert reader.fieldnames == ["patient", *INDEX_NAMES, "flags"]
+        assert [r["flags"] for r in reader] == ["", "RV_EDV<10ml"]
+    plain = [{k: v for k, v in r.items() if k != "flags"} for r in rows]
+    with open(write_indices_csv(plain, tmp_path / "without.csv"), newline="") as fh:
+        assert csv.DictReader(fh).fieldnames == ["patient", *INDEX_NAMES]

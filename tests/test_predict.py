@@ -161,6 +161,108 @@ def test_predict_bad_inputs_are_one_line_and_write_nothing(finetuned, tmp_path, 
         assert "Traceback" not in err and not out.exists()
 
 
+ZOOMS = (5.0, 5.0, 10.0)  # 0.25 ml a voxel
+
+
+def label_scan(path: Path, rv: int, myo: int, lv: int) -> Path:
+    """A 16x16x4 image whose voxels are ACDC labels: ``rv`` of 1, ``myo`` of 2, ``lv`` of 3 (see
+    :func:`image_is_its_label`); spacing :data:`ZOOMS`."""
+    flat = np.zeros(16 * 16 * 4, np.float32)
+    flat[:lv] = 3
+    flat[lv : lv + myo] = 2
+    flat[lv + myo : lv + myo + rv] = 1
+    nib.save(nib.Nifti1Image(flat.reshape(16, 16, 4), np.diag([*ZOOMS, 1.0])), path)
+    return path
+
+
+def image_is_its_label(net, pre, image, affine, batch_size):
+    """Stands in for ``segment_frame``: the "segmentation" of a :func:`label_scan` image is its voxels."""
+    return image.astype(np.uint8), None
+
+
+def scan_inputs(tmp_path: Path, more_single: int = 0) -> tuple[Path, Path]:
+    """A plain folder of two images (no frames known), and a manifest naming patient001's ED and ES
+    (an RV of 1 ml at ED, 1.5 ml at ES: implausible) and patient007's ED only (plus ``more_single``
+    patients with an ED only)."""
+    folder, framed = tmp_path / "plain", tmp_path / "framed"
+    folder.mkdir()
+    framed.mkdir()
+    label_scan(folder / "a.nii.gz", 400, 400, 500)
+    label_scan(folder / "b.nii.gz", 400, 400, 200)
+    lines = ["image,patient,frame"]
+    for name, patient, frame, rv, lv in (
+        ("p1_ed", "patient001", "ED", 4, 500),
+        ("p1_es", "patient001", "ES", 6, 200),
+        ("p7_ed", "patient007", "ED", 400, 500),
+        *((f"q{i}_ed", f"patient1{i:02d}", "ED", 400, 500) for i in range(more_single)),
+    ):
+        label_scan(framed / f"{name}.nii.gz", rv, 400, lv)
+        lines.append(f"{name}.nii.gz,{patient},{frame}")
+    (framed / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return folder, framed / "manifest.csv"
+
+
+def test_predict_says_why_there_are_no_indices_and_flags_implausible_ones(tmp_path, monkeypatch):
+    import fcl_lightning.predict as pr
+
+    monkeypatch.setattr(pr, "segment_frame", image_is_its_label)
+    folder, manifest = scan_inputs(tmp_path)
+    # a plain folder: volumes, but no frame of any patient, hence no indices.csv and the reason
+    res = pr.predict_scans(torch.nn.Identity(), None, pr.find_scans(str(folder)), tmp_path / "out1")
+    assert res["no_indices"] == [pr.NO_FRAMES_REASON] and res["indices"] == []
+    assert "no input names its ED and ES frame" in pr.NO_FRAMES_REASON and "Info.cfg" in pr.NO_FRAMES_REASON
+    assert sorted(f.name for f in res["files"]) == ["a_seg.nii.gz", "b_seg.nii.gz", "volumes.csv"]
+    assert not (tmp_path / "out1" / "indices.csv").exists()
+    # a manifest: patient007 has only its ED frame; patient001's RV is implausible
+    res = pr.predict_scans(torch.nn.Identity(), None, pr.find_scans(str(manifest)), tmp_path / "out2")
+    assert res["no_indices"] == ["patient007: only ED, no ES frame: no indices"]
+    rows = list(csv.DictReader(open(tmp_path / "out2" / "indices.csv")))
+    assert [r["patient"] for r in rows] == ["patient001"]
+    assert float(rows[0]["RV_EDV"]) == 1.0 and float(rows[0]["RV_EF"]) == -50.0 and float(rows[0]["LV_EF"]) == 60.0
+    assert rows[0]["flags"] == "RV_EDV<10ml;RV_ESV<3ml;RV_EF<0%" == res["indices"][0]["flags"]
+
+
+def test_missing_indices_reasons():
+    from fcl_lightning.predict import NO_FRAMES_REASON, Scan, missing_indices
+
+    def scan(name, patient=None, frame=None):
+        return Scan(Path(f"{name}.nii.gz"), name, patient, frame)
+
+    assert missing_indices([(scan("a"), 3), (scan("b"), 4)]) == [NO_FRAMES_REASON]
+    assert missing_indices([(scan("a", "a", "frame01"), 3)]) == [
+        NO_FRAMES_REASON + "; the frames given ('frame01') are not 'ED' / 'ES'"
+    ]
+    assert missing_indices([(scan("e", "p1", "ED"), 3), (scan("s", "p1", "ES"), 3)]) == []
+    assert missing_indices(
+        [(scan("e", "p1", "ED"), 4), (scan("s", "p1", "ES"), 3), (scan("s2", "p2", "ES"), 3), (scan("x"), 3)]
+    ) == [
+        "p1: the ED image is a 4D cine, not one 3D frame: no indices",
+        "p2: only ES, no ED frame: no indices",
+        "1 input names no patient's ED or ES frame (x): no indices from them",
+    ]
+
+
+def test_predict_prints_the_reasons_and_the_implausible_patients(finetuned, tmp_path, capsys, monkeypatch):
+    import fcl_lightning.predict as pr
+
+    monkeypatch.setattr(pr, "segment_frame", image_is_its_label)
+    root, _ = finetuned
+    folder, manifest = scan_inputs(tmp_path, more_single=5)
+    base = ["predict", *FINETUNE, f"--ckpt_path={root}/checkpoints/last.ckpt"]
+    code, out, err = run_cli([*base, f"--input={folder}", f"--output={tmp_path / 'out1'}"], capsys)
+    assert code == 0, err
+    assert "2 label maps" in out and pr.NO_FRAMES_REASON in out.splitlines()
+    code, out, err = run_cli([*base, f"--input={manifest}", f"--output={tmp_path / 'out2'}"], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    # six one-frame patients: the count, then the first five
+    assert "6 patients or inputs without cardiac indices; the first 5:" in lines
+    assert "patient007: only ED, no ES frame: no indices" in lines
+    assert "patient103: only ED, no ES frame: no indices" in lines
+    assert not any(ln.startswith("patient104") for ln in lines)  # the sixth, sorted last
+    assert "patient001: implausible indices RV_EDV<10ml, RV_ESV<3ml, RV_EF<0%: check the segmentation" in lines
+
+
 def test_predict_is_offered(capsys):
     code, out, _ = run_cli(["--help"], capsys)
     assert code == 0 and "predict" in out

@@ -151,7 +151,7 @@ class DownstreamEvaluation:
                 if self.space == "native":
                     from fcl_lightning.predict import score_native
 
-                    source = datamodule.test_source if vols is datamodule.test else datamodule.source
+                    source = datamodule.test_source if datamodule.scores_test_set else datamodule.source
                     rows = score_native(module.net, datamodule.preprocessor, source, vols, module.eval_batch_size)
                 else:
                     rows = evaluate_volumes(module.net, vols)

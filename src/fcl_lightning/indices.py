@@ -4,7 +4,8 @@ ACDC labels: 0 background, 1 RV cavity, 2 myocardium (LV wall), 3 LV cavity. A v
 is the product of the header spacing in mm (mm^3; / 1000 gives ml). From one patient's end-diastole
 (ED) and end-systole (ES) maps come the LV / RV volumes, ejection fractions and myocardial mass; the
 challenge then compares predicted with true indices over patients by correlation, Bland-Altman
-bias and limits of agreement, and mean absolute error (:func:`agreement`).
+bias and limits of agreement, and mean absolute error (:func:`agreement`). :func:`implausible` names
+the indices of a patient outside wide physiologically possible ranges (a likely segmentation failure).
 """
 
 from __future__ import annotations
@@ -29,6 +30,22 @@ MYO_DENSITY_G_PER_ML = 1.05
 INDEX_NAMES = ("LV_EDV", "LV_ESV", "LV_EF", "RV_EDV", "RV_ESV", "RV_EF", "MYO_mass_g", "MYO_ES_mass_g")
 #: Bland-Altman limits of agreement: bias -/+ this many standard deviations of the differences
 LOA_Z = 1.96
+
+
+#: Plausible range (low, high) of each index: deliberately WIDE "physiologically possible in an
+#: adult heart" bounds, not normal ranges. See :func:`implausible`, whose docstring gives their source.
+PLAUSIBLE_RANGES: dict[str, tuple[float, float]] = {
+    "LV_EDV": (10.0, 600.0),
+    "LV_ESV": (3.0, 550.0),
+    "LV_EF": (5.0, 90.0),
+    "RV_EDV": (10.0, 600.0),
+    "RV_ESV": (3.0, 550.0),
+    "RV_EF": (5.0, 90.0),
+    "MYO_mass_g": (30.0, 400.0),
+    "MYO_ES_mass_g": (30.0, 400.0),
+}
+#: hard bounds of an ejection fraction in percent: outside them the ESV / EDV relation is impossible
+EF_HARD_RANGE = (0.0, 100.0)
 
 
 def index_unit(name: str) -> str:
@@ -187,3 +204,65 @@ def patient_indices(
             row.update({f"{k}_{side}": v for k, v in indices_from_volumes(vols["ED"], vols["ES"]).items()})
         out.append(row)
     return out
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float; ``None`` for a missing or empty cell (a CSV read back gives text)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return float(value)
+
+
+def implausible(row: dict[str, Any]) -> list[str]:
+    """Names of what is implausible in one patient's indices (``row`` holds :data:`INDEX_NAMES`;
+    a missing or empty one is skipped); empty when every index is plausible.
+
+    Each index outside its range of :data:`PLAUSIBLE_RANGES` gives ``<index><<low><unit>`` or
+    ``<index>><high><unit>`` (e.g. ``RV_EDV<10ml``, ``MYO_mass_g>400g``), and each impossible relation
+    its own name: ``<V>_EF<0%`` (ESV > EDV), ``<V>_EF>100%`` (a negative ESV) and ``<V>_EF=NaN``
+    (EDV is 0: no cavity at end-diastole; any other NaN index gives ``<index>=NaN`` too). An EF
+    outside the hard bounds is named by the relation only, not also by its plausible range.
+
+    The ranges are deliberately wide, "physiologically possible in an adult heart", not normal values.
+    They start from the normal adult values of Kawel-Boehm et al., "Reference ranges ('normal values')
+    for cardiovascular magnetic resonance (CMR) in adults and children: 2020 update", J Cardiovasc
+    Magn Reson 22:87 (2020) (roughly: LV EF 55-75 %, RV EF 45-75 %, ventricular EDV 90-250 ml, LV mass
+    65-180 g, by sex and age in its tables), widened to cover the pathologies of the ACDC challenge
+    (Bernard et al., IEEE TMI 37(11):2514-2525, 2018): dilated cardiomyopathy (LV EF down to ~10 %,
+    LV EDV ~400-500 ml), hypertrophic cardiomyopathy (thick, heavy myocardium, high EF, small ESV),
+    myocardial infarction (low EF) and abnormal RV (dilated RV, low RV EF). A flag thus means a
+    likely segmentation failure, never a diagnosis:
+
+    =================  =============  ==========================================
+    index              plausible      note
+    =================  =============  ==========================================
+    LV_EDV, RV_EDV     10 - 600 ml    normal ~90-250 ml; DCM LV up to ~500 ml
+    LV_ESV, RV_ESV     3 - 550 ml     HCM: small ESV; DCM: ESV near the EDV
+    LV_EF, RV_EF       5 - 90 %       hard bounds 0 - 100 % (ESV <= EDV); DCM ~10 %
+    MYO_mass_g         30 - 400 g     LV myocardium at ED; HCM heavy
+    MYO_ES_mass_g      30 - 400 g     the same myocardium at ES
+    =================  =============  ==========================================
+    """
+    flags: list[str] = []
+    for name in INDEX_NAMES:
+        value = _number(row.get(name))
+        if value is None:
+            continue
+        unit = index_unit(name)
+        if math.isnan(value):
+            flags.append(f"{name}=NaN")
+            continue
+        low, high = PLAUSIBLE_RANGES[name]
+        if unit == "%":
+            hard_low, hard_high = EF_HARD_RANGE
+            if value < hard_low:
+                flags.append(f"{name}<{hard_low:g}%")
+                continue
+            if value > hard_high:
+                flags.append(f"{name}>{hard_high:g}%")
+                continue
+        if value < low:
+            flags.append(f"{name}<{low:g}{unit}")
+        elif value > high:
+            flags.append(f"{name}>{high:g}{unit}")
+    return flags

@@ -6,6 +6,10 @@ orientation, spacing, intensity scaling, pad/crop), is segmented slice by slice,
 probabilities are brought back onto the original voxel grid by MONAI's ``Invertd`` (the inverse of
 every invertible transform, linear interpolation) before the argmax: a ``<name>_seg.nii.gz`` of the
 input's shape, affine and header geometry (uint8). A 4D cine is segmented frame by frame.
+
+Cardiac indices need one patient's ED and ES frame, which only an ACDC-layout root (``Info.cfg``) or
+a manifest (``patient`` and ``frame`` columns) names: for other inputs :func:`predict_scans` says why
+there are none, and it flags the indices outside wide plausible ranges (:func:`~fcl_lightning.indices.implausible`).
 """
 
 from __future__ import annotations
@@ -29,11 +33,18 @@ from fcl_lightning.data.acdc import read_info_cfg
 from fcl_lightning.data.nifti import nifti_stem, voxel_affine
 from fcl_lightning.data.preprocess import Preprocessor
 from fcl_lightning.errors import UserError
-from fcl_lightning.indices import cardiac_indices, structure_volumes_ml, write_indices_csv
+from fcl_lightning.indices import cardiac_indices, implausible, structure_volumes_ml, write_indices_csv
 from fcl_lightning.io import atomic_write, check_writable
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".json")
+#: the frames of one patient the cardiac indices come from
+INDEX_FRAMES = ("ED", "ES")
+#: why ``predict`` writes no ``indices.csv`` when no input names a patient's ED and ES frame
+NO_FRAMES_REASON = (
+    "no cardiac indices: no input names its ED and ES frame "
+    "(an ACDC-layout root's Info.cfg, or a manifest's patient and frame columns, give them)"
+)
 
 
 class PredictInputError(UserError):
@@ -60,11 +71,18 @@ def _not_a_label(path: Path) -> bool:
 
 def find_scans(input: str) -> list[Scan]:
     """The images named by ``input``: an ACDC-layout root (``patientXXX/`` with ``Info.cfg``: its ED
-    and ES frames), a folder of NIfTI files (label maps ``*_gt`` / ``*_seg`` left out), a manifest
+    and ES frames), a folder holding a ``manifest.csv`` / ``.tsv`` / ``.json`` (that manifest), a
+    folder of NIfTI files (label maps ``*_gt`` / ``*_seg`` left out), a manifest
     (CSV/TSV/JSON with an ``image`` column, optional ``patient`` and ``frame``), one NIfTI file,
     or a glob pattern."""
     p = Path(input).expanduser()
     scans: list[Scan] = []
+    if p.is_dir() and not any(p.glob("patient*/Info.cfg")):
+        from fcl_lightning.data.folders import MANIFEST_NAMES
+
+        listed = [p / n for n in MANIFEST_NAMES if (p / n).is_file()]
+        if len(listed) == 1:  # a site folder in the manifest layout: its manifest names patients and frames
+            p = listed[0]
     if p.is_dir() and sorted(p.glob("patient*/Info.cfg")):
         for info_path in sorted(p.glob("patient*/Info.cfg")):
             patient = info_path.parent.name
@@ -219,6 +237,42 @@ def save_probabilities(probs: np.ndarray, like: nib.Nifti1Image, path: Path) -> 
     return atomic_write(path, lambda tmp: tmp.write_bytes(body))
 
 
+def _first(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
+def missing_indices(scans: list[tuple[Scan, int]]) -> list[str]:
+    """Why patients or inputs get no cardiac indices, one line each (empty when every input counts
+    toward a patient's indices). ``scans``: each input with its number of dimensions (3: one frame,
+    4: a cine, which gives volumes per frame but no indices)."""
+    framed: dict[str, dict[str, int]] = {}
+    other: list[Scan] = []
+    for scan, ndim in scans:
+        if scan.patient and scan.frame in INDEX_FRAMES:
+            framed.setdefault(scan.patient, {})[scan.frame] = ndim
+        else:
+            other.append(scan)
+    if not framed:
+        given = sorted({str(s.frame) for s in other if s.frame})
+        note = f"; the frames given ({_first([repr(g) for g in given])}) are not 'ED' / 'ES'" if given else ""
+        return [NO_FRAMES_REASON + note]
+    reasons = []
+    for patient, frames in sorted(framed.items()):
+        if len(frames) == 1:
+            (have,) = frames
+            reasons.append(f"{patient}: only {have}, no {'ES' if have == 'ED' else 'ED'} frame: no indices")
+            continue
+        cines = [f for f in INDEX_FRAMES if frames[f] != 3]
+        if cines:
+            what = " and ".join(cines) + (" images are 4D cines" if len(cines) > 1 else " image is a 4D cine")
+            reasons.append(f"{patient}: the {what}, not one 3D frame: no indices")
+    if other:
+        names = _first([s.name for s in other])
+        verb = "inputs name" if len(other) > 1 else "input names"
+        reasons.append(f"{len(other)} {verb} no patient's ED or ES frame ({names}): no indices from them")
+    return reasons
+
+
 def predict_scans(
     net: torch.nn.Module,
     pre: Preprocessor,
@@ -228,12 +282,17 @@ def predict_scans(
     probabilities: bool = False,
     progress: Callable[[int, Scan], None] | None = None,
 ) -> dict[str, Any]:
-    """Segment every scan into ``out``; returns the files written and the rows of the CSVs.
+    """Segment every scan into ``out``; returns the files written (``files``), the rows of the CSVs
+    (``volumes``, ``indices``) and why patients or inputs have no indices (``no_indices``: lines of
+    :func:`missing_indices`).
 
     Every input is read and checked before the first file is written (one bad file stops the
     command with nothing written); ``volumes.csv`` holds the structure volumes of every 3D
-    image, ``indices.csv`` the cardiac indices of every patient with an ED and an ES frame."""
+    image, ``indices.csv`` the cardiac indices of every patient with an ED and an ES frame, and
+    a ``flags`` column: empty, or the implausible indices joined by ``;`` (e.g. ``RV_EDV<10ml;RV_EF<0%``,
+    :func:`~fcl_lightning.indices.implausible`)."""
     loaded = [(s, *read_scan(s)) for s in scans]
+    reasons = missing_indices([(s, data.ndim) for s, _, data, _ in loaded])
     check_output_folder(out, scans)
     written: list[Path] = []
     volume_rows: list[dict[str, Any]] = []
@@ -251,18 +310,20 @@ def predict_scans(
         spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
         if data.ndim == 3:
             volume_rows.append({"image": scan.name, **structure_volumes_ml(seg, spacing)})
-            if scan.patient and scan.frame in ("ED", "ES"):
+            if scan.patient and scan.frame in INDEX_FRAMES:
                 by_patient.setdefault(scan.patient, {})[scan.frame] = (seg, spacing)
     index_rows = [
         {"patient": p, **cardiac_indices(f["ED"][0], f["ES"][0], f["ED"][1], f["ES"][1])}
         for p, f in sorted(by_patient.items())
         if "ED" in f and "ES" in f
     ]
+    for row in index_rows:
+        row["flags"] = ";".join(implausible(row))
     if volume_rows:
         written.append(write_volumes_csv(volume_rows, out / "volumes.csv"))
     if index_rows:
         written.append(write_indices_csv(index_rows, out / "indices.csv"))
-    return {"files": written, "volumes": volume_rows, "indices": index_rows}
+    return {"files": written, "volumes": volume_rows, "indices": index_rows, "no_indices": reasons}
 
 
 def write_volumes_csv(rows: list[dict[str, Any]], path: Path) -> Path:

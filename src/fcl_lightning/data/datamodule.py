@@ -152,7 +152,7 @@ class FederatedDataModule(pl.LightningDataModule):
         if first_client < 0:
             raise ValueError(f"data.first_client must be >= 0, got {first_client}")
         self.first_client = first_client
-        self._ready = self._eval_ready = False
+        self._ready = self._eval_ready = self._val_loaded = False
 
     # ------------------------------------------------------------------ setup
     @property
@@ -163,8 +163,8 @@ class FederatedDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Split patients over clients and preprocess the volumes the stage needs (once; later calls
         are no-ops). ``test`` / ``validate`` load only what they score, not the training volumes."""
-        eval_only = stage in ("test", "validate")
-        if self._ready or (eval_only and self._eval_ready):
+        eval_only = stage in ("test", "validate", "val")
+        if self._ready or (eval_only and self._eval_ready and (stage == "test" or self._val_loaded)):
             return
         records = self.source.records()
         clients = federated_split(records, self.num_clients, self.split, self.seed)
@@ -178,7 +178,7 @@ class FederatedDataModule(pl.LightningDataModule):
         )
         # scoring needs the held-out volumes only: test the test set, validate and cross-validation the
         # held-out patients
-        val_needed = not eval_only or stage == "validate" or self.cv_folds or self.test_source is None
+        val_needed = stage != "test" or self.cv_folds or self.test_source is None
         self.val = [load(va) if val_needed else [] for _, va in self.splits]
         self.train = [[] if eval_only else load(tr) for tr, _ in self.splits]
         self.volume_ids = []
@@ -194,9 +194,10 @@ class FederatedDataModule(pl.LightningDataModule):
         self.test = []
         if self.test_source is not None:
             self.test = load_volumes(self.test_source, self.test_source.records(), self.preprocessor)
-        self._eval_ready = True
+        self._eval_ready, self._val_loaded = True, bool(val_needed)
         self._ready = not eval_only
-        log_console().print(self.describe(training=not eval_only), soft_wrap=True, markup=False, highlight=False)
+        text = self.describe(training=not eval_only, validation=bool(val_needed))
+        log_console().print(text, soft_wrap=True, markup=False, highlight=False)
 
     def client_split(
         self, client: int, patients: list[str], by_patient: dict[str, list[VolumeRecord]]
@@ -224,22 +225,27 @@ class FederatedDataModule(pl.LightningDataModule):
             tr, va = sorted(tr + tr_u, key=patients.index), sorted(va + va_u, key=patients.index)
         return tr, va
 
-    def describe(self, training: bool = True) -> str:
+    def describe(self, training: bool = True, validation: bool = True) -> str:
         """The ``data:`` lines: per client its training, validation and test patients and volumes,
         each as labelled + unlabelled."""
 
         def count(vols: list[Volume]) -> str:
+            def pv(vs: list[Volume]) -> str:
+                return f"{len({v.record.patient for v in vs})} / {len(vs)}"
+
             lab = [v for v in vols if v.label is not None]
             unl = [v for v in vols if v.label is None]
-            parts = [f"{len({v.record.patient for v in vols})} patients / {len(vols)} volumes"]
-            if vols:
-                parts.append(f"({len(lab)} labelled, {len(unl)} unlabelled volumes)")
-            return " ".join(parts)
+            return f"{pv(vols)} (labelled {pv(lab)}, unlabelled {pv(unl)})"
 
-        lines = [f"data: {self.num_clients} client(s), split {self.split}, {type(self.source).__name__}"]
+        lines = [
+            f"data: {self.num_clients} client(s), split {self.split}, {type(self.source).__name__}; "
+            "patients / volumes (a patient is labelled if one of its volumes is)"
+        ]
         for c in range(self.num_clients):
-            train = f"train {count(self.train[c])}, " if training else ""
-            lines.append(f"  client {c + self.first_client}: {train}validation {count(self.val[c])}")
+            parts = [f"train {count(self.train[c])}"] if training else []
+            parts += [f"validation {count(self.val[c])}"] if validation else []
+            if parts:
+                lines.append(f"  client {c + self.first_client}: " + ", ".join(parts))
         if self.test_source is not None:
             lines.append(f"  test (every client): {count(self.test)}")
         return "\n".join(lines)
@@ -310,9 +316,9 @@ class FederatedDataModule(pl.LightningDataModule):
                     "(set data.labelled_per_client to hide labels, or add unlabelled scans)"
                 )
             hidden = sum(1 for v in unl if v.label is not None)
-            line = f"  {name}: {len({v.record.patient for v in lab})} labelled patients / {len(lab)} volumes"
+            line = f"  {name}: labelled {len({v.record.patient for v in lab})} patients / {len(lab)} volumes"
             if unlabelled:
-                line += f", {len(unl)} unlabelled volumes" + (f" ({hidden} with hidden labels)" if hidden else "")
+                line += f", unlabelled {len(unl)} volumes" + (f" ({hidden} with labels hidden)" if hidden else "")
             line += f", validation {len(self.validation_volumes(c))} labelled volumes"
             lines.append(line)
         return lines
@@ -348,11 +354,16 @@ class FederatedDataModule(pl.LightningDataModule):
             return None
         return BatchAugment(self.augment_cfg, with_label=stage == "finetune")
 
+    @property
+    def scores_test_set(self) -> bool:
+        """Whether :meth:`eval_volumes` are the shared test set (else each client's held-out patients)."""
+        return bool(self.test) and not self.cv_folds
+
     def eval_volumes(self, client: int) -> list[Volume]:
         """What a client's model is scored on (labelled volumes only): its held-out
         cross-validation fold when ``cv_folds`` is set, else the held-out test set if there is
         one, else the client's own validation patients (never its training patients)."""
-        if self.cv_folds or not self.test:
+        if not self.scores_test_set:
             return self.validation_volumes(client)
         return [v for v in self.test if v.label is not None]
 

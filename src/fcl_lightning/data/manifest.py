@@ -27,7 +27,11 @@ class ManifestSource(VolumeSource):
     with the same ``patient`` and ``frame`` are an error.
 
     Args:
-        path: the manifest file (``.csv``, ``.tsv`` or ``.json``).
+        path: the manifest file (``.csv``, ``.tsv`` or ``.json``), one row per volume. Columns:
+            ``image`` (required), ``label`` (empty: an unlabelled scan), ``patient`` (default:
+            the image's stem), ``frame`` (e.g. ``ED`` / ``ES``: any text; ED and ES give cardiac
+            indices), ``client`` (the site, for ``split: site``), ``group``; relative paths are
+            relative to the manifest's folder.
     """
 
     def __init__(self, path: str) -> None:

@@ -10,6 +10,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from fcl_lightning.data.volume import DataError
 from fcl_lightning.errors import ConfigError
 from fcl_lightning.evaluation import STRUCTURES, evaluate_volumes, over_clients, summarize, write_rows_csv
 from fcl_lightning.federation.checkpoint import update_summary
@@ -72,17 +73,20 @@ def evaluate_run(
         weights = {c: current for c in range(C)}
     rows: list[dict[str, Any]] = []
     per_client: list[dict[str, float]] = []
-    shared_test = stage == "test" and datamodule.test and not datamodule.cv_folds
+    shared_test = stage == "test" and datamodule.scores_test_set
     global_only = len({id(w) for w in weights.values()}) == 1
     clients = [0] if (shared_test and global_only) else sorted(weights)
     for c in clients:
-        vols = datamodule.eval_volumes(c) if stage == "test" else datamodule.val[c]
+        vols = datamodule.eval_volumes(c) if stage == "test" else datamodule.validation_volumes(c)
         if not vols:
-            raise ValueError(f"client {c} has no {stage} volumes (set data.test_source, data.cv_folds or val_fraction)")
+            raise DataError(
+                f"client {c} has no labelled {stage} scan (set data.test_source, data.cv_folds or data.val_fraction; "
+                "only scans with a label are scored)"
+            )
         module.load_global_state(weights[c])
         net = module.scored_net().to(device)
         if space == "native":
-            source = datamodule.test_source if vols is datamodule.test else datamodule.source
+            source = datamodule.test_source if shared_test else datamodule.source
             r = score_native(net, datamodule.preprocessor, source, vols, module.eval_batch_size)
         else:
             r = evaluate_volumes(net, vols, module.eval_batch_size)
@@ -210,7 +214,27 @@ def run_predict(
     n = sum(1 for f in result["files"] if f.name.endswith("_seg.nii.gz"))
     extra = [f.name for f in result["files"] if f.suffix == ".csv"]
     whose = f"client {client}'s model" if per_client else "the global model"
-    output_console().print(
+    console = output_console()
+    console.print(
         f"outputs in {out}: {n} label maps ({whose}, {path.name})" + "".join(f", {e}" for e in extra), soft_wrap=True
     )
+    shown = 5  # lines of each kind printed; more are summarised by their count
+
+    def say(line: str, style: str | None = None) -> None:  # plain text: names may hold [brackets]
+        console.print(line, style=style, markup=False, highlight=False, soft_wrap=True)
+
+    reasons = result.get("no_indices", [])
+    if len(reasons) > shown:
+        say(f"{len(reasons)} patients or inputs without cardiac indices; the first {shown}:")
+    for line in reasons[:shown]:
+        say(line)
+    flagged = [r for r in result["indices"] if r.get("flags")]
+    if len(flagged) > shown:
+        say(
+            f"{len(flagged)} patients with implausible cardiac indices (the flags column of indices.csv): "
+            f"check the segmentation; the first {shown}:",
+            "yellow",
+        )
+    for r in flagged[:shown]:
+        say(f"{r['patient']}: implausible indices {r['flags'].replace(';', ', ')}: check the segmentation", "yellow")
     return result

@@ -409,7 +409,7 @@ def round_line(done: int, m: dict[str, float]) -> str:
         ("round/train/loss_dense", "dense", 4),
         ("round/train/sup", "supervised", 4),
         ("round/train/unsup", "unlabelled", 4),
-        ("round/train/unsup_weight", "x weight", 4),
+        ("round/train/unsup_weight", "x", 4),
         ("round/val/dice_mean", "val Dice", 3),
         ("round/monitor/probe_acc", "probe", 2),
         ("round/monitor/spread", "spread", 2),

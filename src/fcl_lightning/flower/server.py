@@ -69,7 +69,9 @@ class FlowerClients(Clients):
         for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                errors.append(f"node {node}: {reply.error.reason.strip().splitlines()[-1] if reply.error.reason else 'error'}")
+                errors.append(
+                    f"node {node}: {reply.error.reason.strip().splitlines()[-1] if reply.error.reason else 'error'}"
+                )
                 continue
             info = reply.content["info"]
             if "error" in info:
