@@ -368,3 +368,26 @@ def write_consortium(
         if layout == "manifest":
             (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m fcl_lightning.data.phantom OUT``: write a partially labelled phantom consortium
+    (:func:`write_consortium`), a stand-in for a consortium's own site folders."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m fcl_lightning.data.phantom", description=main.__doc__)
+    p.add_argument("out", help="folder to write site0/, site1/, ... into")
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--patients", type=int, default=6, help="patients per site (two frames each)")
+    p.add_argument("--labelled", type=int, default=2, help="patients per site that keep their label files")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.sites < 1 or a.patients < 1 or not 0 <= a.labelled <= a.patients:
+        p.error("need --sites >= 1, --patients >= 1 and 0 <= --labelled <= --patients")
+    out = write_consortium(a.out, a.sites, a.patients, a.labelled, a.seed)
+    layouts = ", ".join(f"site{i} ({CONSORTIUM_LAYOUTS[i % len(CONSORTIUM_LAYOUTS)]})" for i in range(a.sites))
+    print(f"wrote {a.sites} sites x {a.patients} patients ({a.labelled} labelled each) to {out}: {layouts}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

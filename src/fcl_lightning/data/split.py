@@ -80,12 +80,19 @@ def federated_split(records: list[VolumeRecord], num_clients: int, mode: str = "
     rng = np.random.default_rng(seed)
 
     if mode == "site":
+        missing = [p for p, r in first.items() if r.site is None]
+        if missing:
+            raise DataError(f"patient {missing[0]} has no site; mode='site' needs one for every record")
+        sites = sorted({r.site for r in first.values()})
+        if sites[-1] >= num_clients or len(sites) < num_clients:
+            raise DataError(
+                f"the data holds {len(sites)} site(s) (ids {', '.join(map(str, sites[:10]))}) but data.num_clients is "
+                f"{num_clients}: with data.split site there is one client per site, ids 0..{num_clients - 1}; set "
+                f"--data.num_clients={sites[-1] + 1}"
+                + ("" if sites == list(range(len(sites))) else " (and give every id a site)")
+            )
         clients: list[list[str]] = [[] for _ in range(num_clients)]
         for p, r in first.items():
-            if r.site is None:
-                raise DataError(f"patient {p} has no site; mode='site' needs one for every record")
-            if not 0 <= r.site < num_clients:
-                raise DataError(f"patient {p} has site {r.site}, outside [0, {num_clients}) clients")
             clients[r.site].append(p)
         return _check_nonempty([sorted(c) for c in clients], len(patients), mode)
 

@@ -1,0 +1,192 @@
+"""The README's "One machine, several processes" block, run as written (opt-in: it starts a
+SuperLink and two SuperNodes on the README's fixed ports and trains for a few minutes).
+
+The commands are read from README.md, not copied here. They run in one ``bash`` from the
+repository root with ``HOME`` a temporary folder, so the block's ``~/.flwr/config.toml`` (and the
+apps Flower installs under ``~/.flwr``) land there, never in the user's home. The one change made
+to the text: the run config's ``--trainer.default_root_dir=runs/flower-loopback`` points at the
+temporary folder instead, so nothing is written into the repository. The background processes
+share the ``bash``'s process group; that group and every process it spawned are stopped at the
+end, also on failures. Then the same config and overrides go through ``fcl-lightning fit`` and
+the two ``encoder.pt`` must be bitwise equal.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+README_ROOT = "runs/flower-loopback"  # the README's --trainer.default_root_dir
+TIMEOUT_S = 300
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("FCL_FLOWER_LOOPBACK") != "1", reason="set FCL_FLOWER_LOOPBACK=1 (starts Flower processes)"
+)
+
+
+def readme_loopback_block() -> str:
+    """The ```bash block after the README's "One machine, several processes" paragraph."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("**One machine, several processes**")
+    m = re.compile(r"^```bash\n(.*?)^```", re.S | re.M).search(text, start)
+    assert m, "no ```bash block after 'One machine, several processes'"
+    return m.group(1)
+
+
+def flwr_run_config(block: str) -> dict:
+    """The ``--run-config`` of the block's ``flwr run`` line, parsed as Flower parses it."""
+    from flwr.common.config import parse_config_args
+
+    (line,) = [ln for ln in block.splitlines() if ln.startswith("flwr run ")]
+    args = shlex.split(line)
+    return parse_config_args([args[args.index("--run-config") + 1]])
+
+
+def ports(block: str) -> set[int]:
+    return {int(p) for p in re.findall(r"--port (\d+)", block)}
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _procs() -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, pgid) of every process on the machine."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        out[int(d.name)] = (int(fields[1]), int(fields[2]))
+    return out
+
+
+def _started_by(pgid: int) -> set[int]:
+    """The processes of process group ``pgid`` and all their descendants (Flower starts some of
+    its helpers, e.g. the SuperLink's SuperExec, in process groups of their own)."""
+    procs = _procs()
+    found = {pid for pid, (_, g) in procs.items() if g == pgid}
+    grew = True
+    while grew:
+        more = {pid for pid, (pp, _) in procs.items() if pp in found} - found
+        found |= more
+        grew = bool(more)
+    return found
+
+
+def _stop(pgid: int) -> set[int]:
+    """SIGTERM the group and its descendants, SIGKILL what is left after 15 s; the pids alive after."""
+    pids = _started_by(pgid)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with_kids = pids | _started_by(pgid)
+        for pid in with_kids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            alive = {pid for pid in with_kids if _alive(pid)}
+            if not alive:
+                return set()
+            time.sleep(0.2)
+        pids = alive
+    return {pid for pid in pids if _alive(pid)}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return state[state.rindex(")") + 2] != "Z"  # a zombie is done, only not reaped yet
+
+
+def test_readme_loopback_block_runs_as_written_and_matches_in_process(tmp_path):
+    block = readme_loopback_block()
+    assert "flower-superlink" in block and "flower-supernode" in block and "flwr run flower/" in block
+    rc = flwr_run_config(block)
+    assert f"--trainer.default_root_dir={README_ROOT}" in rc["overrides"], "the README names where results go"
+    busy = sorted(p for p in ports(block) if not port_free(p))
+    if busy:
+        pytest.fail(f"the README's ports {busy} are in use on 127.0.0.1: stop what holds them")
+
+    flower_root, inproc_root = tmp_path / "flower-loopback", tmp_path / "inprocess"
+    script = block.replace(f"--trainer.default_root_dir={README_ROOT}", f"--trainer.default_root_dir={flower_root}")
+    assert script.count(str(flower_root)) == 1
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "FLWR_HOME"}
+    env.update(HOME=str(home), PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    log_path = tmp_path / "readme_block.log"
+
+    def tail() -> str:
+        return "\n".join(log_path.read_text(errors="replace").splitlines()[-60:])
+
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        bash = subprocess.Popen(
+            ["bash", "-c", script], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        try:
+            bash_rc = bash.wait(TIMEOUT_S)  # returns when `flwr run --stream` does
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`flwr run` did not return within {TIMEOUT_S} s:\n{tail()}")
+        assert bash_rc == 0, f"the README block exited with {bash_rc}:\n{tail()}"
+        assert (home / ".flwr" / "config.toml").is_file()
+        done = [flower_root / "encoder.pt", flower_root / "summary.json"]
+        deadline = t0 + TIMEOUT_S
+        while not all(p.is_file() for p in done):  # the stream may end before the server writes
+            if "ServerApp raised an exception" in log_path.read_text(errors="replace"):
+                pytest.fail(f"the ServerApp failed:\n{tail()}")
+            if time.perf_counter() > deadline:
+                pytest.fail(f"no {flower_root}/encoder.pt and summary.json after {TIMEOUT_S} s:\n{tail()}")
+            time.sleep(0.5)
+        time.sleep(1)  # summary.json is written last; let the server finish its files
+    finally:
+        left = _stop(bash.pid)
+        assert not left, f"processes still running after cleanup: {sorted(left)}"
+    flower_s = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    overrides = [*shlex.split(rc["overrides"]), f"--trainer.default_root_dir={inproc_root}"]
+    subprocess.run(
+        ["fcl-lightning", "fit", "--config", rc["config"], *overrides],
+        cwd=REPO,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=TIMEOUT_S,
+    )
+    inproc_s = time.perf_counter() - t1
+    print(f"README Flower block: {flower_s:.1f} s; in-process fit: {inproc_s:.1f} s")
+
+    import torch
+
+    a = torch.load(flower_root / "encoder.pt", weights_only=True)
+    b = torch.load(inproc_root / "encoder.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"the Flower run's encoder differs from the in-process one in {differ}"
