@@ -67,7 +67,7 @@ def test_pretrain_semi_finetune_test_and_predict_on_partially_labelled_site_fold
     run = tmp_path / "fine"
     code, out, err = cli(["fit", *finetune_args(consortium, run, f"--model.pretrained={tmp_path / 'pre/encoder.pt'}")])
     assert code == 0, err
-    assert "client 2: labelled 1 patients / 2 volumes, unlabelled 4 volumes, validation 2 labelled volumes" in err
+    assert "client 2: labelled 1 patients / 2 volumes, unlabelled 8 volumes, validation 2 labelled volumes" in err
     assert "supervised" in out and "unlabelled" in out and "val Dice" in out  # the round line's split of the loss
 
     code, _, err = cli(["test", *finetune_args(consortium, run), "--ckpt_path=last"])

@@ -57,6 +57,11 @@ def ports(block: str) -> set[int]:
     return {int(p) for p in re.findall(r"--port (\d+)", block)}
 
 
+def sockets(block: str) -> list[Path]:
+    """The workers' socket paths."""
+    return [Path(s) for s in re.findall(r"--socket (\S+)", block)]
+
+
 def port_free(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -130,6 +135,9 @@ def test_readme_loopback_block_runs_as_written_and_matches_in_process(tmp_path):
     busy = sorted(p for p in ports(block) if not port_free(p))
     if busy:
         pytest.fail(f"the README's ports {busy} are in use on 127.0.0.1: stop what holds them")
+    socks = sockets(block)
+    if taken := [str(s) for s in socks if s.exists()]:  # a worker would take over a running worker's path
+        pytest.fail(f"the README's worker sockets {taken} exist: stop their workers or remove them")
 
     flower_root, inproc_root = tmp_path / "flower-loopback", tmp_path / "inprocess"
     script = block.replace(f"--trainer.default_root_dir={README_ROOT}", f"--trainer.default_root_dir={flower_root}")
@@ -166,6 +174,8 @@ def test_readme_loopback_block_runs_as_written_and_matches_in_process(tmp_path):
         time.sleep(1)  # summary.json is written last; let the server finish its files
     finally:
         left = _stop(bash.pid)
+        for s in socks:  # a stopped worker leaves its socket file
+            s.unlink(missing_ok=True)
         assert not left, f"processes still running after cleanup: {sorted(left)}"
     flower_s = time.perf_counter() - t0
 

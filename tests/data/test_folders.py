@@ -110,6 +110,10 @@ def test_held_out_patients_are_drawn_from_labelled_and_unlabelled_patients_apart
         labelled = {v.record.patient for v in dm.val[c] if v.label is not None}
         assert len(labelled) == 1 and len(held) == 3  # 1 of 2 labelled, 2 of 4 unlabelled patients
         assert dm.validation_volumes(c) == [v for v in dm.val[c] if v.label is not None]
+        # held-out patients without any label are never scored: semi-supervised training may use them
+        pool = {v.record.patient for v in dm.unlabelled_volumes(c)}
+        assert pool == {v.record.patient for v in dm.train[c] + dm.val[c] if v.label is None}
+        assert not pool & labelled
     # cross-validation folds hold labelled patients only: 2 labelled patients cannot make 5 folds
     with pytest.raises(DataError, match="client 0 has 2 labelled patient\\(s\\), fewer than data.cv_folds=5"):
         datamodule(consortium, cv_folds=5).setup("fit")

@@ -278,11 +278,15 @@ class FederatedDataModule(pl.LightningDataModule):
         return [v for v in labelled if v.record.patient in keep]
 
     def unlabelled_volumes(self, client: int, n: int | None = None) -> list[Volume]:
-        """The client's training volumes that fine-tuning does not use labelled: the scans
-        without labels, and under ``labelled_per_client`` those whose labels it hides. What
-        semi-supervised fine-tuning trains on; their labels are never read."""
+        """The client's scans that fine-tuning does not use labelled: its unlabelled training
+        scans, under ``labelled_per_client`` those whose labels it hides, and the scans of its
+        held-out patients that have no label at all (validation never scores them; the
+        label-free monitors of pre-training do). What semi-supervised fine-tuning trains on;
+        their labels are never read."""
         labelled = {id(v) for v in self.labelled_volumes(client, n)}
-        return [v for v in self.train[client] if id(v) not in labelled]
+        scored = {v.record.patient for v in self.validation_volumes(client)}
+        held = [v for v in self.val[client] if v.record.patient not in scored]  # never scored: no leak
+        return [v for v in self.train[client] if id(v) not in labelled] + held
 
     def validation_volumes(self, client: int) -> list[Volume]:
         """The client's labelled held-out volumes: what validation scores."""
