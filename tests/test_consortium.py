@@ -179,3 +179,18 @@ def test_a_sites_bad_data_reaches_the_server_before_round_one(consortium, tmp_pa
     with pytest.raises(SiteError, match="site 1: client 1 has no labelled training scan"):
         run_server(LocalGrid(client_app, run_config, nodes), run_config)
     assert not (tmp_path / "run/checkpoints").exists()
+
+
+def test_a_node_that_fails_to_answer_is_named_on_the_server_console(tmp_path, tiny, capsys):
+    from flower_grid import LocalGrid
+
+    from fcl_lightning.flower.apps import client_app
+    from fcl_lightning.flower.server import run_server
+
+    args = tiny(tmp_path / "run", rounds=1)[1:]
+    run_config = {"config": str(args[1]), "overrides": " ".join(shlex.quote(str(a)) for a in args[2:]), "wait-s": 5}
+    grid = LocalGrid(client_app, run_config, {100 + c: {"partition-id": c} for c in range(2)}, fail={-1: {101}})
+    run_server(grid, run_config)
+    err = capsys.readouterr().err
+    assert "flower: a node failed to answer: node 101: node 101 crashed" in err
+    assert "round 1: client 1 left out of this round (no node connected)" in " ".join(err.split())

@@ -19,9 +19,16 @@ client_app = ClientApp()
 
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
+    import sys
+
+    from fcl_lightning.errors import UserError
     from fcl_lightning.flower.server import run_server
 
-    run_server(grid, dict(context.run_config))
+    try:
+        run_server(grid, dict(context.run_config))
+    except UserError as exc:  # bad config or a site's bad data: one line on the server's console
+        sys.stderr.write(f"error: {exc}\n")
+        raise
 
 
 def answer(kind: str, msg: Message, context: Context) -> Message:
