@@ -77,14 +77,14 @@ def find_scans(input: str) -> list[Scan]:
     or a glob pattern."""
     p = Path(input).expanduser()
     scans: list[Scan] = []
-    if p.is_dir() and not any(p.glob("patient*/Info.cfg")):
+    if p.is_dir() and not any(p.glob("*/Info.cfg")):
         from fcl_lightning.data.folders import MANIFEST_NAMES
 
         listed = [p / n for n in MANIFEST_NAMES if (p / n).is_file()]
         if len(listed) == 1:  # a site folder in the manifest layout: its manifest names patients and frames
             p = listed[0]
-    if p.is_dir() and sorted(p.glob("patient*/Info.cfg")):
-        for info_path in sorted(p.glob("patient*/Info.cfg")):
+    if p.is_dir() and sorted(p.glob("*/Info.cfg")):
+        for info_path in sorted(p.glob("*/Info.cfg")):
             patient = info_path.parent.name
             info = read_info_cfg(info_path, patient)
             for frame in ("ED", "ES"):
@@ -112,7 +112,10 @@ def find_scans(input: str) -> list[Scan]:
             raise PredictInputError(f"predict input {input} does not exist")
         scans = [Scan(x, nifti_stem(x)) for x in paths]
     if not scans:
-        raise PredictInputError(f"predict input {input} names no NIfTI image")
+        hint = ""
+        if p.is_dir() and any(q.is_dir() for q in p.iterdir()):
+            hint = " (a folder of site folders? give one site's folder, or a manifest)"
+        raise PredictInputError(f"predict input {input} names no NIfTI image{hint}")
     names: dict[str, Path] = {}
     for s in scans:
         if s.name in names and names[s.name] != s.path:

@@ -183,3 +183,18 @@ def test_test_and_validate_load_no_training_volume(consortium):
     assert set(calls) == held and len(held) == 18 and all(not t for t in dm.train)
     dm.setup("fit")  # a later fit loads the training volumes after all
     assert all(len(t) == 6 for t in dm.train)
+
+
+def test_a_label_map_under_another_suffix_and_a_patient_folder_without_info_cfg_are_refused(tmp_path, consortium):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(consortium / "site2/patient005_frame01.nii.gz", flat / "case1.nii.gz")
+    shutil.copy(consortium / "site2/patient005_frame01_gt.nii.gz", flat / "case1_seg.nii.gz")
+    with pytest.raises(DataError, match="case1_seg.nii.gz looks like the label map of case1 .*set label_suffix: _seg"):
+        NiftiFolderSource(str(flat)).records()
+    assert [r.labelled for r in NiftiFolderSource(str(flat), label_suffix="_seg").records()] == [True]
+    tree = tmp_path / "tree"
+    shutil.copytree(consortium / "site0", tree)
+    (tree / "patient003/Info.cfg").unlink()
+    with pytest.raises(DataError, match="patient003: Info.cfg not found"):
+        FolderSource(str(tree)).records()

@@ -84,6 +84,14 @@ class ACDCSource(VolumeSource):
             folders = sorted(p.parent for p in self.root.glob("*/Info.cfg"))
             if not folders:
                 raise DataError(f"{self.root} holds no patient folder with an Info.cfg (ACDC layout)")
+            stray = sorted(
+                q.name for q in self.root.iterdir() if q.is_dir() and q not in folders and any(q.glob("*.nii*"))
+            )
+            if stray:
+                raise DataError(
+                    f"{self.root / stray[0]}: Info.cfg not found ({len(stray)} of the ACDC-layout folder's patient "
+                    "folders lack one; each needs its ED: and ES: frame numbers)"
+                )
             return folders
         folders = []
         for pid in self.patient_ids:

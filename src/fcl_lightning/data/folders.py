@@ -22,6 +22,9 @@ Layout = Literal["auto", "acdc", "manifest", "nifti"]
 #: the file names a manifest-layout folder's manifest may have (exactly one of them)
 MANIFEST_NAMES = ("manifest.csv", "manifest.tsv", "manifest.json")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+#: the label-file suffixes in common use (ACDC, nnU-Net-style exports, ...): a file ending in one
+#: of them beside an image of the same stem is refused as an image
+LABEL_SUFFIXES = ("_gt", "_seg", "_label", "_labels", "_mask")
 
 
 def _is_nifti(path: Path) -> bool:
@@ -80,6 +83,14 @@ class NiftiFolderSource(VolumeSource):
         files = sorted(p for p in (*self.root.iterdir(), *self.root.glob("*/*")) if _is_nifti(p))
         labels = {p for p in files if nifti_stem(p).endswith(self.label_suffix)}
         images = [p for p in files if p not in labels]
+        stems = {(p.parent, nifti_stem(p)) for p in images}
+        for p in images:  # a label map under another suffix would be read as an image
+            for suffix in LABEL_SUFFIXES:
+                if nifti_stem(p).endswith(suffix) and (p.parent, nifti_stem(p)[: -len(suffix)]) in stems:
+                    raise DataError(
+                        f"{p} looks like the label map of {nifti_stem(p)[: -len(suffix)]} (it ends in {suffix!r}, "
+                        f"and label files here end in {self.label_suffix!r}): set label_suffix: {suffix}"
+                    )
         for lab in sorted(labels):
             stem = nifti_stem(lab)[: -len(self.label_suffix)]
             if not any(nifti_stem(p) == stem and p.parent == lab.parent for p in images):
