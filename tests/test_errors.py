@@ -43,6 +43,17 @@ def one_error_line(err: str) -> str:
         (["--model.objective.num_negatives=9000"], "num_negatives=9000"),
         (["--federation.rounds=0"], "rounds and local_epochs must be >= 1"),
         (["--data.num_clients=0"], "num_clients must be >= 1"),
+        (["--federation.local_steps=0"], "federation.local_steps must be >= 1 or null"),
+        (["--federation.local_steps=-2"], "federation.local_steps must be >= 1 or null"),
+        (["--federation.exchange_per_partition=0"], "federation.exchange_per_partition must be >= 1"),
+        (["--federation.round_timeout=0"], "federation.round_timeout must be > 0 seconds"),
+        (["--federation.min_clients=3"], "federation.min_clients=3 is above the run's 2 clients"),
+        (["--federation.clients_per_round=1", "--federation.min_clients=2"], "is above federation.clients_per_round=1"),
+        (["--federation.clients_per_round=0"], "clients_per_round must be >= 1"),
+        (["--data.augment.prob=1.5"], "data.augment.prob must be in [0, 1]"),
+        (["--data.augment.scale=-0.1"], "data.augment.scale must be in [0, 1)"),
+        (["--data.num_workers=-1"], "data.num_workers must be >= 0"),
+        (["--federation.downstream.steps=0"], "downstream: labelled_per_client and steps must be >= 1"),
     ],
 )
 def test_bad_config_values_are_one_line_before_any_data(tmp_path, tiny, capsys, monkeypatch, extra, needle):

@@ -66,6 +66,14 @@ class DownstreamEvaluation:
         semi_supervised: SemiSupervised | None = None,
         space: Literal["preprocessed", "native"] = "preprocessed",
     ) -> None:
+        if labelled_per_client < 1 or steps < 1 or not lr > 0:
+            raise ConfigError(
+                f"downstream: labelled_per_client and steps must be >= 1 and lr > 0, got {labelled_per_client}, {steps}, {lr}"
+            )
+        if every_n_rounds is not None and every_n_rounds < 0:
+            raise ConfigError(
+                f"downstream.every_n_rounds must be >= 0 (0: after the last round only), got {every_n_rounds}"
+            )
         if space not in ("preprocessed", "native"):
             raise ConfigError(f"downstream.space must be 'preprocessed' or 'native', got {space!r}")
         self.space = space

@@ -60,11 +60,16 @@ def test_site_mode() -> None:
     recs = acdc_like(20, sites=4)
     clients = federated_split(recs, 4, mode="site")
     assert clients[1] == ["patient002", "patient006", "patient010", "patient014", "patient018"]
-    with pytest.raises(DataError, match="the data holds 5 site\\(s\\) \\(ids 0, 1, 2, 3, 4\\) but data.num_clients is 4.*--data.num_clients=5"):
+    with pytest.raises(
+        DataError,
+        match="the data holds 5 site\\(s\\) \\(ids 0, 1, 2, 3, 4\\) but data.num_clients is 4.*--data.num_clients=5",
+    ):
         federated_split(acdc_like(20, sites=5), 4, mode="site")
     with pytest.raises(DataError, match="patient001 has no site"):
         federated_split(acdc_like(20), 4, mode="site")
-    with pytest.raises(DataError, match="the data holds 3 site\\(s\\) .* but data.num_clients is 4.*--data.num_clients=3"):
+    with pytest.raises(
+        DataError, match="the data holds 3 site\\(s\\) .* but data.num_clients is 4.*--data.num_clients=3"
+    ):
         federated_split(acdc_like(20, sites=3), 4, mode="site")
 
 

@@ -46,6 +46,15 @@ class AugmentConfig:
     translate: float = 8.0
     elastic: bool = True
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prob <= 1.0:
+            raise ValueError(f"data.augment.prob must be in [0, 1], got {self.prob}")
+        for name in ("brightness", "contrast", "gamma", "rotate_deg", "translate"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"data.augment.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.scale < 1.0:
+            raise ValueError(f"data.augment.scale must be in [0, 1), got {self.scale}")
+
 
 def intensity_transforms(keys: list[str], cfg: AugmentConfig) -> list:
     return [

@@ -121,6 +121,8 @@ class FederatedDataModule(pl.LightningDataModule):
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if cv_folds is not None and not (cv_folds >= 2 and 0 <= cv_fold < cv_folds):
             raise ValueError(f"data.cv_folds must be >= 2 and data.cv_fold in [0, cv_folds), got {cv_folds}, {cv_fold}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
         if spacing <= 0 or img_size < 1:
             raise ValueError(f"data.spacing must be > 0 and data.img_size >= 1 (got {spacing}, {img_size})")
         self.img_size = int(img_size)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import Literal
 
 from jsonargparse import lazy_instance
@@ -95,6 +97,19 @@ class Federation:
             raise ValueError(f"clients_per_round must be >= 1, got {clients_per_round}")
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        if local_steps is not None and local_steps < 1:
+            raise ValueError(f"federation.local_steps must be >= 1 or null (local_epochs then), got {local_steps}")
+        if exchange_per_partition is not None and exchange_per_partition < 1:
+            raise ValueError(
+                f"federation.exchange_per_partition must be >= 1 or null (all), got {exchange_per_partition}"
+            )
+        if round_timeout is not None and not (round_timeout > 0 and math.isfinite(round_timeout)):
+            raise ValueError(f"federation.round_timeout must be > 0 seconds or null (no limit), got {round_timeout}")
+        if clients_per_round is not None and min_clients > clients_per_round:
+            raise ValueError(
+                f"federation.min_clients={min_clients} is above federation.clients_per_round={clients_per_round}: "
+                "every round would fail"
+            )
         self.rounds, self.local_epochs, self.clients_per_round = rounds, local_epochs, clients_per_round
         self.mode: Mode = mode_of(mode)
         self.aggregator, self.exchange = aggregator, exchange

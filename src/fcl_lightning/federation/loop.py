@@ -424,6 +424,10 @@ class FederatedLoop:
             )
         if self.fed.select_best and self.fed.mode.global_model:
             raise ConfigError("federation.select_best needs federation.mode local")
+        if self.fed.min_clients > num_clients:
+            raise ConfigError(
+                f"federation.min_clients={self.fed.min_clients} is above the run's {num_clients} clients: every round would fail"
+            )
         self.fed.mode.check(self.fed, self.module)
         check_writable(self.root)
         if ckpt is None:
