@@ -265,3 +265,12 @@ def test_remote_term_is_not_logged_while_the_banks_are_empty():
     parts, vols = torch.arange(4).repeat(2), torch.arange(2).repeat_interleave(4)
     out = FCLObjective()(ContrastiveInputs(q, q, parts, vols, BankEntries.empty(4, q.device)))
     assert "loss_remote" not in out and out["loss"].item() > 0  # no 0.0000 for a term that had nothing to match
+
+
+def test_a_fresh_fit_into_a_folder_holding_a_run_is_refused(tmp_path, tiny, capsys):
+    main(tiny(tmp_path, rounds=2))
+    files = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    code, _, err = run_cli(tiny(tmp_path, rounds=1), capsys)
+    line = one_error_line(err)
+    assert code == 2 and "already holds a run (checkpoints/" in line and "--ckpt_path last" in line
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == files  # nothing touched

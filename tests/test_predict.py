@@ -314,3 +314,25 @@ def test_test_scores_native_and_preprocessed_grids_and_the_indices(finetuned, ca
     assert code == 0, err
     summary = json.loads((root / "summary.json").read_text())
     assert summary["test/dice_mean"] == 1.0 and summary["test/indices/LV_EDV/bias"] == 0.0
+
+
+def test_one_output_folder_holds_one_predict_run(finetuned, tmp_path, capsys):
+    """A second predict of other inputs into the same folder is refused (its CSVs could not cover the
+    first one's label maps); the same inputs again are fine; a folder another predict holds is busy."""
+    from fcl_lightning.federation.lock import RunLock
+
+    root, scans = finetuned
+    args = ["predict", *FINETUNE, f"--trainer.default_root_dir={root}", "--ckpt_path=last"]
+    out = tmp_path / "pred"
+    first = scans / "patient001"
+    code, _, err = run_cli([*args, f"--input={first}", f"--output={out}"], capsys)
+    assert code == 0, err
+    before = sorted(p.name for p in out.iterdir())
+    code, _, err = run_cli([*args, f"--input={scans / 'patient002'}", f"--output={out}"], capsys)
+    assert code == 2 and "holds 2 label map(s) of other inputs" in err and err.count("error:") == 1, err
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing written
+    code, _, err = run_cli([*args, f"--input={first}", f"--output={out}"], capsys)
+    assert code == 0, err
+    with RunLock(out):
+        code, _, err = run_cli([*args, f"--input={first}", f"--output={out}"], capsys)
+    assert code == 2 and "(--output) is in use by another run" in err, err

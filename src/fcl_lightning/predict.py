@@ -180,6 +180,13 @@ def check_output_folder(out: Path, scans: list[Scan]) -> None:
                 f"the output folder {out} is the folder of the input {s.path}: choose another --output"
             )
     check_writable(out, "the output folder", "--output")
+    ours = {f"{s.name}_seg.nii.gz" for s in scans}
+    others = sorted(p.name for p in out.glob("*_seg.nii.gz") if p.name not in ours) if out.is_dir() else []
+    if others:
+        raise PredictInputError(
+            f"the output folder {out} holds {len(others)} label map(s) of other inputs ({others[0]}, ...): its "
+            "volumes.csv and indices.csv would not cover them; choose another --output or empty it"
+        )
 
 
 def preprocess_traced(pre: Preprocessor, image: np.ndarray, affine: np.ndarray, class_maps: np.ndarray | None = None):

@@ -14,6 +14,7 @@ from fcl_lightning.data.volume import DataError
 from fcl_lightning.errors import ConfigError
 from fcl_lightning.evaluation import STRUCTURES, evaluate_volumes, over_clients, summarize, write_rows_csv
 from fcl_lightning.federation.checkpoint import update_summary
+from fcl_lightning.federation.lock import RunLock
 from fcl_lightning.federation.state import load_checkpoint, resolve_ckpt_path
 from fcl_lightning.figures import save_bland_altman_figure
 from fcl_lightning.indices import INDEX_NAMES, agreement, patient_indices, write_indices_csv
@@ -209,7 +210,10 @@ def run_predict(
         def show(i: int, scan: Any) -> None:
             bar.update(task, completed=i, description=scan.path.name)
 
-        result = predict_scans(net, datamodule.preprocessor, scans, out, module.eval_batch_size, probabilities, show)
+        with RunLock(out, "--output"):  # one predict per output folder at a time
+            result = predict_scans(
+                net, datamodule.preprocessor, scans, out, module.eval_batch_size, probabilities, show
+            )
         bar.update(task, completed=len(scans))
     n = sum(1 for f in result["files"] if f.name.endswith("_seg.nii.gz"))
     extra = [f.name for f in result["files"] if f.suffix == ".csv"]

@@ -45,8 +45,8 @@ class RunLock:
     at once when a live run holds it. A folder the lock had to create and that is still empty
     when it is released is removed again (a run that failed its checks leaves nothing)."""
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | Path, option: str = "trainer.default_root_dir") -> None:
+        self.root, self.option = Path(root), option
         self.path = self.root / LOCK_NAME
         self._fd: int | None = None
         self._created_root = False
@@ -64,7 +64,7 @@ class RunLock:
         if holder.get("command"):
             who += f": {str(holder['command'])[:200]}"
         return RunFolderBusy(
-            f"{self.root} (trainer.default_root_dir) is in use by another run ({who}); wait for it to end "
+            f"{self.root} ({self.option}) is in use by another run ({who}); wait for it to end "
             "or stop it, or choose another folder"
         )
 

@@ -431,6 +431,15 @@ class FederatedLoop:
         self.fed.mode.check(self.fed, self.module)
         check_writable(self.root)
         if ckpt is None:
+            earlier = sorted((self.root / "checkpoints").glob("round-*.ckpt")) or sorted(
+                (self.root / "checkpoints").glob("last.ckpt")
+            )
+            if earlier:
+                raise ConfigError(
+                    f"{self.root} already holds a run (checkpoints/{earlier[-1].name}): resume it with "
+                    "--ckpt_path last, or give the new run another --trainer.default_root_dir (or delete that "
+                    "folder): one folder holds one run"
+                )
             return
         check_checkpoint(ckpt, path, num_clients, self.fed.rounds, self.module, self.root if states_here else None)
 
