@@ -30,10 +30,13 @@ from types import SimpleNamespace
 from typing import Any
 
 
-def apps(run_config: dict[str, Any], state_root: str | None = None) -> tuple[Any, Any]:
+def apps(
+    run_config: dict[str, Any], state_root: str | None = None, failure: list[BaseException] | None = None
+) -> tuple[Any, Any]:
     """A ServerApp and a ClientApp bound to ``run_config`` (the simulation runtime gives its nodes
     no run config of ours; the apps' handlers are closures, so Ray ships them, config and all,
-    to its workers)."""
+    to its workers). The server's error, if any, is appended to ``failure`` (the runtime itself
+    would only log it and return as if the run had ended well)."""
     from flwr.app import Message
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
@@ -45,7 +48,12 @@ def apps(run_config: dict[str, Any], state_root: str | None = None) -> tuple[Any
     def _server(grid, context) -> None:
         from fcl_lightning.flower.server import run_server
 
-        run_server(grid, rc)
+        try:
+            run_server(grid, rc)
+        except BaseException as exc:
+            if failure is not None:
+                failure.append(exc)
+            raise
 
     def answer(kind: str, msg: Message, context: Any) -> Message:
         from fcl_lightning.flower.client import REPLIES
@@ -86,7 +94,8 @@ def simulate(
     if ckpt_path:
         run_config["ckpt-path"] = ckpt_path
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    server_app, client_app = apps(run_config, state_root)
+    failure: list[BaseException] = []
+    server_app, client_app = apps(run_config, state_root, failure)
     backend = {
         "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
         "init_args": {"num_cpus": cpus or os.cpu_count() or 1, "log_to_driver": True},
@@ -98,10 +107,49 @@ def simulate(
     finally:
         for sig, handler in handlers.items():  # ray.init installs a SIGTERM handler and leaves it
             signal.signal(sig, handler)
+    if failure:
+        raise failure[0]
+
+
+def check_run(config: str, overrides: list[str], num_supernodes: int, ckpt_path: str | None = None) -> None:
+    """Everything ``fit`` checks before it starts, here before Ray does: the config parses and
+    builds, one simulated node per client, and the run folder and a checkpoint to resume from
+    suit the config; raises the one ``UserError`` (or the parser's exit 2) for bad input."""
+    from fcl_lightning.cli import build, check_config_files
+    from fcl_lightning.errors import ConfigError
+    from fcl_lightning.federation.loop import FederatedLoop
+    from fcl_lightning.federation.state import load_checkpoint, resolve_ckpt_path
+
+    if not Path(config).is_file():
+        raise ConfigError(f"--config {config}: no such file")
+    if num_supernodes < 1:
+        raise ConfigError(f"--num-supernodes must be >= 1, got {num_supernodes}")
+    args = ["--config", config, *overrides]
+    check_config_files(args)
+    cli = build(args)
+    clients = cli.datamodule.num_clients
+    if num_supernodes != clients:
+        raise ConfigError(
+            f"--num-supernodes {num_supernodes} but data.num_clients is {clients}: the simulation runs one node per "
+            f"client; set both to the same number"
+        )
+    fed = cli.config_init["federation"]
+    if not fed.mode.global_model:
+        raise ConfigError("Flower runs federation.mode federated (local mode needs no server)")
+    loop = FederatedLoop(fed, cli.model, cli.datamodule, root_dir=cli.trainer.default_root_dir)
+    path = resolve_ckpt_path(ckpt_path, loop.root, missing_last_ok=True)
+    loop.validate(load_checkpoint(path) if path is not None else None, path, clients, states_here=False)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad arguments end the command with one ``error:`` line and exit 2, as ``fcl-lightning``."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see: python -m fcl_lightning.flower.simulation --help)\n")
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(
+    ap = _OneLineParser(
         description="Run a federation under Flower's simulation runtime (Ray): one virtual node per client.",
         epilog="Arguments after -- are fcl-lightning config overrides, e.g. --data.num_clients=100.",
     )
@@ -113,15 +161,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ckpt-path", default=None, help="resume the server from a round checkpoint (`last`)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
-    simulate(
-        args.config,
-        args.overrides,
-        args.num_supernodes,
-        args.state_root,
-        args.cpus,
-        args.cpus_per_client,
-        args.ckpt_path,
-    )
+    if args.cpus is not None and args.cpus < 1:
+        ap.error(f"--cpus must be >= 1, got {args.cpus}")
+    if not args.cpus_per_client > 0:
+        ap.error(f"--cpus-per-client must be > 0, got {args.cpus_per_client}")
+    from fcl_lightning.errors import debug_requested, run_reporting_errors
+
+    debug, overrides = debug_requested(args.overrides)
+
+    def run() -> None:
+        check_run(args.config, overrides, args.num_supernodes, args.ckpt_path)
+        simulate(
+            args.config,
+            overrides,
+            args.num_supernodes,
+            args.state_root,
+            args.cpus,
+            args.cpus_per_client,
+            args.ckpt_path,
+        )
+
+    run_reporting_errors(run, debug)
 
 
 if __name__ == "__main__":

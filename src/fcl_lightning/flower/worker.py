@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import traceback
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
@@ -94,6 +95,15 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--socket", required=True, help="Unix socket path (the node config's `worker`)")
     args = ap.parse_args(argv)
+    path = Path(args.socket)
+    problem = None
+    if not path.parent.is_dir():
+        problem = f"--socket {path}: the folder {path.parent} does not exist"
+    elif path.exists() and not path.is_socket():
+        problem = f"--socket {path} is an existing file, not a socket: choose another path"
+    if problem:
+        sys.stderr.write(f"error: {problem}\n")
+        raise SystemExit(2)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     serve(args.socket)
 
