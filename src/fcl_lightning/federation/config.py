@@ -64,6 +64,12 @@ class Federation:
             (``False``: a new Trainer per client per round; same results, slower).
         privacy: opt-in differential privacy of what each client sends (the exchanged vectors,
             the weight updates), with the privacy loss over the run (README, "What leaves a hospital").
+            The accountant composes what every round released, resumes included; with a target
+            epsilon a resumed run's remaining rounds are noised so that the whole run meets it.
+        privacy_change: a resume whose ``privacy`` differs from the checkpoint's run (another
+            target, noise, clip, or privacy off) is refused (``refuse``); ``continue`` goes on
+            under the new settings, and the epsilon reported composes both parts (``inf`` once
+            anything left a client without noise).
     """
 
     def __init__(
@@ -89,6 +95,7 @@ class Federation:
         hooks: list[RoundHook] | None = None,
         reuse_trainers: bool = True,
         privacy: Privacy | None = None,
+        privacy_change: Literal["refuse", "continue"] = "refuse",
     ) -> None:
         if rounds < 1 or local_epochs < 1:
             raise ValueError(f"rounds and local_epochs must be >= 1 (got {rounds}, {local_epochs})")
@@ -133,3 +140,6 @@ class Federation:
                 )
             privacy.calibrate(rounds)
         self.privacy = privacy
+        if privacy_change not in ("refuse", "continue"):
+            raise ValueError(f"federation.privacy_change must be 'refuse' or 'continue', got {privacy_change!r}")
+        self.privacy_change = privacy_change

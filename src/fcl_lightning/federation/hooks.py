@@ -343,7 +343,15 @@ class ExportHook(RoundHook):
             }
         )
         if run.fed.privacy is not None:
-            summary["privacy"] = run.fed.privacy.summary(len(state.history), getattr(run.dm, "num_partitions", None))
+            nparts = getattr(run.dm, "num_partitions", None)
+            summary["privacy"] = run.fed.privacy.summary(len(state.history), nparts, spent=state.privacy_spent)
+            summary["privacy"]["noise_multipliers"] = sorted({z for z, _ in state.privacy_ledger if z is not None})
+        elif state.privacy_ledger:  # turned off on a resume: what was sent since carried no noise
+            summary["privacy"] = {
+                "epsilon": float("inf"),
+                "rounds": len(state.privacy_ledger),
+                "off_from_round": 1 + next(i for i, (z, _) in enumerate(state.privacy_ledger) if z is None),
+            }
         update_summary(root, {module.stage: dict(summary)})
 
 

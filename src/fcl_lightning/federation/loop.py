@@ -43,6 +43,7 @@ from fcl_lightning.federation.state import (
 from fcl_lightning.interrupt import RunInterrupted
 from fcl_lightning.io import atomic_write_text, check_writable, remove_interrupted_writes
 from fcl_lightning.lit.base import FederatedModule
+from fcl_lightning.privacy.accountant import spent_epsilon
 from fcl_lightning.runtime import CALLER_OWNS, quiet_trainer, resident_device
 from fcl_lightning.tracking import continue_csv_logs
 
@@ -64,6 +65,9 @@ class Clients:
     states_come_back: bool = False
     #: the run's state, for what a round's messages carry (which saved state a client resumes from)
     run_state: RunState | None = None
+    #: federation.privacy's noise multiplier as the run fixed it (a resume may recalibrate it):
+    #: what Flower nodes are told to noise with
+    noise_multiplier: float | None = None
 
     def train_round(
         self, round_idx: int, starts: dict[int, dict[str, torch.Tensor]], inbox: dict[int, Any], progress: Any
@@ -305,6 +309,8 @@ class FederatedLoop:
             set_rng_state(ckpt["rng"])
             self.log_console.print(f"[bold]resuming[/] from {path} after round {state.round}/{self.fed.rounds}")
             continue_csv_logs(self.loggers, state.round)
+        state.privacy_settings = self.fed.privacy.settings() if self.fed.privacy is not None else None
+        clients.noise_multiplier = self.fed.privacy.noise_multiplier if self.fed.privacy is not None else None
         self.state = clients.run_state = state
 
         hooks, started = self.hooks, []
@@ -385,8 +391,11 @@ class FederatedLoop:
 
         metrics = train_metrics({c: results[c] for c in selected})
         metrics.update({"round/time/train_s": t_train, "round/time/aggregate_s": t_agg, "round": r + 1})
-        if self.fed.privacy is not None:  # a client that sent in every round so far (an upper bound)
-            metrics["round/privacy/epsilon"] = self.fed.privacy.epsilon(r + 1)
+        p = self.fed.privacy
+        if p is not None or state.privacy_ledger:  # a client that sent in every round so far (an upper bound)
+            state.privacy_ledger.append(list(p.release()) if p is not None else [None, 1])
+            delta, kind = (p.delta, p.accountant) if p is not None else (1e-5, "rdp")
+            metrics["round/privacy/epsilon"] = spent_epsilon(state.privacy_spent, delta, kind)
         for h in hooks:
             h.on_round_end(self.context, state, results, metrics)
         state.record(metrics)
@@ -442,6 +451,32 @@ class FederatedLoop:
                 )
             return
         check_checkpoint(ckpt, path, num_clients, self.fed.rounds, self.module, self.root if states_here else None)
+        self.check_privacy(ckpt, path)
+
+    def check_privacy(self, ckpt: dict[str, Any], path: Path | None) -> None:
+        """A resume keeps the privacy settings of the run it resumes (or says it goes on under new
+        ones: ``federation.privacy_change``); with a target epsilon the remaining rounds are noised
+        so that the whole run, its rounds before the checkpoint included, meets the target."""
+        p, record = self.fed.privacy, ckpt.get("privacy")
+        if record is None:  # a checkpoint from before the ledger: nothing to compare
+            return
+        old, new = record.get("settings"), (p.settings() if p is not None else None)
+        if old != new and self.fed.privacy_change != "continue":
+            changed = (
+                "turns privacy off"
+                if new is None
+                else "turns privacy on"
+                if old is None
+                else "changes " + ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in new.items() if old.get(k) != v)
+            )
+            raise ConfigError(
+                f"this resume {changed} against the run in {path}: resume with its federation.privacy, or set "
+                "federation.privacy_change=continue to go on under the new settings (the epsilon reported then "
+                "composes both parts)"
+            )
+        spent = [(None if z is None else float(z), int(n)) for z, n in record.get("ledger", [])]
+        if p is not None and p.target_epsilon is not None and spent:
+            p.calibrate(self.fed.rounds - int(ckpt["round"]), spent)
 
 
 def train_metrics(results: dict[int, ClientResult]) -> dict[str, float]:

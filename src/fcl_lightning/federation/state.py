@@ -212,6 +212,11 @@ class RunState:
     fresh_states: dict[int, Any] = field(default_factory=dict)
     #: the last round whose checkpoint is whole on disk (``None``: none yet)
     checkpointed: int | None = None
+    #: per round done, what each client released under federation.privacy: [noise multiplier, releases]
+    #: (``None``: sent without noise after privacy was turned off on a resume); empty: never private
+    privacy_ledger: list[list[Any]] = field(default_factory=list)
+    #: the federation.privacy settings the run trains under (``None``: off)
+    privacy_settings: dict[str, Any] | None = None
     elapsed: float = 0.0  # seconds of training rounds (monitors, downstream runs, checkpoints excluded)
     round_started: float = 0.0
 
@@ -243,6 +248,7 @@ class RunState:
             # select_best: each client's weights from its round with the best validation Dice (what `test` scores)
             "best_client_weights": {str(c): w for c, (_, w) in self.best.items()},
             "best_val_dice": {str(c): d for c, (d, _) in self.best.items()},
+            "privacy": {"settings": self.privacy_settings, "ledger": self.privacy_ledger},
             **run,
         }
 
@@ -261,7 +267,14 @@ class RunState:
             round=int(ckpt["round"]),
             client_versions=versions_of(ckpt),
             elapsed=float(ckpt["elapsed_s"]),
+            privacy_ledger=[list(e) for e in (ckpt.get("privacy") or {}).get("ledger", [])],
+            privacy_settings=(ckpt.get("privacy") or {}).get("settings"),
         )
+
+    @property
+    def privacy_spent(self) -> list[tuple[float | None, int]]:
+        """The ledger as the accountant reads it: (noise multiplier, releases) per round."""
+        return [(None if z is None else float(z), int(n)) for z, n in self.privacy_ledger]
 
     def record(self, metrics: dict[str, float]) -> None:
         """The round's ``round/`` (and ``downstream/``) figures into the history, its Dice rows

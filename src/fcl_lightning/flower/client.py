@@ -163,6 +163,8 @@ def train_reply(content: RecordDict, context: Context) -> RecordDict:
     client, data_client = client_ids(context.node_config, runtime)
     config = content["config"]
     round_idx, version = int(config["round"]), int(config.get("state-version", 0))
+    if "noise-multiplier" in config and runtime.privacy is not None:  # the server's, as its run fixed it
+        runtime.privacy.noise_multiplier = float(config["noise-multiplier"])
     weights = record_to_weights(content["weights"])
     remote = record_to_features(content["features"]) if "features" in content else None
     res = client_step(

@@ -111,6 +111,8 @@ class FlowerClients(Clients):
             version = st.client_versions.get(c, 0) if st is not None else 0
             keep_from = st.keep_from.get(c, version) if st is not None else version
             config = ConfigRecord({"round": round_idx, "state-version": version, "keep-from": min(keep_from, version)})
+            if self.noise_multiplier is not None:  # as the run fixed it (a resume may have recalibrated it)
+                config["noise-multiplier"] = float(self.noise_multiplier)
             content = RecordDict({"weights": rec, "config": config})
             if inbox.get(c) is not None:
                 content["features"] = features_to_record(inbox[c])

@@ -57,21 +57,70 @@ def epsilon(noise_multiplier: float, rounds: int, delta: float, mechanisms: int 
     return float(acc.get_epsilon(delta))
 
 
-def calibrate(target_epsilon: float, delta: float, rounds: int, mechanisms: int = 1, kind: Accounting = "rdp") -> float:
-    """The smallest noise multiplier whose run stays within ``target_epsilon`` at ``delta``
+#: what a run has released so far: ``(noise multiplier, number of Gaussian releases)`` pairs;
+#: a noise multiplier of ``None`` is a release without noise (privacy turned off on a resume)
+Releases = list[tuple[float | None, int]]
+
+
+def spent_event(spent: Releases):
+    """The ``DpEvent`` of the releases ``spent`` (all noised)."""
+    dp = _dp()
+    return dp.ComposedDpEvent([dp.SelfComposedDpEvent(dp.GaussianDpEvent(z), n) for z, n in spent if n])
+
+
+def spent_epsilon(spent: Releases, delta: float, kind: Accounting = "rdp") -> float:
+    """Epsilon at ``delta`` of the releases ``spent``, composed; ``inf`` once one was not noised."""
+    if any(z is None for z, n in spent if n):
+        return math.inf
+    if not any(n for _, n in spent):
+        return 0.0
+    acc = fresh_accountant(kind)
+    acc.compose(spent_event(spent))
+    return float(acc.get_epsilon(delta))
+
+
+def calibrate(
+    target_epsilon: float,
+    delta: float,
+    rounds: int,
+    mechanisms: int = 1,
+    kind: Accounting = "rdp",
+    spent: Releases = (),
+) -> float:
+    """The smallest noise multiplier for ``rounds`` more rounds such that they, composed with the
+    releases already ``spent`` (a resumed run's), stay within ``target_epsilon`` at ``delta``
     (``dp_accounting.calibrate_dp_mechanism``); a clear error if none in :data:`Z_RANGE` does."""
     dp = _dp()
     lo, hi = Z_RANGE[kind]
-    if epsilon(hi, rounds, delta, mechanisms, kind) > target_epsilon:
+    spent = [(z, n) for z, n in spent if n]
+    if any(z is None for z, _ in spent):
+        raise ConfigError("federation.privacy: the run already released un-noised vectors or weights: no epsilon holds")
+
+    def total(z: float) -> float:
+        if not spent:
+            return epsilon(z, rounds, delta, mechanisms, kind)
+        return spent_epsilon([*spent, (z, rounds * mechanisms)], delta, kind)
+
+    if total(hi) > target_epsilon:
+        done = f" after the {sum(n for _, n in spent)} release(s) already spent" if spent else ""
         raise ConfigError(
             f"federation.privacy: epsilon={target_epsilon} at delta={delta} cannot be reached over {rounds} rounds "
-            f"of {mechanisms} release(s) even with noise multiplier {hi:g}: raise epsilon or delta, or run fewer rounds"
+            f"of {mechanisms} release(s){done} even with noise multiplier {hi:g}: raise epsilon or delta, or run "
+            "fewer rounds"
         )
-    if epsilon(lo, rounds, delta, mechanisms, kind) <= target_epsilon:
+    if total(lo) <= target_epsilon:
         return lo
+
+    def event(z: float):
+        return (
+            run_event(z, rounds, mechanisms)
+            if not spent
+            else dp.ComposedDpEvent([spent_event(spent), run_event(z, rounds, mechanisms)])
+        )
+
     z = dp.calibrate_dp_mechanism(
         lambda: fresh_accountant(kind),
-        lambda z: run_event(z, rounds, mechanisms),
+        event,
         target_epsilon,
         delta,
         dp.ExplicitBracketInterval(lo, hi),
@@ -79,7 +128,7 @@ def calibrate(target_epsilon: float, delta: float, rounds: int, mechanisms: int 
     )
     z = float(z)
     # Brent's method returns a point within tol of the optimum: step up until the budget holds
-    while epsilon(z, rounds, delta, mechanisms, kind) > target_epsilon:
+    while total(z) > target_epsilon:
         z *= 1 + 1e-4
     if not math.isfinite(z):  # pragma: no cover - guarded by the range check above
         raise ConfigError("federation.privacy: the noise calibration failed")

@@ -81,16 +81,36 @@ class Privacy:
         """Gaussian releases per client and round."""
         return int(self.features) + int(self.weights)
 
-    def calibrate(self, rounds: int) -> None:
-        """Fix the noise multiplier for a run of ``rounds`` (from the target epsilon), or check
-        the given one; one clear error if the target cannot be reached."""
+    def calibrate(self, rounds: int, spent: accountant.Releases = ()) -> None:
+        """Fix the noise multiplier for ``rounds`` more rounds (from the target epsilon, which the
+        releases already ``spent`` by a resumed run count against), or check the given one; one
+        clear error if the target cannot be reached."""
         self.rounds = rounds
         if self.target_epsilon is not None:
             self.noise_multiplier = accountant.calibrate(
-                self.target_epsilon, self.delta, rounds, self.mechanisms, self.accountant
+                self.target_epsilon, self.delta, rounds, self.mechanisms, self.accountant, spent
             )
         else:
             self.epsilon(rounds)  # a noise multiplier the accountant cannot handle fails here
+
+    def settings(self) -> dict[str, Any]:
+        """What the user set (a resume that changes any of it is refused unless allowed)."""
+        return {
+            "epsilon": self.target_epsilon,
+            "delta": self.delta,
+            "noise_multiplier": None if self.target_epsilon is not None else self.noise_multiplier,
+            "features": self.features,
+            "feature_clip": self.feature_clip,
+            "weights": self.weights,
+            "weights_clip": self.weights_clip,
+            "unit": self.unit,
+            "accountant": self.accountant,
+        }
+
+    def release(self) -> tuple[float, int]:
+        """What one round releases per client: (noise multiplier, Gaussian releases)."""
+        assert self.noise_multiplier is not None
+        return float(self.noise_multiplier), self.mechanisms
 
     def epsilon(self, rounds: int) -> float:
         """Epsilon at ``delta`` spent by a client that sent in ``rounds`` rounds."""
@@ -108,10 +128,16 @@ class Privacy:
         assert self.noise_multiplier is not None
         return self.noise_multiplier * 2.0 * self.weights_clip
 
-    def summary(self, rounds_done: int, num_partitions: int | None = None) -> dict[str, Any]:
-        """What ``summary.json`` records."""
+    def summary(
+        self, rounds_done: int, num_partitions: int | None = None, spent: accountant.Releases | None = None
+    ) -> dict[str, Any]:
+        """What ``summary.json`` records (``spent``: every release of the run, resumes included;
+        ``None``: ``rounds_done`` rounds at this noise)."""
+        eps = (
+            self.epsilon(rounds_done) if spent is None else accountant.spent_epsilon(spent, self.delta, self.accountant)
+        )
         out: dict[str, Any] = {
-            "epsilon": self.epsilon(rounds_done),
+            "epsilon": eps,
             "delta": self.delta,
             "target_epsilon": self.target_epsilon,
             "noise_multiplier": self.noise_multiplier,
