@@ -336,3 +336,65 @@ def test_one_output_folder_holds_one_predict_run(finetuned, tmp_path, capsys):
     with RunLock(out):
         code, _, err = run_cli([*args, f"--input={first}", f"--output={out}"], capsys)
     assert code == 2 and "(--output) is in use by another run" in err, err
+
+
+def truncated_scan(path: Path) -> Path:
+    """A .nii.gz whose header reads but whose voxels do not (the file cut in the middle of its data)."""
+    flat = np.random.default_rng(0).random((64, 64, 8), dtype=np.float32)
+    nib.save(nib.Nifti1Image(flat, np.diag([*ZOOMS, 1.0])), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize("on_bad_scan", ["stop", "skip"])
+def test_predict_streams_and_a_scan_that_fails_only_when_decoded_is_named(tmp_path, monkeypatch, on_bad_scan):
+    """Every header is checked before anything is written; then each scan is decoded, segmented and
+    written before the next is decoded; a scan that fails to decode stops the run or is skipped,
+    and volumes.csv's status column says which."""
+    import fcl_lightning.predict as pr
+
+    events = []
+    real_read, real_save = pr.read_scan, pr.save_label_map
+    monkeypatch.setattr(pr, "segment_frame", image_is_its_label)
+    monkeypatch.setattr(pr, "read_scan", lambda s: events.append(("read", s.name)) or real_read(s))
+    monkeypatch.setattr(
+        pr, "save_label_map", lambda seg, img, p: events.append(("save", p.name)) or real_save(seg, img, p)
+    )
+    folder = tmp_path / "in"
+    folder.mkdir()
+    label_scan(folder / "a.nii.gz", 400, 400, 500)
+    truncated_scan(folder / "b.nii.gz")
+    label_scan(folder / "c.nii.gz", 400, 400, 200)
+    out = tmp_path / "out"
+    scans = pr.find_scans(str(folder))
+    if on_bad_scan == "stop":
+        with pytest.raises(pr.PredictInputError, match="b.nii.gz: cannot read the image.*after 1 of 3 scans"):
+            pr.predict_scans(torch.nn.Identity(), None, scans, out, on_bad_scan=on_bad_scan)
+        assert events == [("read", "a"), ("save", "a_seg.nii.gz"), ("read", "b")]
+    else:
+        res = pr.predict_scans(torch.nn.Identity(), None, scans, out, on_bad_scan=on_bad_scan)
+        assert events == [
+            ("read", "a"),
+            ("save", "a_seg.nii.gz"),
+            ("read", "b"),
+            ("read", "c"),
+            ("save", "c_seg.nii.gz"),
+        ]
+        assert len(res["bad"]) == 1 and "b.nii.gz" in res["bad"][0]
+    rows = {r["image"]: r["status"] for r in csv.DictReader(open(out / "volumes.csv"))}
+    assert rows["a"] == "ok" and rows["b"].startswith("failed: " if on_bad_scan == "stop" else "skipped: ")
+    assert ("c" in rows) == (on_bad_scan == "skip")
+
+
+def test_a_bad_header_stops_predict_before_anything_is_written(tmp_path, monkeypatch):
+    import fcl_lightning.predict as pr
+
+    monkeypatch.setattr(pr, "segment_frame", image_is_its_label)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    label_scan(folder / "a.nii.gz", 400, 400, 500)
+    (folder / "z.nii.gz").write_bytes(b"not a nifti at all")
+    with pytest.raises(pr.PredictInputError, match="z.nii.gz: cannot read the image"):
+        pr.predict_scans(torch.nn.Identity(), None, pr.find_scans(str(folder)), tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -120,7 +120,20 @@ class FCLCLI(LightningCLI):
             )
             parser.add_argument("--client", type=int, default=0, help="local mode: whose model (default 0)")
             parser.add_argument("--probabilities", type=bool, default=False, help="also write <name>_prob.nii.gz")
-            self._subcommand_method_arguments[subcommand] += ["input", "output", "client", "probabilities"]
+            parser.add_argument(
+                "--on_bad_scan",
+                type=Literal["stop", "skip"],
+                default="stop",
+                help="a scan whose header is fine but whose voxels fail to decode: stop there, or skip it "
+                "(volumes.csv's status column names it either way)",
+            )
+            self._subcommand_method_arguments[subcommand] += [
+                "input",
+                "output",
+                "client",
+                "probabilities",
+                "on_bad_scan",
+            ]
         if subcommand in ("test", "validate"):
             parser.add_argument(
                 "--space",
@@ -281,12 +294,13 @@ class FCLCLI(LightningCLI):
         output: str | None = None,
         client: int = 0,
         probabilities: bool = False,
+        on_bad_scan: str = "stop",
         **_: Any,
     ) -> None:
         """Segment new scans with a fine-tuning run's model: label maps in each scan's geometry."""
         run_predict(
             model, datamodule, ckpt_path or self.resume_path, input, output, client, probabilities,
-            Path(self.trainer.default_root_dir), self.trainer.strategy.root_device,
+            Path(self.trainer.default_root_dir), self.trainer.strategy.root_device, on_bad_scan,
         )  # fmt: skip
 
 

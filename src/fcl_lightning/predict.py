@@ -139,19 +139,51 @@ def stored_zooms(path: Path, img: nib.Nifti1Image) -> np.ndarray:
         return np.asarray(img.header.get_zooms()[:3], dtype=float)
 
 
-def read_scan(scan: Scan) -> tuple[nib.Nifti1Image, np.ndarray, np.ndarray]:
-    """The image, its data as float32 (3D, or 4D with time last) and its voxel affine, or one
-    :class:`PredictInputError` naming the file: unreadable, not 3D/4D, no spacing, NaN voxels."""
+def _load_header(path: Path) -> nib.Nifti1Image:
+    """The image object without its voxels (nibabel reads them only when asked)."""
+    quiet = logging.getLogger("nibabel.global")  # its note on a header it repairs: checked below instead
+    was, quiet.disabled = quiet.disabled, True
+    try:
+        return nib.load(str(path))
+    finally:
+        quiet.disabled = was
+
+
+def check_scan(scan: Scan) -> tuple[int, ...]:
+    """What the header and the path tell, without decoding the voxels: the file exists and is a
+    NIfTI image of 3 or 4 dimensions with a voxel spacing and an invertible affine. Returns its
+    shape; one :class:`PredictInputError` naming the file otherwise."""
     path = scan.path
     if not path.is_file():
         raise PredictInputError(f"{path}: image file not found")
     try:
-        quiet = logging.getLogger("nibabel.global")  # its note on a header it repairs: checked below instead
-        was, quiet.disabled = quiet.disabled, True
-        try:
-            img = nib.load(str(path))
-        finally:
-            quiet.disabled = was
+        img = _load_header(path)
+        shape = tuple(int(n) for n in img.shape)
+        affine = voxel_affine(img)
+    except Exception as exc:  # nibabel raises many types for damaged files
+        raise PredictInputError(
+            f"{path}: cannot read the image: corrupt or not NIfTI ({type(exc).__name__}: {exc})"
+        ) from None
+    while len(shape) > 4 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) not in (3, 4):
+        raise PredictInputError(f"{path}: not a 3D or 4D image (shape {shape})")
+    zooms = stored_zooms(path, img)
+    if zooms.size < 3 or not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
+        raise PredictInputError(f"{path}: the header gives no voxel spacing (pixdim {zooms.tolist()})")
+    det = np.linalg.det(affine[:3, :3])
+    if not np.isfinite(det) or abs(det) < 1e-12:
+        raise PredictInputError(f"{path}: the header's affine is singular")
+    return shape
+
+
+def read_scan(scan: Scan) -> tuple[nib.Nifti1Image, np.ndarray, np.ndarray]:
+    """The image, its data as float32 (3D, or 4D with time last) and its voxel affine, or one
+    :class:`PredictInputError` naming the file: unreadable, not 3D/4D, no spacing, NaN voxels."""
+    check_scan(scan)
+    path = scan.path
+    try:
+        img = _load_header(path)
         data = np.asanyarray(img.dataobj).astype(np.float32)
         affine = voxel_affine(img)
     except Exception as exc:  # nibabel raises many types for damaged files
@@ -160,11 +192,6 @@ def read_scan(scan: Scan) -> tuple[nib.Nifti1Image, np.ndarray, np.ndarray]:
         ) from None
     while data.ndim > 4 and data.shape[-1] == 1:
         data = data[..., 0]
-    if data.ndim not in (3, 4):
-        raise PredictInputError(f"{path}: not a 3D or 4D image (shape {tuple(data.shape)})")
-    zooms = stored_zooms(path, img)
-    if zooms.size < 3 or not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
-        raise PredictInputError(f"{path}: the header gives no voxel spacing (pixdim {zooms.tolist()})")
     if not np.all(np.isfinite(data)):
         raise PredictInputError(f"{path}: holds NaN or infinite voxels")
     return img, data, affine
@@ -283,6 +310,10 @@ def missing_indices(scans: list[tuple[Scan, int]]) -> list[str]:
     return reasons
 
 
+#: what ``predict`` does with a scan whose header passed but whose voxels fail to decode
+ON_BAD_SCAN = ("stop", "skip")
+
+
 def predict_scans(
     net: torch.nn.Module,
     pre: Preprocessor,
@@ -291,25 +322,59 @@ def predict_scans(
     batch_size: int = 32,
     probabilities: bool = False,
     progress: Callable[[int, Scan], None] | None = None,
+    on_bad_scan: str = "stop",
 ) -> dict[str, Any]:
     """Segment every scan into ``out``; returns the files written (``files``), the rows of the CSVs
-    (``volumes``, ``indices``) and why patients or inputs have no indices (``no_indices``: lines of
-    :func:`missing_indices`).
+    (``volumes``, ``indices``), why patients or inputs have no indices (``no_indices``: lines of
+    :func:`missing_indices`) and the scans that failed to decode (``bad``).
 
-    Every input is read and checked before the first file is written (one bad file stops the
-    command with nothing written); ``volumes.csv`` holds the structure volumes of every 3D
-    image, ``indices.csv`` the cardiac indices of every patient with an ED and an ES frame, and
-    a ``flags`` column: empty, or the implausible indices joined by ``;`` (e.g. ``RV_EDV<10ml;RV_EF<0%``,
+    What headers and paths tell is checked for every input before anything is written (one bad
+    header stops the command with nothing written); then the scans are decoded, segmented and
+    written one at a time, so memory stays flat in the number of inputs. A scan that fails only
+    when decoded (damaged data, NaN voxels) stops the run (``on_bad_scan: stop``, after writing
+    the CSVs of what was done) or is skipped (``skip``); ``volumes.csv``'s ``status`` says which.
+    ``volumes.csv`` holds the structure volumes of every 3D image, ``indices.csv`` the cardiac
+    indices of every patient with an ED and an ES frame, and a ``flags`` column: empty, or the
+    implausible indices joined by ``;`` (e.g. ``RV_EDV<10ml;RV_EF<0%``,
     :func:`~fcl_lightning.indices.implausible`)."""
-    loaded = [(s, *read_scan(s)) for s in scans]
-    reasons = missing_indices([(s, data.ndim) for s, _, data, _ in loaded])
+    if on_bad_scan not in ON_BAD_SCAN:
+        raise PredictInputError(f"--on_bad_scan must be one of {ON_BAD_SCAN}, got {on_bad_scan!r}")
+    shapes = [check_scan(s) for s in scans]
+    reasons = missing_indices([(s, len(shape)) for s, shape in zip(scans, shapes)])
     check_output_folder(out, scans)
     written: list[Path] = []
     volume_rows: list[dict[str, Any]] = []
-    by_patient: dict[str, dict[str, tuple[np.ndarray, tuple[float, float, float]]]] = {}
-    for i, (scan, img, data, affine) in enumerate(loaded):
+    index_rows: list[dict[str, Any]] = []
+    bad: list[str] = []
+    # the ED / ES label maps of patients still waiting for their other frame (only those: memory
+    # stays flat when a patient's frames come together, as they do in an ACDC root or a manifest)
+    waiting: dict[str, dict[str, tuple[np.ndarray, tuple[float, float, float]]]] = {}
+    left = {s.patient: sum(1 for t in scans if t.patient == s.patient and t.frame in INDEX_FRAMES) for s in scans}
+
+    def finish() -> None:
+        for row in index_rows:
+            row["flags"] = ";".join(implausible(row))
+        if volume_rows:
+            written.append(write_volumes_csv(volume_rows, out / "volumes.csv"))
+        if index_rows:
+            written.append(write_indices_csv(sorted(index_rows, key=lambda r: r["patient"]), out / "indices.csv"))
+
+    for i, scan in enumerate(scans):
         if progress is not None:
             progress(i, scan)
+        try:
+            img, data, affine = read_scan(scan)
+        except PredictInputError as exc:
+            bad.append(str(exc))
+            volume_rows.append(
+                {"image": scan.name, "status": f"{'failed' if on_bad_scan == 'stop' else 'skipped'}: {exc}"}
+            )
+            if on_bad_scan == "stop":
+                finish()
+                raise PredictInputError(
+                    f"{exc} (after {i} of {len(scans)} scans; volumes.csv lists them; --on_bad_scan skip goes on)"
+                ) from None
+            continue
         frames = [data] if data.ndim == 3 else [data[..., t] for t in range(data.shape[3])]
         segs, probs = zip(*(segment_frame(net, pre, f, affine, batch_size) for f in frames))
         seg = segs[0] if data.ndim == 3 else np.stack(segs, axis=-1)
@@ -317,29 +382,29 @@ def predict_scans(
         if probabilities:
             p = probs[0] if data.ndim == 3 else np.stack(probs, axis=-1)
             written.append(save_probabilities(p, img, out / f"{scan.name}_prob.nii.gz"))
+        del data, frames, probs
         spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
-        if data.ndim == 3:
-            volume_rows.append({"image": scan.name, **structure_volumes_ml(seg, spacing)})
+        if seg.ndim == 3:
+            volume_rows.append({"image": scan.name, **structure_volumes_ml(seg, spacing), "status": "ok"})
             if scan.patient and scan.frame in INDEX_FRAMES:
-                by_patient.setdefault(scan.patient, {})[scan.frame] = (seg, spacing)
-    index_rows = [
-        {"patient": p, **cardiac_indices(f["ED"][0], f["ES"][0], f["ED"][1], f["ES"][1])}
-        for p, f in sorted(by_patient.items())
-        if "ED" in f and "ES" in f
-    ]
-    for row in index_rows:
-        row["flags"] = ";".join(implausible(row))
-    if volume_rows:
-        written.append(write_volumes_csv(volume_rows, out / "volumes.csv"))
-    if index_rows:
-        written.append(write_indices_csv(index_rows, out / "indices.csv"))
-    return {"files": written, "volumes": volume_rows, "indices": index_rows, "no_indices": reasons}
+                waiting.setdefault(scan.patient, {})[scan.frame] = (seg, spacing)
+        if scan.patient and scan.frame in INDEX_FRAMES:
+            left[scan.patient] -= 1
+            f = waiting.get(scan.patient, {})
+            if "ED" in f and "ES" in f:
+                index_rows.append(
+                    {"patient": scan.patient, **cardiac_indices(f["ED"][0], f["ES"][0], f["ED"][1], f["ES"][1])}
+                )
+            if left[scan.patient] == 0:
+                waiting.pop(scan.patient, None)
+    finish()
+    return {"files": written, "volumes": volume_rows, "indices": index_rows, "no_indices": reasons, "bad": bad}
 
 
 def write_volumes_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=["image", "RV", "MYO", "LV"])
+            w = csv.DictWriter(fh, fieldnames=["image", "RV", "MYO", "LV", "status"])
             w.writeheader()
             w.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
 

@@ -162,6 +162,7 @@ def run_predict(
     probabilities: bool,
     root: Path,
     device: str | torch.device = "cpu",
+    on_bad_scan: str = "stop",
 ) -> dict[str, Any]:
     """``fcl-lightning predict``: the model of a fine-tuning checkpoint (``client``'s in local
     mode), the data section's preprocessing, every scan of ``input`` segmented into ``output``."""
@@ -212,7 +213,7 @@ def run_predict(
 
         with RunLock(out, "--output"):  # one predict per output folder at a time
             result = predict_scans(
-                net, datamodule.preprocessor, scans, out, module.eval_batch_size, probabilities, show
+                net, datamodule.preprocessor, scans, out, module.eval_batch_size, probabilities, show, on_bad_scan
             )
         bar.update(task, completed=len(scans))
     n = sum(1 for f in result["files"] if f.name.endswith("_seg.nii.gz"))
@@ -227,6 +228,10 @@ def run_predict(
     def say(line: str, style: str | None = None) -> None:  # plain text: names may hold [brackets]
         console.print(line, style=style, markup=False, highlight=False, soft_wrap=True)
 
+    for line in result.get("bad", [])[:shown]:
+        say(f"skipped: {line}", "yellow")
+    if len(result.get("bad", [])) > shown:
+        say(f"... {len(result['bad'])} scans skipped in all (volumes.csv's status column)", "yellow")
     reasons = result.get("no_indices", [])
     if len(reasons) > shown:
         say(f"{len(reasons)} patients or inputs without cardiac indices; the first {shown}:")
