@@ -121,15 +121,18 @@ def test_failing_client_is_left_out(tmp_path, tiny, capsys):
 
 @pytest.mark.slow
 def test_site_nodes_hold_only_their_own_data(tmp_path, tiny):
-    """With a data-root each node's datamodule is one site (num_clients 1); its vectors still carry
-    its federation-wide id, so routing works as before."""
+    """With a data-root each node's datamodule is one site's folder (num_clients 1); its vectors still
+    carry its federation-wide id, so routing works as before."""
+    from fcl_lightning.data.phantom import PhantomSource, write_acdc_layout
+
+    site = write_acdc_layout(PhantomSource(num_subjects=8, size=64), str(tmp_path / "site"))
     grid, summary = flower_run(
         tmp_path,
         tiny,
         tmp_path / "run",
         clients=2,
         rounds=2,
-        node_extra={"data-root": str(tmp_path), "overrides": "--data.val_fraction=0.0"},
+        node_extra={"data-root": str(site), "overrides": "--data.val_fraction=0.0"},
     )
     for m in train_messages(grid, 1):
         c = m.metadata.dst_node_id - 100
