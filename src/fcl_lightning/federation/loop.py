@@ -228,6 +228,8 @@ class FederatedLoop:
         C = clients.num_clients if clients is not None else self.dm.num_clients
         self.validate(ckpt, path, C, states_here=clients is None or clients.states_come_back)
         with RunLock(self.root):  # one run per folder, from here to the end
+            if ckpt is None:
+                self.check_fresh_folder()
             if ckpt_path == "last" and path is None:
                 self.log_console.print(f"nothing to resume in {self.root} (no checkpoints/last.ckpt): starting the run")
             return self._run(ckpt, path, C, clients)
@@ -440,18 +442,21 @@ class FederatedLoop:
         self.fed.mode.check(self.fed, self.module)
         check_writable(self.root)
         if ckpt is None:
-            earlier = sorted((self.root / "checkpoints").glob("round-*.ckpt")) or sorted(
-                (self.root / "checkpoints").glob("last.ckpt")
-            )
-            if earlier:
-                raise ConfigError(
-                    f"{self.root} already holds a run (checkpoints/{earlier[-1].name}): resume it with "
-                    "--ckpt_path last, or give the new run another --trainer.default_root_dir (or delete that "
-                    "folder): one folder holds one run"
-                )
             return
         check_checkpoint(ckpt, path, num_clients, self.fed.rounds, self.module, self.root if states_here else None)
         self.check_privacy(ckpt, path)
+
+    def check_fresh_folder(self) -> None:
+        """A new run goes into a folder that holds no other run's round files (checked under the
+        folder's lock, so a live run there is reported as such first)."""
+        ckdir = self.root / "checkpoints"
+        earlier = sorted(ckdir.glob("round-*.ckpt")) or sorted(ckdir.glob("last.ckpt"))
+        if earlier:
+            raise ConfigError(
+                f"{self.root} already holds a run (checkpoints/{earlier[-1].name}): resume it with "
+                "--ckpt_path last, or give the new run another --trainer.default_root_dir (or delete that "
+                "folder): one folder holds one run"
+            )
 
     def check_privacy(self, ckpt: dict[str, Any], path: Path | None) -> None:
         """A resume keeps the privacy settings of the run it resumes (or says it goes on under new

@@ -22,7 +22,6 @@ from fcl_lightning.federation.client import ClientResult
 from fcl_lightning.federation.loop import Clients, FederatedLoop
 from fcl_lightning.flower.client import config_args
 from fcl_lightning.flower.codec import features_to_record, record_to_features, record_to_weights, weights_to_record
-from fcl_lightning.io import atomic_write_text
 
 
 class SiteError(UserError):
@@ -160,8 +159,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], console: Console | None =
         )
         fed.downstream = None
     root = cli.trainer.default_root_dir
-    config_text = cli.portable_config()
-    atomic_write_text(config_text, f"{root}/config.yaml")
+    config_text = cli.portable_config()  # the loop writes it once the run's checks have passed
     loop = FederatedLoop(
         fed,
         cli.model,
