@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo lint test test-slow
+.PHONY: setup demo lint docs test test-slow
 
 setup: $(BIN)/fcl-lightning
 
@@ -24,8 +24,13 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# the test command (.ci/run runs it too): lint, then the suite; wandb never touches the network
-test: lint
+# the docs site (mkdocs.yml, docs/): --strict fails on a broken link, a missing page or a docstring
+# the API reference cannot read; `$(BIN)/mkdocs serve` shows it at http://127.0.0.1:8000
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+# the test command (.ci/run runs it too): lint, the docs site, then the suite; wandb never touches the network
+test: lint docs
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q
 
 # the tests left out of `make test`: real processes (SIGKILL at random points, then resume) and

@@ -25,6 +25,7 @@ def test_readme_has_the_two_newcomer_commands():
     assert "fcl-lightning fit --config configs/demo.yaml" in README  # the same by hand
     ci = (REPO / ".ci" / "run").read_text()
     assert "make test" in ci  # CI runs the README's test command
+    assert "mkdocs build --strict" in make  # which builds the docs site, failing on a broken link
 
 
 @pytest.mark.parametrize("argv", readme_commands(), ids=lambda a: " ".join(a[1:4]))
@@ -42,11 +43,12 @@ def test_readme_command_parses(argv, monkeypatch, capsys):
 def test_readme_sweep_files_exist_and_validate():
     from fcl_lightning.sweep import load_sweep
 
-    named = set(re.findall(r"configs/sweeps/[\w.]+\.yaml", README))
-    assert named, "the README names no sweep file"
+    docs = README + "".join(p.read_text() for p in sorted((REPO / "docs").glob("*.md")))
+    named = set(re.findall(r"configs/sweeps/[\w.]+\.yaml", docs))
+    assert named, "neither the README nor the docs name a sweep file"
     for rel in named:
         load_sweep(REPO / rel)
-    assert "fcl-lightning-sweep configs/sweeps/fcl_pretrain.yaml --count 8" in README
+    assert "fcl-lightning-sweep configs/sweeps/fcl_pretrain.yaml --count 8" in docs
 
 
 def test_shipped_configs_run_from_another_folder(tmp_path, monkeypatch, capsys):

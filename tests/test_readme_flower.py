@@ -1,8 +1,8 @@
-"""The README's "One machine, several processes" block, run as written (opt-in: it starts a
+"""The docs' "One machine, several processes" block (docs/flower.md), run as written (opt-in: it starts a
 SuperLink, two workers and two SuperNodes on the README's fixed ports and socket paths, and
 trains for a few minutes).
 
-The commands are read from README.md, not copied here. They run in one ``bash`` from the
+The commands are read from docs/flower.md, not copied here. They run in one ``bash`` from the
 repository root with ``HOME`` a temporary folder, so the block's ``~/.flwr/config.toml`` (and the
 apps Flower installs under ``~/.flwr``) land there, never in the user's home. The one change made
 to the text: the run config's ``--trainer.default_root_dir=runs/flower-loopback`` points at the
@@ -39,7 +39,7 @@ pytestmark = pytest.mark.skipif(
 
 def readme_loopback_block() -> str:
     """The ```bash block after the README's "One machine, several processes" paragraph."""
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "flower.md").read_text()
     start = text.index("**One machine, several processes**")
     m = re.compile(r"^```bash\n(.*?)^```", re.S | re.M).search(text, start)
     assert m, "no ```bash block after 'One machine, several processes'"

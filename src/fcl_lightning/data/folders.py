@@ -181,7 +181,8 @@ class SiteFolders(VolumeSource):
     Args:
         root: a folder whose sub-folders are the sites (ignored when ``sites`` is given).
         sites: the site folders, in client order.
-        layout, label_suffix: as :class:`FolderSource`, for every site.
+        layout: as :class:`FolderSource`, for every site.
+        label_suffix: as :class:`FolderSource`, for every site.
     """
 
     def __init__(

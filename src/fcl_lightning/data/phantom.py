@@ -76,7 +76,8 @@ class PhantomSource(VolumeSource):
         num_sites: number of simulated scanners; subject ``i`` (0-based) is on site ``i % num_sites``.
         seed: base seed; subject ``i`` draws from ``numpy.random.default_rng([seed, i])``.
         size: in-plane matrix (``size x size`` pixels; the field of view depends on the site spacing).
-        min_slices, max_slices: range of slice counts.
+        min_slices: fewest slices of a volume.
+        max_slices: most slices of a volume.
     """
 
     def __init__(

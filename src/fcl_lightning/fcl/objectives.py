@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -209,7 +209,7 @@ class DenseFCLObjective(FCLObjective):
         across_batch: bool = False,
         max_rotate_deg: float = 15.0,
         crop_scale: tuple[float, float] = (0.6, 0.8),
-        **fcl,
+        **fcl: Any,
     ) -> None:
         super().__init__(**fcl)
         if grid < 2 or dense_temperature <= 0 or dense_dim < 1:

@@ -26,7 +26,8 @@ class ContrastivePretrainModule(FederatedModule):
     Args:
         features: encoder channels per level (must match the segmentation U-Net's).
         norm: ``instance`` or ``batch``.
-        proj_hidden, proj_dim: projection head sizes (Chaitanya: 1024, 128).
+        proj_hidden: hidden size of the projection head (Chaitanya: 1024).
+        proj_dim: output size of the projection head (Chaitanya: 128).
         head_norm: ``batch`` (default) puts a BatchNorm in the head's hidden layer, which keeps
             FCL's embedding from collapsing in its first rounds; ``none`` is Chaitanya's plain
             head (README, "The FCL objective").

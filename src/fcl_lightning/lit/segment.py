@@ -93,7 +93,8 @@ class SegmentationModule(FederatedModule):
     """2D U-Net fine-tuned on labelled slices, validated on whole volumes (3D Dice per structure).
 
     Args:
-        features, norm: U-Net encoder architecture (must match pre-training).
+        features: U-Net encoder channels per level (must match pre-training).
+        norm: U-Net normalisation, ``instance`` or ``batch`` (must match pre-training).
         num_classes: output classes (ACDC: background, RV, Myo, LV).
         pretrained: ``encoder.pt`` or a federated pre-training checkpoint; ``None``: random init.
             A path with ``{client}`` (e.g. ``runs/local_cl/encoders/client{client}.pt``) gives each
@@ -102,7 +103,8 @@ class SegmentationModule(FederatedModule):
         encoder_lr_scale: the encoder's learning rate as a multiple of the optimiser's (the rest
             of the U-Net trains at the full rate); below 1 keeps more of a pre-trained encoder.
         loss: segmentation loss (MONAI ``DiceCELoss`` on softmax / one-hot labels by default).
-        optimizer, scheduler: optimiser and optional LR scheduler factories.
+        optimizer: the optimiser factory.
+        scheduler: an optional LR scheduler factory.
         eval_batch_size: slices per forward pass when predicting a volume.
         semi_supervised: also train on the client's own unlabelled slices (``UniMatch``,
             ``MeanTeacher``; ``None``: labelled slices only). Its state (a mean teacher) is the

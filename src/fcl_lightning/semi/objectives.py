@@ -108,7 +108,9 @@ class UniMatch(SemiSupervised):
         threshold: confidence (max softmax) a pixel's pseudo-label needs (UniMatch's ACDC: 0.95).
         strong_views: 1 (FixMatch) or 2 (UniMatch's dual streams).
         fp_dropout: channel dropout of the feature-perturbed view (0.5; 0 turns it off).
-        cutmix_prob, jitter_prob, blur_prob: probabilities of the strong perturbations.
+        cutmix_prob: probability of the strong view's CutMix.
+        jitter_prob: probability of the strong view's colour jitter.
+        blur_prob: probability of the strong view's blur.
     """
 
     def __init__(
