@@ -64,3 +64,16 @@ def test_the_own_data_guide_runs_as_written(tmp_path):
     assert len(rows) == 6 and all(r["patient"].split("/")[1] in ("patient005", "patient006") for r in rows)
     pred = tmp_path / "runs/consortium_predictions"
     assert len(list(pred.glob("*_seg.nii.gz"))) == 12 and (pred / "indices.csv").is_file()
+
+
+@pytest.mark.slow
+def test_the_demo_prints_what_getting_started_says(tmp_path):
+    """``fcl-lightning fit --config configs/demo.yaml`` from an empty folder (what ``make demo`` runs
+    after the set-up): the result lines the getting-started page quotes are what it prints."""
+    out = run(["fcl-lightning", "fit", "--config", "configs/demo.yaml"], tmp_path)
+    page = (REPO / "docs/getting-started.md").read_text()
+    quoted = re.search(r"it printed:\n\n```text\n(.*?)```", page, flags=re.S).group(1).splitlines()
+    assert len(quoted) == 3
+    printed = [" ".join(ln.split()) for ln in out.splitlines()]
+    for line in quoted:
+        assert " ".join(line.split()) in printed, line

@@ -166,6 +166,12 @@ def test_demo_config_end_to_end_reduced(tmp_path, config):
     summary = json.loads((tmp_path / "summary.json").read_text())
     for init in ("fcl", "random", *(["fcl_semi"] if config == "demo_semi.yaml" else [])):
         assert 0.0 <= summary[f"downstream/{init}/dice_mean"] <= 1.0
+    if config == "demo.yaml":  # the demo's gain: paired over 2 clients x its 3 fine-tuning seeds
+        gain = {k: summary[f"downstream/gain/fcl_vs_random/{k}"] for k in ("mean", "low", "high", "pairs")}
+        assert gain["pairs"] == 6 and gain["low"] <= gain["mean"] <= gain["high"]
+        # a balanced design: the mean paired difference is the difference of the per-client means
+        diff = summary["downstream/fcl/dice_mean"] - summary["downstream/random/dice_mean"]
+        assert gain["mean"] == pytest.approx(diff, abs=1e-9)
     for fig in ("downstream.png", "embedding.png"):
         assert (tmp_path / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "encoder.pt").exists()

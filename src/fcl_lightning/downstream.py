@@ -15,7 +15,14 @@ from rich.table import Table
 
 from fcl_lightning.console import log_console
 from fcl_lightning.errors import ConfigError
-from fcl_lightning.evaluation import STRUCTURES, evaluate_volumes, over_clients, predict_volume, summarize
+from fcl_lightning.evaluation import (
+    STRUCTURES,
+    evaluate_volumes,
+    over_clients,
+    paired_gain,
+    predict_volume,
+    summarize,
+)
 from fcl_lightning.fcl.partition import volume_slices
 from fcl_lightning.federation.state import INIT_ENCODER
 from fcl_lightning.lit.segment import SegmentationModule, encoder_state_from_file, load_encoder
@@ -49,6 +56,10 @@ class DownstreamEvaluation:
         space: where the held-out volumes are scored: ``preprocessed`` (the training grid; the
             default, since this runs during pre-training) or ``native`` (each scan's own grid, as
             ``test`` scores by default).
+        seeds: fine-tuning seeds per client and row. The gain of the pre-trained encoder over
+            random init is reported as a paired difference with its bootstrap 95% interval over
+            the (client, seed) pairs (``downstream/gain/*``): one seed's difference is mostly
+            the fine-tuning's own noise.
     """
 
     def __init__(
@@ -65,7 +76,11 @@ class DownstreamEvaluation:
         random_init: Literal["fresh", "start"] = "fresh",
         semi_supervised: SemiSupervised | None = None,
         space: Literal["preprocessed", "native"] = "preprocessed",
+        seeds: int = 1,
     ) -> None:
+        if seeds < 1:
+            raise ConfigError(f"downstream.seeds must be >= 1, got {seeds}")
+        self.seeds = seeds
         if labelled_per_client < 1 or steps < 1 or not lr > 0:
             raise ConfigError(
                 f"downstream: labelled_per_client and steps must be >= 1 and lr > 0, got {labelled_per_client}, {steps}, {lr}"
@@ -145,6 +160,7 @@ class DownstreamEvaluation:
         if self.semi is not None:
             inits["fcl_semi"] = encoder
         per_client: dict[str, list[dict[str, float]]] = {k: [] for k in inits}
+        per_pair: dict[str, dict[tuple[int, int], float]] = {k: {} for k in inits}  # (client, seed) -> Dice
         example_nets: dict[str, torch.nn.Module] = {}
         for i, c in enumerate(clients):
             vols = datamodule.eval_volumes(c)
@@ -153,28 +169,34 @@ class DownstreamEvaluation:
                     f"client {c} has no held-out volumes to score (set data.test_source or val_fraction > 0)"
                 )
             for name, enc in inits.items():
-                t0 = time.perf_counter()
-                semi = self.semi if name == "fcl_semi" else None
-                module = self.finetune(enc, features, norm, datamodule, c, seed * 31 + c, trainer_kwargs, semi)
-                if self.space == "native":
-                    from fcl_lightning.predict import score_native
+                runs = []
+                for k in range(self.seeds):
+                    t0 = time.perf_counter()
+                    semi = self.semi if name == "fcl_semi" else None
+                    run_seed = seed * 31 + c + 1000 * k  # seed 0 is the single-seed run's
+                    module = self.finetune(enc, features, norm, datamodule, c, run_seed, trainer_kwargs, semi)
+                    if self.space == "native":
+                        from fcl_lightning.predict import score_native
 
-                    source = datamodule.test_source if datamodule.scores_test_set else datamodule.source
-                    rows = score_native(module.net, datamodule.preprocessor, source, vols, module.eval_batch_size)
-                else:
-                    rows = evaluate_volumes(module.net, vols)
-                per_client[name].append(summarize(rows))
-                if console is not None:  # progress (stderr): fine-tuning is most of the demo's time
-                    log_console().print(
-                        f"downstream: client {i + 1}/{len(clients)} (#{c}) from "
-                        f"{self.label(name)}: "
-                        f"{self.steps} steps, Dice {per_client[name][-1]['dice_mean']:.3f} on "
-                        f"{len(vols)} held-out volumes ({time.perf_counter() - t0:.1f} s)"
-                    )
-                if c == clients[0]:
-                    example_nets[name] = module.net
-                else:
-                    module.cpu()
+                        source = datamodule.test_source if datamodule.scores_test_set else datamodule.source
+                        rows = score_native(module.net, datamodule.preprocessor, source, vols, module.eval_batch_size)
+                    else:
+                        rows = evaluate_volumes(module.net, vols)
+                    runs.append(summarize(rows))
+                    per_pair[name][(c, k)] = runs[-1]["dice_mean"]
+                    if console is not None:  # progress (stderr): fine-tuning is most of the demo's time
+                        of_seeds = f", seed {k + 1}/{self.seeds}" if self.seeds > 1 else ""
+                        log_console().print(
+                            f"downstream: client {i + 1}/{len(clients)} (#{c}) from "
+                            f"{self.label(name)}{of_seeds}: "
+                            f"{self.steps} steps, Dice {runs[-1]['dice_mean']:.3f} on "
+                            f"{len(vols)} held-out volumes ({time.perf_counter() - t0:.1f} s)"
+                        )
+                    if c == clients[0] and k == 0:
+                        example_nets[name] = module.net
+                    else:
+                        module.cpu()
+                per_client[name].append({key: float(np.mean([r[key] for r in runs])) for key in runs[0]})
         metrics: dict[str, float] = {}
         for name, rows in per_client.items():
             metrics.update(
@@ -182,8 +204,33 @@ class DownstreamEvaluation:
             )
             for c, r in zip(clients, rows):
                 metrics[f"downstream/{name}/client{c}/dice_mean"] = r["dice_mean"]
+        gains = {
+            other: paired_gain(per_pair[other], per_pair["random"])
+            for other in ("fcl", "fcl_semi")
+            if other in per_pair and "random" in per_pair
+        }
+        for other, g in gains.items():
+            if g is not None:
+                metrics.update(
+                    {
+                        f"downstream/gain/{other}_vs_random/{k}": float(v)
+                        for k, v in (("mean", g.mean), ("low", g.low), ("high", g.high), ("pairs", g.pairs))
+                    }
+                )
         if console is not None:
             console.print(self.table(metrics, list(inits), len(clients)))
+            for other, g in gains.items():
+                if g is None:
+                    continue
+                what = {"fcl": "FCL encoder", "fcl_semi": f"FCL encoder + {type(self.semi).__name__}"}[other]
+                note = ("" if g.shown else " (the interval holds 0: this budget does not tell them apart)") + (
+                    " - one fine-tuning seed: set downstream.seeds >= 3 to tell" if self.seeds == 1 else ""
+                )
+                console.print(
+                    f"{what} - {self.random_label}, paired over (client, seed): {g.mean:+.3f} "
+                    f"[{g.low:+.3f}, {g.high:+.3f}] (95% bootstrap), {g.wins}/{g.pairs} pairs ahead{note}",
+                    soft_wrap=True,
+                )
         if self.figure and final:
             self.save_figures(Path(root), pretrain_module, datamodule, example_nets, clients[0])
         return metrics
@@ -219,6 +266,7 @@ class DownstreamEvaluation:
         t = Table(
             title=f"Downstream Dice, local fine-tuning with N={self.labelled_per_client} labelled "
             f"patient(s) per client, mean ± std over {n_clients} clients"
+            + (f" (each the mean of {self.seeds} seeds)" if self.seeds > 1 else "")
         )
         t.add_column("init")
         for s in (*STRUCTURES, "mean"):
