@@ -71,6 +71,11 @@ def test_a_folder_without_scans_is_one_clear_error(tmp_path, make, needle):
         FolderSource(str(tmp_path)).records()
 
 
+def test_a_folder_of_site_folders_is_not_read_as_one_site(consortium):
+    with pytest.raises(DataError, match="looks like a folder of site folders \\(site0, site1, site2"):
+        FolderSource(str(consortium)).records()
+
+
 def test_site_folders_refuse_a_patient_folder_tree_and_duplicate_names(tmp_path, consortium):
     with pytest.raises(DataError, match="is one site's ACDC-layout folder"):
         SiteFolders(root=str(consortium / "site0")).records()

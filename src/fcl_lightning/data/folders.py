@@ -43,6 +43,14 @@ def detect_layout(root: Path) -> Literal["acdc", "manifest", "nifti"]:
         raise DataError(f"{root} holds {len(manifests)} manifests ({', '.join(manifests)}); keep one")
     if manifests:
         return "manifest"
+    nested = [p.parent.parent.name for p in root.glob("*/*/Info.cfg")] + [
+        p.parent.name for n in MANIFEST_NAMES for p in root.glob(f"*/{n}")
+    ]
+    if nested:
+        raise DataError(
+            f"{root} looks like a folder of site folders ({', '.join(sorted(set(nested))[:5])} hold scans of their "
+            "own): give one site's folder, or read them all with SiteFolders (--data.source=SiteFolders)"
+        )
     if any(_is_nifti(p) for p in (*root.iterdir(), *root.glob("*/*"))):
         return "nifti"
     raise DataError(
