@@ -105,3 +105,17 @@ def test_client_states_swap_without_copies_and_stay_apart():
     assert all(torch.equal(got[k], ref0[k]) and got[k].data_ptr() == v.data_ptr() for k, v in s0["modules"].items())
     assert all(torch.equal(v, ref1[k]) for k, v in s1["modules"].items())
     assert all(not p.requires_grad for p in m.momentum_encoder.parameters())
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_the_momentum_encoder_moves_once_per_optimiser_step(tmp_path, tiny, monkeypatch, accumulate):
+    """With gradient accumulation over k batches the EMA follows the optimiser's steps (solo-learn's
+    rule), not the batches: as many momentum updates as steps, in every client's every round."""
+    from fcl_lightning.fcl.contrast import MomentumContrastModel
+
+    updates = []
+    real = MomentumContrastModel.after_step
+    monkeypatch.setattr(MomentumContrastModel, "after_step", lambda self, m: updates.append(m) or real(self, m))
+    extra = [f"--trainer.accumulate_grad_batches={accumulate}", "--federation.local_steps=2"]
+    main(tiny(tmp_path, rounds=2, extra=extra))
+    assert len(updates) == 2 * 2 * 2  # 2 rounds x 2 clients x 2 optimiser steps (each of `accumulate` batches)

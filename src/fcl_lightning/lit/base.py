@@ -74,12 +74,14 @@ class FederatedModule(pl.LightningModule):
         self.keep_optimizer_state = True
         self.round_progress: tuple[int, int] = (0, 1)  # (round, total rounds), set by the loop
         self._fit_start_step = 0  # the Trainer's global step when this fit started
+        self._last_seen_step = -1
 
     # ------------------------------------------------------------- this fit
     # A client's Trainer lives across rounds (federation.reuse_trainers) and Lightning's step
     # count runs on from round to round: these count from the start of this fit.
     def on_fit_start(self) -> None:
         self._fit_start_step = self._epoch_start_step = self.trainer.global_step
+        self._last_seen_step = self.trainer.global_step  # what stepped_since_last_call compares with
         self.fit_means: dict[str, float] = {}
         self._fit_steps: dict[str, int] = {}
 
@@ -95,6 +97,15 @@ class FederatedModule(pl.LightningModule):
                 seen = self._fit_steps.get(k, 0)
                 self.fit_means[k] = (self.fit_means.get(k, 0.0) * seen + float(v) * n) / (seen + n)
                 self._fit_steps[k] = seen + n
+
+    def stepped_since_last_call(self) -> bool:
+        """Whether the optimiser has stepped since this was last asked (in ``on_train_batch_end``:
+        whether this batch ended with a step). With ``accumulate_grad_batches`` k a step ends only
+        every k-th batch; EMA updates (momentum encoder, mean teacher) follow steps, not batches."""
+        step = self.trainer.global_step
+        stepped = step != self._last_seen_step
+        self._last_seen_step = step
+        return stepped
 
     @property
     def step_in_fit(self) -> int:

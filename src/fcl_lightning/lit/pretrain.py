@@ -132,7 +132,8 @@ class ContrastivePretrainModule(FederatedModule):
         return out["loss"]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.core.has_momentum:
+        # once per optimiser step (solo-learn's rule): with gradient accumulation not every batch steps
+        if self.stepped_since_last_call() and self.core.has_momentum:
             self.core.after_step(self.current_momentum())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -218,7 +218,7 @@ class SegmentationModule(FederatedModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.semi is not None:
+        if self.stepped_since_last_call() and self.semi is not None:  # a teacher follows optimiser steps
             self.semi.after_step(self.net, int(self.semi_step) - 1)  # the step just taken
 
     def _volume_step(self, batch: dict[str, Any], prefix: str) -> dict[str, float]:
