@@ -54,6 +54,9 @@ def one_error_line(err: str) -> str:
         (["--data.augment.scale=-0.1"], "data.augment.scale must be in [0, 1)"),
         (["--data.num_workers=-1"], "data.num_workers must be >= 0"),
         (["--federation.downstream.steps=0"], "downstream: labelled_per_client and steps must be >= 1"),
+        (["--model.proj_dim=0"], "proj_hidden and proj_dim must be >= 1"),
+        (["--model.momentum_end=1.5"], "momentum_end must be in [0, 1]"),
+        (["--model.features=[8,0,16,16]"], "features must be a non-empty list of channel counts >= 1"),
     ],
 )
 def test_bad_config_values_are_one_line_before_any_data(tmp_path, tiny, capsys, monkeypatch, extra, needle):
@@ -274,3 +277,11 @@ def test_a_fresh_fit_into_a_folder_holding_a_run_is_refused(tmp_path, tiny, caps
     line = one_error_line(err)
     assert code == 2 and "already holds a run (checkpoints/" in line and "--ckpt_path last" in line
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == files  # nothing touched
+
+
+def test_downstream_clients_outside_the_run_are_one_error_and_nothing_written(tmp_path, tiny, capsys):
+    code, _, err = run_cli(
+        tiny(tmp_path / "run", extra=["--federation.downstream.steps=1", "--federation.downstream.clients=[7]"]), capsys
+    )
+    assert code == 2 and "federation.downstream.clients [7] are outside the run's 2 clients" in one_error_line(err)
+    assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "checkpoints").exists()

@@ -175,6 +175,12 @@ class DownstreamHook(RoundHook):
         if not self.applies(run):
             return
         ev = self.evaluation
+        outside = [c for c in ev.clients or [] if not 0 <= c < run.dm.num_clients]
+        if outside:
+            raise DataError(
+                f"federation.downstream.clients {outside} are outside the run's {run.dm.num_clients} clients "
+                f"(0..{run.dm.num_clients - 1})"
+            )
         run.dm.check_finetune(ev.labelled_per_client, unlabelled=ev.semi is not None)
         for c in ev.clients if ev.clients is not None else range(run.dm.num_clients):
             if not run.dm.eval_volumes(c):

@@ -66,6 +66,14 @@ class ContrastivePretrainModule(FederatedModule):
         super().__init__()
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        if momentum_end is not None and not 0.0 <= momentum_end <= 1.0:
+            raise ValueError(f"momentum_end must be in [0, 1], got {momentum_end}")
+        if proj_hidden < 1 or proj_dim < 1:
+            raise ValueError(f"proj_hidden and proj_dim must be >= 1, got {proj_hidden}, {proj_dim}")
+        if not features or any(int(f) < 1 for f in features):
+            raise ValueError(f"features must be a non-empty list of channel counts >= 1, got {features}")
+        if decoder_levels < 0:
+            raise ValueError(f"decoder_levels must be >= 0, got {decoder_levels}")
         self.save_hyperparameters(ignore=["objective", "optimizer"])
         core = contrast_model(
             use_momentum,

@@ -131,6 +131,13 @@ class SegmentationModule(FederatedModule):
         semi_supervised: SemiSupervised | None = None,
     ) -> None:
         super().__init__()
+        if not features or any(int(f) < 1 for f in features):
+            raise ValueError(f"features must be a non-empty list of channel counts >= 1, got {features}")
+        if num_classes < 2 or eval_batch_size < 1 or freeze_encoder_epochs < 0:
+            raise ValueError(
+                f"num_classes must be >= 2, eval_batch_size >= 1 and freeze_encoder_epochs >= 0, got {num_classes}, "
+                f"{eval_batch_size}, {freeze_encoder_epochs}"
+            )
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler", "semi_supervised"])
         self.net = UNet(1, num_classes, features, norm)
         if pretrained:  # per-client paths are checked here with client 0's file
