@@ -22,6 +22,7 @@ TINY = str(PACKAGED_CONFIGS / "tiny.yaml")
         (["--config", TINY, "--num-supernodes", "2", "--cpus", "0"], "--cpus must be >= 1"),
         (["--config", TINY], "the following arguments are required: --num-supernodes"),
         (["--config", TINY, "--num-supernodes", "2", "--", "--federation.mode=local"], "Flower runs federation.mode federated"),
+        (["--config", TINY, "--num-supernodes", "2", "--state-root", TINY], "is a file, not a folder"),
     ],
 )  # fmt: skip
 def test_bad_arguments_are_one_line_and_start_nothing(tmp_path, monkeypatch, capsys, argv, needle):

@@ -170,6 +170,10 @@ def main(argv: list[str] | None = None) -> None:
     debug, overrides = debug_requested(args.overrides)
 
     def run() -> None:
+        if args.state_root and Path(args.state_root).exists() and not Path(args.state_root).is_dir():
+            from fcl_lightning.errors import ConfigError
+
+            raise ConfigError(f"--state-root {args.state_root} is a file, not a folder")
         check_run(args.config, overrides, args.num_supernodes, args.ckpt_path)
         simulate(
             args.config,
