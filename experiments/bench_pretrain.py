@@ -13,7 +13,7 @@ by default, augmentation are excluded from both. Reported: slices/s of both path
 Trainer construction, fit setup, between steps, fit teardown, client state swap, exchange, FedAvg,
 checkpoint, other loop work and what lies outside the rounds, the bare loop's non-step time (the
 floor), and step ms of both paths. The machinery and the exact definitions are in
-``fcl_lightning.benchmark`` (its docstring); this script runs the two paths and prints the report.
+``experiments/bench_harness.py`` (its docstring); this script runs the two paths and prints the report.
 
 Profiles
 --------
@@ -64,7 +64,8 @@ import lightning
 import torch
 from rich.console import Console
 
-from fcl_lightning import benchmark as fb
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this script (not in the wheel)
+import bench_harness as fb  # noqa: E402
 
 #: ``federation.*`` settings of the project run the command line may set (absent: the project's default)
 FEDERATION_OPTIONS = ("checkpoint_async", "reuse_trainers", "checkpoint_every", "local_steps")
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="What is measured: the docstrings of this script and of fcl_lightning.benchmark.",
+        epilog="What is measured: the docstrings of this script and of experiments/bench_harness.py.",
     )
     ap.add_argument("--profile", choices=sorted(fb.PROFILES), default="tiny")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default: the profile's, 2)")

@@ -1,13 +1,14 @@
-"""fcl_lightning.benchmark: the meter, the figures, the step timer and the bare loop against the project's."""
+"""experiments/bench_harness.py: the meter, the figures, the step timer and the bare loop against the project's."""
 
 import copy
 import io
 
 import pytest
 import torch
+from conftest import load_experiment
 from rich.console import Console
 
-from fcl_lightning import benchmark as fb
+fb = load_experiment("bench_harness")
 
 #: the tiny profile scaled down to seconds: 2 clients x 3 patients (6 volumes, 2 batches each)
 MICRO = dict(

@@ -5,7 +5,7 @@ As solo-learn splits its methods, :class:`ContrastModel` is the base without a m
 (SimCLR, SwAV, rotation, Chaitanya's G_D: they carry none) and :class:`MomentumContrastModel` adds
 the momentum encoder and head (FCL, MoCo). Memory banks exist when the objective contrasts
 against them (``objective.uses_bank``). ``lit/pretrain.py`` wires a model to Lightning and
-``fcl_lightning.benchmark`` (``experiments/bench_pretrain.py``) drives the same step in a bare PyTorch loop.
+``experiments/bench_harness.py`` (``experiments/bench_pretrain.py``) drives the same step in a bare PyTorch loop.
 """
 
 from __future__ import annotations
