@@ -51,6 +51,31 @@ def evaluate_run(
     (brought back as ``predict`` does: what the ACDC challenge and published tables report);
     ``preprocessed`` on the training grid (faster; what the round monitors use). Patients with an
     ED and an ES frame also get their cardiac indices, predicted against true."""
+    check_evaluation(module, stage, space)
+    root = Path(root)
+    datamodule.setup(stage)
+    if hasattr(datamodule, "place"):  # data.volumes_on: device: scored where they already are
+        datamodule.place(device)
+    path = resolve_ckpt_path(ckpt_path, root)
+    if path is not None:
+        weights = checkpoint_weights(load_checkpoint(path), datamodule.num_clients)
+    else:
+        current = module.global_state()
+        weights = {c: current for c in range(datamodule.num_clients)}
+    clients, rows, per_client = score_clients(module, datamodule, weights, stage, space, device)
+    out = summary_of(rows, per_client, clients, stage)
+    for r in rows:
+        r["space"] = space
+    write_rows_csv(rows, root / f"{stage}_per_patient.csv")
+    idx_rows, agree = index_agreement(rows, root, stage, space, out)
+    update_summary(root, {**out, f"{stage}/space": space})
+    if console is not None:
+        print_evaluation(console, out, rows, per_client, idx_rows, agree, root, stage, space)
+    return out
+
+
+def check_evaluation(module: Any, stage: str, space: str) -> None:
+    """What ``test`` / ``validate`` can tell from the config alone."""
     if space not in SPACES:
         raise ConfigError(f"--space must be one of {SPACES}, got {space!r}")
     if module.scored_net() is None:
@@ -60,18 +85,18 @@ def evaluate_run(
             "rounds are measured by the monitors (round/monitor/*, on validation patients) and its encoder "
             "by federation.downstream or by fine-tuning it (configs/acdc/finetune.yaml)"
         )
-    root = Path(root)
-    datamodule.setup(stage)
-    if hasattr(datamodule, "place"):  # data.volumes_on: device: scored where they already are
-        datamodule.place(device)
-    C = datamodule.num_clients
-    weights: dict[int, dict] = {}
-    path = resolve_ckpt_path(ckpt_path, root)
-    if path is not None:
-        weights = checkpoint_weights(load_checkpoint(path), C)
-    else:
-        current = module.global_state()
-        weights = {c: current for c in range(C)}
+
+
+def score_clients(
+    module: Any,
+    datamodule: Any,
+    weights: dict[int, dict],
+    stage: str,
+    space: str,
+    device: str | torch.device,
+) -> tuple[list[int], list[dict[str, Any]], list[dict[str, float]]]:
+    """Each scored model on its held-out labelled volumes: (the clients scored, one row per volume,
+    each client's summary). A global model on a shared test set is scored once (client ``global``)."""
     rows: list[dict[str, Any]] = []
     per_client: list[dict[str, float]] = []
     shared_test = stage == "test" and datamodule.scores_test_set
@@ -95,6 +120,13 @@ def evaluate_run(
             row["client"] = "global" if (shared_test and global_only) else c
         rows.extend(r)
         per_client.append(summarize(r))
+    return clients, rows, per_client
+
+
+def summary_of(
+    rows: list[dict[str, Any]], per_client: list[dict[str, float]], clients: list[int], stage: str
+) -> dict[str, float]:
+    """The ``{stage}/*`` summary: mean (+- std over clients), per frame, per client."""
     out = over_clients(per_client, SUMMARY_KEYS, stage, std=len(per_client) > 1)
     out[f"{stage}/num_volumes"] = len(rows)
     for frame in sorted({r["frame"] for r in rows if r["frame"]}):
@@ -102,9 +134,14 @@ def evaluate_run(
     if len(per_client) > 1:
         for c, p in zip(clients, per_client):
             out[f"{stage}/client{c}/dice_mean"] = p["dice_mean"]
-    for r in rows:
-        r["space"] = space
-    write_rows_csv(rows, root / f"{stage}_per_patient.csv")
+    return out
+
+
+def index_agreement(
+    rows: list[dict[str, Any]], root: Path, stage: str, space: str, out: dict[str, float]
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
+    """The cardiac indices of every patient with an ED and an ES frame, predicted against true:
+    their agreement into ``out``, ``{stage}_indices.csv`` and the Bland-Altman figure."""
     idx_rows = patient_indices(rows)
     agree: dict[str, dict[str, float]] = {}
     if idx_rows:
@@ -116,40 +153,52 @@ def evaluate_run(
         save_bland_altman_figure(
             root / f"{stage}_bland_altman.png", pairs, title=f"{stage}: predicted - true ({space})"
         )
-    update_summary(root, {**out, f"{stage}/space": space})
-    if console is not None:
-        t = Table(
-            title=f"{stage}: {len(rows)} volumes, {len(per_client)} model(s)"
-            + (" - mean ± std over clients" if len(per_client) > 1 else "")
-        )
-        for k in SUMMARY_KEYS:
-            t.add_column(k, justify="right")
-        t.add_row(
-            *[
-                f"{out[f'{stage}/{k}']:.3f}" + (f" ± {out[f'{stage}/{k}_std']:.3f}" if len(per_client) > 1 else "")
-                for k in SUMMARY_KEYS
-            ]
-        )
-        console.print(t)
-        if agree:
-            pairs_of = "patients" if len(per_client) == 1 else "(model, patient) pairs"
-            ti = Table(title=f"cardiac indices of {len(idx_rows)} {pairs_of}, predicted against true ({space} grid)")
-            for col in ("index", "corr", "bias", "limits of agreement", "MAE"):
-                ti.add_column(col, justify="right")
-            for name, a in agree.items():
-                ti.add_row(
-                    name,
-                    f"{a['corr']:.3f}",
-                    f"{a['bias']:+.2f}",
-                    f"{a['loa_low']:+.2f} .. {a['loa_high']:+.2f}",
-                    f"{a['mae']:.2f}",
-                )
-            console.print(ti)
-        files = f"{root / f'{stage}_per_patient.csv'}" + (
-            f", {stage}_indices.csv, {stage}_bland_altman.png" if agree else ""
-        )
-        console.print(f"scored on the {space} grid; per-patient rows: {files}; summary: {root / 'summary.json'}")
-    return out
+    return idx_rows, agree
+
+
+def print_evaluation(
+    console: Console,
+    out: dict[str, float],
+    rows: list[dict[str, Any]],
+    per_client: list[dict[str, float]],
+    idx_rows: list[dict[str, Any]],
+    agree: dict[str, dict[str, float]],
+    root: Path,
+    stage: str,
+    space: str,
+) -> None:
+    """The Dice table, the indices' agreement table and where the outputs are."""
+    t = Table(
+        title=f"{stage}: {len(rows)} volumes, {len(per_client)} model(s)"
+        + (" - mean ± std over clients" if len(per_client) > 1 else "")
+    )
+    for k in SUMMARY_KEYS:
+        t.add_column(k, justify="right")
+    t.add_row(
+        *[
+            f"{out[f'{stage}/{k}']:.3f}" + (f" ± {out[f'{stage}/{k}_std']:.3f}" if len(per_client) > 1 else "")
+            for k in SUMMARY_KEYS
+        ]
+    )
+    console.print(t)
+    if agree:
+        pairs_of = "patients" if len(per_client) == 1 else "(model, patient) pairs"
+        ti = Table(title=f"cardiac indices of {len(idx_rows)} {pairs_of}, predicted against true ({space} grid)")
+        for col in ("index", "corr", "bias", "limits of agreement", "MAE"):
+            ti.add_column(col, justify="right")
+        for name, a in agree.items():
+            ti.add_row(
+                name,
+                f"{a['corr']:.3f}",
+                f"{a['bias']:+.2f}",
+                f"{a['loa_low']:+.2f} .. {a['loa_high']:+.2f}",
+                f"{a['mae']:.2f}",
+            )
+        console.print(ti)
+    files = f"{root / f'{stage}_per_patient.csv'}" + (
+        f", {stage}_indices.csv, {stage}_bland_altman.png" if agree else ""
+    )
+    console.print(f"scored on the {space} grid; per-patient rows: {files}; summary: {root / 'summary.json'}")
 
 
 def run_predict(
