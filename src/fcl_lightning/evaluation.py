@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.metrics import compute_dice, compute_hausdorff_distance
+from monai.networks.utils import eval_mode
 
 from fcl_lightning.data.volume import NUM_CLASSES, Volume
 from fcl_lightning.io import atomic_write
@@ -57,15 +58,10 @@ def _slicewise(net: torch.nn.Module, image: torch.Tensor, batch_size: int, head)
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device, dtype = _net_device_dtype(net)
     slices = image.permute(3, 0, 1, 2)  # [D, 1, H, W]: slices on the batch axis
-    was_training = net.training
-    net.eval()
-    try:
-        with torch.no_grad():
-            return torch.cat(
-                [head(net(chunk.to(device=device, dtype=dtype))).cpu() for chunk in torch.split(slices, batch_size, 0)]
-            )
-    finally:
-        net.train(was_training)
+    with eval_mode(net):  # MONAI's: eval and no_grad, the training flag restored after
+        return torch.cat(
+            [head(net(chunk.to(device=device, dtype=dtype))).cpu() for chunk in torch.split(slices, batch_size, 0)]
+        )
 
 
 def predict_volume(net: torch.nn.Module, image: torch.Tensor, batch_size: int = 32) -> torch.Tensor:

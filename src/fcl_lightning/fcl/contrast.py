@@ -14,6 +14,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from monai.networks.utils import eval_mode
 from torch import nn
 
 from fcl_lightning.fcl.exchange import embed_slices, subsample_per_partition
@@ -179,11 +180,8 @@ class ContrastModel(nn.Module):
             return subsample_per_partition(recent, num_partitions, per_partition, generator)
         if source != "embed":
             raise ValueError(f"exchange_source must be 'embed' or 'keys', got {source!r}")
-        was_training = self.training
-        self.eval()
-        out = embed_slices(self.embed_keys, volumes, num_partitions, client, per_partition, generator)
-        self.train(was_training)
-        return out
+        with eval_mode(self):
+            return embed_slices(self.embed_keys, volumes, num_partitions, client, per_partition, generator)
 
     def encoder_state(self) -> dict[str, torch.Tensor]:
         """The main encoder's plain state dict (and the pre-trained decoder blocks under

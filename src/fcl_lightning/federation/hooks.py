@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from monai.networks.utils import eval_mode
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fcl_lightning.data.volume import DataError
@@ -142,16 +143,14 @@ class MonitorHook(RoundHook):
             return {}
         vols, held_out = probe
         module.load_global_state(global_w)
-        was_training = module.training
-        module.eval()
-        figures = mon.measure(
-            features,
-            [v.image for v in vols],
-            [v.record.patient for v in vols],
-            run.dm.num_partitions,
-            device=next(module.parameters()).device,
-        )
-        module.train(was_training)
+        with eval_mode(module):
+            figures = mon.measure(
+                features,
+                [v.image for v in vols],
+                [v.record.patient for v in vols],
+                run.dm.num_partitions,
+                device=next(module.parameters()).device,
+            )
         out = {f"round/monitor/{k}": v for k, v in figures.items()}
         out["round/monitor/probe_held_out"] = float(held_out)
         out["round/monitor/collapsed"] = float(figures["spread"] < mon.collapse_spread)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import OptimizerCallable
+from monai.networks.utils import eval_mode
 
 from fcl_lightning.fcl.contrast import contrast_model
 from fcl_lightning.fcl.memory_bank import BankEntries
@@ -182,9 +183,7 @@ class ContrastivePretrainModule(FederatedModule):
         """The DP payload (:func:`~fcl_lightning.privacy.mechanism.private_features`): embedded by
         the main encoder and head as they are now (the round's global weights), in eval mode."""
         vols = datamodule.train[client]
-        was_training = self.core.training
-        self.core.eval()
-        try:
+        with eval_mode(self.core):
             return private_features(
                 self.core.embed,
                 [v.image.to(self.device) for v in vols],
@@ -197,8 +196,6 @@ class ContrastivePretrainModule(FederatedModule):
                 sample_generator,
                 noise_generator,
             )
-        finally:
-            self.core.train(was_training)
 
     def encoder_state(self) -> dict[str, torch.Tensor]:
         """The main encoder's plain state dict (and the pre-trained decoder blocks under
