@@ -17,6 +17,7 @@ import yaml
 from jsonargparse import Namespace, lazy_instance
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from fcl_lightning import compat
 from fcl_lightning.console import output_console, printable_output
 from fcl_lightning.data.datamodule import FederatedDataModule
 from fcl_lightning.errors import ConfigError, as_config_error, debug_requested, run_reporting_errors
@@ -102,7 +103,7 @@ class FCLCLI(LightningCLI):
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         """Lightning's subcommand parser; ``predict`` gains what it reads and writes."""
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        action = parser._option_string_actions.get("--weights_only")
+        action = compat.parser_action(parser, "--weights_only")
         if action is not None:  # kept so that the config.yaml of earlier runs still parses
             action.help = "ignored: every checkpoint and weights file is loaded with weights_only=True"
         if subcommand == "predict":
@@ -127,13 +128,7 @@ class FCLCLI(LightningCLI):
                 help="a scan whose header is fine but whose voxels fail to decode: stop there, or skip it "
                 "(volumes.csv's status column names it either way)",
             )
-            self._subcommand_method_arguments[subcommand] += [
-                "input",
-                "output",
-                "client",
-                "probabilities",
-                "on_bad_scan",
-            ]
+            compat.add_method_arguments(self, subcommand, ["input", "output", "client", "probabilities", "on_bad_scan"])
         if subcommand in ("test", "validate"):
             parser.add_argument(
                 "--space",
@@ -141,7 +136,7 @@ class FCLCLI(LightningCLI):
                 default="native",
                 help="score on each scan's own grid (native, as ACDC and published tables do) or on the training grid",
             )
-            self._subcommand_method_arguments[subcommand] += ["space"]
+            compat.add_method_arguments(self, subcommand, ["space"])
         return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 import yaml
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
+from fcl_lightning import compat
+
 
 def wandb_loggers(loggers: Iterable[Logger]) -> list[WandbLogger]:
     return [lg for lg in loggers if isinstance(lg, WandbLogger)]
@@ -149,6 +151,4 @@ def finish(loggers: Iterable[Logger]) -> None:
     """Close the wandb run at the end of a fit (one run per fit; a later fit in the same process,
     e.g. a resume, starts or continues a run of its own instead of writing into this one)."""
     for lg in wandb_loggers(loggers):
-        if lg._experiment is not None:  # never create a run just to close it
-            lg._experiment.finish()
-            lg._experiment = None
+        compat.close_wandb_run(lg)  # never creates a run just to close it

@@ -11,6 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from fcl_lightning import compat
 from fcl_lightning.fcl.memory_bank import BankEntries
 from fcl_lightning.lit.base import FederatedModule
 from fcl_lightning.privacy.config import Privacy
@@ -43,11 +44,9 @@ class ClientTrainers:
             return trainer
         # every round starts at epoch 0 as on a new Trainer (past epoch 0 Lightning makes the
         # loader's iterator twice, one more draw from the seeded RNG); the step count runs on
-        epochs = trainer.fit_loop.epoch_progress
-        epochs.total.reset()
-        epochs.current.reset()
+        compat.restart_epochs(trainer)
         if self.local_steps is not None:
-            trainer.fit_loop.epoch_loop.max_steps = trainer.global_step + self.local_steps
+            compat.extend_max_steps(trainer, self.local_steps)
         trainer.should_stop = False  # an early-stopping callback ends a round, not the client
         return trainer
 
