@@ -323,3 +323,16 @@ def test_a_resumed_fixed_noise_run_spends_what_an_uninterrupted_one_does(tmp_pat
     main(tiny(tmp_path / "b", rounds=3, extra=[*z, "--ckpt_path=last"]))
     assert summary_privacy(tmp_path / "b")["epsilon"] == summary_privacy(tmp_path / "a")["epsilon"] > 0
     assert ledger_of(tmp_path / "a") == ledger_of(tmp_path / "b") == [[1.5, 1]] * 3
+
+
+def test_a_target_epsilon_run_resumed_mid_way_is_bitwise_the_uninterrupted_one(tmp_path, tiny):
+    """Same config, resumed from round 1 of 2: the noise calibrated for the whole run is kept (no
+    recalibration), so the weights and the ledger are the uninterrupted run's."""
+    dp8 = ["--federation.privacy.epsilon=8"]
+    main(tiny(tmp_path / "a", rounds=2, extra=dp8))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    main(tiny(tmp_path / "b", rounds=2, extra=[*dp8, f"--ckpt_path={tmp_path / 'b/checkpoints/round-001.ckpt'}"]))
+    a = torch.load(tmp_path / "a/encoder.pt", weights_only=True)
+    b = torch.load(tmp_path / "b/encoder.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert ledger_of(tmp_path / "a") == ledger_of(tmp_path / "b")

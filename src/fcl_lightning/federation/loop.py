@@ -305,6 +305,13 @@ class FederatedLoop:
         else:
             state = RunState.from_checkpoint(ckpt)
             state.checkpointed = state.round
+            if self.fed.privacy is not None and "privacy" not in ckpt and state.round:
+                # a checkpoint from before the ledger: its rounds count at this config's noise
+                state.privacy_ledger = [list(self.fed.privacy.release()) for _ in range(state.round)]
+                self.log_console.print(
+                    f"[yellow]{path} predates the privacy ledger: its {state.round} round(s) are counted at this "
+                    "config's noise multiplier[/]"
+                )
             self.module.load_global_state(state.global_w)
             if clients.states_come_back:
                 clients.load_states(client_states_of(ckpt, self.root))
@@ -463,7 +470,7 @@ class FederatedLoop:
         ones: ``federation.privacy_change``); with a target epsilon the remaining rounds are noised
         so that the whole run, its rounds before the checkpoint included, meets the target."""
         p, record = self.fed.privacy, ckpt.get("privacy")
-        if record is None:  # a checkpoint from before the ledger: nothing to compare
+        if record is None:  # a checkpoint from before the ledger: nothing to compare (see _train)
             return
         old, new = record.get("settings"), (p.settings() if p is not None else None)
         if old != new and self.fed.privacy_change != "continue":
@@ -480,7 +487,11 @@ class FederatedLoop:
                 "composes both parts)"
             )
         spent = [(None if z is None else float(z), int(n)) for z, n in record.get("ledger", [])]
-        if p is not None and p.target_epsilon is not None and spent:
+        # the rounds done were noised as this config's calibration would noise them (same rounds,
+        # same target): the run goes on with that noise, bitwise as if uninterrupted; else the
+        # remaining rounds are noised so that the whole run meets the target
+        same = all(z == p.noise_multiplier for z, _ in spent) if p is not None else True
+        if p is not None and p.target_epsilon is not None and spent and not same:
             p.calibrate(self.fed.rounds - int(ckpt["round"]), spent)
 
 
