@@ -107,7 +107,7 @@ def test_client_states_swap_without_copies_and_stay_apart():
     assert all(not p.requires_grad for p in m.momentum_encoder.parameters())
 
 
-@pytest.mark.parametrize("accumulate", [1, 3])
+@pytest.mark.parametrize("accumulate", [pytest.param(1, marks=pytest.mark.slow), 3])
 def test_the_momentum_encoder_moves_once_per_optimiser_step(tmp_path, tiny, monkeypatch, accumulate):
     """With gradient accumulation over k batches the EMA follows the optimiser's steps (solo-learn's
     rule), not the batches: as many momentum updates as steps, in every client's every round."""

@@ -316,6 +316,7 @@ def test_the_epsilon_reported_across_resumes_is_the_epsilon_spent(tmp_path, tiny
     assert record["epsilon"] == float("inf") and record["off_from_round"] == 6 and ledger_of(root)[-1][0] is None
 
 
+@pytest.mark.slow  # the suite's time: the target-epsilon resume below covers the ledger's resume bitwise
 def test_a_resumed_fixed_noise_run_spends_what_an_uninterrupted_one_does(tmp_path, tiny):
     z = ["--federation.privacy.noise_multiplier=1.5"]
     main(tiny(tmp_path / "a", rounds=3, extra=z))
