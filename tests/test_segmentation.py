@@ -161,14 +161,15 @@ def test_demo_config_end_to_end_reduced(tmp_path, config):
             "--federation.rounds=1",
             "--federation.local_epochs=1",
             "--federation.downstream.steps=5",
+            "--federation.downstream.seeds=2",  # the demo's 3, cut for time
         ]
     )
     summary = json.loads((tmp_path / "summary.json").read_text())
     for init in ("fcl", "random", *(["fcl_semi"] if config == "demo_semi.yaml" else [])):
         assert 0.0 <= summary[f"downstream/{init}/dice_mean"] <= 1.0
-    if config == "demo.yaml":  # the demo's gain: paired over 2 clients x its 3 fine-tuning seeds
+    if config == "demo.yaml":  # the demo's gain: paired over 2 clients x 2 fine-tuning seeds
         gain = {k: summary[f"downstream/gain/fcl_vs_random/{k}"] for k in ("mean", "low", "high", "pairs")}
-        assert gain["pairs"] == 6 and gain["low"] <= gain["mean"] <= gain["high"]
+        assert gain["pairs"] == 4 and gain["low"] <= gain["mean"] <= gain["high"]
         # a balanced design: the mean paired difference is the difference of the per-client means
         diff = summary["downstream/fcl/dice_mean"] - summary["downstream/random/dice_mean"]
         assert gain["mean"] == pytest.approx(diff, abs=1e-9)
