@@ -106,6 +106,7 @@ def test_retention_keeps_the_newest_whole_and_every_nth_as_weights(tmp_path, tin
     assert all(torch.equal(v, after["modules"][k]) for k, v in before["modules"].items())
 
 
+@pytest.mark.slow  # an old format kept readable (make test-slow; the suite's time)
 def test_a_checkpoint_from_before_client_files_still_resumes(tmp_path, tiny):
     """The earlier format (client states inside the server's file) resumes to the same bits."""
     ref, old = tmp_path / "ref", tmp_path / "old"
