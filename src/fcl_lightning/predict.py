@@ -18,6 +18,7 @@ import csv
 import glob
 import gzip
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -349,7 +350,7 @@ def predict_scans(
     # the ED / ES label maps of patients still waiting for their other frame (only those: memory
     # stays flat when a patient's frames come together, as they do in an ACDC root or a manifest)
     waiting: dict[str, dict[str, tuple[np.ndarray, tuple[float, float, float]]]] = {}
-    left = {s.patient: sum(1 for t in scans if t.patient == s.patient and t.frame in INDEX_FRAMES) for s in scans}
+    left = Counter(s.patient for s in scans if s.patient and s.frame in INDEX_FRAMES)
 
     def finish() -> None:
         for row in index_rows:

@@ -275,8 +275,8 @@ class FederatedDataModule(pl.LightningDataModule):
         labelled = [v for v in self.train[client] if v.label is not None]
         if n is None:
             return labelled
-        patients = [p for p in self.train_patients[client] if any(v.record.patient == p for v in labelled)]
-        keep = set(patients[:n])
+        have = {v.record.patient for v in labelled}
+        keep = set([p for p in self.train_patients[client] if p in have][:n])
         return [v for v in labelled if v.record.patient in keep]
 
     def unlabelled_volumes(self, client: int, n: int | None = None) -> list[Volume]:
