@@ -77,20 +77,34 @@ LABELS = {
     "fcl_dp1": "FCL, DP exchange at epsilon 1",
     "fcl_dp8w": "FCL, DP exchange and DP weights at epsilon 8",
 }
-SEMI_LABELS = {"unimatch": "UniMatch", "unimatch_short": "UniMatch (threshold 0.8)", "mean_teacher": "mean teacher"}
+SEMI_LABELS = {
+    "unimatch": "UniMatch",
+    "unimatch_short": "UniMatch (threshold 0.8)",
+    "mean_teacher": "mean teacher",
+    "bcp": "BCP",
+}
 
 
 def split_method(method: str) -> tuple[str, str, str]:
-    """``METHOD[@R][+SEMI]`` -> (pre-training method, round or '', semi-supervised config or '')."""
+    """``METHOD[~S][@R][+SEMI]`` -> (pre-training run, round or '', semi-supervised config or '');
+    the pre-training run ``METHOD~S`` is METHOD pre-trained with seed S (a second pre-training)."""
     head, _, semi = method.partition("+")
     base, _, rnd = head.partition("@")
     return base, rnd, semi
 
 
+def pretrain_config(base: str) -> tuple[str, int | None]:
+    """A pre-training run's method config and its seed (``None``: the config's own)."""
+    name, _, seed = base.partition("~")
+    return name, (int(seed) if seed else None)
+
+
 def label(method: str) -> str:
     """A method's row label; semi-supervised fine-tuning is marked as the project's extension."""
     base, rnd, semi = split_method(method)
-    out = LABELS.get(base, base) + (f" @ round {rnd}" if rnd else "")
+    name, seed = pretrain_config(base)
+    out = LABELS.get(name, name) + (f" (pre-training seed {seed})" if seed is not None else "")
+    out += f" @ round {rnd}" if rnd else ""
     return out + (f" + {SEMI_LABELS.get(semi, semi)} (extension)" if semi else "")
 
 
@@ -155,6 +169,34 @@ PROFILES: dict[str, Profile] = {
         seeds=[0, 1],
         needs_root=True,
     ),
+    # acdc-cpu's data and pre-training, every fine-tuning arm trained to its plateau: 2,000
+    # steps a client (8 rounds of 250, held-out Dice after each: the curve), the rate decayed
+    # poly over them (UniMatch's and BCP's schedule) for every arm alike
+    "acdc-plateau": Profile(
+        pretrain=[
+            "--config",
+            "configs/acdc/fcl_pretrain.yaml",
+            *ACDC_CPU_DATA,
+            "--federation.rounds=16",
+            "--federation.local_steps=40",
+            "--model.proj_hidden=512",
+        ],
+        finetune=[
+            "--config",
+            "configs/acdc/finetune.yaml",
+            *ACDC_CPU_DATA,
+            "--data.cv_folds=null",
+            "--data.batch_size=8",
+            "--federation.rounds=8",
+            "--federation.local_steps=250",
+            "--model.lr_schedule=poly",
+        ],
+        ns=[1],
+        methods=["random", "fcl", "random+bcp", "fcl+bcp"],
+        settings=["local"],
+        seeds=[0],
+        needs_root=True,
+    ),
     # pre-training and fine-tuning on disjoint patients: FCL on 60 patients (12 per ACDC group, 6
     # clients), local fine-tuning on the other 40 (4 clients of 10: 5 labelled-pool and 5 held-out
     # patients each), 128 px at 2 mm; what experiments/acdc_fcl_vs_random.py used to run
@@ -214,7 +256,7 @@ def cli(args: list[str]) -> None:
 def pretrain_uses_local_mode(method: str) -> bool:
     import yaml
 
-    cfg = yaml.safe_load((METHODS_DIR / f"{method}.yaml").read_text()) or {}
+    cfg = yaml.safe_load((METHODS_DIR / f"{pretrain_config(method)[0]}.yaml").read_text()) or {}
     return (cfg.get("federation") or {}).get("mode") == "local"
 
 
@@ -268,11 +310,13 @@ class Runner:
 
     def run_pretrain(self, method: str) -> None:
         d = self.pretrain_dir(method)
+        name, seed = pretrain_config(method)
         args = [
             "fit",
             *self.p.pretrain,
             "--config",
-            str(METHODS_DIR / f"{method}.yaml"),
+            str(METHODS_DIR / f"{name}.yaml"),
+            *([f"--seed_everything={seed}"] if seed is not None else []),
             "--federation.checkpoint_keep.every=1",  # every round's weights, for METHOD@R cells
             *self.common,
             *self.extra_pretrain,
@@ -581,7 +625,10 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [
         m
         for m in methods
-        if (split_method(m)[0] != NO_PRETRAIN and not (METHODS_DIR / f"{split_method(m)[0]}.yaml").is_file())
+        if (
+            split_method(m)[0] != NO_PRETRAIN
+            and not (METHODS_DIR / f"{pretrain_config(split_method(m)[0])[0]}.yaml").is_file()
+        )
         or (split_method(m)[2] and not (SEMI_DIR / f"{split_method(m)[2]}.yaml").is_file())
     ]
     if unknown:

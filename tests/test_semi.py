@@ -19,7 +19,7 @@ from fcl_lightning.data.phantom import PhantomSource
 from fcl_lightning.federation.state import client_states_of, load_checkpoint
 from fcl_lightning.lit.segment import SegmentationModule
 from fcl_lightning.models.unet import UNet
-from fcl_lightning.semi import MeanTeacher, UniMatch, sigmoid_rampup
+from fcl_lightning.semi import BCP, MeanTeacher, UniMatch, sigmoid_rampup
 from fcl_lightning.semi.objectives import masked_dice
 from fcl_lightning.semi.perturb import cutmix, cutmix_boxes, generator_for, intensity_jitter
 
@@ -175,6 +175,189 @@ def test_mean_teacher_loss_and_ema_against_references():
         assert torch.allclose(p, 0.75 * before[k] + 0.25 * q), k
 
 
+def slow_largest_components(pseudo, classes):
+    """Each class's largest 8-connected component by flood fill (the first found among equals),
+    the rest background."""
+    out = torch.zeros_like(pseudo)
+    b, h, w = pseudo.shape
+    for i in range(b):
+        for k in classes:
+            seen, best = set(), []
+            for y in range(h):
+                for x in range(w):
+                    if int(pseudo[i, y, x]) != k or (y, x) in seen:
+                        continue
+                    comp, todo = [], [(y, x)]
+                    seen.add((y, x))
+                    while todo:
+                        cy, cx = todo.pop()
+                        comp.append((cy, cx))
+                        for dy in (-1, 0, 1):
+                            for dx in (-1, 0, 1):
+                                ny, nx = cy + dy, cx + dx
+                                if 0 <= ny < h and 0 <= nx < w and (ny, nx) not in seen and int(pseudo[i, ny, nx]) == k:
+                                    seen.add((ny, nx))
+                                    todo.append((ny, nx))
+                    if len(comp) > len(best):
+                        best = comp
+            for y, x in best:
+                out[i, y, x] = k
+    return out
+
+
+def test_largest_components_against_a_flood_fill():
+    from fcl_lightning.semi.objectives import largest_components
+
+    g = torch.Generator().manual_seed(0)
+    label = torch.randint(0, 4, (3, 12, 12), generator=g)
+    label[label == 3] = 0  # sparser: several components per class
+    ref = slow_largest_components(label, [1, 2, 3])
+    assert torch.equal(torch.from_numpy(largest_components(label.numpy())), ref)
+    assert (ref > 0).sum() < (label > 0).sum()  # something was removed
+
+
+def slow_region_loss(logits, target, region):
+    """BCP's ``mix_loss`` on one region, pixel by pixel: (masked Dice + mean CE) / 2."""
+    logp = torch.log_softmax(logits, 1)
+    ce, n = 0.0, 0
+    b, _, h, w = logits.shape
+    for i in range(b):
+        for y in range(h):
+            for x in range(w):
+                if region[i, y, x]:
+                    ce -= float(logp[i, int(target[i, y, x]), y, x].detach())
+                    n += 1
+    return 0.5 * (slow_masked_dice(torch.softmax(logits, 1), target, region) + ce / max(n, 1e-16))
+
+
+def test_bcp_matches_its_slow_reference():
+    torch.manual_seed(0)
+    net = UNet(1, 4, SMALL)
+    bcp = BCP(box_fraction=0.5)
+    bcp.attach(net)
+    with torch.no_grad():  # a teacher that differs from the student
+        for p in bcp.teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    image, u_image = torch.rand(2, 1, 16, 16), torch.rand(4, 1, 16, 16)
+    label = torch.randint(0, 4, (2, 1, 16, 16))
+    seeds = torch.tensor([3, 4, 5, 6])
+    seg = SegmentationModule(features=SMALL)
+    out = bcp(net, seg.loss_fn, image, label, u_image, seeds)
+    # the reference: one mixed slice at a time, the box drawn as documented
+    g = generator_for(seeds, 3)
+    bh = bw = 8
+    y0, x0 = int(torch.randint(0, 9, (1,), generator=g)), int(torch.randint(0, 9, (1,), generator=g))
+    inside = torch.zeros(16, 16, dtype=torch.bool)
+    inside[y0 : y0 + bh, x0 : x0 + bw] = True
+    with torch.no_grad():
+        pseudo = slow_largest_components(bcp.teacher(u_image).argmax(1), [1, 2, 3])
+    lab = label[:, 0]
+    mixed_u, mixed_l = u_image[:2].clone(), image.roll(1, 0).clone()
+    t_u, t_l = pseudo[:2].clone(), lab.roll(1, 0).clone()
+    for i in range(2):
+        mixed_u[i, 0][inside], t_u[i][inside] = image[i, 0][inside], lab[i][inside]
+        mixed_l[i, 0][inside], t_l[i][inside] = u_image[2 + i, 0][inside], pseudo[2 + i][inside]
+    lu, ll = net(mixed_u), net(mixed_l)
+    ins, outs = inside.expand(2, 16, 16), (~inside).expand(2, 16, 16)
+    sup = 0.5 * (slow_region_loss(lu, t_u, ins) + slow_region_loss(ll, t_l, outs))
+    unsup = 0.5 * (slow_region_loss(lu, t_u, outs) + slow_region_loss(ll, t_l, ins))
+    assert float(out["sup"]) == pytest.approx(sup, abs=1e-4)
+    assert float(out["unsup"]) == pytest.approx(unsup, abs=1e-4)
+    out["unsup"].backward()  # the student learns from the pseudo-labels, the teacher does not
+    assert net.final_conv.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in bcp.teacher.parameters())
+
+
+def test_bcp_never_reads_an_unlabelled_label():
+    """The pseudo-labelled regions' loss depends on the unlabelled images and the teacher only:
+    labels of the labelled slices moved outside the pasted box change nothing there."""
+    torch.manual_seed(0)
+    net = UNet(1, 4, SMALL)
+    bcp = BCP(box_fraction=0.5, largest_component=False)
+    bcp.attach(net)
+    image, u_image = torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)
+    label = torch.randint(0, 4, (2, 1, 16, 16))
+    seeds = torch.tensor([1, 2])
+    a = bcp(net, SegmentationModule(features=SMALL).loss_fn, image, label, u_image, seeds)
+    b = bcp(net, SegmentationModule(features=SMALL).loss_fn, image, (label + 1) % 4, u_image, seeds)
+    assert float(a["unsup"]) == pytest.approx(float(b["unsup"]), abs=1e-7)
+    assert float(a["sup"]) != pytest.approx(float(b["sup"]), abs=1e-4)
+
+
+def test_scored_teacher_and_poly_rate():
+    seg = SegmentationModule(features=SMALL, semi_supervised=BCP(), scored="teacher")
+    assert seg.scored_net() is seg.semi.teacher and seg.scores_client_state
+    assert SegmentationModule(features=SMALL, semi_supervised=BCP()).scored_net() is not None
+    with pytest.raises(ValueError, match="scored: teacher scores"):
+        SegmentationModule(features=SMALL, semi_supervised=UniMatch(), scored="teacher")
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        SegmentationModule(features=SMALL, lr_schedule="cosine")
+
+
+def test_poly_rate_follows_the_clients_steps_over_all_its_rounds():
+    """Round 2 of 2, 4 steps a round: the rates of its steps are base * (1 - (4 + i) / 8)^0.9,
+    the encoder's scaled by encoder_lr_scale; a scheduler kept no state for this."""
+    dm, _ = tagged_datamodule()
+    seg = SegmentationModule(
+        features=SMALL, lr_schedule="poly", encoder_lr_scale=0.5, optimizer=lambda p: torch.optim.SGD(p, lr=0.1)
+    )
+    seg.round_progress = (1, 2)
+    seen = []
+
+    class Record(pl.Callback):
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            seen.append([g["lr"] for g in optimizer.param_groups])
+
+    trainer = pl.Trainer(
+        max_steps=4, max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", callbacks=[Record()],
+    )  # fmt: skip
+    trainer.fit(seg, train_dataloaders=seg.train_loader(dm, 0, seed=0))
+    expect = [(1 - (4 + i) / 8) ** 0.9 for i in range(4)]
+    assert [r[1] for r in seen] == pytest.approx([0.1 * f for f in expect])
+    assert [r[0] for r in seen] == pytest.approx([0.05 * f for f in expect])
+
+
+@pytest.mark.slow  # three CLI runs; make test-slow
+def test_test_scores_the_teacher_each_client_kept(tmp_path):
+    """``model.scored: teacher``: validation and ``test`` score each client's EMA teacher, read
+    from its state file, not the student; the same run scored as student gives other figures."""
+    from fcl_lightning.evaluation import evaluate_volumes
+
+    bcp = ["--model.semi_supervised=fcl_lightning.semi.BCP", "--model.semi_supervised.init_args.ratio=2"]
+    args = [*FINETUNE, *bcp, f"--trainer.default_root_dir={tmp_path}", "--federation.local_steps=6"]
+    main(["fit", *args, "--model.scored=teacher"])
+    scores = {}
+    for scored in ("teacher", "student"):
+        main(["test", *args, f"--model.scored={scored}", "--ckpt_path=last", "--space=preprocessed"])
+        scores[scored] = json.loads((tmp_path / "summary.json").read_text())["test/dice_mean"]
+    assert scores["teacher"] != pytest.approx(scores["student"], abs=1e-6)
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    states = client_states_of(ckpt, tmp_path)
+    dm = FederatedDataModule(**_datamodule_args(tmp_path))
+    dm.setup("test")
+    dice = []
+    for c in (0, 1):
+        teacher = UNet(1, 4, SMALL)
+        teacher.load_state_dict({k[len("semi.teacher.") :]: v for k, v in states[c]["modules"].items()})
+        rows = evaluate_volumes(teacher, dm.eval_volumes(c), 32)
+        dice.append(float(np.mean([r["dice_mean"] for r in rows])))
+    assert scores["teacher"] == pytest.approx(float(np.mean(dice)), abs=1e-5)
+
+
+def _datamodule_args(run: Path) -> dict:
+    """The data section of a run's ``config.yaml``, as datamodule arguments."""
+    import yaml
+
+    from fcl_lightning.data.phantom import PhantomSource as Phantom
+
+    data = yaml.safe_load((run / "config.yaml").read_text())["data"]
+    for key in ("source", "test_source"):
+        data[key] = Phantom(**(data[key].get("init_args") or {}))
+    data.pop("augment", None)
+    return data
+
+
 def test_teacher_is_client_state_and_not_optimised():
     seg = SegmentationModule(features=SMALL, semi_supervised=MeanTeacher())
     assert all(k.startswith("net.") for k in seg.global_state())
@@ -271,7 +454,7 @@ def test_no_unlabelled_volumes_is_a_clear_error():
 
 
 @pytest.mark.slow  # 15 s: kept out of make test for the suite's 3-minute budget (make test-slow)
-@pytest.mark.parametrize("semi", ["mean_teacher", "unimatch"])
+@pytest.mark.parametrize("semi", ["mean_teacher", "unimatch", "bcp"])
 def test_semi_supervised_resume_is_bitwise(tmp_path, semi):
     full, cut = tmp_path / "full", tmp_path / "cut"
     semi_config = ["--config", str(REPO / "configs" / "semi" / f"{semi}.yaml")]
@@ -287,7 +470,7 @@ def test_semi_supervised_resume_is_bitwise(tmp_path, semi):
         for k, v in sa[c]["modules"].items():
             assert torch.equal(v, sb[c]["modules"][k]), (c, k)
     assert all(torch.equal(v, b["global"][k]) for k, v in a["global"].items())
-    if semi == "mean_teacher":
+    if semi != "unimatch":
         assert any(k.startswith("semi.teacher.") for k in sa[0]["modules"])
     metrics = (full / "logs" / "version_0" / "metrics.csv").read_text()
     assert "train/unsup" in metrics and "train/unsup_weight" in metrics

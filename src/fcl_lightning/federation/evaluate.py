@@ -15,7 +15,7 @@ from fcl_lightning.errors import ConfigError
 from fcl_lightning.evaluation import STRUCTURES, evaluate_volumes, over_clients, summarize, write_rows_csv
 from fcl_lightning.federation.checkpoint import update_summary
 from fcl_lightning.federation.lock import RunLock
-from fcl_lightning.federation.state import load_checkpoint, resolve_ckpt_path
+from fcl_lightning.federation.state import client_states_of, load_checkpoint, resolve_ckpt_path
 from fcl_lightning.figures import save_bland_altman_figure
 from fcl_lightning.indices import INDEX_NAMES, agreement, patient_indices, write_indices_csv
 from fcl_lightning.predict import score_native
@@ -57,12 +57,15 @@ def evaluate_run(
     if hasattr(datamodule, "place"):  # data.volumes_on: device: scored where they already are
         datamodule.place(device)
     path = resolve_ckpt_path(ckpt_path, root)
+    states: dict[int, Any] = {}
     if path is not None:
-        weights = checkpoint_weights(load_checkpoint(path), datamodule.num_clients)
+        ckpt = load_checkpoint(path)
+        weights = checkpoint_weights(ckpt, datamodule.num_clients)
+        states = scored_client_states(module, ckpt, path)
     else:
         current = module.global_state()
         weights = {c: current for c in range(datamodule.num_clients)}
-    clients, rows, per_client = score_clients(module, datamodule, weights, stage, space, device)
+    clients, rows, per_client = score_clients(module, datamodule, weights, stage, space, device, states)
     out = summary_of(rows, per_client, clients, stage)
     for r in rows:
         r["space"] = space
@@ -72,6 +75,19 @@ def evaluate_run(
     if console is not None:
         print_evaluation(console, out, rows, per_client, idx_rows, agree, root, stage, space)
     return out
+
+
+def scored_client_states(module: Any, ckpt: dict[str, Any], path: Path) -> dict[int, Any]:
+    """client -> its saved state, when the scored network is client state (``model.scored:
+    teacher``); read from the run folder the checkpoint ``path`` lies in. Empty otherwise."""
+    if not getattr(module, "scores_client_state", False):
+        return {}
+    if ckpt.get("best_client_weights"):
+        raise ConfigError(
+            f"{path} kept each client's best validation round (federation.select_best), which holds the "
+            "student only: score it with model.scored student"
+        )
+    return client_states_of(ckpt, path.parent.parent)
 
 
 def check_evaluation(module: Any, stage: str, space: str) -> None:
@@ -94,13 +110,15 @@ def score_clients(
     stage: str,
     space: str,
     device: str | torch.device,
+    states: dict[int, Any] | None = None,
 ) -> tuple[list[int], list[dict[str, Any]], list[dict[str, float]]]:
     """Each scored model on its held-out labelled volumes: (the clients scored, one row per volume,
-    each client's summary). A global model on a shared test set is scored once (client ``global``)."""
+    each client's summary). A global model on a shared test set is scored once (client ``global``);
+    ``states``: each client's own state to load too (a teacher that is scored)."""
     rows: list[dict[str, Any]] = []
     per_client: list[dict[str, float]] = []
     shared_test = stage == "test" and datamodule.scores_test_set
-    global_only = len({id(w) for w in weights.values()}) == 1
+    global_only = len({id(w) for w in weights.values()}) == 1 and not states
     clients = [0] if (shared_test and global_only) else sorted(weights)
     for c in clients:
         vols = datamodule.eval_volumes(c) if stage == "test" else datamodule.validation_volumes(c)
@@ -110,6 +128,8 @@ def score_clients(
                 "only scans with a label are scored)"
             )
         module.load_global_state(weights[c])
+        if states:
+            module.load_client_state(states[c])
         net = module.scored_net().to(device)
         if space == "native":
             source = datamodule.test_source if shared_test else datamodule.source
@@ -248,6 +268,9 @@ def run_predict(
     if problem:
         raise CheckpointError(f"{path} does not fit the configured model: {problem}; use the run's config.yaml")
     module.load_global_state(w)
+    states = scored_client_states(module, ckpt, path)
+    if states:
+        module.load_client_state(states[client])
     scans = find_scans(input)
     out = Path(output) if output else root / "predictions"
     net = module.scored_net().to(device)

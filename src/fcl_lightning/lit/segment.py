@@ -22,6 +22,10 @@ from fcl_lightning.models.encoder import DEFAULT_FEATURES
 from fcl_lightning.models.unet import UNet
 from fcl_lightning.semi.objectives import SemiSupervised
 
+#: what ``SegmentationModule(scored=...)`` may score
+SCORED = ("student", "teacher")
+LR_SCHEDULES = ("constant", "poly")
+
 
 class PretrainedWeightsError(UserError):
     """A pre-trained file that does not fit the U-Net encoder; names the file and the keys."""
@@ -107,14 +111,28 @@ class SegmentationModule(FederatedModule):
         scheduler: an optional LR scheduler factory.
         eval_batch_size: slices per forward pass when predicting a volume.
         semi_supervised: also train on the client's own unlabelled slices (``UniMatch``,
-            ``MeanTeacher``; ``None``: labelled slices only). Its state (a mean teacher) is the
-            client's own, kept across rounds and never averaged.
+            ``MeanTeacher``, ``BCP``; ``None``: labelled slices only). Its state (a teacher) is
+            the client's own, kept across rounds and never averaged.
+        scored: what validation, ``test`` and ``predict`` score: ``student`` (the trained U-Net)
+            or ``teacher`` (the EMA teacher of ``MeanTeacher`` / ``BCP``, the usual choice of
+            mean-teacher methods: an average of the student's last steps, chosen without
+            looking at any test patient).
+        lr_schedule: ``constant``, or ``poly``: every parameter group's rate times
+            ``(1 - step / steps)^0.9`` over the client's whole fine-tuning (all its rounds;
+            UniMatch's and BCP's schedule). Not with ``scheduler``.
     """
 
     global_prefixes = ("net.",)
 
     def scored_net(self) -> nn.Module:
-        return self.net
+        """The student, or with ``scored: teacher`` the plug-in's EMA teacher."""
+        return self.semi.teacher if self.scored == "teacher" else self.net
+
+    @property
+    def scores_client_state(self) -> bool:
+        """Whether the scored network is client state (a teacher): ``test`` then loads each
+        client's state beside its weights."""
+        return self.scored == "teacher"
 
     def __init__(
         self,
@@ -129,6 +147,8 @@ class SegmentationModule(FederatedModule):
         scheduler: LRSchedulerCallable | None = None,
         eval_batch_size: int = 32,
         semi_supervised: SemiSupervised | None = None,
+        scored: str = "student",
+        lr_schedule: str = "constant",
     ) -> None:
         super().__init__()
         if not features or any(int(f) < 1 for f in features):
@@ -154,6 +174,19 @@ class SegmentationModule(FederatedModule):
         self.semi = copy.deepcopy(semi_supervised)  # a config instance may be shared
         if self.semi is not None:
             self.semi.attach(self.net)
+        if scored not in SCORED:
+            raise ValueError(f"scored must be one of {SCORED}, got {scored!r}")
+        if scored == "teacher" and getattr(self.semi, "teacher", None) is None:
+            raise ValueError(
+                "scored: teacher scores a semi-supervised plug-in's EMA teacher (MeanTeacher, BCP); "
+                f"{type(self.semi).__name__ if self.semi is not None else 'no plug-in'} has none"
+            )
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+        if lr_schedule != "constant" and scheduler is not None:
+            raise ValueError(f"lr_schedule {lr_schedule!r} and model.scheduler both set the rate: keep one")
+        self.scored, self.lr_schedule = scored, lr_schedule
+        self._base_lrs: list[float] = []
         #: on-device weak augmentation of the unlabelled slices (``data.augment_on: device``)
         self.unlabelled_augment: Any = None
         #: the epoch means of the validation / test volume metrics (torchmetrics: no state-dict entries)
@@ -194,11 +227,21 @@ class SegmentationModule(FederatedModule):
     @property
     def semi_step(self) -> float:
         """Optimiser steps of this client's fine-tuning so far (rounds before this one included),
-        what the unlabelled weight ramps and the teacher's EMA warms up over."""
+        what the unlabelled weight ramps, the teacher's EMA warms up and the poly rate decays over."""
         if self._trainer is None:
             return 0
         per_round = self.steps_of_fit
         return (self.round_progress[0] * per_round if per_round != float("inf") else 0) + self.step_in_fit
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """``lr_schedule: poly``: the rate of the coming step from the client's step count alone
+        (no scheduler state to carry across rounds; a resumed run gets the same rates)."""
+        if self.lr_schedule != "poly":
+            return
+        total = self.round_progress[1] * self.steps_of_fit
+        factor = 1.0 if total == float("inf") else max(0.0, 1.0 - self.semi_step / total) ** 0.9
+        for group, base in zip(self.trainer.optimizers[0].param_groups, self._base_lrs, strict=True):
+            group["lr"] = base * factor
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         batch = super().on_after_batch_transfer(batch, dataloader_idx)
@@ -231,7 +274,7 @@ class SegmentationModule(FederatedModule):
     def _volume_step(self, batch: dict[str, Any], prefix: str) -> dict[str, float]:
         """One whole volume: MONAI's Dice and HD95, averaged over the epoch's volumes by
         torchmetrics ``MeanMetric`` (nan HD95 skipped) and logged as ``{prefix}/<metric>``."""
-        pred = predict_volume(self.net, batch["image"], self.eval_batch_size)
+        pred = predict_volume(self.scored_net(), batch["image"], self.eval_batch_size)
         m = volume_metrics(pred.cpu(), batch["label"].cpu(), tuple(float(s) for s in batch["spacing"]))
         for k, v in m.items():
             mean = self.volume_means[f"{prefix}_{k}"]
@@ -250,6 +293,7 @@ class SegmentationModule(FederatedModule):
         rest = [p for n, p in self.named_parameters() if n.startswith("net.") and not n.startswith("net.encoder.")]
         opt = self.optimizer_factory([{"params": enc}, {"params": rest}])
         opt.param_groups[0]["lr"] *= self.encoder_lr_scale
+        self._base_lrs = [g["lr"] for g in opt.param_groups]
         if self.scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": self.scheduler_factory(opt)}

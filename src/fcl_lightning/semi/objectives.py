@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import MaskedDiceLoss
+from scipy import ndimage
 from torch import nn
 
 from fcl_lightning.fcl.momentum import make_momentum_copy, update_momentum
@@ -170,28 +172,21 @@ class UniMatch(SemiSupervised):
         return out
 
 
-class MeanTeacher(SemiSupervised):
-    """Mean teacher (Tarvainen & Valpola 2017; SSL4MIS's ACDC recipe): an EMA of the student
-    (the project's momentum update) predicts the unlabelled slices from a noised input; the
-    student's softmax is pulled to the teacher's (mean squared error).
+class EMATeacher(SemiSupervised):
+    """A plug-in with a teacher: an EMA of the student (the project's momentum update,
+    ``min(1 - 1 / (step + 1), decay)`` as SSL4MIS), the client's own state next to its student.
 
-    The teacher is the client's own state, next to its student: in local fine-tuning it follows
-    that client's student; in federated fine-tuning the server averages the students only, and
-    each client's teacher keeps averaging its student, which restarts from the global weights
-    every round (sending teachers too would double what leaves a site for a model nobody scores).
-
-    Args:
-        decay: EMA coefficient (``min(1 - 1 / (step + 1), decay)``, as SSL4MIS).
-        noise: standard deviation of the Gaussian noise on the teacher's input (clipped at 2x).
+    In local fine-tuning the teacher follows that client's student; in federated fine-tuning the
+    server averages the students only, and each client's teacher keeps averaging its student,
+    which restarts from the global weights every round (sending teachers too would double what
+    leaves a site). ``model.scored: teacher`` scores the teacher instead of the student.
     """
 
-    def __init__(
-        self, ratio: int = 1, weight: float = 0.1, rampup_steps: int = 0, decay: float = 0.99, noise: float = 0.1
-    ) -> None:
+    def __init__(self, ratio: int = 1, weight: float = 0.1, rampup_steps: int = 0, decay: float = 0.99) -> None:
         super().__init__(ratio, weight, rampup_steps)
-        if not 0.0 <= decay <= 1.0 or noise < 0:
-            raise ValueError(f"MeanTeacher needs decay in [0, 1] and noise >= 0, got {decay}, {noise}")
-        self.decay, self.noise = decay, noise
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"{type(self).__name__} needs decay in [0, 1], got {decay}")
+        self.decay = decay
         self.teacher: nn.Module | None = None
 
     def attach(self, net: nn.Module) -> None:
@@ -205,6 +200,25 @@ class MeanTeacher(SemiSupervised):
     def after_step(self, net: nn.Module, step: int) -> None:
         update_momentum(net, self.teacher, min(1.0 - 1.0 / (step + 1), self.decay))
 
+
+class MeanTeacher(EMATeacher):
+    """Mean teacher (Tarvainen & Valpola 2017; SSL4MIS's ACDC recipe): the EMA teacher predicts
+    the unlabelled slices from a noised input; the student's softmax is pulled to the teacher's
+    (mean squared error).
+
+    Args:
+        decay: EMA coefficient (``min(1 - 1 / (step + 1), decay)``, as SSL4MIS).
+        noise: standard deviation of the Gaussian noise on the teacher's input (clipped at 2x).
+    """
+
+    def __init__(
+        self, ratio: int = 1, weight: float = 0.1, rampup_steps: int = 0, decay: float = 0.99, noise: float = 0.1
+    ) -> None:
+        super().__init__(ratio, weight, rampup_steps, decay)
+        if noise < 0:
+            raise ValueError(f"MeanTeacher needs noise >= 0, got {noise}")
+        self.noise = noise
+
     def forward(self, net, sup_loss, image, label, u_image, u_seed):  # noqa: D102 (see the base)
         b = image.shape[0]
         logits = net(torch.cat([image, u_image]))
@@ -214,3 +228,98 @@ class MeanTeacher(SemiSupervised):
             target = torch.softmax(self.teacher(u_image + noise.to(u_image.device)), 1)
         unsup = torch.mean((torch.softmax(logits[b:], 1) - target) ** 2)
         return {"sup": sup_loss(logits[:b], label), "unsup": unsup}
+
+
+def largest_components(label: np.ndarray) -> np.ndarray:
+    """``label`` ``[B, H, W]`` with each foreground class reduced to its largest 8-connected
+    component (BCP's ``get_ACDC_2DLargestCC``; scipy's labelling: MONAI's
+    ``KeepLargestConnectedComponent`` needs scikit-image, which the project does not install)."""
+    out = np.zeros_like(label)
+    eight = np.ones((3, 3), dtype=bool)
+    for i, sl in enumerate(label):
+        for k in np.unique(sl[sl > 0]):
+            comp, n = ndimage.label(sl == k, structure=eight)
+            sizes = np.bincount(comp.ravel())[1:]
+            out[i][comp == 1 + int(np.argmax(sizes))] = k
+    return out
+
+
+def region_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """BCP's per-region loss: ``(masked Dice + masked cross-entropy) / 2`` of ``logits``
+    ``[B, C, H, W]`` against hard labels ``target`` ``[B, H, W]`` on the pixels where ``mask`` is 1
+    (cross-entropy averaged over those pixels, as BCP's ``mix_loss``)."""
+    ce = F.cross_entropy(logits, target.long(), reduction="none")
+    ce = (ce * mask).sum() / (mask.sum() + 1e-16)
+    return 0.5 * (masked_dice(torch.softmax(logits, 1), target, mask) + ce)
+
+
+class BCP(EMATeacher):
+    """Bidirectional copy-paste (Bai et al., CVPR 2023; BCP's ACDC recipe): a box of a labelled
+    slice is pasted into an unlabelled one and the same box of an unlabelled slice into a labelled
+    one; the student learns each mixed slice from the ground truth where it shows the labelled
+    slice and from the EMA teacher's pseudo-label (argmax, each structure's largest connected
+    component) where it shows the unlabelled one.
+    ``sup`` is the loss on the labelled regions, ``unsup`` on the pseudo-labelled ones, so
+    ``sup + weight * unsup`` is BCP's loss with its ``u_weight`` 0.5 as ``weight`` (up to BCP's
+    factor 1/2 on the whole). The unmixed labelled slices are not trained on, as in BCP.
+
+    The box is ``box_fraction`` of each side (BCP: 2/3) at a random place, one per batch as BCP's
+    ``generate_mask``; pairs: labelled slice ``i`` with unlabelled slice ``i`` (labelled box in the
+    unlabelled slice) and with unlabelled slice ``B + i`` (or ``i + 1`` when the batch has fewer
+    than ``2B``: unlabelled box in the labelled slice).
+
+    Args:
+        decay: the teacher's EMA coefficient (BCP: 0.99).
+        box_fraction: the pasted box's side as a fraction of the image's.
+        largest_component: keep each structure's largest connected component of the pseudo-label.
+    """
+
+    def __init__(
+        self,
+        ratio: int = 2,
+        weight: float = 0.5,
+        rampup_steps: int = 0,
+        decay: float = 0.99,
+        box_fraction: float = 2 / 3,
+        largest_component: bool = True,
+    ) -> None:
+        super().__init__(ratio, weight, rampup_steps, decay)
+        if not 0.0 < box_fraction < 1.0:
+            raise ValueError(f"BCP box_fraction must be in (0, 1), got {box_fraction}")
+        self.box_fraction, self.largest_component = float(box_fraction), bool(largest_component)
+
+    def box(self, size: tuple[int, int], g: torch.Generator) -> torch.Tensor:
+        """``[H, W]``: 1 inside the pasted box (``box_fraction`` of each side, at a random place)."""
+        h, w = size
+        bh, bw = int(h * self.box_fraction), int(w * self.box_fraction)
+        y0 = int(torch.randint(0, h - bh + 1, (1,), generator=g))
+        x0 = int(torch.randint(0, w - bw + 1, (1,), generator=g))
+        out = torch.zeros(h, w)
+        out[y0 : y0 + bh, x0 : x0 + bw] = 1
+        return out
+
+    @torch.no_grad()
+    def pseudo_label(self, u: torch.Tensor) -> torch.Tensor:
+        """The teacher's hard label of ``u`` ``[U, 1, H, W]``, cleaned to each structure's largest
+        connected component."""
+        pseudo = self.teacher(u).argmax(1)
+        if not self.largest_component:
+            return pseudo
+        return torch.from_numpy(largest_components(pseudo.cpu().numpy())).to(u.device)
+
+    def forward(self, net, sup_loss, image, label, u_image, u_seed):  # noqa: D102 (see the base)
+        b = image.shape[0]
+        u_a = u_image[:b] if u_image.shape[0] >= b else u_image.repeat((b // u_image.shape[0] + 1, 1, 1, 1))[:b]
+        u_b = u_image[b : 2 * b] if u_image.shape[0] >= 2 * b else u_a.roll(1, 0)
+        pseudo = self.pseudo_label(torch.cat([u_a, u_b]))
+        p_a, p_b = pseudo[:b], pseudo[b:]
+        m = self.box(tuple(image.shape[-2:]), generator_for(u_seed, 3)).to(image.device)
+        m4 = m.expand(b, 1, *m.shape)
+        into_u = u_a * (1 - m4) + image * m4  # the labelled box inside an unlabelled slice
+        into_l = image.roll(1, 0) * (1 - m4) + u_b * m4  # an unlabelled box inside a labelled slice
+        logits = net(torch.cat([into_u, into_l]))
+        inside, outside = m.expand(b, *m.shape), (1 - m).expand(b, *m.shape)
+        lab = label.squeeze(1) if label.dim() == 4 else label
+        sup = 0.5 * (region_loss(logits[:b], lab, inside) + region_loss(logits[b:], lab.roll(1, 0), outside))
+        unsup = 0.5 * (region_loss(logits[:b], p_a, outside) + region_loss(logits[b:], p_b, inside))
+        return {"sup": sup, "unsup": unsup}
