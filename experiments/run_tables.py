@@ -169,9 +169,10 @@ PROFILES: dict[str, Profile] = {
         seeds=[0, 1],
         needs_root=True,
     ),
-    # acdc-cpu's data and pre-training, every fine-tuning arm trained to its plateau: 2,000
-    # steps a client (8 rounds of 250, held-out Dice after each: the curve), the rate decayed
-    # poly over them (UniMatch's and BCP's schedule) for every arm alike
+    # acdc-cpu's data and pre-training, every fine-tuning arm trained towards its plateau: 1,500
+    # steps a client (6 rounds of 250, held-out Dice after each: the curve), the rate decayed
+    # poly over them (UniMatch's and BCP's schedule) for every arm alike; a longer budget:
+    # --finetune-arg=--federation.rounds=12
     "acdc-plateau": Profile(
         pretrain=[
             "--config",
@@ -187,12 +188,12 @@ PROFILES: dict[str, Profile] = {
             *ACDC_CPU_DATA,
             "--data.cv_folds=null",
             "--data.batch_size=8",
-            "--federation.rounds=8",
+            "--federation.rounds=6",
             "--federation.local_steps=250",
             "--model.lr_schedule=poly",
         ],
         ns=[1],
-        methods=["random", "fcl", "random+bcp", "fcl+bcp"],
+        methods=["random", "random+bcp", "fcl+bcp", "fcl"],
         settings=["local"],
         seeds=[0],
         needs_root=True,
@@ -490,6 +491,24 @@ def read_rounds(run_dir: Path, key: str) -> dict[int, float]:
     return dict(sorted(by_round.items()))
 
 
+#: a curve is flat when its last third gains less than this (Dice)
+FLAT = 0.01
+
+
+def local_steps(args: list[str]) -> int | None:
+    """``--federation.local_steps`` of a profile's arguments (the last one given)."""
+    found = [a.split("=", 1)[1] for a in args if a.startswith("--federation.local_steps=")]
+    return int(found[-1]) if found else None
+
+
+def plateau_gain(curve: list[float]) -> float | None:
+    """What a curve gained over its last third: the end against the round at two thirds of it
+    (``None`` for fewer than 3 rounds)."""
+    if len(curve) < 3:
+        return None
+    return float(curve[-1] - curve[(2 * len(curve)) // 3 - 1])
+
+
 def curves(runner: Runner, methods: list[str]) -> list[str]:
     """Markdown: pre-training monitors per round, and held-out Dice after each fine-tuning round
     (mean over clients, then over seeds): the gain against fine-tuning steps."""
@@ -517,6 +536,7 @@ def curves(runner: Runner, methods: list[str]) -> list[str]:
                 ),
                 "",
             ]
+    steps = local_steps(runner.p.finetune)
     for setting in runner.p.settings:
         lines = []
         for m in methods:
@@ -531,13 +551,22 @@ def curves(runner: Runner, methods: list[str]) -> list[str]:
                     continue
                 r = min(len(c) for c in runs)
                 mean = np.mean([c[:r] for c in runs], axis=0)
-                lines.append(f"| {label(m)} | {n} | {len(runs)} | " + " / ".join(f"{v:.3f}" for v in mean) + " |")
+                last_third = plateau_gain(list(mean))
+                flat = "-" if last_third is None else ("yes" if last_third < FLAT else "**no**")
+                lines.append(
+                    f"| {label(m)} | {n} | {len(runs)} | " + " / ".join(f"{v:.3f}" for v in mean)
+                    + f" | {'-' if last_third is None else f'{last_third:+.3f}'} | {flat} |"
+                )  # fmt: skip
         if lines:
+            at = f"after every {steps} steps" if steps else "after each fine-tuning round"
             out += [
-                f"## Held-out Dice after each fine-tuning round ({setting})",
+                f"## Held-out Dice {at} ({setting})",
                 "",
-                "| method | N | runs | Dice after fine-tuning round 1 / 2 / ... |",
-                "|---|---|---|---|",
+                f"Mean over clients and seeds. Flat: the last third of the budget gains less than {FLAT} "
+                "(the end against the round at two thirds).",
+                "",
+                "| method | N | runs | Dice after round 1 / 2 / ... | last third | flat |",
+                "|---|---|---|---|---|---|",
                 *lines,
                 "",
             ]

@@ -1,0 +1,212 @@
+#!/usr/bin/env python
+"""Benchmark: local fine-tuning through the project (``SegmentationModule`` in a Lightning
+Trainer) against a bare PyTorch loop around the same Lightning-free pieces, and a cell's fixed
+costs itemised.
+
+What is measured
+----------------
+For each arm (``supervised``, ``mean_teacher``, ``unimatch``, ``bcp``: the shipped
+``configs/semi/*.yaml`` settings) both paths train the same U-Net (``configs/acdc/finetune.yaml``'s
+features) for ``--steps`` optimiser steps on the same batches: one client's labelled (and, for a
+semi-supervised arm, unlabelled) slices from the project's loader, collated once beforehand, with
+the on-device augmentation applied inside the timed step by both paths. The **project** runs
+``Trainer.fit`` on the module; the **bare** loop calls the augmentation, the plug-in (or the loss)
+, ``backward``, ``Adam.step`` and the teacher's EMA update by hand. Reported per arm: steps/s of
+both and their ratio (target >= 0.9; the first ``--warmup`` steps of each are left out of both).
+
+Fixed costs of a cell (what a fine-tuning cell spends outside its steps): preparing the data
+(cold: preprocessing every volume; warm: read back from ``--cache-dir``), one validation pass over
+a client's held-out volumes, and scoring them on their native grid as ``test`` does.
+
+    python experiments/bench_finetune.py --root /path/to/ACDC/training --steps 60
+    python experiments/bench_finetune.py --steps 30            # the phantom
+
+It is a benchmark, not a test: PASS/FAIL is printed, the exit code is 0 either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from fcl_lightning.data.acdc import ACDCSource  # noqa: E402
+from fcl_lightning.data.datamodule import FederatedDataModule  # noqa: E402
+from fcl_lightning.data.phantom import PhantomSource  # noqa: E402
+from fcl_lightning.lit.segment import SegmentationModule  # noqa: E402
+from fcl_lightning.semi import BCP, MeanTeacher, UniMatch  # noqa: E402
+
+ARMS = {"supervised": None, "mean_teacher": MeanTeacher, "unimatch": UniMatch, "bcp": BCP}
+FEATURES = [16, 32, 64, 128, 128, 128]
+
+
+def plugin(arm: str):
+    """The arm's plug-in with the shipped config's settings (``None``: supervised)."""
+    if ARMS[arm] is None:
+        return None
+    cfg = yaml.safe_load((REPO / "configs" / "semi" / f"{arm}.yaml").read_text())
+    return ARMS[arm](**cfg["model"]["init_args"]["semi_supervised"].get("init_args", {}))
+
+
+def datamodule(root: str | None, cache: str, img_size: int) -> FederatedDataModule:
+    """acdc-cpu's data (5 clients by ACDC group, a quarter held out) or the phantom."""
+    source = ACDCSource(root=root) if root else PhantomSource(num_subjects=20, size=128, num_sites=2)
+    return FederatedDataModule(
+        source,
+        num_clients=5 if root else 2,
+        split="group" if root else "site",
+        val_fraction=0.25,
+        labelled_per_client=1,
+        batch_size=8,
+        img_size=img_size,
+        spacing=3.5 if root else 2.0,
+        augment_on="device",
+        cache_dir=cache,
+    )
+
+
+def batches(dm: FederatedDataModule, seg: SegmentationModule, n: int) -> list[dict]:
+    """``n`` collated batches of client 0's loader (cycled), before any augmentation."""
+    out, loader = [], seg.train_loader(dm, 0, seed=0)
+    while len(out) < n:
+        for b in loader:
+            out.append(b)
+            if len(out) == n:
+                break
+    return out
+
+
+class StepClock(pl.Callback):
+    """Wall time of the steps after the warm-up ones."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.end = warmup, None, None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.end = time.perf_counter()
+
+
+def run_project(dm, arm: str, data: list[dict], warmup: int) -> float:
+    torch.manual_seed(0)
+    seg = SegmentationModule(features=FEATURES, semi_supervised=plugin(arm))
+    seg.attach_augment(dm)
+    clock = StepClock(warmup)
+    trainer = pl.Trainer(
+        max_steps=len(data), max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", callbacks=[clock], num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(seg, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))  # as collated
+    return (len(data) - warmup) / (clock.end - clock.start)
+
+
+def run_bare(dm, arm: str, data: list[dict], warmup: int) -> float:
+    torch.manual_seed(0)
+    seg = SegmentationModule(features=FEATURES, semi_supervised=plugin(arm))
+    net, semi, loss_fn = seg.net, seg.semi, seg.loss_fn
+    aug, u_aug = dm.batch_augment("finetune"), dm.batch_augment("unlabelled") if semi else None
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net.train()
+    for i, b in enumerate(data):
+        if i == warmup:
+            start = time.perf_counter()
+        image, label = aug(b["image"], b["aug_seed"], b["label"])
+        if semi is None:
+            loss = loss_fn(net(image), label)
+        else:
+            u, seed = b["u_image"].flatten(0, 1), b["u_seed"].flatten()
+            u, _ = u_aug(u, seed)
+            out = semi(net, loss_fn, image, label, u, seed)
+            loss = out["sup"] + semi.weight_at(i) * out["unsup"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if semi is not None:
+            semi.after_step(net, i)
+    return (len(data) - warmup) / (time.perf_counter() - start)
+
+
+def fixed_costs(root: str | None, img_size: int) -> dict[str, float]:
+    """Seconds a cell spends outside its steps: data (cold and warm cache), one validation pass
+    and native test scoring of client 0's held-out volumes."""
+    from fcl_lightning.evaluation import evaluate_volumes
+    from fcl_lightning.predict import score_native
+
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        for kind in ("cold", "warm"):
+            t = time.perf_counter()
+            dm = datamodule(root, cache, img_size)
+            dm.setup()
+            out[f"data_{kind}_s"] = time.perf_counter() - t
+    seg = SegmentationModule(features=FEATURES)
+    vols = dm.validation_volumes(0)
+    t = time.perf_counter()
+    evaluate_volumes(seg.net, vols, seg.eval_batch_size)
+    out["validation_pass_s"] = time.perf_counter() - t
+    out["validation_volumes"] = len(vols)
+    t = time.perf_counter()
+    score_native(seg.net, dm.preprocessor, dm.source, dm.eval_volumes(0), seg.eval_batch_size)
+    out["test_native_s"] = time.perf_counter() - t
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--root", default=None, help="ACDC training folder (default: the phantom)")
+    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--img-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads",
+        "arms": {},
+    }
+    report["fixed"] = fixed_costs(args.root, args.img_size)
+    with tempfile.TemporaryDirectory() as cache:
+        dm = datamodule(args.root, cache, args.img_size)
+        dm.setup()
+        for arm in args.arms.split(","):
+            data = batches(dm, SegmentationModule(features=FEATURES, semi_supervised=plugin(arm)), args.steps)
+            proj, bare = run_project(dm, arm, data, args.warmup), run_bare(dm, arm, data, args.warmup)
+            report["arms"][arm] = {"project_steps_s": proj, "bare_steps_s": bare, "ratio": proj / bare}
+            verdict = "PASS" if proj / bare >= 0.9 else "FAIL"
+            print(
+                f"{arm:13s} project {proj:6.2f} steps/s ({1000 / proj:6.1f} ms)  bare {bare:6.2f} steps/s "
+                f"({1000 / bare:6.1f} ms)  ratio {proj / bare:.3f} (target >= 0.9: {verdict})",
+                flush=True,
+            )
+    f = report["fixed"]
+    print(
+        f"fixed costs: data {f['data_cold_s']:.1f} s cold / {f['data_warm_s']:.1f} s from the cache; one validation "
+        f"pass {f['validation_pass_s']:.2f} s ({f['validation_volumes']} volumes); native test scoring "
+        f"{f['test_native_s']:.2f} s; {report['machine']}"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
