@@ -77,3 +77,58 @@ def test_the_demo_prints_what_getting_started_says(tmp_path):
     printed = [" ".join(ln.split()) for ln in out.splitlines()]
     for line in quoted:
         assert " ".join(line.split()) in printed, line
+
+
+#: the pages a newcomer reads in this order, every command run in one folder, as typed, with
+#: the ACDC paths pointing at a phantom in ACDC's layout and the ACDC configs shrunk (SHRINK)
+READING_ORDER = ["getting-started.md", "semi-supervised.md", "predict.md", "privacy.md", "run-folder.md"]
+#: commands no test runs here, by their first words, and why
+NOT_RUN = {
+    ("make",): "make demo is test_the_demo_prints_what_getting_started_says; make test is this suite",
+    ("python", "experiments/"): "an experiment (hours); its own tests run it small (tests/test_tables.py)",
+}
+#: appended to a command that names the config (after the user's arguments): the ACDC configs at
+#: the phantom's scale (its 8 patients, not ACDC's 100), one encoder for pre-training and fine-tuning
+SHRINK = {
+    "configs/acdc/fcl_pretrain.yaml": [
+        "--model.features=[8,16,16,16]", "--model.proj_hidden=32", "--model.proj_dim=16",
+        "--data.img_size=32", "--data.spacing=4.0", "--data.num_clients=2", "--data.source.patients=1-8",
+        "--federation.rounds=2", "--federation.local_steps=2", "--trainer.accelerator=cpu",
+    ],
+    "configs/acdc/finetune.yaml": [
+        "--model.features=[8,16,16,16]", "--data.img_size=32", "--data.spacing=4.0", "--data.num_clients=2",
+        "--data.source.patients=1-8", "--data.cv_folds=2", "--federation.rounds=1", "--federation.local_steps=2", "--trainer.accelerator=cpu",
+    ],
+}  # fmt: skip
+ACDC_PATHS = ("/path/to/ACDC/training", "/path/to/ACDC/testing", "$ACDC")
+
+
+def as_run_here(line: list[str], acdc: Path) -> list[str] | None:
+    """``line`` as this test runs it (``None``: in NOT_RUN): the phantom for the ACDC paths, the
+    ACDC configs shrunk."""
+    joined = " ".join(line)
+    if any(joined.startswith(" ".join(words)) for words in NOT_RUN):
+        return None
+    out = [str(acdc) if a in ACDC_PATHS else a for a in line]
+    for config, extra in SHRINK.items():
+        if config in out and out[0] == "fcl-lightning" and out[1] in ("fit", "test", "predict"):
+            out += extra if out[1] == "fit" else [a for a in extra if not a.startswith("--federation.")]
+    return out
+
+
+@pytest.mark.slow
+def test_the_pages_run_as_a_newcomer_reads_them(tmp_path):
+    """Every command of the pages in READING_ORDER, in order, from one empty folder (the state one
+    page leaves is what the next page's commands find, as for a reader); a renamed option, a path
+    that an earlier page's run occupies, or a missing file fails here, not for the reader."""
+    from fcl_lightning.data.phantom import PhantomSource, write_acdc_layout
+
+    acdc = write_acdc_layout(PhantomSource(num_subjects=8, size=64, num_sites=2), str(tmp_path / "acdc"))
+    ran = 0
+    for page in READING_ORDER:
+        for line in commands(REPO / "docs" / page):
+            argv = as_run_here(line, acdc)
+            if argv is not None:
+                run(argv, tmp_path)
+                ran += 1
+    assert ran >= 12
