@@ -40,6 +40,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # the repository's package, installed or not
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
+
 from fcl_lightning.evaluation import mean_std, paired_gain  # noqa: E402 (after the path it comes from)
 from fcl_lightning.federation.state import INIT_ENCODER  # noqa: E402
 
@@ -593,6 +596,9 @@ def write_results(runner: Runner, methods: list[str], profile_name: str, wall_s:
         f"this call's wall time {wall_s / 60:.1f} min.",
         "",
     ]
+    calls = provenance.read(runner.out)
+    if calls:
+        parts += ["Calls that filled this folder:", "", provenance.markdown(calls), ""]
     for setting, title in (("local", "Table 1: local fine-tuning"), ("federated", "Table 2: federated fine-tuning")):
         if setting not in runner.p.settings or not any(r["setting"] == setting for r in rows):
             continue
@@ -677,6 +683,7 @@ def main(argv: list[str] | None = None) -> None:
     runner = Runner(profile, out, common, args.pretrain_arg, args.finetune_arg)
     t0 = time.perf_counter()
     if not args.report_only:
+        provenance.append(out, provenance.record(data=f"ACDC at {args.root}" if args.root else "the built-in phantom"))
         runner.run(methods)
     print(write_results(runner, methods, args.profile, time.perf_counter() - t0))
     print(f"\nwrote {out / 'results.csv'}, {out / 'results.md'} and the Dice-vs-N figures")
