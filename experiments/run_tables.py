@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance  # noqa: E402
 
 from fcl_lightning.evaluation import mean_std, paired_gain  # noqa: E402 (after the path it comes from)
-from fcl_lightning.federation.state import INIT_ENCODER  # noqa: E402
+from fcl_lightning.layout import INIT_ENCODER  # noqa: E402
 
 METHODS_DIR = REPO / "configs" / "methods"
 SEMI_DIR = REPO / "configs" / "semi"  # METHOD+SEMI: fine-tuning with configs/semi/<SEMI>.yaml

@@ -17,7 +17,7 @@ import yaml
 from jsonargparse import Namespace, lazy_instance
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from fcl_lightning import compat
+from fcl_lightning import compat, layout
 from fcl_lightning.console import output_console, printable_output
 from fcl_lightning.data.datamodule import FederatedDataModule
 from fcl_lightning.errors import ConfigError, as_config_error, debug_requested, run_reporting_errors
@@ -169,7 +169,7 @@ class FCLCLI(LightningCLI):
             path = resolve_ckpt_path(self.resume_path, root, missing_last_ok=True)
             resumed = load_checkpoint(path, mmap=True) if path is not None else {}
         if cfg.trainer.logger in (None, True):
-            init = Namespace(save_dir=root, name="logs")
+            init = Namespace(save_dir=root, name=layout.LOGS)
             if resumed.get("csv_version") is not None:  # a resume goes on writing the same metrics.csv
                 init.version = resumed["csv_version"]
             elif self.subcommand == "fit":

@@ -24,7 +24,7 @@ from fcl_lightning.evaluation import (
     summarize,
 )
 from fcl_lightning.fcl.partition import volume_slices
-from fcl_lightning.federation.state import INIT_ENCODER
+from fcl_lightning.layout import INIT_ENCODER
 from fcl_lightning.lit.segment import SegmentationModule, encoder_state_from_file, load_encoder
 from fcl_lightning.runtime import DEVICE_KEYS, quiet_lightning, quiet_trainer, seed_all
 from fcl_lightning.semi.objectives import SemiSupervised

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 
+from fcl_lightning import layout
 from fcl_lightning.errors import UserError
 from fcl_lightning.io import atomic_write, atomic_write_text
 
@@ -210,8 +211,8 @@ class LocalSweep:
         with open(tdir / "log.txt", "w") as log:
             rc = subprocess.run(cmd, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
         metric = None
-        if rc == 0 and (tdir / "summary.json").is_file():
-            metric = metric_from_summary(json.loads((tdir / "summary.json").read_text()), self.metric)
+        if rc == 0 and (tdir / layout.SUMMARY).is_file():
+            metric = metric_from_summary(json.loads((tdir / layout.SUMMARY).read_text()), self.metric)
         ok = rc == 0 and metric is not None and not math.isnan(metric)
         return {
             "trial": name,
@@ -292,7 +293,7 @@ class LocalSweep:
         atomic_write_text("\n".join(lines) + "\n", self.out / "results.md")
         self.console.print("\n".join(lines[2:]))
         if best is not None:
-            src = Path(best["dir"]) / "config.yaml"
+            src = Path(best["dir"]) / layout.CONFIG
             if src.is_file():
                 atomic_write_text(src.read_text(), self.out / "best_config.yaml")
             atomic_write_text(json.dumps(best, indent=2) + "\n", self.out / "best.json")

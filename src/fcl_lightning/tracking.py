@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
-from fcl_lightning import compat
+from fcl_lightning import compat, layout
 
 
 def wandb_loggers(loggers: Iterable[Logger]) -> list[WandbLogger]:
@@ -46,11 +46,11 @@ def stale_log_version(root: str | Path) -> int | None:
     killed before its first checkpoint): a new run there reuses that version rather than writing
     ``version_N+1`` beside a stale one. ``None`` when there is a checkpoint or no log folder."""
     root = Path(root)
-    if (root / "checkpoints" / "last.ckpt").exists():
+    if layout.last(root).exists():
         return None
     versions = [
         int(p.name.split("_", 1)[1])
-        for p in (root / "logs").glob("version_*")
+        for p in (root / layout.LOGS).glob("version_*")
         if p.is_dir() and p.name.split("_", 1)[1].isdigit()
     ]
     return max(versions) if versions else None

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from fcl_lightning import layout
 from fcl_lightning.errors import UserError
 from fcl_lightning.io import atomic_write_text
 
@@ -26,7 +27,7 @@ class CheckpointError(UserError):
 
 def update_summary(root: str | Path, values: dict[str, Any]) -> Path:
     """Merge ``values`` into ``<root>/summary.json`` (other stages' keys are kept)."""
-    path = Path(root) / "summary.json"
+    path = Path(root) / layout.SUMMARY
     data: dict[str, Any] = {}
     if path.exists():
         try:

@@ -20,13 +20,12 @@ import torch
 from monai.networks.utils import eval_mode
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fcl_lightning import layout
 from fcl_lightning.data.volume import DataError
 from fcl_lightning.fcl.aggregate import state_nbytes
 from fcl_lightning.fcl.exchange import payload_nbytes
 from fcl_lightning.federation.checkpoint import BackgroundWriter, CheckpointError, snapshot, to_cpu, update_summary
 from fcl_lightning.federation.state import (
-    ENCODER,
-    INIT_ENCODER,
     RoundHook,
     RunContext,
     RunState,
@@ -240,7 +239,7 @@ class CheckpointHook(RoundHook):
         self.writer = BackgroundWriter(run.fed.checkpoint_async)
         self.written: dict[str, Any] | None = None  # the last job handed to the writer (buffers reused)
         self.pending: dict[int, Any] = {}  # client -> its newest state not written yet
-        ckdir = run.root / "checkpoints"
+        ckdir = layout.checkpoints(run.root)
         # round -> client versions of the round files retention decides about: this run's, and on
         # a resume the ones on disk up to where it resumes (later ones are written again)
         self.index = {r: v for r, v in load_round_versions(ckdir).items() if r <= state.round} if state.round else {}
@@ -281,7 +280,7 @@ class CheckpointHook(RoundHook):
             self.written = job
         else:
             job = to_cpu(job)
-        ckdir = run.root / "checkpoints"
+        ckdir = layout.checkpoints(run.root)
         versions = dict(state.client_versions)
 
         def write() -> None:
@@ -289,7 +288,9 @@ class CheckpointHook(RoundHook):
                 for c, client_state in sorted(job["clients"].items()):
                     client_files(run.root, c).save(versions[c], client_state, save=save_checkpoint_file)
                 # serialise once; last.ckpt is a link to the round file
-                atomic_link(save_checkpoint_file(job["server"], ckdir / f"round-{done:03d}.ckpt"), ckdir / "last.ckpt")
+                atomic_link(
+                    save_checkpoint_file(job["server"], layout.round_file(run.root, done)), layout.last(run.root)
+                )
                 self.index[done] = versions
                 state.checkpointed = done  # whole on disk (an interrupted run says so)
             except (CheckpointError, WriteError) as err:
@@ -305,7 +306,7 @@ class CheckpointHook(RoundHook):
         states no file kept whole names; return client -> its oldest state still named."""
         whole, weights = retention(list(self.index), run.fed.checkpoint_keep, run.fed.rounds)
         for r in sorted(set(self.index) - whole - weights):
-            (ckdir / f"round-{r:03d}.ckpt").unlink(missing_ok=True)
+            layout.round_file(run.root, r).unlink(missing_ok=True)
             del self.index[r]
         keep_from = dict(current)  # last.ckpt names the current ones
         for r in whole:
@@ -328,7 +329,7 @@ class ExportHook(RoundHook):
         if state.round == 0 and run.module.stage == "pretrain":
             encoder = run.module.encoder_state()
             if encoder is not None:
-                atomic_save(encoder, run.root / INIT_ENCODER)
+                atomic_save(encoder, run.root / layout.INIT_ENCODER)
 
     def on_run_end(self, run, state, summary) -> None:
         module, root = run.module, run.root
@@ -402,8 +403,11 @@ class ReportHook(RoundHook):
         self.progress.stop()
 
     def on_run_end(self, run, state, summary) -> None:
-        log_summary(run.loggers, json.loads((run.root / "summary.json").read_text()))
-        outputs = (ENCODER, INIT_ENCODER, "encoders/", "summary.json", "checkpoints/", "logs/", "downstream.png")
+        log_summary(run.loggers, json.loads((run.root / layout.SUMMARY).read_text()))
+        outputs = (
+            layout.ENCODER, layout.INIT_ENCODER, f"{layout.ENCODERS}/", layout.SUMMARY, f"{layout.CHECKPOINTS}/",
+            f"{layout.LOGS}/", "downstream.png",
+        )  # fmt: skip
         run.console.print(
             f"outputs in {run.root}: " + ", ".join(n for n in outputs if (run.root / n).exists()), soft_wrap=True
         )

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fcl_lightning import layout
 from fcl_lightning.errors import UserError
 
 try:
@@ -23,7 +24,7 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-LOCK_NAME = "run.lock"
+LOCK_NAME = layout.LOCK
 
 
 class RunFolderBusy(UserError):

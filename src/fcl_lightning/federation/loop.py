@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 from rich.console import Console
 
+from fcl_lightning import layout
 from fcl_lightning.console import log_console, output_console
 from fcl_lightning.errors import ConfigError
 from fcl_lightning.fcl.exchange import route
@@ -166,7 +167,7 @@ class FederatedLoop:
         else:
             budget = {"max_epochs": self.fed.local_epochs}
         return quiet_trainer(
-            self.trainer_kwargs, **budget, callbacks=callbacks, default_root_dir=str(self.root / "clients")
+            self.trainer_kwargs, **budget, callbacks=callbacks, default_root_dir=str(self.root / layout.CLIENTS)
         )
 
     def train_device(self) -> torch.device | None:
@@ -276,7 +277,7 @@ class FederatedLoop:
                 "and shows the progress[/]"
             )
         remove_interrupted_writes(
-            self.root, self.root / "checkpoints", *sorted((self.root / "clients").glob("client*"))
+            self.root, layout.checkpoints(self.root), *sorted((self.root / layout.CLIENTS).glob("client*"))
         )
         data_here = clients is None
         if data_here:
@@ -299,7 +300,7 @@ class FederatedLoop:
         if data_here:
             self.check_data()
         if self.config_text:
-            atomic_write_text(self.config_text, self.root / "config.yaml")
+            atomic_write_text(self.config_text, self.root / layout.CONFIG)
         if ckpt is None:
             state = RunState(C, {k: v.cpu() for k, v in self.module.global_state().items()})
         else:
@@ -456,8 +457,8 @@ class FederatedLoop:
     def check_fresh_folder(self) -> None:
         """A new run goes into a folder that holds no other run's round files (checked under the
         folder's lock, so a live run there is reported as such first)."""
-        ckdir = self.root / "checkpoints"
-        earlier = sorted(ckdir.glob("round-*.ckpt")) or sorted(ckdir.glob("last.ckpt"))
+        ckdir = layout.checkpoints(self.root)
+        earlier = sorted(ckdir.glob("round-*.ckpt")) or sorted(ckdir.glob(layout.LAST))
         if earlier:
             raise ConfigError(
                 f"{self.root} already holds a run (checkpoints/{earlier[-1].name}): resume it with "

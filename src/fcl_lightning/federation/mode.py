@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fcl_lightning import layout
 from fcl_lightning.errors import ConfigError
-from fcl_lightning.federation.state import ENCODER
 from fcl_lightning.io import atomic_save
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ class Federated(Mode):
     def export(self, root, state, module, fed, datamodule) -> None:
         encoder = module.encoder_state()
         if encoder is not None:
-            atomic_save(encoder, root / ENCODER)
+            atomic_save(encoder, root / layout.ENCODER)
 
 
 class Local(Mode):
@@ -122,12 +122,12 @@ class Local(Mode):
         clients = sorted(state.client_w)
         for c in clients:
             module.load_global_state(state.client_w[c])
-            atomic_save(module.encoder_state(), root / "encoders" / f"client{c}.pt")
+            atomic_save(module.encoder_state(), layout.client_encoder(root, c))
         merged = fed.aggregator(
             [state.client_w[c] for c in clients], [module.num_samples(datamodule, c) for c in clients]
         )
         module.load_global_state(merged)
-        atomic_save(module.encoder_state(), root / ENCODER)
+        atomic_save(module.encoder_state(), root / layout.ENCODER)
 
 
 MODES: dict[str, type[Mode]] = {"federated": Federated, "local": Local}

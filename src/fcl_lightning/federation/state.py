@@ -22,7 +22,6 @@ whole files; surviving a power loss as well would need fsyncs, which no file her
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from fcl_lightning import layout
 from fcl_lightning.fcl.memory_bank import BankEntries
 from fcl_lightning.federation.checkpoint import CheckpointError
 from fcl_lightning.io import atomic_save, safe_torch_load
@@ -40,18 +40,11 @@ if TYPE_CHECKING:
     from lightning.pytorch.loggers import Logger
     from rich.console import Console
 
-    from fcl_lightning.federation.config import Federation
     from fcl_lightning.lit.base import FederatedModule
 
 FORMAT = "fcl-lightning/federated-v2"  # v2: client states in their own files (federation/state.py)
 READABLE_FORMATS = ("fcl-lightning/federated-v1", FORMAT)
 CLIENT_FORMAT = "fcl-lightning/client-state-v2"
-ROUND_FILE = re.compile(r"round-(\d+)\.ckpt")
-STATE_FILE = re.compile(r"state-(\d+)\.pt")
-#: what a pre-training leaves in its run folder: the encoder it learnt, and the weights it started
-#: from (the paired random init, ``downstream.random_init: start``)
-ENCODER = "encoder.pt"
-INIT_ENCODER = "encoder_init.pt"
 
 
 def bank_to_dict(entries: BankEntries | None) -> dict[str, torch.Tensor] | None:
@@ -85,7 +78,7 @@ def resolve_ckpt_path(ckpt_path: str | None, root: str | Path, missing_last_ok: 
     so that a retry loop can always pass ``--ckpt_path last``)."""
     if ckpt_path is None:
         return None
-    path = Path(root) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    path = layout.last(root) if ckpt_path == "last" else Path(ckpt_path)
     if missing_last_ok and ckpt_path == "last" and not path.exists():
         return None
     if not path.is_file():
@@ -142,12 +135,12 @@ class ClientStateFiles:
         self.folder, self.client = Path(folder), int(client)
 
     def path(self, version: int) -> Path:
-        return self.folder / f"state-{int(version):03d}.pt"
+        return layout.state_file(self.folder, version)
 
     def versions(self) -> list[int]:
         if not self.folder.is_dir():
             return []
-        return sorted(int(m.group(1)) for p in self.folder.iterdir() if (m := STATE_FILE.fullmatch(p.name)))
+        return sorted(int(m.group(1)) for p in self.folder.iterdir() if (m := layout.STATE_FILE.fullmatch(p.name)))
 
     def save(self, version: int, state: Any, save: Callable[[Any, Path], Any] | None = None) -> Path:
         record = {"format": CLIENT_FORMAT, "client": self.client, "round": int(version), "state": state}
@@ -182,7 +175,7 @@ def save_checkpoint_file(obj: Any, path: str | Path) -> Path:
 
 def client_files(root: str | Path, client: int) -> ClientStateFiles:
     """Where an in-process client's states go: ``<root>/clients/client<c>/``."""
-    return ClientStateFiles(Path(root) / "clients" / f"client{int(client)}", client)
+    return ClientStateFiles(layout.client_dir(root, client), client)
 
 
 @dataclass
@@ -315,13 +308,27 @@ class FederatedData(Protocol):
         ...
 
 
+class FederationSettings(Protocol):
+    """What the round engine's hooks read of the ``federation`` section
+    (:class:`~fcl_lightning.federation.config.Federation` has it all; a Protocol here, so that
+    this module needs nothing of the config's)."""
+
+    rounds: int
+    mode: Any  # federation.mode.Mode
+    monitor: Any  # fcl.monitor.CollapseMonitor | None
+    privacy: Any  # privacy.config.Privacy | None
+    checkpoint_every: int
+    checkpoint_keep: CheckpointKeep
+    checkpoint_async: bool
+
+
 @dataclass
 class RunContext:
     """What a round hook sees of a run: its settings, module, data, folder and outputs, and one
     thing it may do (:meth:`log_metrics`); not the round engine. It changes the run only through
     what it adds to a round's ``metrics`` or the summary, and the files it writes."""
 
-    fed: Federation
+    fed: FederationSettings
     module: FederatedModule
     dm: FederatedData
     root: Path
@@ -395,7 +402,7 @@ def round_files(ckdir: str | Path) -> dict[int, Path]:
     ckdir = Path(ckdir)
     if not ckdir.is_dir():
         return {}
-    return {int(m.group(1)): p for p in ckdir.iterdir() if (m := ROUND_FILE.fullmatch(p.name))}
+    return {int(m.group(1)): p for p in ckdir.iterdir() if (m := layout.ROUND_FILE.fullmatch(p.name))}
 
 
 def check_checkpoint(
