@@ -70,13 +70,6 @@ def consortium(tmp_path_factory):
 @pytest.fixture
 def cli(capsys):
     """``cli(argv)``: ``fcl-lightning ARGV`` in-process as a user types it: exit code, stdout, stderr."""
-    from fcl_lightning.cli import console_main
+    from support import run_cli
 
-    def run(argv: list[str]) -> tuple[int, str, str]:
-        with pytest.raises(SystemExit) as ex:
-            console_main([str(a) for a in argv])
-            raise SystemExit(0)
-        out = capsys.readouterr()
-        return ex.value.code, out.out, out.err
-
-    return run
+    return lambda argv: run_cli(argv, capsys)

@@ -3,11 +3,15 @@ process with its own ``Context``; chosen nodes fail or stay silent, and all traf
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+
+from fcl_lightning.flower.apps import client_app
+from fcl_lightning.flower.server import run_server
 
 
 class LocalGrid(Grid):
@@ -64,3 +68,14 @@ class LocalGrid(Grid):
             self.replies.append(reply)
             out.append(reply)
         return out
+
+
+def flower_run(tmp_path, tiny, root, clients=2, rounds=2, extra=(), node_extra=None, **grid_kw):
+    base = tmp_path / "base.yaml"
+    base.write_text("seed_everything: 0\n")
+    overrides = tiny(root, rounds=rounds, clients=clients, extra=extra)[1:]
+    run_config = {"config": str(base), "overrides": " ".join(shlex.quote(a) for a in overrides), "wait-s": 5}
+    nodes = {100 + c: {"partition-id": c, **(node_extra or {})} for c in range(clients)}
+    grid = LocalGrid(client_app, run_config, nodes, **grid_kw)
+    summary = run_server(grid, run_config)
+    return grid, summary

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
+from support import REPO
 
 
 def sites(consortium) -> list[str]:

@@ -12,25 +12,10 @@ import time
 
 import pytest
 import torch
+from support import one_error_line, run_cli
 
-from fcl_lightning.cli import console_main, main
+from fcl_lightning.cli import main
 from fcl_lightning.federation.state import load_checkpoint
-
-
-def run_cli(argv, capsys):
-    """``fcl-lightning ARGV`` in-process: exit code, stdout, stderr."""
-    with pytest.raises(SystemExit) as ex:
-        console_main(argv)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return ex.value.code, out.out, out.err
-
-
-def one_error_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from test_errors import run_cli
+from support import run_cli
 
 from fcl_lightning.cli import console_main, main
 from fcl_lightning.federation.state import load_checkpoint

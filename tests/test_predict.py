@@ -9,8 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from test_errors import run_cli
-from test_segmentation import FINETUNE
+from support import FINETUNE, run_cli
 
 from fcl_lightning.cli import main
 from fcl_lightning.data.nifti import voxel_affine

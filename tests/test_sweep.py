@@ -4,15 +4,14 @@ a broken sweep fails before any trial, and a 2-trial local sweep writes its tabl
 import csv
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
+from support import REPO
 
 from fcl_lightning.cli import main as cli_main
 from fcl_lightning.sweep import SweepError, check_parameters, command_for, load_sweep, main, metric_from_summary
 
-REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "configs/sweeps").glob("*.yaml"))
 
 

@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from test_segmentation import FINETUNE
+from support import FINETUNE, REPO
 
 from fcl_lightning.cli import main
 from fcl_lightning.data.datamodule import FederatedDataModule
@@ -23,7 +23,6 @@ from fcl_lightning.semi import BCP, MeanTeacher, UniMatch, sigmoid_rampup
 from fcl_lightning.semi.objectives import masked_dice
 from fcl_lightning.semi.perturb import cutmix, cutmix_boxes, generator_for, intensity_jitter
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = [8, 16, 16, 16]
 
 

@@ -6,15 +6,15 @@ import io
 import pytest
 import torch
 from rich.console import Console
+from support import REPO
 
 
 def _harness():
     """experiments/bench_harness.py (the experiments are scripts, not a package)."""
     import importlib.util
     import sys
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / "bench_harness.py"
+    path = REPO / "experiments" / "bench_harness.py"
     spec = importlib.util.spec_from_file_location("bench_harness", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there

@@ -190,7 +190,7 @@ def test_nothing_un_noised_leaves_a_client_in_process(tmp_path, tiny):
 
 def test_nothing_un_noised_leaves_a_flower_node(tmp_path, tiny):
     pytest.importorskip("flwr")
-    from test_flower import flower_run
+    from flower_grid import flower_run
 
     from fcl_lightning.flower.codec import record_to_features, record_to_weights
 
@@ -256,7 +256,7 @@ def test_an_unreachable_target_is_one_clear_error():
     ],
 )
 def test_privacy_config_errors_come_before_any_data(tmp_path, tiny, capsys, monkeypatch, extra, match):
-    from test_errors import one_error_line, run_cli
+    from support import one_error_line, run_cli
 
     from fcl_lightning.data.datamodule import FederatedDataModule
 

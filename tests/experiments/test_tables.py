@@ -2,11 +2,9 @@
 that skips every finished cell."""
 
 import csv
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_DATA = [
     "--data.source.init_args.num_subjects=8",
     "--data.source.init_args.size=64",

@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 import pytest
+from support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 README_ROOT = "runs/flower-loopback"  # the README's --trainer.default_root_dir
 TIMEOUT_S = 450  # per phase; the block took 200-300 s on a busy 2-core CPU

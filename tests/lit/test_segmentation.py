@@ -3,11 +3,11 @@
 import csv
 import json
 import shutil
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from support import FINETUNE, REPO
 
 from fcl_lightning.cli import main
 from fcl_lightning.data.datamodule import FederatedDataModule
@@ -18,7 +18,6 @@ from fcl_lightning.evaluation import evaluate_volumes, summarize
 from fcl_lightning.lit.pretrain import ContrastivePretrainModule
 from fcl_lightning.lit.segment import PretrainedWeightsError, SegmentationModule
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = [8, 16, 16, 16]
 
 
@@ -81,25 +80,6 @@ def test_tiny_finetune_beats_untrained():
     trainer.fit(seg, train_dataloaders=dm.finetune_loader(0, seed=0))
     after = summarize(evaluate_volumes(seg.net, dm.test))["dice_mean"]
     assert after > before + 0.2, (before, after)
-
-
-FINETUNE = [
-    "--config",
-    str(REPO / "configs" / "demo_finetune.yaml"),
-    "--trainer.accelerator=cpu",
-    "--model.features=[8,16,16,16]",
-    "--data.img_size=32",
-    "--data.spacing=3.0",
-    "--data.augment_on=device",  # batched: the per-sample MONAI pipelines dominate a tiny run
-    "--data.source.num_subjects=8",
-    "--data.source.size=64",
-    "--data.source.num_sites=2",
-    "--data.test_source.num_subjects=2",
-    "--data.test_source.size=64",
-    "--data.num_clients=2",
-    "--federation.local_steps=5",
-    "--federation.rounds=1",
-]
 
 
 @pytest.mark.parametrize(

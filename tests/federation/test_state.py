@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from support import REPO
 
 from fcl_lightning.cli import main
 from fcl_lightning.federation.checkpoint import CheckpointError
@@ -127,7 +128,6 @@ def test_a_checkpoint_from_before_client_files_still_resumes(tmp_path, tiny):
 def test_mode_is_a_plug_in_and_nothing_else_compares_its_name():
     """``federation.mode`` by name or by class_path; the engine and hooks ask the plug-in."""
     import re
-    from pathlib import Path
 
     from fcl_lightning.federation.config import Federation
     from fcl_lightning.federation.mode import Federated, Local, mode_of
@@ -137,7 +137,7 @@ def test_mode_is_a_plug_in_and_nothing_else_compares_its_name():
     assert mode_of(own) is own
     with pytest.raises(ValueError, match="federation.mode must be one of"):
         mode_of("centralised")
-    src = Path(__file__).resolve().parents[1] / "src" / "fcl_lightning"
+    src = REPO / "src" / "fcl_lightning"
     pattern = re.compile(r"mode\s*[!=]=\s*\"(federated|local)\"")
     offenders = [p.name for p in src.rglob("*.py") if p.name != "mode.py" and pattern.search(p.read_text())]
     assert offenders == []

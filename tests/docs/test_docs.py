@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import REPO
 
 from fcl_lightning.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
 DOCS = sorted((REPO / "docs").glob("*.md"))
 
 
@@ -85,7 +85,7 @@ READING_ORDER = ["getting-started.md", "semi-supervised.md", "predict.md", "priv
 #: commands no test runs here, by their first words, and why
 NOT_RUN = {
     ("make",): "make demo is test_the_demo_prints_what_getting_started_says; make test is this suite",
-    ("python", "experiments/"): "an experiment (hours); its own tests run it small (tests/test_tables.py)",
+    ("python", "experiments/"): "an experiment (hours); its own tests run it small (tests/experiments/test_tables.py)",
 }
 #: appended to a command that names the config (after the user's arguments): the ACDC configs at
 #: the phantom's scale (its 8 patients, not ACDC's 100), one encoder for pre-training and fine-tuning

@@ -2,11 +2,11 @@
 through one tiny federated round."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from support import REPO
 
 from fcl_lightning.baselines import (
     PartitionContrastObjective,
@@ -22,7 +22,6 @@ from fcl_lightning.fcl.objectives import PretrainStep
 from fcl_lightning.federation.state import load_checkpoint
 from fcl_lightning.models.encoder import ProjectionHead, UNetEncoder
 
-REPO = Path(__file__).resolve().parents[1]
 METHODS = sorted((REPO / "configs/methods").glob("*.yaml"))
 # FCL, its dense extension and Local CL (local mode) in every run of the suite; the ablations (the
 # same module with one switch changed) and the other baselines' configs (their objectives are

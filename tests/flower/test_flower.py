@@ -13,24 +13,14 @@ import torch
 
 pytest.importorskip("flwr")
 
-from flower_grid import LocalGrid
+from flower_grid import LocalGrid, flower_run
+from support import REPO
 
 from fcl_lightning.cli import main
 from fcl_lightning.fcl.aggregate import FedAvg
 from fcl_lightning.flower.apps import client_app
 from fcl_lightning.flower.codec import record_to_weights
 from fcl_lightning.flower.server import run_server
-
-
-def flower_run(tmp_path, tiny, root, clients=2, rounds=2, extra=(), node_extra=None, **grid_kw):
-    base = tmp_path / "base.yaml"
-    base.write_text("seed_everything: 0\n")
-    overrides = tiny(root, rounds=rounds, clients=clients, extra=extra)[1:]
-    run_config = {"config": str(base), "overrides": " ".join(shlex.quote(a) for a in overrides), "wait-s": 5}
-    nodes = {100 + c: {"partition-id": c, **(node_extra or {})} for c in range(clients)}
-    grid = LocalGrid(client_app, run_config, nodes, **grid_kw)
-    summary = run_server(grid, run_config)
-    return grid, summary
 
 
 def train_messages(grid, round_idx):
@@ -155,7 +145,7 @@ def test_too_few_replies_fail_the_round(tmp_path, tiny):
 )
 def test_loopback_deployment_matches_in_process(tmp_path):
     """One flower-superlink and 2 flower-supernode processes on 127.0.0.1, `flwr run` for 2 rounds."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    sys.path.insert(0, str(REPO / "experiments"))
     from flower_loopback import run_loopback
 
     res = run_loopback(tmp_path, rounds=2, clients=2, timeout=300)
@@ -168,7 +158,7 @@ def test_loopback_deployment_matches_in_process(tmp_path):
 def test_floor_app_echoes_the_payload_every_round(tmp_path):
     """experiments/flower_floor on the same loopback: every round's replies came back (the server
     asserts it) and it timed each of the rounds asked for."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    sys.path.insert(0, str(REPO / "experiments"))
     from flower_loopback import run_floor
 
     res = run_floor(tmp_path, rounds=3, clients=2, payload_bytes=1 << 20, timeout=300)
@@ -201,7 +191,7 @@ def test_server_resumes_from_its_checkpoint(tmp_path, tiny):
 @pytest.mark.slow
 def test_federated_finetuning_on_flower(tmp_path):
     """Stage 2 runs the same way: FedAvg of the whole U-Net, no features exchanged."""
-    from test_segmentation import FINETUNE
+    from support import FINETUNE
 
     args = [a for a in FINETUNE if a != "--config"]
     cfg, overrides = args[0], args[1:] + ["--federation.mode=federated", "--federation.rounds=2"]

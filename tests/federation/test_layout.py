@@ -5,8 +5,9 @@ import ast
 from pathlib import Path
 
 import pytest
+from support import REPO
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "fcl_lightning"
+SRC = REPO / "src" / "fcl_lightning"
 MODULES = {
     ("fcl_lightning." + ".".join(f.relative_to(SRC).with_suffix("").parts)).removesuffix(".__init__"): f
     for f in SRC.rglob("*.py")
