@@ -542,6 +542,7 @@ def curves(runner: Runner, methods: list[str]) -> list[str]:
     steps = local_steps(runner.p.finetune)
     for setting in runner.p.settings:
         lines = []
+        figure: dict[str, tuple[list[int], list[float]]] = {}
         for m in methods:
             for n in runner.p.ns:
                 runs = [
@@ -555,6 +556,8 @@ def curves(runner: Runner, methods: list[str]) -> list[str]:
                 r = min(len(c) for c in runs)
                 mean = np.mean([c[:r] for c in runs], axis=0)
                 last_third = plateau_gain(list(mean))
+                if steps:
+                    figure[f"{label(m)}, N={n}"] = ([steps * (i + 1) for i in range(r)], list(mean))
                 flat = "-" if last_third is None else ("yes" if last_third < FLAT else "**no**")
                 lines.append(
                     f"| {label(m)} | {n} | {len(runs)} | " + " / ".join(f"{v:.3f}" for v in mean)
@@ -573,6 +576,10 @@ def curves(runner: Runner, methods: list[str]) -> list[str]:
                 *lines,
                 "",
             ]
+        if figure:
+            from fcl_lightning.figures import save_curves_figure
+
+            save_curves_figure(runner.out / f"curves_{setting}.png", figure)
     return out
 
 

@@ -198,6 +198,29 @@ def save_dice_vs_n_figure(
     return _save(fig, path)
 
 
+def save_curves_figure(
+    path: str | os.PathLike,
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    title: str = "Held-out Dice against fine-tuning steps",
+    xlabel: str = "fine-tuning steps per client",
+) -> Path:
+    """Line plot: curve name -> (x values, Dice values), e.g. each arm's held-out Dice against
+    its fine-tuning steps (where a curve flattens is where the arm has converged)."""
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
+    for name, (xs, ys) in curves.items():
+        ax.plot(list(xs), list(ys), marker="o", linewidth=1.5, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("Dice")
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def save_bland_altman_figure(
     path: str | os.PathLike,
     pairs: Mapping[str, tuple[Sequence[float], Sequence[float]]],

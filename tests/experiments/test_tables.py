@@ -142,3 +142,36 @@ def test_gains_are_paired_with_intervals_and_say_not_shown(tables):
     semi = next(line for line in md.splitlines() if line.startswith("| FCL + UniMatch"))
     assert "not shown" in fcl and "/15 pairs" in fcl
     assert "+0.200 [+0.200, +0.200], 15/15 pairs" in semi and "not shown" not in semi
+
+
+def test_plateau_curves_say_whether_each_arm_flattened(tables, tmp_path):
+    """From finished cells (written here, nothing trained): the held-out Dice after every 250 steps,
+    the last third's gain (the end against the round at two thirds) and the verdict per arm."""
+    profile = tables.Profile(
+        pretrain=[], finetune=["--federation.local_steps=100", "--federation.local_steps=250"], ns=[1],
+        methods=["random", "random+bcp"], settings=["local"],
+    )  # fmt: skip
+    runner = tables.Runner(profile, tmp_path, [], [], [])
+    curves = {"random": [0.40, 0.45, 0.46, 0.46, 0.465, 0.466], "random+bcp": [0.30, 0.40, 0.50, 0.55, 0.60, 0.65]}
+    for method, curve in curves.items():
+        d = runner.finetune_dir(method, "local", 1, None, 0)
+        (d / "logs" / "version_0").mkdir(parents=True)
+        rows = "\n".join(f"{r + 1},{v}" for r, v in enumerate(curve))
+        (d / "logs" / "version_0" / "metrics.csv").write_text("round,round/val/dice_mean\n" + rows + "\n")
+        (d / "summary.json").write_text('{"test/dice_mean": 0.5}')
+        (d / "test_per_patient.csv").write_text(
+            "client,patient,dice_rv,dice_myo,dice_lv,dice_mean,hd95_mean\n0,p1,0.5,0.5,0.5,0.5,3.0\n"
+        )
+    assert tables.local_steps(profile.finetune) == 250
+    assert tables.plateau_gain([0.1, 0.2]) is None
+    assert tables.plateau_gain(curves["random"]) == pytest.approx(
+        0.466 - 0.46
+    )  # round 6 against 4: 1,500 against 1,000 steps
+    md = tables.write_results(runner, profile.methods, "plateau", 1.0)
+    assert "## Held-out Dice after every 250 steps (local)" in md
+    assert "| Random init | 1 | 1 | 0.400 / 0.450 / 0.460 / 0.460 / 0.465 / 0.466 | +0.006 | yes |" in md
+    assert (
+        "| Random init + BCP (extension) | 1 | 1 | 0.300 / 0.400 / 0.500 / 0.550 / 0.600 / 0.650 | +0.100 | **no** |"
+        in md
+    )
+    assert (tmp_path / "curves_local.png").stat().st_size > 10_000  # two curves drawn, not an empty canvas
