@@ -216,12 +216,7 @@ def write_results(out: Path, report: dict, args: argparse.Namespace) -> None:
     """``results.md`` (the table and the fixed costs) and ``provenance.json`` in ``out``."""
     import provenance
 
-    from fcl_lightning.io import atomic_write_text
-
-    out.mkdir(parents=True, exist_ok=True)
     lines = [
-        "# Fine-tuning throughput",
-        "",
         f"{args.steps} optimiser steps a path ({args.warmup} warm-up steps left out), batch 8 labelled slices at "
         f"{args.img_size} px, one client; steps per second, the project's over the bare loop's (target >= 0.9).",
         "",
@@ -241,8 +236,8 @@ def write_results(out: Path, report: dict, args: argparse.Namespace) -> None:
         f"{f['validation_pass_s']:.2f} s ({f['validation_volumes']} volumes), native test scoring of a client's "
         f"held-out volumes {f['test_native_s']:.2f} s.",
     ]
-    atomic_write_text("\n".join(lines) + "\n", out / "results.md")
-    provenance.append(out, provenance.record(data=f"ACDC at {args.root}" if args.root else "the built-in phantom"))
+    data = f"ACDC at {args.root}" if args.root else "the built-in phantom"
+    provenance.write_results(out, "Fine-tuning throughput", "\n".join(lines), data)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # provenance.py beside this script
 
 
 def folder_bytes(path: Path) -> int:
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--img-size", type=int, default=128)
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "ckpt_sizes")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--results", type=Path, default=None, help="a folder for results.md + provenance.json")
     ap.add_argument("extra", nargs="*", help="more CLI arguments for every run (after --)")
     args = ap.parse_args(argv)
     rows = []
@@ -107,16 +110,25 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(measure(c, args.rounds, args.img_size, args.out / f"c{c}", args.extra))
         shutil.rmtree(args.out / f"c{c}", ignore_errors=True)  # what was measured is in the row
     mib = 2**20
-    print(
-        "\n| clients | round file | one client's state file | written per round | checkpoints/ + clients/ at the end |"
-    )
-    print("|---|---|---|---|---|")
+    table = [
+        "| clients | round file | one client's state file | written per round | checkpoints/ + clients/ at the end |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
-        print(
+        table.append(
             f"| {r['clients']} | {r['round_file_bytes'] / mib:.1f} MiB | {r['client_file_bytes'] / mib:.1f} MiB | "
             f"{r['written_per_round_bytes'] / mib:.1f} MiB | "
             f"{(r['checkpoints_dir_bytes'] + r['clients_dir_bytes']) / mib:.1f} MiB ({', '.join(r['round_files_kept'])}) |"
         )
+    print("\n" + "\n".join(table))
+    if args.results:
+        import provenance
+
+        body = (
+            f"The ACDC pre-training config's model at {args.img_size} px, {args.rounds} rounds, the default "
+            "retention; the phantom standing in for ACDC (sizes do not depend on the data).\n\n" + "\n".join(table)
+        )
+        provenance.write_results(args.results, "Checkpoint sizes", body, "the built-in phantom")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--inputs", type=int, nargs="+", default=[10, 200])
     ap.add_argument("--size", type=int, default=256, help="in-plane pixels of each scan")
     ap.add_argument("--src", default=None, help="another checkout's src folder to run predict from")
+    ap.add_argument("--results", type=Path, default=None, help="a folder for results.md + provenance.json")
     args = ap.parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
     from fcl_lightning.cli import main as cli
@@ -79,9 +80,18 @@ def main() -> None:
                 raise SystemExit(f"predict of {n} inputs failed:\n{proc.stderr[-3000:]}")
             peak_mb = int(line[0].split()[1]) / 1024
             rows.append((n, peak_mb, wall))
-        print(f"| inputs ({args.size} px) | peak RSS (MiB) | wall (s) |\n|---|---|---|")
-        for n, mb, wall in rows:
-            print(f"| {n} | {mb:.0f} | {wall:.1f} |")
+        table = [f"| inputs ({args.size} px) | peak RSS (MiB) | wall (s) |", "|---|---|---|"]
+        table += [f"| {n} | {mb:.0f} | {wall:.1f} |" for n, mb, wall in rows]
+        print("\n".join(table))
+    if args.results:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import provenance
+
+        body = (
+            f"`predict` of phantom scans ({args.size} x {args.size} x 8-12 voxels) with a small fine-tuned model, each "
+            "count in a fresh process; peak resident memory of that process.\n\n" + "\n".join(table)
+        )
+        provenance.write_results(args.results, "Predict memory", body, "phantom scans")
 
 
 if __name__ == "__main__":

@@ -83,3 +83,15 @@ def markdown(calls: list[dict[str, Any]]) -> str:
             + ")"
         )
     return "\n".join(lines)
+
+
+def write_results(out: str | Path, title: str, body: str, data: str | None = None) -> Path:
+    """A results folder: ``out/results.md`` (``# title`` and ``body``, markdown) and this call
+    appended to ``out/provenance.json``; what ``publish_results.py`` turns into a docs page."""
+    from fcl_lightning.io import atomic_write_text
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(f"# {title}\n\n{body.strip()}\n", out / "results.md")
+    append(out, record(data=data))
+    return out / "results.md"

@@ -39,3 +39,12 @@ def test_a_folder_without_provenance_is_refused(experiment, tmp_path):
     with pytest.raises(SystemExit, match="no provenance.json there"):
         publish.main([str(tmp_path), str(page), "--title", "x"])
     assert not page.exists()
+
+
+def test_write_results_makes_a_publishable_folder(experiment, tmp_path):
+    prov, publish = experiment("provenance"), experiment("publish_results")
+    prov.write_results(tmp_path / "bench", "Checkpoint sizes", "| clients | MiB |\n|---|---|\n| 5 | 12.1 |", "phantom")
+    prov.write_results(tmp_path / "bench", "Checkpoint sizes", "| clients | MiB |\n|---|---|\n| 5 | 12.0 |", "phantom")
+    text = publish.page(tmp_path / "bench", tmp_path / "sizes.md", "Checkpoint sizes")
+    assert "| 5 | 12.0 |" in text and "| 5 | 12.1 |" not in text  # the newest results
+    assert text.count("data: phantom") == 2  # both calls that filled the folder
