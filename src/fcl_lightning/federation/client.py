@@ -13,9 +13,9 @@ import torch
 
 from fcl_lightning import compat
 from fcl_lightning.fcl.memory_bank import BankEntries
-from fcl_lightning.lit.base import FederatedModule
+from fcl_lightning.federation.contract import ClientModule, RoundContext
+from fcl_lightning.privacy.client import ClientPrivacy
 from fcl_lightning.privacy.config import Privacy
-from fcl_lightning.privacy.mechanism import noise_generator, private_update, secret
 from fcl_lightning.runtime import quiet_lightning, seed_all
 
 
@@ -59,7 +59,7 @@ class ClientTrainers:
 class ClientRuntime:
     """What a client step runs with: the module instance, the data, the clients' Trainers, settings."""
 
-    module: FederatedModule
+    module: ClientModule
     datamodule: Any
     trainers: ClientTrainers
     seed: int
@@ -80,10 +80,6 @@ class ClientResult:
     state: dict[str, Any] | None
     features: BankEntries | None
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-#: the client state's entry holding its secret noise seed (never sent: client state stays on the site)
-PRIVACY_SECRET = "privacy_secret"
 
 
 def client_seed(seed: int, round_idx: int, client: int) -> int:
@@ -110,26 +106,15 @@ def client_step(
     s = client_seed(runtime.seed, round_idx, client)
     seed_all(s)
     module = runtime.module
-    module.keep_optimizer_state = runtime.keep_optimizer_state
-    module.round_progress = (round_idx, runtime.rounds)
+    module.begin_round(RoundContext(round_idx, runtime.rounds, runtime.keep_optimizer_state))
     module.train()
     module.load_global_state(global_weights)
     module.load_client_state(state)
     module.receive_features(remote)
-    privacy = runtime.privacy
-    # the client's secret noise seed, kept in its state (a resumed run repeats its noise)
-    noise_seed = None if privacy is None else int((state or {}).get(PRIVACY_SECRET, secret()))
+    privacy = ClientPrivacy(runtime.privacy, state, round_idx)
     features = None
-    if runtime.exchange and privacy is not None and privacy.features:
-        # with DP, the vectors come from the round's global model (see Privacy), before training
-        features = module.export_private_features(
-            runtime.datamodule,
-            d,
-            runtime.exchange_per_partition,
-            torch.Generator().manual_seed(s + 1),
-            noise_generator(noise_seed, round_idx, 0),
-            privacy,
-        )
+    if runtime.exchange:  # DP vectors come from the round's global model, before training
+        features = privacy.features(module, runtime.datamodule, d, runtime.exchange_per_partition, s + 1)
     loader = module.train_loader(runtime.datamodule, d, s)
     with quiet_lightning():
         trainer = runtime.trainers.get(client)
@@ -153,18 +138,8 @@ def client_step(
         )
     if features is not None and d != client:  # tag the vectors with the federation-wide client id
         features = BankEntries(features.vectors, features.partitions, torch.full_like(features.clients, client))
-    update = {k: v.cpu() for k, v in module.global_state().items()}
-    if privacy is not None and privacy.weights:  # clipped and noised before it leaves the client
-        update = private_update(
-            update,
-            global_weights,
-            privacy.weights_clip,
-            privacy.weights_sigma,
-            noise_generator(noise_seed, round_idx, 1),
-        )
-    client_state = module.client_state()
-    if noise_seed is not None:
-        client_state[PRIVACY_SECRET] = torch.tensor(noise_seed, dtype=torch.long)
+    update = privacy.update({k: v.cpu() for k, v in module.global_state().items()}, global_weights)
+    client_state = privacy.keep(module.client_state())
     return ClientResult(
         update=update,
         num_samples=module.num_samples(runtime.datamodule, d),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
@@ -13,6 +13,9 @@ from torch.utils.data import DataLoader
 
 from fcl_lightning.errors import ConfigError
 from fcl_lightning.fcl.memory_bank import BankEntries
+
+if TYPE_CHECKING:
+    from fcl_lightning.federation.contract import RoundContext
 
 
 def check_optimizer(optimizer: Any, scheduler: Any = None) -> None:
@@ -75,6 +78,14 @@ class FederatedModule(pl.LightningModule):
         self.round_progress: tuple[int, int] = (0, 1)  # (round, total rounds), set by the loop
         self._fit_start_step = 0  # the Trainer's global step when this fit started
         self._last_seen_step = -1
+        #: each ``train/*`` mean over the last fit (a client's round): see ``on_train_epoch_end``
+        self.fit_means: dict[str, float] = {}
+
+    def begin_round(self, context: RoundContext) -> None:
+        """The round this client is about to train (``federation.contract.RoundTraining``):
+        what the momentum and ramp schedules count over, and whether the optimiser state carries."""
+        self.round_progress = (context.round, context.rounds)
+        self.keep_optimizer_state = context.keep_optimizer_state
 
     # ------------------------------------------------------------- this fit
     # A client's Trainer lives across rounds (federation.reuse_trainers) and Lightning's step
