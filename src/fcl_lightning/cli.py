@@ -24,7 +24,7 @@ from fcl_lightning.errors import ConfigError, as_config_error, debug_requested, 
 from fcl_lightning.federation.config import Federation
 from fcl_lightning.federation.evaluate import evaluate_run, run_predict
 from fcl_lightning.federation.loop import FederatedLoop
-from fcl_lightning.federation.state import load_checkpoint, resolve_ckpt_path
+from fcl_lightning.federation.state import find_resume
 from fcl_lightning.interrupt import stop_on_signals
 from fcl_lightning.lit.base import FederatedModule
 from fcl_lightning.lit.pretrain import ContrastivePretrainModule
@@ -164,10 +164,10 @@ class FCLCLI(LightningCLI):
             return
         root = cfg.trainer.default_root_dir or "."
         self.default_logger, self.filled_logger = False, {}
-        resumed: dict[str, Any] = {}
+        self.resume = None  # fit: the checkpoint it resumes from, read once here for the whole run
         if self.subcommand == "fit" and self.resume_path:
-            path = resolve_ckpt_path(self.resume_path, root, missing_last_ok=True)
-            resumed = load_checkpoint(path, mmap=True) if path is not None else {}
+            self.resume = find_resume(self.resume_path, root)
+        resumed: dict[str, Any] = (self.resume.ckpt if self.resume else None) or {}
         if cfg.trainer.logger in (None, True):
             init = Namespace(save_dir=root, name=layout.LOGS)
             if resumed.get("csv_version") is not None:  # a resume goes on writing the same metrics.csv
@@ -235,7 +235,7 @@ class FCLCLI(LightningCLI):
             seed=int(self.config[sub].get("seed_everything") or 0),
             config_text=config_text,
         )
-        loop.run(ckpt_path or self.resume_path)
+        loop.run(ckpt_path or getattr(self, "resume", None) or self.resume_path)
 
     def _evaluate(
         self,

@@ -32,13 +32,13 @@ from fcl_lightning.federation.hooks import (
 from fcl_lightning.federation.lock import RunLock
 from fcl_lightning.federation.state import (
     FederatedData,
+    ResumePoint,
     RoundHook,
     RunContext,
     RunState,
     check_checkpoint,
     client_states_of,
-    load_checkpoint,
-    resolve_ckpt_path,
+    find_resume,
     set_rng_state,
 )
 from fcl_lightning.interrupt import RunInterrupted
@@ -216,16 +216,17 @@ class FederatedLoop:
             privacy=self.fed.privacy,
         )
 
-    def run(self, ckpt_path: str | None = None, clients: Clients | None = None) -> dict[str, Any]:
-        """Train all rounds (resuming from ``ckpt_path`` if given) and return the summary.
+    def run(self, ckpt_path: str | ResumePoint | None = None, clients: Clients | None = None) -> dict[str, Any]:
+        """Train all rounds (resuming from ``ckpt_path`` if given: ``last``, a path, or the
+        :class:`ResumePoint` the CLI already read) and return the summary.
 
         ``clients`` runs the client steps of a round: in this process by default
         (:class:`InProcessClients`), or on Flower nodes (``fcl_lightning.flower``).
         """
         # everything that needs no data is checked before any is loaded, and nothing is written
         # for a run that fails its checks
-        path = resolve_ckpt_path(ckpt_path, self.root, missing_last_ok=True)
-        ckpt = load_checkpoint(path) if path is not None else None
+        resume = ckpt_path if isinstance(ckpt_path, ResumePoint) else find_resume(ckpt_path, self.root)
+        ckpt_path, path, ckpt = resume.requested, resume.path, resume.ckpt
         C = clients.num_clients if clients is not None else self.dm.num_clients
         self.validate(ckpt, path, C, states_here=clients is None or clients.states_come_back)
         with RunLock(self.root):  # one run per folder, from here to the end

@@ -95,6 +95,24 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     return ckpt
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a ``fit`` resumes from, resolved and read once for the whole run: the CLI
+    reads the loggers' ids from it, the loop the run's state (``path`` and ``ckpt`` ``None``:
+    nothing to resume; ``requested``: what ``--ckpt_path`` said)."""
+
+    requested: str | None
+    path: Path | None
+    ckpt: dict[str, Any] | None
+
+
+def find_resume(ckpt_path: str | None, root: str | Path) -> ResumePoint:
+    """Resolve ``ckpt_path`` against the run folder ``root`` (``last`` with nothing there: nothing
+    to resume) and read the checkpoint (:func:`load_checkpoint`)."""
+    path = resolve_ckpt_path(ckpt_path, root, missing_last_ok=True)
+    return ResumePoint(ckpt_path, path, load_checkpoint(path) if path is not None else None)
+
+
 @dataclass
 class CheckpointKeep:
     """Which ``round-NNN.ckpt`` files stay on disk (``last.ckpt`` and the final round's always do).
