@@ -477,6 +477,48 @@ def gains(rows: list[dict], methods: list[str], ns: list[int], setting: str, bas
     return "\n".join(lines)
 
 
+def pooled_gains(rows: list[dict], methods: list[str], ns: list[int], setting: str) -> list[str]:
+    """Markdown: a pre-trained arm against its random-init counterpart (``fcl+bcp`` against
+    ``random+bcp``, ``fcl`` against ``random``) pooled over every pre-training run of the method
+    (``fcl``, ``fcl~1``, ...): pairs (pre-training run, client, seed), so one lucky pre-training
+    cannot carry the claim. Only where two or more pre-training runs finished."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for m in methods:
+        base, rnd, semi = split_method(m)
+        if base != NO_PRETRAIN and not rnd:
+            groups.setdefault((pretrain_config(base)[0], semi), []).append(m)
+    lines = []
+    for (name, semi), arms in groups.items():
+        baseline = NO_PRETRAIN + (f"+{semi}" if semi else "")
+        if len(arms) < 2 or baseline not in methods:
+            continue
+        cells = []
+        for n in ns:
+            ref = paired(rows, baseline, setting, n)
+            pooled, against = {}, {}
+            for m in arms:
+                for k, v in paired(rows, m, setting, n).items():
+                    if k in ref:
+                        pooled[(m, *k)], against[(m, *k)] = v, ref[k]
+            g = paired_gain(pooled, against)
+            cells.append("-" if g is None else str(g))
+        runs = len({m for m in arms if any(r["method"] == m for r in rows)})
+        lines.append(
+            f"| {label(name + (f'+{semi}' if semi else ''))}, {runs} pre-training runs pooled | vs {label(baseline)} | "
+            + " | ".join(cells) + " |"
+        )  # fmt: skip
+    if not lines:
+        return []
+    return [
+        "Pre-training's gain pooled over its pre-training runs: pairs (pre-training run, client, seed).",
+        "",
+        "| method | against | " + " | ".join(f"N={n}" for n in ns) + " |",
+        "|---|---|" + "---|" * len(ns),
+        *lines,
+        "",
+    ]
+
+
 def read_rounds(run_dir: Path, key: str) -> dict[int, float]:
     """round -> ``key`` from a run's ``metrics.csv`` files (every ``logs/version_*``, later
     versions winning: a resumed run writes a new one). Round 0: measured at initialisation."""
@@ -623,6 +665,7 @@ def write_results(runner: Runner, methods: list[str], profile_name: str, wall_s:
                 base = f"{NO_PRETRAIN}+{split_method(semi_m)[2]}"
                 if base in methods:  # what pre-training adds on top of semi-supervised fine-tuning
                     parts += [gains(rows, [base, semi_m], runner.p.ns, setting, baseline=base), ""]
+            parts += pooled_gains(rows, methods, runner.p.ns, setting)
         if stats:
             save_dice_vs_n_figure(runner.out / f"dice_vs_n_{setting}.png", stats, title=f"{title} ({profile_name})")
     parts += curves(runner, methods)

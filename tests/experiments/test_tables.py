@@ -175,3 +175,19 @@ def test_plateau_curves_say_whether_each_arm_flattened(tables, tmp_path):
         in md
     )
     assert (tmp_path / "curves_local.png").stat().st_size > 10_000  # two curves drawn, not an empty canvas
+
+
+def test_pretraining_gain_pools_its_pretraining_runs(tables):
+    """``fcl+bcp`` and ``fcl~1+bcp`` against ``random+bcp``: one line whose pairs are
+    (pre-training run, client, seed), 2 runs x 5 clients = 10 pairs."""
+    rows = []
+    for client in range(5):
+        base = 0.5 + 0.02 * client
+        for m, d in (("random+bcp", 0.0), ("fcl+bcp", 0.03), ("fcl~1+bcp", -0.01)):
+            rows.append({"method": m, "setting": "local", "N": 1, "client": str(client), "fold": "", "seed": 0,
+                         "dice_mean": base + d})  # fmt: skip
+    md = "\n".join(tables.pooled_gains(rows, ["random+bcp", "fcl+bcp", "fcl~1+bcp"], [1], "local"))
+    line = next(ln for ln in md.splitlines() if ln.startswith("| FCL + BCP (extension), 2 pre-training runs pooled"))
+    assert "vs Random init + BCP (extension)" in line and "| +0.010 [" in line and "5/10 pairs" in line
+    assert tables.label("fcl~1+bcp") == "FCL (pre-training seed 1) + BCP (extension)"
+    assert tables.pooled_gains(rows, ["random+bcp", "fcl+bcp"], [1], "local") == []  # one run: no pooled line
