@@ -103,9 +103,11 @@ class StepClock(pl.Callback):
         self.end = time.perf_counter()
 
 
-def run_project(dm, arm: str, data: list[dict], warmup: int) -> float:
+def run_project(dm, arm: str, data: list[dict], warmup: int, channels_last: bool = False) -> float:
     torch.manual_seed(0)
     seg = SegmentationModule(features=FEATURES, semi_supervised=plugin(arm))
+    if channels_last:
+        seg = seg.to(memory_format=torch.channels_last)
     seg.attach_augment(dm)
     clock = StepClock(warmup)
     trainer = pl.Trainer(
@@ -116,9 +118,11 @@ def run_project(dm, arm: str, data: list[dict], warmup: int) -> float:
     return (len(data) - warmup) / (clock.end - clock.start)
 
 
-def run_bare(dm, arm: str, data: list[dict], warmup: int) -> float:
+def run_bare(dm, arm: str, data: list[dict], warmup: int, channels_last: bool = False) -> float:
     torch.manual_seed(0)
     seg = SegmentationModule(features=FEATURES, semi_supervised=plugin(arm))
+    if channels_last:
+        seg = seg.to(memory_format=torch.channels_last)
     net, semi, loss_fn = seg.net, seg.semi, seg.loss_fn
     aug, u_aug = dm.batch_augment("finetune"), dm.batch_augment("unlabelled") if semi else None
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -175,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--img-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--channels-last", action="store_true", help="the U-Net's weights in channels-last memory format")
     ap.add_argument("--json", default=None)
     ap.add_argument("--out", default=None, help="a folder for results.md and provenance.json (publish_results.py)")
     args = ap.parse_args(argv)
@@ -185,13 +190,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.__version__}, {torch.get_num_threads()} threads",
         "arms": {},
     }
+    report["channels_last"] = args.channels_last
     report["fixed"] = fixed_costs(args.root, args.img_size)
     with tempfile.TemporaryDirectory() as cache:
         dm = datamodule(args.root, cache, args.img_size)
         dm.setup()
         for arm in args.arms.split(","):
             data = batches(dm, SegmentationModule(features=FEATURES, semi_supervised=plugin(arm)), args.steps)
-            proj, bare = run_project(dm, arm, data, args.warmup), run_bare(dm, arm, data, args.warmup)
+            proj = run_project(dm, arm, data, args.warmup, args.channels_last)
+            bare = run_bare(dm, arm, data, args.warmup, args.channels_last)
             report["arms"][arm] = {"project_steps_s": proj, "bare_steps_s": bare, "ratio": proj / bare}
             verdict = "PASS" if proj / bare >= 0.9 else "FAIL"
             print(
@@ -218,7 +225,8 @@ def write_results(out: Path, report: dict, args: argparse.Namespace) -> None:
 
     lines = [
         f"{args.steps} optimiser steps a path ({args.warmup} warm-up steps left out), batch 8 labelled slices at "
-        f"{args.img_size} px, one client; steps per second, the project's over the bare loop's (target >= 0.9).",
+        f"{args.img_size} px, one client{', channels-last weights' if args.channels_last else ''}; steps per second, "
+        "the project's over the bare loop's (target >= 0.9).",
         "",
         "| arm | project steps/s | bare steps/s | ms a step (project) | ratio |",
         "|---|---|---|---|---|",
