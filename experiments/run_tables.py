@@ -490,7 +490,8 @@ def pooled_gains(rows: list[dict], methods: list[str], ns: list[int], setting: s
     lines = []
     for (name, semi), arms in groups.items():
         baseline = NO_PRETRAIN + (f"+{semi}" if semi else "")
-        if len(arms) < 2 or baseline not in methods:
+        runs = len({m for m in arms if any(r["method"] == m for r in rows)})
+        if runs < 2 or baseline not in methods:
             continue
         cells = []
         for n in ns:
@@ -502,7 +503,6 @@ def pooled_gains(rows: list[dict], methods: list[str], ns: list[int], setting: s
                         pooled[(m, *k)], against[(m, *k)] = v, ref[k]
             g = paired_gain(pooled, against)
             cells.append("-" if g is None else str(g))
-        runs = len({m for m in arms if any(r["method"] == m for r in rows)})
         lines.append(
             f"| {label(name + (f'+{semi}' if semi else ''))}, {runs} pre-training runs pooled | vs {label(baseline)} | "
             + " | ".join(cells) + " |"

@@ -191,3 +191,5 @@ def test_pretraining_gain_pools_its_pretraining_runs(tables):
     assert "vs Random init + BCP (extension)" in line and "| +0.010 [" in line and "5/10 pairs" in line
     assert tables.label("fcl~1+bcp") == "FCL (pre-training seed 1) + BCP (extension)"
     assert tables.pooled_gains(rows, ["random+bcp", "fcl+bcp"], [1], "local") == []  # one run: no pooled line
+    one_finished = [r for r in rows if r["method"] != "fcl~1+bcp"]
+    assert tables.pooled_gains(one_finished, ["random+bcp", "fcl+bcp", "fcl~1+bcp"], [1], "local") == []
