@@ -645,9 +645,6 @@ def write_results(runner: Runner, methods: list[str], profile_name: str, wall_s:
         f"this call's wall time {wall_s / 60:.1f} min.",
         "",
     ]
-    calls = provenance.read(runner.out)
-    if calls:
-        parts += ["Calls that filled this folder:", "", provenance.markdown(calls), ""]
     for setting, title in (("local", "Table 1: local fine-tuning"), ("federated", "Table 2: federated fine-tuning")):
         if setting not in runner.p.settings or not any(r["setting"] == setting for r in rows):
             continue
