@@ -625,7 +625,7 @@ def curves(runner: Runner, methods: list[str]) -> list[str]:
     return out
 
 
-def write_results(runner: Runner, methods: list[str], profile_name: str, wall_s: float) -> str:
+def write_results(runner: Runner, methods: list[str], profile_name: str, wall_s: float | None) -> str:
     from fcl_lightning.figures import save_dice_vs_n_figure
     from fcl_lightning.io import atomic_write, atomic_write_text
 
@@ -641,8 +641,8 @@ def write_results(runner: Runner, methods: list[str], profile_name: str, wall_s:
     parts = [
         f"# FCL tables, profile `{profile_name}`",
         "",
-        f"Dice (mean over RV, Myo, LV) per client, mean ± std over clients; {len(rows)} client rows; "
-        f"this call's wall time {wall_s / 60:.1f} min.",
+        f"Dice (mean over RV, Myo, LV) per client, mean ± std over clients; {len(rows)} client rows"
+        + (f"; this call's wall time {wall_s / 60:.1f} min." if wall_s is not None else "."),
         "",
     ]
     for setting, title in (("local", "Table 1: local fine-tuning"), ("federated", "Table 2: federated fine-tuning")):
@@ -732,7 +732,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.report_only:
         provenance.append(out, provenance.record(data=f"ACDC at {args.root}" if args.root else "the built-in phantom"))
         runner.run(methods)
-    print(write_results(runner, methods, args.profile, time.perf_counter() - t0))
+    print(write_results(runner, methods, args.profile, None if args.report_only else time.perf_counter() - t0))
     print(f"\nwrote {out / 'results.csv'}, {out / 'results.md'} and the Dice-vs-N figures")
 
 
