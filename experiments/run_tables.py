@@ -137,6 +137,23 @@ ACDC_CPU_DATA = [
     "--data.val_fraction=0.25",
     "--data.augment_on=device",  # batched augmentation: fine-tuning cells take about half as long
 ]
+#: acdc-cpu's pre-training: 16 rounds x 40 steps = 640 steps per client
+ACDC_CPU_PRETRAIN = [
+    "--config",
+    "configs/acdc/fcl_pretrain.yaml",
+    *ACDC_CPU_DATA,
+    "--federation.rounds=16",
+    "--federation.local_steps=40",
+    "--model.proj_hidden=512",
+]
+#: its fine-tuning, before the budget (rounds x local steps)
+ACDC_CPU_FINETUNE = [
+    "--config",
+    "configs/acdc/finetune.yaml",
+    *ACDC_CPU_DATA,
+    "--data.cv_folds=null",
+    "--data.batch_size=8",
+]
 PROFILES: dict[str, Profile] = {
     # the phantom: 4 clients (one per site), held-out phantom test set
     "quick": Profile(
@@ -149,23 +166,8 @@ PROFILES: dict[str, Profile] = {
     # per client), fine-tune on N of them (6 rounds x 50 steps, validated on the held-out patients
     # after every round: the Dice-vs-steps curve) and score on the 5 held-out patients per client
     "acdc-cpu": Profile(
-        pretrain=[
-            "--config",
-            "configs/acdc/fcl_pretrain.yaml",
-            *ACDC_CPU_DATA,
-            "--federation.rounds=16",
-            "--federation.local_steps=40",
-            "--model.proj_hidden=512",
-        ],
-        finetune=[
-            "--config",
-            "configs/acdc/finetune.yaml",
-            *ACDC_CPU_DATA,
-            "--data.cv_folds=null",
-            "--data.batch_size=8",
-            "--federation.rounds=6",
-            "--federation.local_steps=50",
-        ],
+        pretrain=ACDC_CPU_PRETRAIN,
+        finetune=[*ACDC_CPU_FINETUNE, "--federation.rounds=6", "--federation.local_steps=50"],
         ns=[1, 2],
         methods=["random", "fcl"],
         settings=["local"],
@@ -177,20 +179,9 @@ PROFILES: dict[str, Profile] = {
     # poly over them (UniMatch's and BCP's schedule) for every arm alike; a longer budget:
     # --finetune-arg=--federation.rounds=12
     "acdc-plateau": Profile(
-        pretrain=[
-            "--config",
-            "configs/acdc/fcl_pretrain.yaml",
-            *ACDC_CPU_DATA,
-            "--federation.rounds=16",
-            "--federation.local_steps=40",
-            "--model.proj_hidden=512",
-        ],
+        pretrain=ACDC_CPU_PRETRAIN,
         finetune=[
-            "--config",
-            "configs/acdc/finetune.yaml",
-            *ACDC_CPU_DATA,
-            "--data.cv_folds=null",
-            "--data.batch_size=8",
+            *ACDC_CPU_FINETUNE,
             "--federation.rounds=6",
             "--federation.local_steps=250",
             "--model.lr_schedule=poly",
