@@ -43,3 +43,14 @@ def one_error_line(err: str) -> str:
     assert len(lines) == 1, err
     assert "Traceback" not in err, err
     return lines[0]
+
+
+def bare_trainer(max_steps: int, **kwargs):
+    """A CPU Trainer for ``max_steps`` optimiser steps with no logger, checkpoints, progress bar
+    or summary: what the tests that drive a module directly fit with."""
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        max_steps=max_steps, max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", **kwargs,
+    )  # fmt: skip

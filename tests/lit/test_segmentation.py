@@ -7,7 +7,7 @@ import shutil
 import lightning.pytorch as pl
 import pytest
 import torch
-from support import FINETUNE, REPO
+from support import FINETUNE, REPO, bare_trainer
 
 from fcl_lightning.cli import main
 from fcl_lightning.data.datamodule import FederatedDataModule
@@ -68,15 +68,7 @@ def test_tiny_finetune_beats_untrained():
     dm.setup()
     seg = SegmentationModule(features=SMALL, optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
     before = summarize(evaluate_volumes(seg.net, dm.test))["dice_mean"]
-    trainer = pl.Trainer(
-        max_steps=60,
-        max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = bare_trainer(60)
     trainer.fit(seg, train_dataloaders=dm.finetune_loader(0, seed=0))
     after = summarize(evaluate_volumes(seg.net, dm.test))["dice_mean"]
     assert after > before + 0.2, (before, after)

@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from support import FINETUNE, REPO
+from support import FINETUNE, REPO, bare_trainer
 
 from fcl_lightning.cli import main
 from fcl_lightning.data.datamodule import FederatedDataModule
@@ -307,10 +307,7 @@ def test_poly_rate_follows_the_clients_steps_over_all_its_rounds():
         def on_before_optimizer_step(self, trainer, module, optimizer):
             seen.append([g["lr"] for g in optimizer.param_groups])
 
-    trainer = pl.Trainer(
-        max_steps=4, max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu", callbacks=[Record()],
-    )  # fmt: skip
+    trainer = bare_trainer(4, callbacks=[Record()])
     trainer.fit(seg, train_dataloaders=seg.train_loader(dm, 0, seed=0))
     expect = [(1 - (4 + i) / 8) ** 0.9 for i in range(4)]
     assert [r[1] for r in seen] == pytest.approx([0.1 * f for f in expect])
@@ -425,15 +422,7 @@ def test_unlabelled_loss_sees_only_the_clients_own_unlabelled_slices(augment_on)
     for batch in loader:
         assert set(batch) <= {"image", "label", "aug_seed", "u_image", "u_seed"}
         assert batch["u_image"].shape[1] == 2 and "u_label" not in batch
-    trainer = pl.Trainer(
-        max_steps=4,
-        max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = bare_trainer(4)
     trainer.fit(seg, train_dataloaders=loader)
     assert len(spy.seen) == 4
     for u_image, _ in spy.seen:
