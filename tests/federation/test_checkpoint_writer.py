@@ -81,6 +81,32 @@ def test_writer_disabled_writes_inline():
     assert seen == [True]
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_writes_result_is_handed_over_on_the_waiting_thread(enabled):
+    """The writer thread returns what it did; the caller's state changes only on the caller's thread."""
+    got = []
+    w = BackgroundWriter(
+        enabled, on_done=lambda r: got.append((r, threading.current_thread() is threading.main_thread()))
+    )
+    done = threading.Event()
+
+    def write(i):
+        def run():
+            done.wait(5)
+            return i
+
+        return run
+
+    if not enabled:
+        done.set()  # written inline, handed over at once
+    w.submit(write(1))
+    assert got == ([] if enabled else [(1, True)])  # in flight: nothing handed over yet
+    done.set()
+    w.submit(write(2))  # waits for write 1: its result is handed over first
+    w.wait()
+    assert got == [(1, True), (2, True)]
+
+
 @pytest.mark.slow
 def test_async_checkpoints_equal_sync_ones(tmp_path, tiny, monkeypatch):
     """Round 1's file, held back until round 2 has trained (and mutated Adam's moments in place),

@@ -96,27 +96,31 @@ class BackgroundWriter:
     and writing round r's checkpoint overlaps round r+1's training.
 
     ``submit`` waits for the previous write first; ``wait`` joins and re-raises a write's error;
+    what a write returns is handed to ``on_done`` in the thread that waits, so the writer thread
+    never touches the caller's state;
     leaving a ``with`` block waits too (logging, not raising, a write's error when the block itself
     failed: that error is the one to report). The thread is not a daemon: an interrupted run still finishes the write it started, and every
     file is written atomically, so a checkpoint on disk is always whole.
     ``enabled=False`` writes in the caller's thread.
     """
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, on_done: Callable[[Any], None] | None = None) -> None:
         self.enabled = enabled
+        self.on_done = on_done
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._result: list[Any] = []  # a finished write's return value, not yet handed over
 
     def submit(self, write: Callable[[], Any]) -> None:
         self.wait()
         if not self.enabled:
-            write()
+            self._done(write())
             return
 
         def target() -> None:
             lower_priority()
             try:
-                write()
+                self._result.append(write())
             except BaseException as exc:  # handed to the main thread by wait()
                 self._error = exc
 
@@ -136,7 +140,8 @@ class BackgroundWriter:
             log.error("%s", err)
 
     def check(self) -> None:
-        """Re-raise the error of a write that has already finished (does not wait for one in flight)."""
+        """Hand over the result, or re-raise the error, of a write that has already finished (does
+        not wait for one in flight)."""
         if self._thread is not None and not self._thread.is_alive():
             self.wait()
 
@@ -144,8 +149,14 @@ class BackgroundWriter:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        while self._result:
+            self._done(self._result.pop())
         if self._error is not None:
             err, self._error = self._error, None
             if isinstance(err, UserError):  # already names the file and the round
                 raise err
             raise CheckpointError(f"writing a round checkpoint failed: {type(err).__name__}: {err}") from err
+
+    def _done(self, result: Any) -> None:
+        if self.on_done is not None:
+            self.on_done(result)

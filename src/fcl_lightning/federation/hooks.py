@@ -236,7 +236,7 @@ class CheckpointHook(RoundHook):
 
     def on_run_start(self, run, state) -> None:
         self.wandb_id = wandb_run_id(run.loggers)  # stored in checkpoints: a resume continues this run
-        self.writer = BackgroundWriter(run.fed.checkpoint_async)
+        self.writer = BackgroundWriter(run.fed.checkpoint_async, on_done=lambda done: self.written_round(state, *done))
         self.written: dict[str, Any] | None = None  # the last job handed to the writer (buffers reused)
         self.pending: dict[int, Any] = {}  # client -> its newest state not written yet
         ckdir = layout.checkpoints(run.root)
@@ -283,7 +283,8 @@ class CheckpointHook(RoundHook):
         ckdir = layout.checkpoints(run.root)
         versions = dict(state.client_versions)
 
-        def write() -> None:
+        def write() -> tuple[int, dict[int, int]]:
+            """On the writer's thread: touches the files and this hook's index, never ``state``."""
             try:
                 for c, client_state in sorted(job["clients"].items()):
                     client_files(run.root, c).save(versions[c], client_state, save=save_checkpoint_file)
@@ -292,14 +293,20 @@ class CheckpointHook(RoundHook):
                     save_checkpoint_file(job["server"], layout.round_file(run.root, done)), layout.last(run.root)
                 )
                 self.index[done] = versions
-                state.checkpointed = done  # whole on disk (an interrupted run says so)
             except (CheckpointError, WriteError) as err:
-                prev = state.checkpointed  # the previous write (the writer runs one job at a time)
                 before = f"round {prev}'s (--ckpt_path last resumes there)" if prev else "none"
                 raise type(err)(f"round {done}'s checkpoint: {err}; the last whole checkpoint is {before}") from err
-            state.keep_from = self.retain(run, ckdir, versions)
+            return done, self.retain(run, ckdir, versions)
 
+        self.writer.wait()  # the previous write's round is recorded before this one is submitted
+        prev = state.checkpointed
         self.writer.submit(write)
+
+    @staticmethod
+    def written_round(state: RunState, done: int, keep_from: dict[int, int]) -> None:
+        """A write finished (handed over on the loop's thread): round ``done`` is whole on disk
+        (what an interrupted run reports) and each client's states older than ``keep_from`` are gone."""
+        state.checkpointed, state.keep_from = done, keep_from
 
     def retain(self, run: RunContext, ckdir: Path, current: dict[int, int]) -> dict[int, int]:
         """Delete the round files ``federation.checkpoint_keep`` does not keep and the client
