@@ -172,17 +172,17 @@ class DownstreamEvaluation:
                 runs = []
                 for k in range(self.seeds):
                     t0 = time.perf_counter()
-                    semi = self.semi if name == "fcl_semi" else None
-                    run_seed = seed * 31 + c + 1000 * k  # seed 0 is the single-seed run's
-                    module = self.finetune(enc, features, norm, datamodule, c, run_seed, trainer_kwargs, semi)
-                    if self.space == "native":
-                        from fcl_lightning.predict import score_native
-
-                        source = datamodule.test_source if datamodule.scores_test_set else datamodule.source
-                        rows = score_native(module.net, datamodule.preprocessor, source, vols, module.eval_batch_size)
-                    else:
-                        rows = evaluate_volumes(module.net, vols)
-                    runs.append(summarize(rows))
+                    module = self.finetune(
+                        enc,
+                        features,
+                        norm,
+                        datamodule,
+                        c,
+                        seed * 31 + c + 1000 * k,  # seed 0 is the single-seed run's
+                        trainer_kwargs,
+                        self.semi if name == "fcl_semi" else None,
+                    )
+                    runs.append(self.score(module, datamodule, vols))
                     per_pair[name][(c, k)] = runs[-1]["dice_mean"]
                     if console is not None:  # progress (stderr): fine-tuning is most of the demo's time
                         of_seeds = f", seed {k + 1}/{self.seeds}" if self.seeds > 1 else ""
@@ -197,6 +197,28 @@ class DownstreamEvaluation:
                     else:
                         module.cpu()
                 per_client[name].append({key: float(np.mean([r[key] for r in runs])) for key in runs[0]})
+        metrics = self.metrics(per_client, clients)
+        gains = self.gains(per_pair, metrics)
+        if console is not None:
+            self.report(console, metrics, gains, list(inits), len(clients))
+        if self.figure and final:
+            self.save_figures(Path(root), pretrain_module, datamodule, example_nets, clients[0])
+        return metrics
+
+    def score(self, module: Any, datamodule: Any, vols: list) -> dict[str, float]:
+        """A fine-tuned client's summary over its held-out volumes (native space: the original scans)."""
+        if self.space == "native":
+            from fcl_lightning.predict import score_native
+
+            source = datamodule.test_source if datamodule.scores_test_set else datamodule.source
+            rows = score_native(module.net, datamodule.preprocessor, source, vols, module.eval_batch_size)
+        else:
+            rows = evaluate_volumes(module.net, vols)
+        return summarize(rows)
+
+    @staticmethod
+    def metrics(per_client: dict[str, list[dict[str, float]]], clients: list[int]) -> dict[str, float]:
+        """``downstream/<init>/...``: mean and spread over clients, and each client's mean Dice."""
         metrics: dict[str, float] = {}
         for name, rows in per_client.items():
             metrics.update(
@@ -204,6 +226,12 @@ class DownstreamEvaluation:
             )
             for c, r in zip(clients, rows):
                 metrics[f"downstream/{name}/client{c}/dice_mean"] = r["dice_mean"]
+        return metrics
+
+    @staticmethod
+    def gains(per_pair: dict[str, dict[tuple[int, int], float]], metrics: dict[str, float]) -> dict:
+        """Each pre-trained init against random init, paired over (client, seed), into ``metrics``
+        as ``downstream/gain/<init>_vs_random/{mean,low,high,pairs}``."""
         gains = {
             other: paired_gain(per_pair[other], per_pair["random"])
             for other in ("fcl", "fcl_semi")
@@ -217,23 +245,23 @@ class DownstreamEvaluation:
                         for k, v in (("mean", g.mean), ("low", g.low), ("high", g.high), ("pairs", g.pairs))
                     }
                 )
-        if console is not None:
-            console.print(self.table(metrics, list(inits), len(clients)))
-            for other, g in gains.items():
-                if g is None:
-                    continue
-                what = {"fcl": "FCL encoder", "fcl_semi": f"FCL encoder + {type(self.semi).__name__}"}[other]
-                note = ("" if g.shown else " (the interval holds 0: this budget does not tell them apart)") + (
-                    " - one fine-tuning seed: set downstream.seeds >= 3 to tell" if self.seeds == 1 else ""
-                )
-                console.print(
-                    f"{what} - {self.random_label}, paired over (client, seed): {g.mean:+.3f} "
-                    f"[{g.low:+.3f}, {g.high:+.3f}] (95% bootstrap), {g.wins}/{g.pairs} pairs ahead{note}",
-                    soft_wrap=True,
-                )
-        if self.figure and final:
-            self.save_figures(Path(root), pretrain_module, datamodule, example_nets, clients[0])
-        return metrics
+        return gains
+
+    def report(self, console: Console, metrics: dict[str, float], gains: dict, inits: list[str], n: int) -> None:
+        """The table, then each paired gain against random init with its interval."""
+        console.print(self.table(metrics, inits, n))
+        for other, g in gains.items():
+            if g is None:
+                continue
+            what = {"fcl": "FCL encoder", "fcl_semi": f"FCL encoder + {type(self.semi).__name__}"}[other]
+            note = ("" if g.shown else " (the interval holds 0: this budget does not tell them apart)") + (
+                " - one fine-tuning seed: set downstream.seeds >= 3 to tell" if self.seeds == 1 else ""
+            )
+            console.print(
+                f"{what} - {self.random_label}, paired over (client, seed): {g.mean:+.3f} "
+                f"[{g.low:+.3f}, {g.high:+.3f}] (95% bootstrap), {g.wins}/{g.pairs} pairs ahead{note}",
+                soft_wrap=True,
+            )
 
     def label(self, name: str) -> str:
         """A row's name in the progress lines and the table."""
