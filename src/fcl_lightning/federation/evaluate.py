@@ -237,8 +237,7 @@ def run_predict(
     mode), the data section's preprocessing, every scan of ``input`` segmented into ``output``."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fcl_lightning.console import log_console, output_console
-    from fcl_lightning.federation.checkpoint import CheckpointError
+    from fcl_lightning.console import log_console
     from fcl_lightning.predict import find_scans, predict_scans
 
     if module.scored_net() is None:
@@ -252,6 +251,35 @@ def run_predict(
         )
     if not input:
         raise ConfigError("predict needs --input: a NIfTI file, folder, glob, manifest or ACDC-layout root")
+    path, per_client = load_predict_model(module, ckpt_path, root, client)
+    scans = find_scans(input)
+    out = Path(output) if output else root / "predictions"
+    net = module.scored_net().to(device)
+    with Progress(
+        TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+        TimeElapsedColumn(), console=log_console(), transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task("", total=len(scans))
+
+        def show(i: int, scan: Any) -> None:
+            bar.update(task, completed=i, description=scan.path.name)
+
+        with RunLock(out, "--output"):  # one predict per output folder at a time
+            result = predict_scans(
+                net, datamodule.preprocessor, scans, out, module.eval_batch_size, probabilities, show, on_bad_scan
+            )
+        bar.update(task, completed=len(scans))
+    whose = f"client {client}'s model" if per_client else "the global model"
+    report_predict(result, out, f"{whose}, {path.name}")
+    return result
+
+
+def load_predict_model(module: Any, ckpt_path: str, root: Path, client: int) -> tuple[Path, bool]:
+    """Load the scored model of a fine-tuning checkpoint into ``module`` (``client``'s weights, and
+    its teacher when the run scores it), after checking that it is one and fits; return the
+    checkpoint's path and whether it holds one model per client."""
+    from fcl_lightning.federation.checkpoint import CheckpointError
+
     path = resolve_ckpt_path(ckpt_path, root)
     ckpt = load_checkpoint(path)
     if ckpt.get("module") != type(module).__name__:
@@ -271,31 +299,18 @@ def run_predict(
     states = scored_client_states(module, ckpt, path)
     if states:
         module.load_client_state(states[client])
-    scans = find_scans(input)
-    out = Path(output) if output else root / "predictions"
-    net = module.scored_net().to(device)
-    with Progress(
-        TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-        TimeElapsedColumn(), console=log_console(), transient=True,
-    ) as bar:  # fmt: skip
-        task = bar.add_task("", total=len(scans))
+    return path, per_client
 
-        def show(i: int, scan: Any) -> None:
-            bar.update(task, completed=i, description=scan.path.name)
 
-        with RunLock(out, "--output"):  # one predict per output folder at a time
-            result = predict_scans(
-                net, datamodule.preprocessor, scans, out, module.eval_batch_size, probabilities, show, on_bad_scan
-            )
-        bar.update(task, completed=len(scans))
+def report_predict(result: dict[str, Any], out: Path, model: str, shown: int = 5) -> None:
+    """What predict wrote, then the scans it skipped, the patients without indices and the
+    implausible indices: ``shown`` lines of each kind, the rest summarised by their count."""
+    from fcl_lightning.console import output_console
+
     n = sum(1 for f in result["files"] if f.name.endswith("_seg.nii.gz"))
     extra = [f.name for f in result["files"] if f.suffix == ".csv"]
-    whose = f"client {client}'s model" if per_client else "the global model"
     console = output_console()
-    console.print(
-        f"outputs in {out}: {n} label maps ({whose}, {path.name})" + "".join(f", {e}" for e in extra), soft_wrap=True
-    )
-    shown = 5  # lines of each kind printed; more are summarised by their count
+    console.print(f"outputs in {out}: {n} label maps ({model})" + "".join(f", {e}" for e in extra), soft_wrap=True)
 
     def say(line: str, style: str | None = None) -> None:  # plain text: names may hold [brackets]
         console.print(line, style=style, markup=False, highlight=False, soft_wrap=True)
@@ -318,4 +333,3 @@ def run_predict(
         )
     for r in flagged[:shown]:
         say(f"{r['patient']}: implausible indices {r['flags'].replace(';', ', ')}: check the segmentation", "yellow")
-    return result
