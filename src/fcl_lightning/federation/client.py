@@ -87,6 +87,26 @@ def client_seed(seed: int, round_idx: int, client: int) -> int:
     return (int(seed) * 1_000_003 + round_idx * 10_007 + client * 101 + 17) % (2**31)
 
 
+def fit_round(runtime: ClientRuntime, client: int, loader: Any, d: int) -> tuple[Any, dict[str, float]]:
+    """The round's local training on ``client``'s reused Trainer, then one validation pass on the
+    client's own validation patients; the Trainer and the round's figures."""
+    module = runtime.module
+    with quiet_lightning():
+        trainer = runtime.trainers.get(client)
+        try:
+            trainer.fit(module, train_dataloaders=loader)
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+            metrics.update(module.fit_means)  # the round's means, not its last epoch's
+            val = module.val_loader(runtime.datamodule, d)
+            if val is not None:  # once per round
+                for res in trainer.validate(module, dataloaders=val, verbose=False):
+                    metrics.update({k: float(v) for k, v in res.items()})
+        except BaseException:
+            runtime.trainers.discard(client)  # a Trainer stopped mid-fit is not reused
+            raise
+    return trainer, metrics
+
+
 def client_step(
     global_weights: dict[str, torch.Tensor],
     state: dict[str, Any] | None,
@@ -115,20 +135,7 @@ def client_step(
     features = None
     if runtime.exchange:  # DP vectors come from the round's global model, before training
         features = privacy.features(module, runtime.datamodule, d, runtime.exchange_per_partition, s + 1)
-    loader = module.train_loader(runtime.datamodule, d, s)
-    with quiet_lightning():
-        trainer = runtime.trainers.get(client)
-        try:
-            trainer.fit(module, train_dataloaders=loader)
-            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
-            metrics.update(module.fit_means)  # the round's means, not its last epoch's
-            val = module.val_loader(runtime.datamodule, d)
-            if val is not None:  # once per round, on the client's own validation patients
-                for res in trainer.validate(module, dataloaders=val, verbose=False):
-                    metrics.update({k: float(v) for k, v in res.items()})
-        except BaseException:
-            runtime.trainers.discard(client)  # a Trainer stopped mid-fit is not reused
-            raise
+    trainer, metrics = fit_round(runtime, client, module.train_loader(runtime.datamodule, d, s), d)
     if runtime.exchange and features is None:
         g = torch.Generator().manual_seed(s + 1)
         if module.device != trainer.strategy.root_device:  # Lightning's own strategies move it off

@@ -302,6 +302,22 @@ class FederatedLoop:
             self.check_data()
         if self.config_text:
             atomic_write_text(self.config_text, self.root / layout.CONFIG)
+        state = self.start_state(ckpt, path, C, clients)
+        state.privacy_settings = self.fed.privacy.settings() if self.fed.privacy is not None else None
+        clients.noise_multiplier = self.fed.privacy.noise_multiplier if self.fed.privacy is not None else None
+        self.state = clients.run_state = state
+
+        self.train_rounds(run, state)
+        self.module.cpu()  # client Trainers kept it on their device; what the run leaves is on the CPU
+        self.fed.mode.final_weights(state, self.module)
+        summary: dict[str, Any] = {}
+        for h in self.hooks:
+            h.on_run_end(run, state, summary)
+        return summary
+
+    def start_state(self, ckpt: dict[str, Any] | None, path: Path | None, C: int, clients: Clients) -> RunState:
+        """A fresh run's state, or the resumed one: weights, client states, RNG and logs put back
+        as the checkpoint left them."""
         if ckpt is None:
             state = RunState(C, {k: v.cpu() for k, v in self.module.global_state().items()})
         else:
@@ -320,10 +336,10 @@ class FederatedLoop:
             set_rng_state(ckpt["rng"])
             self.log_console.print(f"[bold]resuming[/] from {path} after round {state.round}/{self.fed.rounds}")
             continue_csv_logs(self.loggers, state.round)
-        state.privacy_settings = self.fed.privacy.settings() if self.fed.privacy is not None else None
-        clients.noise_multiplier = self.fed.privacy.noise_multiplier if self.fed.privacy is not None else None
-        self.state = clients.run_state = state
+        return state
 
+    def train_rounds(self, run: RunContext, state: RunState) -> None:
+        """The rounds left, between the hooks' start and teardown (in reverse; on an error too)."""
         hooks, started = self.hooks, []
         try:
             for h in hooks:
@@ -340,12 +356,6 @@ class FederatedLoop:
             raise
         for h in reversed(started):
             h.teardown(run, None)
-        self.module.cpu()  # client Trainers kept it on their device; what the run leaves is on the CPU
-        self.fed.mode.final_weights(state, self.module)
-        summary: dict[str, Any] = {}
-        for h in hooks:
-            h.on_run_end(run, state, summary)
-        return summary
 
     def client_steps(self) -> int | None:
         """The optimiser steps a client takes over the run, when the config fixes them
