@@ -315,6 +315,30 @@ def missing_indices(scans: list[tuple[Scan, int]]) -> list[str]:
 ON_BAD_SCAN = ("stop", "skip")
 
 
+def segment_scan(
+    net: torch.nn.Module,
+    pre: Preprocessor,
+    scan: Scan,
+    img: Any,
+    data: np.ndarray,
+    affine: np.ndarray,
+    out: Path,
+    batch_size: int,
+    probabilities: bool,
+    written: list[Path],
+) -> np.ndarray:
+    """Segment one decoded 3D or 4D scan frame by frame and write its label map (and its
+    probabilities) on the scan's grid, appending the files to ``written``; the label map."""
+    frames = [data] if data.ndim == 3 else [data[..., t] for t in range(data.shape[3])]
+    segs, probs = zip(*(segment_frame(net, pre, f, affine, batch_size) for f in frames))
+    seg = segs[0] if data.ndim == 3 else np.stack(segs, axis=-1)
+    written.append(save_label_map(seg, img, out / f"{scan.name}_seg.nii.gz"))
+    if probabilities:
+        p = probs[0] if data.ndim == 3 else np.stack(probs, axis=-1)
+        written.append(save_probabilities(p, img, out / f"{scan.name}_prob.nii.gz"))
+    return seg
+
+
 def predict_scans(
     net: torch.nn.Module,
     pre: Preprocessor,
@@ -376,14 +400,8 @@ def predict_scans(
                     f"{exc} (after {i} of {len(scans)} scans; volumes.csv lists them; --on_bad_scan skip goes on)"
                 ) from None
             continue
-        frames = [data] if data.ndim == 3 else [data[..., t] for t in range(data.shape[3])]
-        segs, probs = zip(*(segment_frame(net, pre, f, affine, batch_size) for f in frames))
-        seg = segs[0] if data.ndim == 3 else np.stack(segs, axis=-1)
-        written.append(save_label_map(seg, img, out / f"{scan.name}_seg.nii.gz"))
-        if probabilities:
-            p = probs[0] if data.ndim == 3 else np.stack(probs, axis=-1)
-            written.append(save_probabilities(p, img, out / f"{scan.name}_prob.nii.gz"))
-        del data, frames, probs
+        seg = segment_scan(net, pre, scan, img, data, affine, out, batch_size, probabilities, written)
+        del data
         spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
         if seg.ndim == 3:
             volume_rows.append({"image": scan.name, **structure_volumes_ml(seg, spacing), "status": "ok"})
