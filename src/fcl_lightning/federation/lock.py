@@ -4,6 +4,12 @@ The lock is an exclusive ``flock`` on that file, which the kernel releases when 
 in any way (SIGKILL, a crash, a lost machine's reboot), so a killed run never leaves it stuck; the
 file itself only says who holds it (pid, host, start time, command), for the message a second run
 prints. Where ``flock`` is missing (Windows) the pid on the same host tells a stale lock instead.
+
+Why not ``filelock``: until 3.29.7 its Unix lock opened the file with ``O_TRUNC`` before trying
+``flock``, so a second run erased the holder text this message reads (tox-dev/filelock#591, fixed
+by #594 in July 2026); it keeps the file after release on purpose (#577), where a run that failed
+its checks here must leave its folder as it found it. It is not a declared dependency either
+(torch brings it, at whatever version).
 """
 
 from __future__ import annotations
