@@ -34,6 +34,8 @@ Run
     python experiments/bench_pretrain.py --profile acdc --rounds 2
     python experiments/bench_pretrain.py --profile acdc --clients 10 --threads 2 --repeats 2 --rounds 2 --local-steps 40
     python experiments/bench_pretrain.py --profile acdc --rounds 1 --clients 2 --device cpu --json bench.json
+    python experiments/bench_pretrain.py --profile acdc --clients 10 --threads 2 --rounds 2 --local-steps 40 \\
+        --out runs/bench_pretrain   # then publish_results.py runs/bench_pretrain docs/results/...
 
 On a shared, busy CPU, multi-threaded torch slows down by up to ~15x whenever another process
 competes for the cores, which swamps the comparison: the script warns when a path had steps over
@@ -86,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True, help="untimed warm-up round")
     ap.add_argument("--json", type=Path, default=None, help="write the figures to this file")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="a folder for results.md + provenance.json (publish_results.py)"
+    )
     ap.add_argument("--cache-dir", default=None, help="on-disk cache of preprocessed phantom volumes")
     ap.add_argument("--root", type=Path, default=None, help="keep the project's checkpoints here (default: a temp dir)")
     ap.add_argument(
@@ -289,6 +294,15 @@ def main(argv: list[str] | None = None) -> int:
         f"weights/banks {bm.get('state', 0.0):.2f} s; no checkpoint)"
     )
     print("\n".join(out), flush=True)
+    if args.out:
+        import provenance
+
+        body = "The project's pre-training against a bare PyTorch loop doing the same work:\n\n```text\n"
+        body += "\n".join(out) + "\n```"
+        provenance.write_results(
+            args.out, "Pre-training throughput", body, f"the phantom at the {args.profile} profile's scale"
+        )
+        print(f"wrote {args.out / 'results.md'}", file=sys.stderr)
 
     if args.json:
         result = {

@@ -13,6 +13,10 @@ per node, one ``train`` per node and round, replies of ``--payload-bytes``) with
 what Flower itself costs:
 
     python experiments/flower_loopback.py --app floor --rounds 2 --clients 2 --payload-bytes 0
+
+``--out DIR`` adds the call's row to a results folder (``rows.json``, ``results.md``, the call in
+``provenance.json``; a call with the same settings replaces its row), which
+``publish_results.py DIR docs/results/flower.md --title ...`` turns into a page.
 """
 
 from __future__ import annotations
@@ -218,7 +222,7 @@ def run_loopback(work: Path, rounds: int, clients: int, timeout: float = 600.0, 
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--clients", type=int, default=2)
@@ -228,13 +232,55 @@ def main() -> None:
         "--app", choices=["fcl", "floor"], default="fcl", help="floor: Flower's own cost (no work, same messages)"
     )
     ap.add_argument("--payload-bytes", type=int, default=0, help="--app floor: bytes of each message and reply")
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, default=None, help="a results folder this call's row is added to")
+    args = ap.parse_args(argv)
     work = (Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fcl_flower_"))).resolve()
     if args.app == "floor":
         res = run_floor(work, args.rounds, args.clients, args.payload_bytes)
     else:
         res = run_loopback(work, args.rounds, args.clients, worker=args.worker)
     print(json.dumps(res, indent=2))
+    if args.out:
+        add_row(args.out, {"app": args.app, **res})
+
+
+#: the settings that make a row (a later call with the same ones replaces it)
+ROW_KEY = ("app", "rounds", "clients", "worker", "payload_bytes")
+
+
+def add_row(out: Path, res: dict) -> None:
+    """Add a call's figures to ``out``: ``rows.json``, the table ``results.md`` over every row, and
+    the call in ``provenance.json``."""
+    sys.path.insert(0, str(REPO / "src"))
+    sys.path.insert(0, str(REPO / "experiments"))
+    import provenance
+
+    from fcl_lightning.io import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "rows.json"
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    key = [res.get(k) for k in ROW_KEY]
+    rows = [r for r in rows if [r.get(k) for k in ROW_KEY] != key] + [res]
+    atomic_write_text(json.dumps(rows, indent=2), path)
+    lines = [
+        "| app | clients x rounds | worker per node | Flower wall (s) | in-process wall (s) | encoder bitwise equal |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        app = r["app"] + (f", {r['payload_bytes']} B payload" if r["app"] == "floor" else "")
+        worker = {True: "yes", False: "no", None: "-"}[r.get("worker")]
+        inproc = f"{r['in_process_s']:.1f}" if "in_process_s" in r else "-"
+        equal = {True: "yes", False: "**no**", None: "-"}[r.get("bitwise_equal")]
+        lines.append(
+            f"| {app} | {r['clients']} x {r['rounds']} | {worker} | {r['flower_s']:.1f} | {inproc} | {equal} |"
+        )
+    note = (
+        "The loopback deployment (one SuperLink, one SuperNode per client on 127.0.0.1) against the "
+        "in-process loop on the same config; `floor`: the same messages with no work, what Flower itself costs."
+    )
+    atomic_write_text("# Flower on one machine\n\n" + note + "\n\n" + "\n".join(lines) + "\n", out / "results.md")
+    provenance.append(out, provenance.record(data="the built-in phantom"))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "experiments"))  # provenance.py
 
 from fcl_lightning.cli import build  # noqa: E402
 from fcl_lightning.fcl.partition import volume_slices  # noqa: E402
@@ -247,7 +248,11 @@ def main(argv=None) -> None:
         results.append(row)
         print(json.dumps(row), flush=True)
     if args.out:
+        import provenance
+
         Path(args.out).write_text(json.dumps(results, indent=2))
+        # beside the JSON, for privacy_utility.py's results folder (it reads this call from there)
+        provenance.append(Path(args.out).parent, provenance.record(data=f"ACDC at {args.root}"))
     print("\n| setting | re-id top-1 (chance) | top-5 (chance) | site (chance) | membership AUC [95% CI] |")
     print("|---|---|---|---|---|")
     for r in results:

@@ -15,6 +15,8 @@ It reads what other commands wrote and runs nothing:
     python experiments/privacy_attacks.py --run runs/i25/pretrain/fcl --root $ACDC \\
         --cache runs/i25/cache --epsilons 8,2,1 --out runs/i25/attacks.json
     python experiments/privacy_utility.py --tables runs/i25 --attacks runs/i25/attacks.json
+    python experiments/publish_results.py runs/i25/privacy_utility docs/results/privacy-utility.md \\
+        --title "Privacy and utility"
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "experiments"))
 
+import provenance  # noqa: E402
 from run_tables import NO_PRETRAIN, label, paired, read_rounds, table  # noqa: E402
 
 from fcl_lightning.evaluation import paired_gain  # noqa: E402
@@ -134,16 +137,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tables", required=True, help="run_tables.py's --out folder (results.csv, pretrain/)")
     ap.add_argument("--attacks", required=True, help="privacy_attacks.py's --out JSON")
     ap.add_argument("--ns", default="1,2")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="results folder (default: <tables>/privacy_utility; publish_results.py)"
+    )
     args = ap.parse_args(argv)
     tables = Path(args.tables)
     md, fig = build(tables, json.loads(Path(args.attacks).read_text()), [int(n) for n in args.ns.split(",")])
     from fcl_lightning.figures import save_privacy_utility_figure
-    from fcl_lightning.io import atomic_write_text
 
-    atomic_write_text(md + "\n", tables / "privacy_utility.md")
-    save_privacy_utility_figure(tables / "privacy_utility.png", fig["arms"], fig["dice"], fig["attacks"])
+    out = args.out or tables / "privacy_utility"
+    # the folder's provenance: the calls that made the tables and the attacks (recorded beside
+    # them), then this one
+    earlier = provenance.read(tables)
+    earlier += [c for c in provenance.read(Path(args.attacks).parent) if c not in earlier]
+    provenance.write_results(out, "Privacy and utility", md, "ACDC", earlier)  # the figure: publish shows it
+    save_privacy_utility_figure(out / "privacy_utility.png", fig["arms"], fig["dice"], fig["attacks"])
     print(md)
-    print(f"\nwrote {tables / 'privacy_utility.md'} and {tables / 'privacy_utility.png'}")
+    print(f"\nwrote {out / 'results.md'} and {out / 'privacy_utility.png'}")
 
 
 if __name__ == "__main__":

@@ -85,15 +85,20 @@ def markdown(calls: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(out: str | Path, title: str, body: str, data: str | None = None) -> Path:
-    """A results folder: ``out/results.md`` (``# title`` and ``body``, markdown) and this call as
-    ``out/provenance.json`` (the figures replace any earlier ones, and so does their provenance);
-    what ``publish_results.py`` turns into a docs page."""
+def write_results(
+    out: str | Path, title: str, body: str, data: str | None = None, earlier: list[dict[str, Any]] = ()
+) -> Path:
+    """A results folder: ``out/results.md`` (``# title`` and ``body``, markdown) and ``earlier``
+    (the calls whose output it builds on) and this call as ``out/provenance.json`` (the figures
+    replace any earlier ones, and so does their provenance); what ``publish_results.py`` turns
+    into a docs page."""
     from fcl_lightning.io import atomic_write_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / FILE).unlink(missing_ok=True)
     atomic_write_text(f"# {title}\n\n{body.strip()}\n", out / "results.md")
+    for call in earlier:
+        append(out, call)
     append(out, record(data=data))
     return out / "results.md"

@@ -2,6 +2,7 @@
 parses; the own-data guide's worked example runs as written, from an empty folder (slow)."""
 
 import csv
+import os
 import re
 import shlex
 import subprocess
@@ -45,9 +46,18 @@ def test_docs_command_parses(page, argv, tmp_path, monkeypatch, capsys):
     assert "federation:" in capsys.readouterr().out
 
 
-def run(line: list[str], cwd: Path) -> str:
-    exe = {"fcl-lightning": [str(Path(sys.executable).parent / "fcl-lightning")], "python": [sys.executable]}
-    proc = subprocess.run([*exe[line[0]], *line[1:]], cwd=cwd, capture_output=True, text=True, timeout=900)
+def run(line: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+    bin_ = Path(sys.executable).parent
+    exe = {"fcl-lightning": [str(bin_ / "fcl-lightning")], "python": [sys.executable]}
+    exe["fcl-lightning-sweep"] = [str(bin_ / "fcl-lightning-sweep")]
+    proc = subprocess.run(
+        [*exe[line[0]], *line[1:]],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, **(env or {})},
+    )
     assert proc.returncode == 0, f"{' '.join(line)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return proc.stdout + proc.stderr
 
@@ -132,3 +142,40 @@ def test_the_pages_run_as_a_newcomer_reads_them(tmp_path):
                 run(argv, tmp_path)
                 ran += 1
     assert ran >= 12
+
+
+def block_after(page: str, heading: str) -> list[list[str]]:
+    """The command lines of the first ``bash`` block after ``heading`` on ``page``."""
+    text = (REPO / "docs" / page).read_text()
+    block = re.compile(r"^```bash\n(.*?)^```", re.S | re.M).search(text, text.index(heading)).group(1)
+    lines = block.replace("\\\n", " ").splitlines()
+    return [shlex.split(ln, comments=True) for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def test_the_worker_block_is_the_loopback_blocks_own_lines():
+    """docs/flower.md's "A worker per site" block is run as part of the loopback block
+    (tests/flower/test_readme_flower.py): every line of it is there, word for word."""
+    loopback = block_after("flower.md", "**One machine, several processes**")
+    worker = block_after("flower.md", "**A worker per site**")
+    assert worker and all(line in loopback for line in worker)
+
+
+@pytest.mark.slow
+def test_the_tracking_page_runs_offline(tmp_path):
+    """docs/tracking.md from an empty folder, without a wandb server: the wandb-logged demo run
+    offline (the page's offline row), where the page's ``wandb sync`` path says its files are, and
+    the air-gapped sweep with one trial instead of 8, which leaves the files the page lists.
+    Not run: ``wandb sweep`` / ``wandb agent`` (a wandb server)."""
+    lines = commands(REPO / "docs/tracking.md")
+    assert [ln[:2] for ln in lines] == [
+        ["fcl-lightning", "fit"], ["wandb", "sweep"], ["wandb", "agent"], ["fcl-lightning-sweep", "configs/sweeps/fcl_pretrain.yaml"]
+    ]  # fmt: skip
+    run(lines[0], tmp_path, env={"WANDB_MODE": "offline"})
+    assert list((tmp_path / "runs/demo/wandb").glob("offline-run-*"))  # `wandb sync runs/demo/wandb/offline-run-*`
+    sweep = lines[3]
+    sweep[sweep.index("--count") + 1] = "1"  # one demo pre-training, not 8
+    run(sweep, tmp_path)
+    out = tmp_path / "runs/sweeps/fcl_pretrain"
+    for name in ("results.csv", "results.md", "best.json", "best_config.yaml"):
+        assert (out / name).is_file(), name
+    assert list(csv.DictReader((out / "results.csv").open()))[0]["status"] == "finished"

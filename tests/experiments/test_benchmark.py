@@ -138,3 +138,15 @@ def test_paired_ratios_compare_each_repeats_runs():
     out = fb.paired_ratios(proj, bare)
     assert out["pairs"] == [0.9, 1.0, 0.5]
     assert out["median"] == 0.9  # the fastest runs alone would say 20 / 40 = 0.5
+
+
+@pytest.mark.slow
+def test_bench_pretrain_writes_a_publishable_folder(experiment, tmp_path):
+    """bench_pretrain.py --out: the report as results.md under this call's provenance, published as a page."""
+    bench, publish = experiment("bench_pretrain"), experiment("publish_results")
+    out = tmp_path / "bench"
+    argv = ["--profile", "tiny", "--rounds", "1", "--no-warmup", "--threads", "1", "--out", str(out)]
+    assert bench.main([*argv, "--cache-dir", str(tmp_path / "cache")]) == 0
+    text = publish.page(out, tmp_path / "pretrain-throughput.md", "Pre-training throughput")
+    assert "ratio project/bare slices/s" in text and "project overhead" in text
+    assert "--profile tiny" in text and "data: the phantom at the tiny profile's scale" in text

@@ -34,7 +34,7 @@ def pretrain(out: Path, method: str, weights: int, feats: int, epsilon: float | 
         w.writerows(rows)
 
 
-def test_table_pairs_each_arm_with_fcl_and_random_and_its_attack(pu, tmp_path):
+def test_table_pairs_each_arm_with_fcl_and_random_and_its_attack(pu, experiment, tmp_path):
     dice = {  # method -> Dice of (client, seed) 0..3
         "random": [0.40, 0.50, 0.30, 0.60],
         "fcl": [0.45, 0.55, 0.35, 0.65],
@@ -85,7 +85,16 @@ def test_table_pairs_each_arm_with_fcl_and_random_and_its_attack(pu, tmp_path):
     assert fig["arms"][3] == "FCLOpt (no negatives, no exchange)" and fig["attacks"][3] is None
     assert rows["Random init"].split(" | ")[3].startswith("-0.050")  # against FCL
     assert "nothing sent" in rows["Random init"]
-    (tmp_path / "attacks.json").write_text(json.dumps(attacks))
-    pu.main(["--tables", str(tmp_path), "--attacks", str(tmp_path / "attacks.json"), "--ns", "1"])
-    assert (tmp_path / "privacy_utility.png").stat().st_size > 0
-    assert (tmp_path / "privacy_utility.md").read_text().startswith("| arm |")
+    (tmp_path / "attacks").mkdir()
+    (tmp_path / "attacks/attacks.json").write_text(json.dumps(attacks))
+    prov = experiment("provenance")
+    prov.append(tmp_path, prov.record(["experiments/run_tables.py", "--out", "runs/i25"], data="ACDC"))
+    prov.append(tmp_path / "attacks", prov.record(["experiments/privacy_attacks.py", "--out", "a.json"]))
+    pu.main(["--tables", str(tmp_path), "--attacks", str(tmp_path / "attacks/attacks.json"), "--ns", "1"])
+    out = tmp_path / "privacy_utility"
+    assert (out / "privacy_utility.png").stat().st_size > 0
+    assert (out / "results.md").read_text().startswith("# Privacy and utility\n\n| arm |")
+    # what a published page says measured it: the tables, the attacks, then this call
+    commands = [c["command"].split()[1] for c in prov.read(out)]
+    assert commands[:2] == ["experiments/run_tables.py", "experiments/privacy_attacks.py"]
+    assert len(commands) == 3  # and this call (here: pytest's command line)

@@ -48,3 +48,18 @@ def test_write_results_makes_a_publishable_folder(experiment, tmp_path):
     text = publish.page(tmp_path / "bench", tmp_path / "sizes.md", "Checkpoint sizes")
     assert "| 5 | 12.0 |" in text and "| 5 | 12.1 |" not in text  # the newest results
     assert text.count("data: phantom") == 1  # the call that measured them
+
+
+def test_flower_rows_accumulate_into_one_publishable_table(experiment, tmp_path):
+    """flower_loopback.py --out: each call adds its row (the same settings replace theirs), and the
+    folder publishes with every call's provenance."""
+    loop, publish = experiment("flower_loopback"), experiment("publish_results")
+    out = tmp_path / "flower"
+    fcl = {"app": "fcl", "rounds": 2, "clients": 2, "worker": True, "in_process_s": 20.0, "bitwise_equal": True}
+    loop.add_row(out, {**fcl, "flower_s": 60.0})
+    loop.add_row(out, {"app": "floor", "rounds": 2, "clients": 2, "payload_bytes": 0, "flower_s": 9.5, "round_s": 1})
+    loop.add_row(out, {**fcl, "flower_s": 55.0})  # measured again: replaces the first row
+    text = publish.page(out, tmp_path / "flower.md", "Flower on one machine")
+    assert "| fcl | 2 x 2 | yes | 55.0 | 20.0 | yes |" in text and "60.0" not in text
+    assert "| floor, 0 B payload | 2 x 2 | - | 9.5 | - | - |" in text
+    assert text.count("data: the built-in phantom") == 3
