@@ -147,3 +147,11 @@ def test_two_trial_local_sweep_writes_table_and_best_config(tmp_path, monkeypatc
     before = (out / "trials.jsonl").read_text()
     main([str(f), "--out", str(out), "--wandb-mode", "disabled"])
     assert (out / "trials.jsonl").read_text() == before
+
+
+def test_a_shipped_sweep_file_is_found_from_any_folder(tmp_path, monkeypatch):
+    """As ``--config configs/...``: a wheel install or another working folder finds the shipped file."""
+    monkeypatch.chdir(tmp_path)
+    assert load_sweep("configs/sweeps/fcl_pretrain.yaml") == load_sweep(REPO / "configs/sweeps/fcl_pretrain.yaml")
+    with pytest.raises(SweepError, match="configs/sweeps/nope.yaml does not exist"):
+        load_sweep("configs/sweeps/nope.yaml")

@@ -54,8 +54,11 @@ def sweep_engine() -> Any:
 
 
 def load_sweep(path: str | Path) -> dict[str, Any]:
-    """Read and validate a wandb sweep YAML with the ``sweeps`` package's own schema."""
-    path = Path(path)
+    """Read and validate a wandb sweep YAML with the ``sweeps`` package's own schema
+    (``configs/sweeps/...`` names a shipped one when there is no such file here, as ``--config``)."""
+    from fcl_lightning.cli import packaged_config
+
+    path = Path(packaged_config(str(path)))
     if not path.is_file():
         raise SweepError(f"sweep file {path} does not exist")
     try:

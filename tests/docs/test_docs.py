@@ -179,3 +179,15 @@ def test_the_tracking_page_runs_offline(tmp_path):
     for name in ("results.csv", "results.md", "best.json", "best_config.yaml"):
         assert (out / name).is_file(), name
     assert list(csv.DictReader((out / "results.csv").open()))[0]["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_the_simulation_block_runs_as_written(tmp_path):
+    """docs/flower.md's "Many sites on one machine" command from an empty folder: 100 simulated
+    phantom sites, 10 a round for 3 rounds, the clients' states on disk under --state-root."""
+    (line,) = block_after("flower.md", "**Many sites on one machine**")
+    run(line, tmp_path)
+    root = tmp_path / "runs/sim100"
+    assert (root / "encoder.pt").is_file() and (root / "summary.json").is_file()
+    sampled = {p.parent.name for p in (root / "states").rglob("state-*.pt")}
+    assert 10 <= len(sampled) <= 30 and all(c.startswith("client") for c in sampled)  # 10 a round, 3 rounds
