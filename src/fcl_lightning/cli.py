@@ -301,11 +301,11 @@ class FCLCLI(LightningCLI):
 
 def build(args: list[str]) -> FCLCLI:
     """Parse and instantiate a config (model, data, trainer, federation) without running it: how
-    the Flower apps read the same YAML files as ``fcl-lightning fit``."""
+    the Flower apps read the same YAML files as ``fcl-lightning fit`` (shipped ones found as it does)."""
 
     with warnings.catch_warnings():  # the Flower processes have argv of their own; args are what count
         warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
-        return FCLCLI(args=args, run=False)
+        return FCLCLI(args=resolve_configs(args), run=False)
 
 
 class _DropStartupNoise(logging.Filter):

@@ -206,3 +206,132 @@ def test_readme_loopback_block_runs_as_written_and_matches_in_process(tmp_path):
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, f"the Flower run's encoder differs from the in-process one in {differ}"
+
+
+#: what the "Several machines" blocks need changed to run on one machine, and why
+MACHINES = {
+    "server.example.org": "127.0.0.1",  # the server's address: this machine (its certificate names it)
+    "/data/fcl/site0": None,  # the hospital's data folder: a phantom site in ACDC's layout (set below)
+    "/var/lib/fcl": None,  # the hospital's state folder (set below)
+    "num-clients=10": "num-clients=1",  # one hospital here
+}
+#: appended to the run's overrides: the ACDC pre-training config at the phantom site's scale
+SMALL = (
+    "--model.features=[8,16,16,16] --model.proj_hidden=32 --model.proj_dim=16 --data.img_size=32 "
+    "--data.spacing=4.0 --data.num_clients=1 --federation.rounds=2 --federation.local_steps=2 --trainer.accelerator=cpu"
+)
+
+
+def tls_files(folder: Path) -> dict[str, Path]:
+    """A CA and the server's certificate for 127.0.0.1 and localhost (``cryptography``, which Flower
+    brings): ca.crt, server.pem, server.key, as the docs name them."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder().subject_name(name("test CA")).issuer_name(name("test CA"))
+        .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    cert = (
+        x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
+        .public_key(key.public_key()).serial_number(2).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(san, critical=False).sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    out = {"ca.crt": folder / "ca.crt", "server.pem": folder / "server.pem", "server.key": folder / "server.key"}
+    out["ca.crt"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    out["server.pem"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem = serialization.PrivateFormat.TraditionalOpenSSL
+    out["server.key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, pem, serialization.NoEncryption()))
+    return out
+
+
+def machines_blocks() -> list[str]:
+    """The ``bash`` blocks of docs/flower.md's "Several machines" part: server, hospital, launch."""
+    text = (REPO / "docs" / "flower.md").read_text()
+    start = text.index("**Several machines.**")
+    return re.findall(r"^```bash\n(.*?)^```", text[start:], re.S | re.M)[:3]
+
+
+def test_the_several_machines_blocks_run_with_tls_on_one_machine(tmp_path):
+    """docs/flower.md's "Several machines" blocks, with TLS, on loopback: the SuperLink with the
+    certificates, one hospital (worker and SuperNode with its data-root and state-dir), the
+    ``[superlink.hospitals]`` section the page describes, and ``flwr run flower/ hospitals``;
+    changed only as MACHINES says, the run made small (SMALL) and written into tmp_path."""
+    server, hospital, launch = machines_blocks()
+    assert "flower-superlink --ssl-ca-certfile" in server and "flower-supernode --root-certificates" in hospital
+    assert launch.startswith("flwr run flower/ hospitals")
+    from fcl_lightning.data.phantom import PhantomSource, write_acdc_layout
+
+    site = write_acdc_layout(PhantomSource(num_subjects=4, size=64, num_sites=1), str(tmp_path / "site0"))
+    state = tmp_path / "state"
+    state.mkdir()
+    certs = tls_files(tmp_path)
+    subs = {**MACHINES, "/data/fcl/site0": str(site), "/var/lib/fcl": str(state)}
+    if not port_free(9091):
+        pytest.fail("port 9091 (the page's SuperLink port) is in use on 127.0.0.1")
+
+    def as_here(block: str) -> str:
+        for a, b in subs.items():
+            block = block.replace(a, b)
+        for name, path in certs.items():  # the page runs where the certificates are
+            block = re.sub(rf"(?<![\w/.-]){re.escape(name)}(?![\w.-])", str(path), block)
+        return block
+
+    out_root = tmp_path / "server_run"
+    run_line = as_here(launch).replace(
+        'overrides="--federation.round_timeout=3600"',
+        f'overrides="--federation.round_timeout=3600 {SMALL} --trainer.default_root_dir={out_root}"',
+    )
+    assert str(out_root) in run_line
+    home = tmp_path / "home"
+    (home / ".flwr").mkdir(parents=True)
+    (home / ".flwr" / "config.toml").write_text(  # the section the page describes in prose
+        f'[superlink]\ndefault = "hospitals"\n\n[superlink.hospitals]\naddress = "127.0.0.1:9091"\n'
+        f'root-certificates = "{certs["ca.crt"]}"\n'
+    )
+    background = "\n".join(
+        ln if ln.rstrip().endswith(("&", "\\")) or not ln.strip() else ln + " &"
+        for ln in (as_here(server) + as_here(hospital)).splitlines()
+    )
+    sock = state / "worker.sock"
+    script = (
+        f"export FLWR_TELEMETRY_ENABLED=0\n{background}\n"
+        f"until flwr ls hospitals >/dev/null 2>&1 && [ -S {sock} ]; do sleep 1; done\n{run_line}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FLWR_HOME"}
+    env.update(HOME=str(home), PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    log_path = tmp_path / "machines.log"
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        bash = subprocess.Popen(
+            ["bash", "-c", script], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    tail = lambda: "\n".join(log_path.read_text(errors="replace").splitlines()[-60:])  # noqa: E731
+    try:
+        try:
+            assert bash.wait(TIMEOUT_S) == 0, f"the blocks exited with an error:\n{tail()}"
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`flwr run` did not return within {TIMEOUT_S} s:\n{tail()}")
+        while not (out_root / "summary.json").is_file():
+            if time.perf_counter() - t0 > TIMEOUT_S or "ServerApp raised an exception" in log_path.read_text():
+                pytest.fail(f"no {out_root}/summary.json:\n{tail()}")
+            time.sleep(0.5)
+    finally:
+        left = _stop(bash.pid)
+        sock.unlink(missing_ok=True)
+        assert not left, f"processes still running after cleanup: {sorted(left)}"
+    assert (out_root / "encoder.pt").is_file()
+    assert list(state.rglob("state-*.pt")), "the hospital keeps its client state in its state-dir"

@@ -18,6 +18,8 @@ TINY = str(PACKAGED_CONFIGS / "tiny.yaml")
         (["--config", TINY, "--num-supernodes", "3"], "--num-supernodes 3 but data.num_clients is 2"),
         (["--config", TINY, "--num-supernodes", "2", "--", "--federation.clients_per_round=0"], "clients_per_round must be >= 1"),
         (["--config", "nope.yaml", "--num-supernodes", "2"], "--config nope.yaml: no such file"),
+        # a shipped config is found from any folder (as fit finds it) and then checked
+        (["--config", "configs/demo_pretrain.yaml", "--num-supernodes", "3"], "--num-supernodes 3 but data.num_clients is 4"),
         (["--config", TINY, "--num-supernodes", "2", "--", "--federation.roundz=3"], "unrecognized arguments: --federation.roundz"),
         (["--config", TINY, "--num-supernodes", "2", "--cpus", "0"], "--cpus must be >= 1"),
         (["--config", TINY], "the following arguments are required: --num-supernodes"),

@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> None:
     debug, overrides = debug_requested(args.overrides)
 
     def run() -> None:
+        from fcl_lightning.cli import packaged_config
+
+        args.config = packaged_config(args.config)  # a shipped config from any folder, as fit finds it
         if args.state_root and Path(args.state_root).exists() and not Path(args.state_root).is_dir():
             from fcl_lightning.errors import ConfigError
 
