@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.inferers import SliceInferer
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from monai.networks.utils import eval_mode
 
@@ -57,11 +58,14 @@ def _slicewise(net: torch.nn.Module, image: torch.Tensor, batch_size: int, head)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device, dtype = _net_device_dtype(net)
-    slices = image.permute(3, 0, 1, 2)  # [D, 1, H, W]: slices on the batch axis
+    # MONAI's SliceInferer: every slice whole (roi = the slice), batch_size slices at a time on the
+    # net's device, the logits stitched on the CPU; bitwise what a loop over chunks of slices gives
+    inferer = SliceInferer(
+        roi_size=tuple(image.shape[1:3]), sw_batch_size=batch_size, spatial_dim=2, sw_device=device, device="cpu"
+    )
     with eval_mode(net):  # MONAI's: eval and no_grad, the training flag restored after
-        return torch.cat(
-            [head(net(chunk.to(device=device, dtype=dtype))).cpu() for chunk in torch.split(slices, batch_size, 0)]
-        )
+        logits = inferer(image.unsqueeze(0).to(dtype=dtype), net)  # [1, C, H, W, D]
+    return head(logits[0].permute(3, 0, 1, 2))  # [D, C, H, W]
 
 
 def predict_volume(net: torch.nn.Module, image: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
