@@ -1,5 +1,7 @@
 """The docs' commands as a newcomer types them: every ``fcl-lightning`` command in ``docs/*.md``
-parses; the own-data guide's worked example runs as written, from an empty folder (slow)."""
+parses; the pages run as written, from an empty folder (slow): the own-data guide, the pages in
+reading order, the tracking page offline and the Flower simulation. The Flower page's
+process blocks run in tests/flower/test_readme_flower.py (opt-in)."""
 
 import csv
 import os
