@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO / "experiments"))  # provenance.py
 
 from fcl_lightning.cli import build  # noqa: E402
 from fcl_lightning.fcl.partition import volume_slices  # noqa: E402
-from fcl_lightning.federation.state import client_states_of, load_checkpoint, resolve_ckpt_path  # noqa: E402
+from fcl_lightning.federation.checkpoint import client_states_of, load_checkpoint, resolve_ckpt_path  # noqa: E402
 from fcl_lightning.privacy import accountant  # noqa: E402
 from fcl_lightning.privacy.mechanism import (  # noqa: E402
     noise_generator,

@@ -15,7 +15,7 @@ import torch
 from support import one_error_line, run_cli
 
 from fcl_lightning.cli import main
-from fcl_lightning.federation.state import load_checkpoint
+from fcl_lightning.federation.checkpoint import load_checkpoint
 
 
 @pytest.mark.parametrize(

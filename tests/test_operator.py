@@ -15,7 +15,7 @@ import torch
 from support import run_cli
 
 from fcl_lightning.cli import console_main, main
-from fcl_lightning.federation.state import load_checkpoint
+from fcl_lightning.federation.checkpoint import load_checkpoint
 
 WAIT_S = 240  # a bound on every wait for a file or an exit, never a sleep that must be long enough
 
@@ -170,8 +170,7 @@ def test_ckpt_path_last_with_nothing_to_resume_starts_and_reuses_the_stale_logs(
     assert sorted(x.name for x in (run / "logs").iterdir()) == ["version_0"]
     assert rounds_logged(run) == [0, 1]
     # test and validate have nothing to score without a checkpoint: for them it stays an error
-    from fcl_lightning.federation.checkpoint import CheckpointError
-    from fcl_lightning.federation.state import resolve_ckpt_path
+    from fcl_lightning.federation.checkpoint import CheckpointError, resolve_ckpt_path
 
     with pytest.raises(CheckpointError, match="does not exist"):
         resolve_ckpt_path("last", tmp_path / "empty")
@@ -214,7 +213,7 @@ def test_nan_inf_or_constant_images_are_named_before_training(tmp_path):
 
 
 def test_fine_tuning_checkpoint_as_pretrained_is_named_in_one_short_line(tmp_path):
-    from fcl_lightning.federation.state import FORMAT
+    from fcl_lightning.federation.checkpoint import FORMAT
     from fcl_lightning.lit.segment import PretrainedWeightsError, SegmentationModule
 
     seg = SegmentationModule(features=[8, 16, 16, 16])

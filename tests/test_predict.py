@@ -114,7 +114,7 @@ def test_predict_segments_a_4d_cine_frame_by_frame(finetuned, tmp_path, capsys):
 
 
 def test_predict_bad_inputs_are_one_line_and_write_nothing(finetuned, tmp_path, capsys):
-    from fcl_lightning.federation.state import FORMAT
+    from fcl_lightning.federation.checkpoint import FORMAT
     from fcl_lightning.predict import PredictInputError, Scan, find_scans, predict_scans
 
     root, scans = finetuned

@@ -9,7 +9,7 @@ import yaml
 from wandb_records import run_info
 
 from fcl_lightning.cli import main
-from fcl_lightning.federation.state import load_checkpoint
+from fcl_lightning.federation.checkpoint import load_checkpoint
 from fcl_lightning.tracking import flatten, per_client_dice_rows
 
 WANDB = ["--trainer.logger=WandbLogger", "--trainer.logger.project=fcl-test"]

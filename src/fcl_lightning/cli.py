@@ -21,10 +21,10 @@ from fcl_lightning import compat, layout
 from fcl_lightning.console import output_console, printable_output
 from fcl_lightning.data.datamodule import FederatedDataModule
 from fcl_lightning.errors import ConfigError, as_config_error, debug_requested, run_reporting_errors
+from fcl_lightning.federation.checkpoint import find_resume
 from fcl_lightning.federation.config import Federation
 from fcl_lightning.federation.evaluate import evaluate_run, run_predict
 from fcl_lightning.federation.loop import FederatedLoop
-from fcl_lightning.federation.state import find_resume
 from fcl_lightning.interrupt import stop_on_signals
 from fcl_lightning.lit.base import FederatedModule
 from fcl_lightning.lit.pretrain import ContrastivePretrainModule

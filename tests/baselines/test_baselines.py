@@ -19,7 +19,7 @@ from fcl_lightning.baselines.rotation import rotate_batch
 from fcl_lightning.cli import main
 from fcl_lightning.fcl.memory_bank import BankEntries
 from fcl_lightning.fcl.objectives import PretrainStep
-from fcl_lightning.federation.state import load_checkpoint
+from fcl_lightning.federation.checkpoint import load_checkpoint
 from fcl_lightning.models.encoder import ProjectionHead, UNetEncoder
 
 METHODS = sorted((REPO / "configs/methods").glob("*.yaml"))

@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from fcl_lightning.cli import main
-from fcl_lightning.federation.checkpoint import BackgroundWriter, CheckpointError, snapshot
-from fcl_lightning.federation.state import client_files, load_checkpoint
+from fcl_lightning.federation.checkpoint import (
+    BackgroundWriter,
+    CheckpointError,
+    client_files,
+    load_checkpoint,
+    snapshot,
+)
 
 
 def test_snapshot_does_not_share_storage():

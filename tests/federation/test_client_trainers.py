@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from fcl_lightning.cli import main
+from fcl_lightning.federation.checkpoint import client_states_of, load_checkpoint
 from fcl_lightning.federation.loop import FederatedLoop
-from fcl_lightning.federation.state import client_states_of, load_checkpoint
 from fcl_lightning.runtime import ResidentStrategy, resident_device
 
 

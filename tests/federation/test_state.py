@@ -1,4 +1,4 @@
-"""The run state's home (``federation/state.py``): which round files stay, each client's state in
+"""The round checkpoint's home (``federation/checkpoint.py``): which round files stay, each client's state in
 its own versioned file, and a resume that finds (or clearly misses) the states a checkpoint names."""
 
 import shutil
@@ -8,8 +8,14 @@ import torch
 from support import REPO
 
 from fcl_lightning.cli import main
-from fcl_lightning.federation.checkpoint import CheckpointError
-from fcl_lightning.federation.state import CheckpointKeep, ClientStateFiles, client_files, load_checkpoint, retention
+from fcl_lightning.federation.checkpoint import (
+    CheckpointError,
+    CheckpointKeep,
+    ClientStateFiles,
+    client_files,
+    load_checkpoint,
+    retention,
+)
 
 
 def slow_retention(rounds, last, every, final):
@@ -66,7 +72,7 @@ def test_checkpoint_files_leave_out_the_crc_that_torch_load_does_not_check(tmp_p
 
     from torch.utils.serialization import config
 
-    from fcl_lightning.federation.state import save_checkpoint_file
+    from fcl_lightning.federation.checkpoint import save_checkpoint_file
     from fcl_lightning.io import WriteError, atomic_save
 
     x = torch.randn(1000, generator=torch.Generator().manual_seed(0))

@@ -257,7 +257,7 @@ def test_simulated_federation_equals_the_in_process_loop(tmp_path, tiny):
     states on disk only: the in-process loop's encoder, bitwise, when both train with one torch
     thread (what Ray gives a node of cpus-per-client 1; more threads sum in another order)."""
     pytest.importorskip("ray")
-    from fcl_lightning.federation.state import client_files
+    from fcl_lightning.federation.checkpoint import client_files
     from fcl_lightning.flower.simulation import simulate
 
     extra = ["--federation.clients_per_round=2"]

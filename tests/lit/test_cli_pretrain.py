@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from fcl_lightning.cli import main
-from fcl_lightning.federation.checkpoint import CheckpointError
-from fcl_lightning.federation.state import client_files, client_states_of, load_checkpoint
+from fcl_lightning.federation.checkpoint import CheckpointError, client_files, client_states_of, load_checkpoint
 
 
 def test_help_lists_sections(capsys):

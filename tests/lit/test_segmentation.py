@@ -185,7 +185,7 @@ def test_encoder_lr_scale_sets_the_encoders_learning_rate():
 
 @pytest.mark.slow  # kept out of make test for its time (make test-slow)
 def test_select_best_keeps_each_clients_best_validation_round(tmp_path):
-    from fcl_lightning.federation.state import load_checkpoint
+    from fcl_lightning.federation.checkpoint import load_checkpoint
 
     args = [
         *FINETUNE,

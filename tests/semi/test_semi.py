@@ -16,7 +16,7 @@ from support import FINETUNE, REPO, bare_trainer
 from fcl_lightning.cli import main
 from fcl_lightning.data.datamodule import FederatedDataModule
 from fcl_lightning.data.phantom import PhantomSource
-from fcl_lightning.federation.state import client_states_of, load_checkpoint
+from fcl_lightning.federation.checkpoint import client_states_of, load_checkpoint
 from fcl_lightning.lit.segment import SegmentationModule
 from fcl_lightning.models.unet import UNet
 from fcl_lightning.semi import BCP, MeanTeacher, UniMatch, sigmoid_rampup

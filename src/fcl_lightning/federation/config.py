@@ -11,9 +11,9 @@ from fcl_lightning.downstream import DownstreamEvaluation
 from fcl_lightning.errors import ConfigError
 from fcl_lightning.fcl.aggregate import Aggregator, FedAvg
 from fcl_lightning.fcl.monitor import CollapseMonitor
+from fcl_lightning.federation.checkpoint import CheckpointKeep
 from fcl_lightning.federation.hooks import RoundHook
 from fcl_lightning.federation.mode import Mode, mode_of
-from fcl_lightning.federation.state import CheckpointKeep
 from fcl_lightning.privacy.config import Privacy
 
 

@@ -13,9 +13,8 @@ from rich.table import Table
 from fcl_lightning.data.volume import DataError
 from fcl_lightning.errors import ConfigError
 from fcl_lightning.evaluation import STRUCTURES, evaluate_volumes, over_clients, summarize, write_rows_csv
-from fcl_lightning.federation.checkpoint import update_summary
+from fcl_lightning.federation.checkpoint import client_states_of, load_checkpoint, resolve_ckpt_path, update_summary
 from fcl_lightning.federation.lock import RunLock
-from fcl_lightning.federation.state import client_states_of, load_checkpoint, resolve_ckpt_path
 from fcl_lightning.figures import save_bland_altman_figure
 from fcl_lightning.indices import INDEX_NAMES, agreement, patient_indices, write_indices_csv
 from fcl_lightning.predict import score_native

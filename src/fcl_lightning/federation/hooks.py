@@ -1,7 +1,8 @@
-"""Round hooks: everything a federated run does besides the round itself (Lightning-callback style;
-the protocol, :class:`RoundHook`, and what a hook sees, :class:`RunContext`, are in ``state.py``).
+"""Round hooks: everything a federated run does besides the round itself (Lightning-callback style):
+the protocol, :class:`RoundHook`, and the engine's own hooks (what a hook sees, :class:`RunContext`,
+is in ``state.py``).
 
-The round engine (:class:`~fcl_lightning.federation.run.FederatedLoop`) selects clients, trains
+The round engine (:class:`~fcl_lightning.federation.loop.FederatedLoop`) selects clients, trains
 them, aggregates and routes the exchanged features; these hooks count bytes, measure the monitors,
 run the downstream evaluation, write checkpoints, export the encoder and the summary, and report
 (loggers, progress bar, round lines). Add your own under ``federation.hooks`` with ``class_path``.
@@ -24,17 +25,19 @@ from fcl_lightning import layout
 from fcl_lightning.data.volume import DataError
 from fcl_lightning.fcl.aggregate import state_nbytes
 from fcl_lightning.fcl.exchange import payload_nbytes
-from fcl_lightning.federation.checkpoint import BackgroundWriter, CheckpointError, snapshot, to_cpu, update_summary
-from fcl_lightning.federation.state import (
-    RoundHook,
-    RunContext,
-    RunState,
+from fcl_lightning.federation.checkpoint import (
+    BackgroundWriter,
+    CheckpointError,
     client_files,
     load_round_versions,
     retention,
     rng_state,
     save_checkpoint_file,
+    snapshot,
+    to_cpu,
+    update_summary,
 )
+from fcl_lightning.federation.state import RunContext, RunState
 from fcl_lightning.io import WriteError, atomic_link, atomic_save
 from fcl_lightning.tracking import (
     csv_version,
@@ -50,6 +53,41 @@ if TYPE_CHECKING:
     from fcl_lightning.downstream import DownstreamEvaluation
 
 log = logging.getLogger(__name__)
+
+
+class RoundHook:
+    """A hook of the round engine (Lightning-callback style); every method is optional. Per round:
+    ``on_round_start``, ``on_client_start`` per client, ``on_round_end`` (add to ``metrics``), then
+    the engine records the round in ``state.history``, then ``on_round_recorded`` (write, report).
+    ``run`` is the :class:`RunContext`."""
+
+    def check_data(self, run: RunContext) -> None:
+        """After the data is loaded, before anything is written: raise a ``DataError`` if the
+        data cannot serve this hook (runs where the clients' data is in this process)."""
+
+    def on_run_start(self, run: RunContext, state: RunState) -> None:
+        """Before the first round to run (``state.round`` rounds are already done on a resume)."""
+
+    def on_round_start(self, run: RunContext, state: RunState, round_idx: int) -> None:
+        """Before round ``round_idx`` (0-based) trains."""
+
+    def on_client_start(self, run: RunContext, round_idx: int, i: int, client: int, n: int) -> None:
+        """Before client ``client`` (the ``i``-th of ``n`` this round) trains."""
+
+    def on_round_end(
+        self, run: RunContext, state: RunState, results: dict[int, Any], metrics: dict[str, float]
+    ) -> None:
+        """After aggregation and routing of round ``state.round``: add figures to ``metrics``
+        (``results``: client -> :class:`~fcl_lightning.federation.client.ClientResult`)."""
+
+    def on_round_recorded(self, run: RunContext, state: RunState, metrics: dict[str, float]) -> None:
+        """After the round is in ``state.history``: write and report it."""
+
+    def on_run_end(self, run: RunContext, state: RunState, summary: dict[str, Any]) -> None:
+        """After the last round (the run's weights are in the module): add to ``summary``."""
+
+    def teardown(self, run: RunContext, error: BaseException | None) -> None:
+        """Always, last hook first, also when the run fails (``error``); release what it holds."""
 
 
 class CommCounter(RoundHook):

@@ -19,6 +19,13 @@ from fcl_lightning import layout
 from fcl_lightning.console import log_console, output_console
 from fcl_lightning.errors import ConfigError
 from fcl_lightning.fcl.exchange import route
+from fcl_lightning.federation.checkpoint import (
+    ResumePoint,
+    check_checkpoint,
+    client_states_of,
+    find_resume,
+    set_rng_state,
+)
 from fcl_lightning.federation.client import ClientResult, ClientRuntime, ClientTrainers, client_step
 from fcl_lightning.federation.config import Federation
 from fcl_lightning.federation.hooks import (
@@ -28,19 +35,10 @@ from fcl_lightning.federation.hooks import (
     ExportHook,
     MonitorHook,
     ReportHook,
+    RoundHook,
 )
 from fcl_lightning.federation.lock import RunLock
-from fcl_lightning.federation.state import (
-    FederatedData,
-    ResumePoint,
-    RoundHook,
-    RunContext,
-    RunState,
-    check_checkpoint,
-    client_states_of,
-    find_resume,
-    set_rng_state,
-)
+from fcl_lightning.federation.state import FederatedData, RunContext, RunState
 from fcl_lightning.interrupt import RunInterrupted
 from fcl_lightning.io import atomic_write_text, check_writable, remove_interrupted_writes
 from fcl_lightning.lit.base import FederatedModule

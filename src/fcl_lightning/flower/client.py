@@ -24,9 +24,8 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
 from fcl_lightning.errors import UserError
-from fcl_lightning.federation.checkpoint import CheckpointError, to_cpu
+from fcl_lightning.federation.checkpoint import CheckpointError, ClientStateFiles, to_cpu
 from fcl_lightning.federation.client import ClientRuntime, client_step
-from fcl_lightning.federation.state import ClientStateFiles
 from fcl_lightning.flower.codec import (
     bytes_to_state,
     features_to_record,

@@ -117,8 +117,8 @@ def check_run(config: str, overrides: list[str], num_supernodes: int, ckpt_path:
     suit the config; raises the one ``UserError`` (or the parser's exit 2) for bad input."""
     from fcl_lightning.cli import build, check_config_files
     from fcl_lightning.errors import ConfigError
+    from fcl_lightning.federation.checkpoint import load_checkpoint, resolve_ckpt_path
     from fcl_lightning.federation.loop import FederatedLoop
-    from fcl_lightning.federation.state import load_checkpoint, resolve_ckpt_path
 
     if not Path(config).is_file():
         raise ConfigError(f"--config {config}: no such file")
