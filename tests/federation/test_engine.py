@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_args
 
 from fcl_lightning import layout
 from fcl_lightning.cli import build
@@ -70,16 +69,17 @@ class Recorder(RoundHook):
         self.calls.append(("teardown", type(error).__name__ if error else None))
 
 
-def engine(root: Path, rounds: int, hooks: list[RoundHook]) -> FederatedLoop:
-    cli = build(tiny_args(root, rounds=rounds, extra=["--seed_everything=0"])[1:])
+def engine(tiny, root: Path, rounds: int, hooks: list[RoundHook]) -> FederatedLoop:
+    """The loop of the tiny pre-training config (``tiny``: the conftest's fixture)."""
+    cli = build(tiny(root, rounds=rounds, extra=["--seed_everything=0"])[1:])
     return FederatedLoop(
         cli.config_init["federation"], cli.model, cli.datamodule, {}, root, seed=0, config_text="x", hooks=hooks
     )
 
 
-def test_rounds_run_in_order_hooks_around_them_and_fedavg_weighs_by_samples(tmp_path):
+def test_rounds_run_in_order_hooks_around_them_and_fedavg_weighs_by_samples(tmp_path, tiny):
     rec = Recorder()
-    loop = engine(tmp_path, 3, [rec, CheckpointHook()])
+    loop = engine(tiny, tmp_path, 3, [rec, CheckpointHook()])
     init = {k: v.clone() for k, v in loop.module.global_state().items()}
     clients = FakeClients(2)
     loop.run(None, clients)
@@ -99,16 +99,16 @@ def test_rounds_run_in_order_hooks_around_them_and_fedavg_weighs_by_samples(tmp_
     assert loop.state.checkpointed == 3 and (layout.last(tmp_path)).is_file()
 
 
-def test_a_stopped_run_resumes_at_its_last_checkpoint_with_the_same_weights_and_states(tmp_path):
-    whole = engine(tmp_path / "whole", 4, [CheckpointHook()])
+def test_a_stopped_run_resumes_at_its_last_checkpoint_with_the_same_weights_and_states(tmp_path, tiny):
+    whole = engine(tiny, tmp_path / "whole", 4, [CheckpointHook()])
     whole.run(None, FakeClients(2))
 
-    stopped = engine(tmp_path / "cut", 4, [CheckpointHook()])
+    stopped = engine(tiny, tmp_path / "cut", 4, [CheckpointHook()])
     with pytest.raises(RuntimeError, match="fails in round 3"):
         stopped.run(None, FakeClients(2, fail_at=2))
     assert stopped.state.checkpointed == 2  # handed over by the writer before the error left the loop
 
-    resumed, clients = engine(tmp_path / "cut", 4, [CheckpointHook()]), FakeClients(2)
+    resumed, clients = engine(tiny, tmp_path / "cut", 4, [CheckpointHook()]), FakeClients(2)
     resumed.run("last", clients)
     assert clients.calls == [(2, [0, 1]), (3, [0, 1])]  # rounds 1-2 are not trained again
     assert {c: int(s["rounds"]) for c, s in clients.states.items()} == {0: 4, 1: 4}  # the states came back
