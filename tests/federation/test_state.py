@@ -92,6 +92,7 @@ def test_checkpoint_files_leave_out_the_crc_that_torch_load_does_not_check(tmp_p
     assert config.save.compute_crc32 is True
 
 
+@pytest.mark.slow  # the suite's 3-minute budget: retention's rule is test_retention_matches_its_slow_reference
 def test_retention_keeps_the_newest_whole_and_every_nth_as_weights(tmp_path, tiny, capsys):
     """5 rounds, newest 2 whole, every 2nd as weights: round files 2, 4, 5 stay, 1 and 3 go; each
     client keeps the states rounds 4 and 5 name; round 2 gives its weights but does not resume."""
