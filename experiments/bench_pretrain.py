@@ -299,9 +299,9 @@ def main(argv: list[str] | None = None) -> int:
 
         body = "The project's pre-training against a bare PyTorch loop doing the same work:\n\n```text\n"
         body += "\n".join(out) + "\n```"
-        provenance.write_results(
-            args.out, "Pre-training throughput", body, f"the phantom at the {args.profile} profile's scale"
-        )
+        call = None if argv is None else ["experiments/bench_pretrain.py", *argv]  # else this process's
+        data = f"the phantom at the {args.profile} profile's scale"
+        provenance.write_results(args.out, "Pre-training throughput", body, data, argv=call)
         print(f"wrote {args.out / 'results.md'}", file=sys.stderr)
 
     if args.json:

@@ -86,12 +86,17 @@ def markdown(calls: list[dict[str, Any]]) -> str:
 
 
 def write_results(
-    out: str | Path, title: str, body: str, data: str | None = None, earlier: list[dict[str, Any]] = ()
+    out: str | Path,
+    title: str,
+    body: str,
+    data: str | None = None,
+    earlier: list[dict[str, Any]] = (),
+    argv: list[str] | None = None,
 ) -> Path:
     """A results folder: ``out/results.md`` (``# title`` and ``body``, markdown) and ``earlier``
     (the calls whose output it builds on) and this call as ``out/provenance.json`` (the figures
-    replace any earlier ones, and so does their provenance); what ``publish_results.py`` turns
-    into a docs page."""
+    replace any earlier ones, and so does their provenance; ``argv``: the call, when it is not this
+    process's); what ``publish_results.py`` turns into a docs page."""
     from fcl_lightning.io import atomic_write_text
 
     out = Path(out)
@@ -100,5 +105,5 @@ def write_results(
     atomic_write_text(f"# {title}\n\n{body.strip()}\n", out / "results.md")
     for call in earlier:
         append(out, call)
-    append(out, record(data=data))
+    append(out, record(argv, data=data))
     return out / "results.md"
