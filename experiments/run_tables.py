@@ -343,9 +343,12 @@ class Runner:
                 args.append(f"--model.pretrained={pre}/encoders/client{{client}}.pt")  # each client its own
             else:
                 args.append(f"--model.pretrained={self.encoder_path(method)}")
-        if (d / "checkpoints").is_dir():  # a half-finished fine-tuning starts again from scratch
+        fit = ["fit", *args]
+        if (d / "checkpoints" / "last.ckpt").is_file():
+            fit.append("--ckpt_path=last")  # an interrupted fine-tuning continues at its next round, bitwise
+        elif d.is_dir():  # stopped before its first checkpoint: start again
             shutil.rmtree(d)
-        cli(["fit", *args])
+        cli(fit)
         cli(["test", *args, "--ckpt_path=last"])
 
     # ------------------------------------------------------------------ run

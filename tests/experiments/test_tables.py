@@ -19,6 +19,15 @@ def tables(experiment):
     return experiment("run_tables")
 
 
+FINETUNE_ARGS = [
+    *TINY_DATA,
+    "--federation.rounds=1",
+    "--federation.local_steps=2",
+    "--data.test_source.init_args.size=64",
+    "--data.test_source.init_args.num_subjects=2",
+]
+
+
 def run(tables, out, monkeypatch):
     calls = []
     real = tables.cli
@@ -42,16 +51,7 @@ def run(tables, out, monkeypatch):
                     "--model.init_args.proj_hidden=32",
                 ]
             ],
-            *[
-                f"--finetune-arg={a}"
-                for a in [
-                    *TINY_DATA,
-                    "--federation.rounds=1",
-                    "--federation.local_steps=2",
-                    "--data.test_source.init_args.size=64",
-                    "--data.test_source.init_args.num_subjects=2",
-                ]
-            ],
+            *[f"--finetune-arg={a}" for a in FINETUNE_ARGS],
         ]
     )
     return calls
@@ -80,6 +80,16 @@ def test_runner_writes_csv_table_and_resumes(tables, tmp_path, monkeypatch):
     # the second call finds every cell finished and runs nothing
     assert run(tables, out, monkeypatch) == []
     assert list(csv.DictReader(open(out / "results.csv"))) == rows
+    # a cell stopped after its checkpoint (here: before its test) continues from it, not from scratch
+    cell = out / "finetune/random/local_N1_fold-_seed0"
+    (cell / "test_per_patient.csv").unlink()
+    seen = []
+    real = tables.cli
+    monkeypatch.setattr(tables, "cli", lambda args: (seen.append(args), real(args)))
+    tables.main(["--profile", "quick", "--methods", "random", "--ns", "1", "--settings", "local", "--out", str(out),
+                 *[f"--finetune-arg={a}" for a in FINETUNE_ARGS]])  # fmt: skip
+    assert [a[0] for a in seen] == ["fit", "test"] and "--ckpt_path=last" in seen[0]
+    assert list(csv.DictReader(open(out / "results.csv")))[0] == rows[0]  # the same figures
     # --report-only on a wider grid runs nothing and reports only the finished cells
     tables.main(
         ["--profile", "quick", "--methods", "random,local_cl,fcl", "--ns", "1,2", "--out", str(out), "--report-only"]
