@@ -581,10 +581,11 @@ def curves(runner: Runner, methods: list[str]) -> list[str]:
         figure: dict[str, tuple[list[int], list[float]]] = {}
         for m in methods:
             for n in runner.p.ns:
-                runs = [
-                    list(read_rounds(runner.finetune_dir(m, setting, n, f, sd), "round/val/dice_mean").values())
+                runs = [  # finished cells only: one still training would cut every curve short
+                    list(read_rounds(d, "round/val/dice_mean").values())
                     for f in runner.p.folds
                     for sd in runner.p.seeds
+                    if runner.finetune_done(d := runner.finetune_dir(m, setting, n, f, sd))
                 ]
                 runs = [c for c in runs if c]
                 if not runs:

@@ -159,9 +159,12 @@ def test_plateau_curves_say_whether_each_arm_flattened(tables, tmp_path):
     the last third's gain (the end against the round at two thirds) and the verdict per arm."""
     profile = tables.Profile(
         pretrain=[], finetune=["--federation.local_steps=100", "--federation.local_steps=250"], ns=[1],
-        methods=["random", "random+bcp"], settings=["local"],
+        methods=["random", "random+bcp"], settings=["local"], seeds=[0, 1],
     )  # fmt: skip
     runner = tables.Runner(profile, tmp_path, [], [], [])
+    training = runner.finetune_dir("random", "local", 1, None, 1) / "logs" / "version_0"  # seed 1: 2 rounds in
+    training.mkdir(parents=True)
+    (training / "metrics.csv").write_text("round,round/val/dice_mean\n1,0.1\n2,0.2\n")
     curves = {"random": [0.40, 0.45, 0.46, 0.46, 0.465, 0.466], "random+bcp": [0.30, 0.40, 0.50, 0.55, 0.60, 0.65]}
     for method, curve in curves.items():
         d = runner.finetune_dir(method, "local", 1, None, 0)
@@ -179,6 +182,7 @@ def test_plateau_curves_say_whether_each_arm_flattened(tables, tmp_path):
     )  # round 6 against 4: 1,500 against 1,000 steps
     md = tables.write_results(runner, profile.methods, "plateau", 1.0)
     assert "## Held-out Dice after every 250 steps (local)" in md
+    # the cell still training neither shortens nor shifts the curve
     assert "| Random init | 1 | 1 | 0.400 / 0.450 / 0.460 / 0.460 / 0.465 / 0.466 | +0.006 | yes |" in md
     assert (
         "| Random init + BCP (extension) | 1 | 1 | 0.300 / 0.400 / 0.500 / 0.550 / 0.600 / 0.650 | +0.100 | **no** |"
