@@ -139,6 +139,8 @@ def test_second_signal_while_stopping_exits_at_once():
     code = (
         "import os, signal, time\n"
         "from fcl_lightning.interrupt import RunInterrupted, stop_on_signals\n"
+        # a terminal's Ctrl-C, also when this test runs in the background (which ignores SIGINT)
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "with stop_on_signals():\n"
         "    try:\n"
         "        os.kill(os.getpid(), signal.SIGINT)\n"
