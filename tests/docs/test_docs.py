@@ -50,8 +50,7 @@ def test_docs_command_parses(page, argv, tmp_path, monkeypatch, capsys):
 
 def run(line: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
     bin_ = Path(sys.executable).parent
-    exe = {"fcl-lightning": [str(bin_ / "fcl-lightning")], "python": [sys.executable]}
-    exe["fcl-lightning-sweep"] = [str(bin_ / "fcl-lightning-sweep")]
+    exe = {name: [str(bin_ / name)] for name in ("fcl-lightning", "fcl-lightning-sweep")} | {"python": [sys.executable]}
     proc = subprocess.run(
         [*exe[line[0]], *line[1:]],
         cwd=cwd,

@@ -336,8 +336,7 @@ class CheckpointHook(RoundHook):
                 raise type(err)(f"round {done}'s checkpoint: {err}; the last whole checkpoint is {before}") from err
             return done, self.retain(run, ckdir, versions)
 
-        self.writer.wait()  # the previous write's round is recorded before this one is submitted
-        prev = state.checkpointed
+        prev = state.checkpointed  # the previous write's, handed over by the wait above (inline: at once)
         self.writer.submit(write)
 
     @staticmethod
