@@ -48,6 +48,17 @@ ARMS = {
     "fclopt": None,  # sends no vectors: nothing for these attacks to read
 }
 NOTHING = {NO_PRETRAIN: "nothing sent", "fclopt": "no vectors sent"}
+#: what the table's columns are, printed under it
+LEGEND = """\
+Dice: held-out Dice of local fine-tuning from each arm's encoder (the last model), mean +- std over
+clients after averaging seeds. "vs FCL" and "vs random": the paired difference over (client, seed)
+pairs with its 95% bootstrap interval and the pairs in its favour; one whose interval holds 0 is
+"not shown". Probe: the pre-training's last k-NN partition probe. Epsilon: what the run spent by
+its last round (delta per patient as configured). The attacks (`privacy_attacks.py`) are run by a
+receiving client that also holds the global model, on every round's vectors pooled: re-identifying
+a patient's ED vector among ES vectors (top-1, top-5), naming the sending site by a 10-NN vote,
+and telling the sender's training patients from its held-out ones (membership AUC); chance in
+brackets."""
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -143,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     tables = Path(args.tables)
     md, fig = build(tables, json.loads(Path(args.attacks).read_text()), [int(n) for n in args.ns.split(",")])
+    md += "\n\n" + LEGEND
     from fcl_lightning.figures import save_privacy_utility_figure
 
     out = args.out or tables / "privacy_utility"

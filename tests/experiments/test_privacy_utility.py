@@ -93,7 +93,8 @@ def test_table_pairs_each_arm_with_fcl_and_random_and_its_attack(pu, experiment,
     pu.main(["--tables", str(tmp_path), "--attacks", str(tmp_path / "attacks/attacks.json"), "--ns", "1"])
     out = tmp_path / "privacy_utility"
     assert (out / "privacy_utility.png").stat().st_size > 0
-    assert (out / "results.md").read_text().startswith("# Privacy and utility\n\n| arm |")
+    page = (out / "results.md").read_text()
+    assert page.startswith("# Privacy and utility\n\n| arm |") and "membership AUC" in page.split("\n\n")[-1]
     # what a published page says measured it: the tables, the attacks, then this call
     commands = [c["command"].split()[1] for c in prov.read(out)]
     assert commands[:2] == ["experiments/run_tables.py", "experiments/privacy_attacks.py"]
