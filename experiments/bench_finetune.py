@@ -18,8 +18,14 @@ Fixed costs of a cell (what a fine-tuning cell spends outside its steps): prepar
 (cold: preprocessing every volume; warm: read back from ``--cache-dir``), one validation pass over
 a client's held-out volumes, and scoring them on their native grid as ``test`` does.
 
+A whole cell (``--cell-steps N``): one client's supervised fine-tuning as ``run_tables.py`` runs a
+cell (``fcl-lightning fit`` then ``test``, fresh processes, the rate decayed poly, held-out Dice
+after every 250 steps, the preprocessor's cache warm as in a table), its wall time against N steps
+of the bare loop (target <= 1.3x): how much of a long cell is its steps.
+
     python experiments/bench_finetune.py --root /path/to/ACDC/training --steps 60
     python experiments/bench_finetune.py --steps 30            # the phantom
+    python experiments/bench_finetune.py --root /path/to/ACDC/training --arms supervised --cell-steps 3000
 
 It is a benchmark, not a test: PASS/FAIL is printed, the exit code is 0 either way.
 """
@@ -30,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -171,6 +178,52 @@ def fixed_costs(root: str | None, img_size: int) -> dict[str, float]:
     return out
 
 
+#: held-out Dice after every this many steps, as the acdc-plateau profile validates
+CELL_ROUND_STEPS = 250
+
+
+def cell_commands(root: str | None, img_size: int, steps: int, out: Path, cache: str) -> list[list[str]]:
+    """The ``fcl-lightning`` argument lists of a one-client supervised cell of ``steps`` steps:
+    acdc-cpu's fine-tuning settings (``run_tables.py``) on ACDC group 1 (patients 1-20), or the
+    phantom's with the same model and batch; ``fit`` then ``test``."""
+    from run_tables import ACDC_CPU_FINETUNE
+
+    per_round = min(steps, CELL_ROUND_STEPS)
+    if steps % per_round:
+        raise SystemExit(
+            f"--cell-steps {steps} is not a multiple of {per_round} (held-out Dice after every {per_round})"
+        )
+    if root:
+        data = [*ACDC_CPU_FINETUNE, f"--data.root={root}", "--data.source.patients=1-20"]
+    else:
+        data = [
+            "--config", "configs/demo_finetune.yaml", f"--model.features=[{','.join(map(str, FEATURES))}]",
+            "--model.optimizer.init_args.lr=0.001", "--data.batch_size=8", "--data.val_fraction=0.25",
+        ]  # fmt: skip
+    common = [
+        *data, "--data.num_clients=1", "--data.split=iid", f"--data.img_size={img_size}",
+        f"--data.cache_dir={cache}", f"--trainer.default_root_dir={out}",
+    ]  # fmt: skip
+    train = [
+        f"--federation.rounds={steps // per_round}",
+        f"--federation.local_steps={per_round}",
+        "--model.lr_schedule=poly",
+    ]
+    return [["fit", *common, *train], ["test", *common, "--ckpt_path=last"]]
+
+
+def run_cell(root: str | None, img_size: int, steps: int, cache: str) -> dict[str, float]:
+    """Wall seconds of each command of a cell (``cell_commands``), each in a fresh process."""
+    exe = Path(sys.executable).with_name("fcl-lightning")
+    out = {}
+    with tempfile.TemporaryDirectory() as run:
+        for argv in cell_commands(root, img_size, steps, Path(run) / "cell", cache):
+            t = time.perf_counter()
+            subprocess.run([str(exe), *argv], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+            out[f"{argv[0]}_s"] = time.perf_counter() - t
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", default=None, help="ACDC training folder (default: the phantom)")
@@ -180,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--img-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--channels-last", action="store_true", help="the U-Net's weights in channels-last memory format")
+    ap.add_argument("--cell-steps", type=int, default=0, help="also time a whole supervised cell of this many steps")
     ap.add_argument("--json", default=None)
     ap.add_argument("--out", default=None, help="a folder for results.md and provenance.json (publish_results.py)")
     args = ap.parse_args(argv)
@@ -204,6 +258,21 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{arm:13s} project {proj:6.2f} steps/s ({1000 / proj:6.1f} ms)  bare {bare:6.2f} steps/s "
                 f"({1000 / bare:6.1f} ms)  ratio {proj / bare:.3f} (target >= 0.9: {verdict})",
+                flush=True,
+            )
+        if args.cell_steps:
+            bare = report["arms"].get("supervised", {}).get("bare_steps_s")
+            if bare is None:
+                data = batches(dm, SegmentationModule(features=FEATURES), args.steps)
+                bare = run_bare(dm, "supervised", data, args.warmup)
+            cell = run_cell(args.root, args.img_size, args.cell_steps, cache)
+            steps_s = args.cell_steps / bare
+            wall = sum(cell.values())
+            report["cell"] = {"steps": args.cell_steps, **cell, "bare_steps_total_s": steps_s, "ratio": wall / steps_s}
+            print(
+                f"a {args.cell_steps}-step supervised cell: fit {cell['fit_s']:.1f} s + test {cell['test_s']:.1f} s "
+                f"against {steps_s:.1f} s of bare steps: {wall / steps_s:.2f}x (target <= 1.3: "
+                f"{'PASS' if wall / steps_s <= 1.3 else 'FAIL'})",
                 flush=True,
             )
     f = report["fixed"]
@@ -244,6 +313,15 @@ def write_results(out: Path, report: dict, args: argparse.Namespace) -> None:
         f"{f['validation_pass_s']:.2f} s ({f['validation_volumes']} volumes), native test scoring of a client's "
         f"held-out volumes {f['test_native_s']:.2f} s.",
     ]
+    if "cell" in report:
+        c = report["cell"]
+        lines += [
+            "",
+            f"A whole {c['steps']}-step supervised cell of one client (`fit` then `test`, fresh processes, held-out "
+            f"Dice after every {CELL_ROUND_STEPS} steps): {c['fit_s'] + c['test_s']:.1f} s (fit {c['fit_s']:.1f} s, "
+            f"test {c['test_s']:.1f} s) against {c['bare_steps_total_s']:.1f} s for its steps in the bare loop: "
+            f"**{c['ratio']:.2f}x** (target <= 1.3).",
+        ]
     data = f"ACDC at {args.root}" if args.root else "the built-in phantom"
     provenance.write_results(out, "Fine-tuning throughput", "\n".join(lines), data)
 
