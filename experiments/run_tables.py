@@ -176,7 +176,8 @@ PROFILES: dict[str, Profile] = {
     ),
     # acdc-cpu's data and pre-training, every fine-tuning arm trained towards its plateau: 1,500
     # steps a client (6 rounds of 250, held-out Dice after each: the curve), the rate decayed
-    # poly over them (UniMatch's and BCP's schedule) for every arm alike; a longer budget:
+    # poly over them (UniMatch's and BCP's schedule) for every arm alike; FCL + BCP from two
+    # pre-training runs (fcl, fcl~1), 3 fine-tuning seeds; a longer budget:
     # --finetune-arg=--federation.rounds=12
     "acdc-plateau": Profile(
         pretrain=ACDC_CPU_PRETRAIN,
@@ -186,10 +187,10 @@ PROFILES: dict[str, Profile] = {
             "--federation.local_steps=250",
             "--model.lr_schedule=poly",
         ],
-        ns=[1],
-        methods=["random", "random+bcp", "fcl+bcp", "fcl"],
+        ns=[1, 2],
+        methods=["random", "random+bcp", "fcl+bcp", "fcl~1+bcp", "fcl"],
         settings=["local"],
-        seeds=[0],
+        seeds=[0, 1, 2],
         needs_root=True,
     ),
     # pre-training and fine-tuning on disjoint patients: FCL on 60 patients (12 per ACDC group, 6
