@@ -4,7 +4,7 @@ provenance of every call that filled the folder, so that no figure in ``docs/res
 by hand.
 
     python experiments/publish_results.py runs/tables/acdc-plateau docs/results/plateau.md \
-        --title "One labelled patient at the plateau"
+        --title "One and two labelled patients at the plateau"
 
 The folder must hold ``results.md`` (what ``run_tables.py`` and the benches write) and
 ``provenance.json`` (``experiments/provenance.py``); figures (``*.png``) it names are copied

@@ -7,10 +7,13 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from fcl_lightning.figures import (
+    curves_figure,
     label_overlay,
     pca_2d,
+    save_curves_figure,
     save_dice_vs_n_figure,
     save_embedding_figure,
     save_example_figure,
@@ -94,3 +97,19 @@ def test_dice_vs_n_figure(tmp_path: Path) -> None:
     }
     path = save_dice_vs_n_figure(tmp_path / "dice_vs_n.png", table)
     check_png(path)
+
+
+@pytest.mark.parametrize("n", [3, 11])
+def test_curves_get_distinct_colours_and_a_legend_that_hides_none(tmp_path, n):
+    """A table's curves (11 on the plateau page): no two share a colour, and past a handful the
+    legend sits beside the axes instead of over the lines."""
+    curves = {f"arm {i}, N=1": ([250, 500, 750], [0.4 + 0.01 * i, 0.5, 0.6]) for i in range(n)}
+    fig = curves_figure(curves)
+    ax = fig.axes[0]
+    colours = [line.get_color() for line in ax.get_lines()]
+    assert len(colours) == n and len(set(colours)) == n
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    legend = ax.get_legend().get_window_extent(renderer)
+    inside = ax.get_window_extent(renderer)
+    assert (legend.x0 >= inside.x1) == (n > 6)
+    check_png(save_curves_figure(tmp_path / "curves.png", curves))

@@ -198,27 +198,40 @@ def save_dice_vs_n_figure(
     return _save(fig, path)
 
 
+def curves_figure(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    title: str = "Held-out Dice against fine-tuning steps",
+    xlabel: str = "fine-tuning steps per client",
+) -> Figure:
+    """Line plot: curve name -> (x values, Dice values), e.g. each arm's held-out Dice against
+    its fine-tuning steps (where a curve flattens is where the arm has converged). Beyond a
+    handful of curves the legend moves beside the axes (it would hide them) and the colours come
+    from a 20-colour cycle (no two of up to 20 curves share one)."""
+    many = len(curves) > 6
+    fig = Figure(figsize=(9.6 if many else 6.4, 4.2))
+    ax = fig.subplots()
+    colours = matplotlib.colormaps["tab20" if len(curves) > 10 else "tab10"].colors
+    for i, (name, (xs, ys)) in enumerate(curves.items()):
+        ax.plot(list(xs), list(ys), marker="o", linewidth=1.5, label=name, color=colours[i % len(colours)])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("Dice")
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize=8, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if many else {}))
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
 def save_curves_figure(
     path: str | os.PathLike,
     curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
     title: str = "Held-out Dice against fine-tuning steps",
     xlabel: str = "fine-tuning steps per client",
 ) -> Path:
-    """Line plot: curve name -> (x values, Dice values), e.g. each arm's held-out Dice against
-    its fine-tuning steps (where a curve flattens is where the arm has converged)."""
-    fig = Figure(figsize=(6.4, 4.2))
-    ax = fig.subplots()
-    for name, (xs, ys) in curves.items():
-        ax.plot(list(xs), list(ys), marker="o", linewidth=1.5, label=name)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("Dice")
-    ax.grid(alpha=0.3)
-    if curves:
-        ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    return _save(fig, path)
+    """:func:`curves_figure`, rendered to a PNG at ``path``."""
+    return _save(curves_figure(curves, title, xlabel), path)
 
 
 def save_bland_altman_figure(
