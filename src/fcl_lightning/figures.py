@@ -225,13 +225,10 @@ def curves_figure(
 
 
 def save_curves_figure(
-    path: str | os.PathLike,
-    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-    title: str = "Held-out Dice against fine-tuning steps",
-    xlabel: str = "fine-tuning steps per client",
+    path: str | os.PathLike, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], **labels: str
 ) -> Path:
-    """:func:`curves_figure`, rendered to a PNG at ``path``."""
-    return _save(curves_figure(curves, title, xlabel), path)
+    """:func:`curves_figure` (``labels``: its ``title`` and ``xlabel``), rendered to a PNG at ``path``."""
+    return _save(curves_figure(curves, **labels), path)
 
 
 def save_bland_altman_figure(
