@@ -178,7 +178,8 @@ PROFILES: dict[str, Profile] = {
     # steps a client (6 rounds of 250, held-out Dice after each: the curve), the rate decayed
     # poly over them (UniMatch's and BCP's schedule) for every arm alike; FCL + BCP from two
     # pre-training runs (fcl, fcl~1), 3 fine-tuning seeds; a longer budget:
-    # --finetune-arg=--federation.rounds=12
+    # --finetune-arg=--federation.rounds=12 --out runs/tables/acdc-plateau-3000 --pretrain-from
+    # runs/tables/acdc-plateau (the same encoders, not pre-trained again)
     "acdc-plateau": Profile(
         pretrain=ACDC_CPU_PRETRAIN,
         finetune=[
@@ -265,15 +266,17 @@ class Runner:
         extra_pretrain: list[str],
         extra_finetune: list[str],
         log=print,
+        pretrain_root: Path | None = None,
     ) -> None:
         self.p, self.out, self.common = profile, out, common
         self.extra_pretrain, self.extra_finetune = extra_pretrain, extra_finetune
         self.log = log
+        self.pretrain_root = pretrain_root or out / "pretrain"
         self.times: dict[str, list[float]] = {"pretrain": [], "finetune": []}
 
     # ---------------------------------------------------------------- cells
     def pretrain_dir(self, method: str) -> Path:
-        return self.out / "pretrain" / method
+        return self.pretrain_root / method
 
     def finetune_dir(self, method: str, setting: str, n: int, fold: int | None, seed: int) -> Path:
         return self.out / "finetune" / method / f"{setting}_N{n}_fold{'-' if fold is None else fold}_seed{seed}"
@@ -690,6 +693,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--pretrain-arg", action="append", default=[], help="extra CLI argument of every pre-training")
     ap.add_argument("--finetune-arg", action="append", default=[], help="extra CLI argument of every fine-tuning")
+    ap.add_argument(
+        "--pretrain-from",
+        default=None,
+        metavar="DIR",
+        help="fine-tune the finished pre-trainings of another table's --out folder (DIR/pretrain/<method>) "
+        "instead of pre-training here, e.g. the same encoders at another fine-tuning budget",
+    )
     args = ap.parse_args(argv)
 
     profile = PROFILES[args.profile]
@@ -716,6 +726,21 @@ def main(argv: list[str] | None = None) -> None:
         )
     if profile.needs_root and not args.root:
         raise SystemExit(f"profile {args.profile} needs --root /path/to/ACDC/training")
+    pretrain_root = None
+    if args.pretrain_from:
+        pretrain_root = Path(args.pretrain_from).resolve() / "pretrain"
+        missing = sorted(
+            {
+                str(pretrain_root / base / "encoder.pt")
+                for base in (split_method(m)[0] for m in methods)
+                if base != NO_PRETRAIN and not (pretrain_root / base / "encoder.pt").is_file()
+            }
+        )
+        if missing:
+            raise SystemExit(
+                f"--pretrain-from {args.pretrain_from}: no finished pre-training at {', '.join(missing)}; "
+                "run those methods' table there first (or leave --pretrain-from out to pre-train here)"
+            )
     common = [f"--trainer.accelerator={args.accelerator}"]
     if args.root:
         common.append(f"--data.root={args.root}")
@@ -723,7 +748,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     common.append(f"--data.cache_dir={out / 'cache'}")  # preprocess every volume once for all cells
     os.environ.setdefault("WANDB_MODE", "disabled")
-    runner = Runner(profile, out, common, args.pretrain_arg, args.finetune_arg)
+    runner = Runner(profile, out, common, args.pretrain_arg, args.finetune_arg, pretrain_root=pretrain_root)
     t0 = time.perf_counter()
     if not args.report_only:
         provenance.append(out, provenance.record(data=f"ACDC at {args.root}" if args.root else "the built-in phantom"))

@@ -139,6 +139,27 @@ def test_semi_methods_reuse_pretraining_and_add_the_semi_config(tables, tmp_path
         tables.main(["--methods", "fcl+nope"])
 
 
+def test_pretrain_from_fine_tunes_another_tables_encoders_and_never_pretrains(tables, tmp_path, monkeypatch):
+    """``--pretrain-from DIR`` fine-tunes DIR/pretrain/<method>'s encoders (the same pre-training
+    at another budget); one it lacks is refused before anything runs or is written."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    enc = first / "pretrain/fcl/encoder.pt"
+    enc.parent.mkdir(parents=True)
+    enc.write_bytes(b"")
+    argv = ["--methods", "random,fcl+bcp", "--ns", "1", "--settings", "local", "--seeds", "0", "--out", str(second)]
+    with pytest.raises(SystemExit, match=r"--pretrain-from .*no finished pre-training at .*local_cl/encoder\.pt"):
+        tables.main([*argv[:1], "fcl,local_cl", *argv[2:], f"--pretrain-from={first}"])
+    assert not second.exists()  # refused before the output folder was made
+    calls = []
+    monkeypatch.setattr(tables, "cli", calls.append)
+    monkeypatch.setattr(tables, "write_results", lambda *a: "")
+    monkeypatch.setattr(tables.provenance, "append", lambda *a: None)
+    tables.main([*argv, f"--pretrain-from={first}"])
+    fits = [c for c in calls if c[0] == "fit"]
+    assert len(fits) == 2  # random and fcl+bcp fine-tune; fcl does not pre-train again
+    assert f"--model.pretrained={enc}" in fits[1] and not (second / "pretrain").exists()
+
+
 def test_gains_are_paired_with_intervals_and_say_not_shown(tables):
     rows = []
     for seed in range(3):
