@@ -670,6 +670,28 @@ def write_results(runner: Runner, methods: list[str], profile_name: str, wall_s:
     return text
 
 
+def int_list(minimum: int):
+    """An argparse type: a comma list of integers, each at least ``minimum``."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(x) for x in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers") from None
+        if any(v < minimum for v in values):
+            raise argparse.ArgumentTypeError(f"{text!r}: every value must be at least {minimum}")
+        return values
+
+    return parse
+
+
+def setting_list(text: str) -> list[str]:
+    values = text.split(",")
+    if not values or any(v not in ("local", "federated") for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma list of local, federated")
+    return values
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=sorted(PROFILES), default="quick")
@@ -682,9 +704,11 @@ def main(argv: list[str] | None = None) -> None:
         "or METHOD@R to fine-tune from round R of METHOD's pre-training (METHOD@0: the weights it started from); "
         "METHOD+SEMI fine-tunes semi-supervised with configs/semi/SEMI.yaml (e.g. fcl+unimatch, random+unimatch)",
     )
-    ap.add_argument("--ns", default=None, help="comma list of N (default: the profile's)")
-    ap.add_argument("--settings", default=None, help="local,federated (default: the profile's)")
-    ap.add_argument("--seeds", default=None, help="comma list of fine-tuning seeds (default: the profile's)")
+    ap.add_argument("--ns", type=int_list(1), default=None, help="comma list of N (default: the profile's)")
+    ap.add_argument("--settings", type=setting_list, default=None, help="local,federated (default: the profile's)")
+    ap.add_argument(
+        "--seeds", type=int_list(0), default=None, help="comma list of fine-tuning seeds (default: the profile's)"
+    )
     ap.add_argument("--accelerator", default="auto")
     ap.add_argument(
         "--report-only",
@@ -704,11 +728,11 @@ def main(argv: list[str] | None = None) -> None:
 
     profile = PROFILES[args.profile]
     if args.ns:
-        profile = Profile(**{**profile.__dict__, "ns": [int(x) for x in args.ns.split(",")]})
+        profile = Profile(**{**profile.__dict__, "ns": args.ns})
     if args.seeds:
-        profile = Profile(**{**profile.__dict__, "seeds": [int(x) for x in args.seeds.split(",")]})
+        profile = Profile(**{**profile.__dict__, "seeds": args.seeds})
     if args.settings:
-        profile = Profile(**{**profile.__dict__, "settings": args.settings.split(",")})
+        profile = Profile(**{**profile.__dict__, "settings": args.settings})
     methods = args.methods.split(",") if args.methods else profile.methods
     unknown = [
         m
@@ -726,6 +750,10 @@ def main(argv: list[str] | None = None) -> None:
         )
     if profile.needs_root and not args.root:
         raise SystemExit(f"profile {args.profile} needs --root /path/to/ACDC/training")
+    if args.root and not Path(args.root).is_dir():
+        raise SystemExit(f"--root {args.root}: no such folder (the ACDC training folder: patient001/, ...)")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise SystemExit(f"--out {args.out}: exists and is not a folder")
     pretrain_root = None
     if args.pretrain_from:
         pretrain_root = Path(args.pretrain_from).resolve() / "pretrain"

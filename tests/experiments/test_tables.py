@@ -103,6 +103,24 @@ def test_unknown_method_is_a_clear_error(tables):
         tables.main(["--methods", "fcl,nope"])
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ns", "1,x"], "--ns: '1,x' is not a comma list of integers"),
+        (["--ns", "0"], "--ns: '0': every value must be at least 1"),
+        (["--seeds", "-1"], "--seeds: '-1': every value must be at least 0"),
+        (["--settings", "locl"], "--settings: 'locl': a comma list of local, federated"),
+        (["--root", "/nonexistent/acdc"], "--root /nonexistent/acdc: no such folder"),
+    ],
+)
+def test_bad_arguments_are_one_clear_error_and_write_nothing(tables, tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        tables.main([*argv, "--out", str(out)])
+    assert message in f"{exc.value.code} {capsys.readouterr().err}"
+    assert not out.exists()
+
+
 def test_method_at_round_fine_tunes_from_that_rounds_checkpoint(tables, tmp_path):
     """``fcl@4`` reuses fcl's pre-training cell and fine-tunes from its round-4 checkpoint;
     ``fcl@0`` from the weights that pre-training started from (the paired random init)."""
