@@ -133,6 +133,20 @@ def test_one_run_per_folder_and_a_killed_run_leaves_no_stuck_lock(tmp_path, tiny
     assert not (run / "run.lock").exists()
 
 
+def test_the_lock_removes_every_folder_it_created_that_stayed_empty(tmp_path):
+    """A run that fails its checks under ``runs/acdc/x`` leaves no empty ``runs/`` behind; one
+    that wrote something keeps its folder and the parents above it."""
+    from fcl_lightning.federation.lock import RunLock
+
+    (tmp_path / "kept").mkdir()
+    with RunLock(tmp_path / "kept" / "runs" / "acdc" / "x"):
+        assert (tmp_path / "kept/runs/acdc/x/run.lock").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any((tmp_path / "kept").iterdir())
+    with RunLock(tmp_path / "runs" / "acdc" / "y"):
+        (tmp_path / "runs/acdc/y/config.yaml").write_text("{}")
+    assert sorted(p.name for p in (tmp_path / "runs/acdc/y").iterdir()) == ["config.yaml"]
+
+
 def test_second_signal_while_stopping_exits_at_once():
     from fcl_lightning.interrupt import RunInterrupted, stop_on_signals
 

@@ -49,14 +49,15 @@ def pid_alive(pid: int) -> bool:
 
 class RunLock:
     """``with RunLock(root):`` holds the folder's lock for the block; raises :class:`RunFolderBusy`
-    at once when a live run holds it. A folder the lock had to create and that is still empty
-    when it is released is removed again (a run that failed its checks leaves nothing)."""
+    at once when a live run holds it. The folders the lock had to create (the run folder and any
+    missing parents, e.g. ``runs/``) that are still empty when it is released are removed again:
+    a run that failed its checks leaves nothing."""
 
     def __init__(self, root: str | Path, option: str = "trainer.default_root_dir") -> None:
         self.root, self.option = Path(root), option
         self.path = self.root / LOCK_NAME
         self._fd: int | None = None
-        self._created_root = False
+        self._created: list[Path] = []  # deepest first
 
     def holder(self) -> dict[str, Any]:
         try:
@@ -76,9 +77,11 @@ class RunLock:
         )
 
     def acquire(self) -> None:
-        if not self.root.exists():
-            self.root.mkdir(parents=True)
-            self._created_root = True
+        missing = self.root
+        while not missing.exists() and missing != missing.parent:
+            self._created.append(missing)
+            missing = missing.parent
+        self.root.mkdir(parents=True, exist_ok=True)
         info = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -116,11 +119,12 @@ class RunLock:
             self._fd = None
         elif fcntl is None:  # pragma: no cover
             self.path.unlink(missing_ok=True)
-        if self._created_root:
+        for folder in self._created:
             try:
-                self.root.rmdir()  # only if empty
+                folder.rmdir()  # only if empty
             except OSError:
-                pass
+                break
+        self._created = []
 
     def __enter__(self) -> RunLock:
         self.acquire()
