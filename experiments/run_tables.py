@@ -125,6 +125,9 @@ class Profile:
     folds: list[int | None] = field(default_factory=lambda: [None])
     seeds: list[int] = field(default_factory=lambda: [0])
     needs_root: bool = False
+    # extra fine-tuning arguments for one N (after ``finetune``), e.g. a longer budget where more
+    # labels keep an arm rising for longer
+    finetune_by_n: dict[int, list[str]] = field(default_factory=dict)
 
 
 # 5 clients (one ACDC disease group each) x 20 patients, 64 px at 3.5 mm; a quarter of every
@@ -174,12 +177,13 @@ PROFILES: dict[str, Profile] = {
         seeds=[0, 1],
         needs_root=True,
     ),
-    # acdc-cpu's data and pre-training, every fine-tuning arm trained towards its plateau: 1,500
-    # steps a client (6 rounds of 250, held-out Dice after each: the curve), the rate decayed
-    # poly over them (UniMatch's and BCP's schedule) for every arm alike; FCL + BCP from two
-    # pre-training runs (fcl, fcl~1), 3 fine-tuning seeds; a longer budget:
-    # --finetune-arg=--federation.rounds=12 --out runs/tables/acdc-plateau-3000 --pretrain-from
-    # runs/tables/acdc-plateau (the same encoders, not pre-trained again)
+    # acdc-cpu's data and pre-training, every fine-tuning arm trained to its plateau: N=1 1,500
+    # steps a client (6 rounds of 250, held-out Dice after each: the curve), N=2 3,000 (12 rounds;
+    # at 1,500 the BCP arms were still rising), the rate decayed poly over them (UniMatch's and
+    # BCP's schedule) for every arm alike; FCL + BCP from two pre-training runs (fcl, fcl~1), 3
+    # fine-tuning seeds; another budget goes to another --out, e.g. --finetune-arg=
+    # --federation.rounds=12 --out runs/tables/acdc-plateau-3000 --pretrain-from runs/tables/acdc-plateau
+    # (the same encoders, not pre-trained again)
     "acdc-plateau": Profile(
         pretrain=ACDC_CPU_PRETRAIN,
         finetune=[
@@ -193,6 +197,7 @@ PROFILES: dict[str, Profile] = {
         settings=["local"],
         seeds=[0, 1, 2],
         needs_root=True,
+        finetune_by_n={2: ["--federation.rounds=12"]},
     ),
     # pre-training and fine-tuning on disjoint patients: FCL on 60 patients (12 per ACDC group, 6
     # clients), local fine-tuning on the other 40 (4 clients of 10: 5 labelled-pool and 5 held-out
@@ -234,6 +239,27 @@ PROFILES: dict[str, Profile] = {
         needs_root=True,
     ),
 }
+
+
+CELL_FILE = "cell.json"  # a fine-tuning cell's arguments, as recorded_args keeps them
+LOCATIONS = (  # where things lie, not what is computed: a moved folder or data set is the same cell
+    "--trainer.default_root_dir=",
+    "--data.cache_dir=",
+    "--data.root=",
+    "--model.pretrained=",
+    "--trainer.accelerator=",
+)
+
+
+def recorded_args(args: list[str]) -> list[str]:
+    """A cell's arguments without the locations (``LOCATIONS``; config files relative to the
+    repository): what two runs of the same cell must share."""
+    out = []
+    for prev, a in zip(["", *args], args):
+        if a.startswith(LOCATIONS):
+            continue
+        out.append(os.path.relpath(a, REPO) if prev == "--config" and os.path.isabs(a) else a)
+    return out
 
 
 def cli(args: list[str]) -> None:
@@ -325,10 +351,12 @@ class Runner:
             args.append("--ckpt_path=last")  # an interrupted pre-training continues at its next round
         cli(args)
 
-    def run_finetune(self, method: str, setting: str, n: int, fold: int | None, seed: int) -> None:
+    def finetune_args(self, method: str, setting: str, n: int, fold: int | None, seed: int) -> list[str]:
+        """The CLI arguments of one fine-tuning cell (``fit`` and ``test`` alike)."""
         d = self.finetune_dir(method, setting, n, fold, seed)
         args = [
             *self.p.finetune,
+            *self.p.finetune_by_n.get(n, []),
             *self.common,
             *self.extra_finetune,
             f"--data.labelled_per_client={n}",
@@ -347,11 +375,20 @@ class Runner:
                 args.append(f"--model.pretrained={pre}/encoders/client{{client}}.pt")  # each client its own
             else:
                 args.append(f"--model.pretrained={self.encoder_path(method)}")
+        return args
+
+    def run_finetune(self, method: str, setting: str, n: int, fold: int | None, seed: int) -> None:
+        from fcl_lightning.io import atomic_write_text
+
+        d = self.finetune_dir(method, setting, n, fold, seed)
+        args = self.finetune_args(method, setting, n, fold, seed)
         fit = ["fit", *args]
         if (d / "checkpoints" / "last.ckpt").is_file():
             fit.append("--ckpt_path=last")  # an interrupted fine-tuning continues at its next round, bitwise
         elif d.is_dir():  # stopped before its first checkpoint: start again
             shutil.rmtree(d)
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json.dumps({"args": recorded_args(args)}, indent=1), d / CELL_FILE)
         cli(fit)
         cli(["test", *args, "--ckpt_path=last"])
 
@@ -383,8 +420,28 @@ class Runner:
             est += left * float(np.mean(self.times[kind]))
         return f"ETA {est / 60:.1f} min"
 
+    def check_recorded_args(self, cells: list[tuple]) -> None:
+        """Refuse a folder whose cells were run with other fine-tuning arguments (another budget,
+        say) than this call would use: resuming or reporting them would mix the two silently."""
+        clashes = []
+        for cell in cells:
+            if cell[0] != "finetune" or not (f := self.finetune_dir(*cell[1:]) / CELL_FILE).is_file():
+                continue
+            was, now = json.loads(f.read_text())["args"], recorded_args(self.finetune_args(*cell[1:]))
+            if was != now:
+                diff = sorted(set(was) ^ set(now)) or ["(the same arguments in another order)"]
+                clashes.append(f"{f.parent}: {' '.join(diff)}")
+        if clashes:
+            raise SystemExit(
+                f"{len(clashes)} cell(s) under {self.out} were run with other fine-tuning arguments than this call's "
+                f"(the arguments only one side has: ...): {'; '.join(clashes[:3])}"
+                + (f"; and {len(clashes) - 3} more" if len(clashes) > 3 else "")
+                + ". Use another --out for another budget or recipe, or the arguments those cells were run with"
+            )
+
     def run(self, methods: list[str]) -> None:
         cells = self.cells(methods)
+        self.check_recorded_args(cells)
         todo = [c for c in cells if not self.is_done(c)]
         self.log(f"{len(cells)} cells, {len(cells) - len(todo)} already finished, {len(todo)} to run")
         for i, cell in enumerate(todo):

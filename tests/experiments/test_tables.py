@@ -178,6 +178,31 @@ def test_pretrain_from_fine_tunes_another_tables_encoders_and_never_pretrains(ta
     assert f"--model.pretrained={enc}" in fits[1] and not (second / "pretrain").exists()
 
 
+def test_a_cell_records_its_arguments_and_another_budget_is_refused(tables, tmp_path, monkeypatch):
+    """Each fine-tuning cell records its arguments (``cell.json``, locations left out); a later
+    call with another budget for that folder stops before running anything, naming the cell
+    and the differing arguments, instead of mixing 1,500- and 3,000-step cells in one table."""
+    profile = tables.Profile(**{**tables.PROFILES["quick"].__dict__, "ns": [1, 2], "settings": ["local"]})
+    profile.finetune_by_n = {2: ["--federation.rounds=12"]}
+    calls = []
+    monkeypatch.setattr(tables, "cli", calls.append)
+    runner = tables.Runner(profile, tmp_path, [f"--data.cache_dir={tmp_path}/cache"], [], [])
+    runner.run(["random"])
+    fits = [c for c in calls if c[0] == "fit"]
+    assert ["--federation.rounds=12" in f for f in fits] == [False, True]  # N=1, N=2
+    cell = tmp_path / "finetune/random/local_N2_fold-_seed0"
+    recorded = tables.json.loads((cell / tables.CELL_FILE).read_text())["args"]
+    assert "--federation.rounds=12" in recorded and "configs/demo_finetune.yaml" in recorded
+    assert not [a for a in recorded if a.startswith(("--trainer.default_root_dir", "--data.cache_dir"))]
+    calls.clear()
+    other = tables.Runner(profile, tmp_path, [], [], ["--federation.rounds=6"])
+    with pytest.raises(SystemExit, match=r"2 cell\(s\) .* other fine-tuning arguments.*local_N1.*--federation.rounds=6"):
+        other.run(["random"])
+    assert calls == []
+    runner.run(["random"])  # the same arguments (locations aside) go on
+    assert len([c for c in calls if c[0] == "fit"]) == 2
+
+
 def test_gains_are_paired_with_intervals_and_say_not_shown(tables):
     rows = []
     for seed in range(3):
