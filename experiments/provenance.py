@@ -81,6 +81,7 @@ def markdown(calls: list[dict[str, Any]]) -> str:
             f"- `{c['command']}` ({c['date']}, commit `{c['commit']}`; {c['machine']}"
             + (f"; data: {c['data']}" if c.get("data") else "")
             + ")"
+            + (f": {c['note']}" if c.get("note") else "")  # added by hand, e.g. where a folder's cells came from
         )
     return "\n".join(lines)
 

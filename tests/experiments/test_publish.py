@@ -27,6 +27,10 @@ def test_a_published_page_carries_the_tables_figures_and_provenance(experiment, 
     assert "| FCL | 0.512 ± 0.101 |" in text
     assert "`python experiments/run_tables.py --profile 'acdc plateau'`" in text and "data: ACDC" in text
     assert "torch " in text and "cores" in text  # the machine
+    assert "): " not in text  # no note unless a call carries one
+    calls = prov.read(run)
+    calls[0]["note"] = "its cells moved here from another folder"
+    assert "data: ACDC): its cells moved here from another folder\n" in prov.markdown(calls) + "\n"
     copied = tmp_path / "docs/assets/results/plateau/dice_vs_n_local.png"
     assert copied.read_bytes() == b"\x89PNG fake"
     assert "](../assets/results/plateau/dice_vs_n_local.png)" in text

@@ -196,7 +196,9 @@ def test_a_cell_records_its_arguments_and_another_budget_is_refused(tables, tmp_
     assert not [a for a in recorded if a.startswith(("--trainer.default_root_dir", "--data.cache_dir"))]
     calls.clear()
     other = tables.Runner(profile, tmp_path, [], [], ["--federation.rounds=6"])
-    with pytest.raises(SystemExit, match=r"2 cell\(s\) .* other fine-tuning arguments.*local_N1.*--federation.rounds=6"):
+    with pytest.raises(
+        SystemExit, match=r"2 cell\(s\) .* other fine-tuning arguments.*local_N1.*--federation.rounds=6"
+    ):
         other.run(["random"])
     assert calls == []
     runner.run(["random"])  # the same arguments (locations aside) go on
