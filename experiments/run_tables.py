@@ -830,10 +830,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.root:
         common.append(f"--data.root={args.root}")
     out = Path(args.out or REPO / "runs" / "tables" / args.profile).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     common.append(f"--data.cache_dir={out / 'cache'}")  # preprocess every volume once for all cells
     os.environ.setdefault("WANDB_MODE", "disabled")
     runner = Runner(profile, out, common, args.pretrain_arg, args.finetune_arg, pretrain_root=pretrain_root)
+    runner.check_recorded_args(runner.cells(methods))  # a report too would mix budgets; before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if not args.report_only:
         provenance.append(out, provenance.record(data=f"ACDC at {args.root}" if args.root else "the built-in phantom"))

@@ -201,6 +201,11 @@ def test_a_cell_records_its_arguments_and_another_budget_is_refused(tables, tmp_
     ):
         other.run(["random"])
     assert calls == []
+    before = (tmp_path / "finetune").stat().st_mtime_ns, sorted(p.name for p in tmp_path.iterdir())
+    argv = ["--methods", "random", "--ns", "1", "--settings", "local", "--out", str(tmp_path), "--report-only"]
+    with pytest.raises(SystemExit, match="other fine-tuning arguments"):  # a report would mix them as well
+        tables.main([*argv, "--finetune-arg=--federation.rounds=6"])
+    assert ((tmp_path / "finetune").stat().st_mtime_ns, sorted(p.name for p in tmp_path.iterdir())) == before
     runner.run(["random"])  # the same arguments (locations aside) go on
     assert len([c for c in calls if c[0] == "fit"]) == 2
 
