@@ -90,10 +90,11 @@ def test_runner_writes_csv_table_and_resumes(tables, tmp_path, monkeypatch):
                  *[f"--finetune-arg={a}" for a in FINETUNE_ARGS]])  # fmt: skip
     assert [a[0] for a in seen] == ["fit", "test"] and "--ckpt_path=last" in seen[0]
     assert list(csv.DictReader(open(out / "results.csv")))[0] == rows[0]  # the same figures
-    # --report-only on a wider grid runs nothing and reports only the finished cells
+    # --report-only on a wider grid (the cells' own arguments) runs nothing and reports only the finished cells
     tables.main(
-        ["--profile", "quick", "--methods", "random,local_cl,fcl", "--ns", "1,2", "--out", str(out), "--report-only"]
-    )
+        ["--profile", "quick", "--methods", "random,local_cl,fcl", "--ns", "1,2", "--out", str(out), "--report-only",
+         *[f"--finetune-arg={a}" for a in FINETUNE_ARGS]]
+    )  # fmt: skip
     assert list(csv.DictReader(open(out / "results.csv"))) == rows
     assert "| FCL | - | - |" in (out / "results.md").read_text()
 
