@@ -11,6 +11,10 @@ N, fold and seed fine-tunes from that encoder and tests. It writes, under ``--ou
 
 It resumes: a finished cell (pre-training with its ``encoder.pt``, fine-tuning with its test
 figures) is never run again, and an interrupted pre-training continues from its last round.
+Each fine-tuning cell records its arguments (``cell.json``); a call whose arguments for a cell
+differ (another ``--finetune-arg`` budget, say; ``--report-only`` too) is refused before it writes
+anything: another budget or recipe goes to another ``--out`` (``--pretrain-from`` reuses the
+encoders).
 
     python experiments/run_tables.py --profile quick
     python experiments/run_tables.py --profile acdc-cpu --root /path/to/ACDC/training
