@@ -431,7 +431,13 @@ class Runner:
         for cell in cells:
             if cell[0] != "finetune" or not (f := self.finetune_dir(*cell[1:]) / CELL_FILE).is_file():
                 continue
-            was, now = json.loads(f.read_text())["args"], recorded_args(self.finetune_args(*cell[1:]))
+            try:
+                was = json.loads(f.read_text())["args"]
+            except (ValueError, KeyError, TypeError):
+                raise SystemExit(
+                    f"{f}: not a cell record of this runner; remove {f.parent} to run that cell again"
+                ) from None
+            now = recorded_args(self.finetune_args(*cell[1:]))
             if was != now:
                 diff = sorted(set(was) ^ set(now)) or ["(the same arguments in another order)"]
                 clashes.append(f"{f.parent}: {' '.join(diff)}")

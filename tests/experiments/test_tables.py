@@ -209,6 +209,9 @@ def test_a_cell_records_its_arguments_and_another_budget_is_refused(tables, tmp_
     assert ((tmp_path / "finetune").stat().st_mtime_ns, sorted(p.name for p in tmp_path.iterdir())) == before
     runner.run(["random"])  # the same arguments (locations aside) go on
     assert len([c for c in calls if c[0] == "fit"]) == 2
+    (cell / tables.CELL_FILE).write_text("{not json")
+    with pytest.raises(SystemExit, match=r"cell\.json: not a cell record of this runner; remove .*local_N2"):
+        runner.run(["random"])
 
 
 def test_gains_are_paired_with_intervals_and_say_not_shown(tables):
