@@ -21,7 +21,9 @@ encoders).
     python experiments/run_tables.py --profile paper --root /path/to/ACDC/training   # a GPU
 
 Profiles: ``quick`` (phantom, CPU, minutes), ``acdc-cpu`` (real ACDC at reduced image size and
-rounds, about an hour on 2 CPU cores), ``acdc-disjoint`` (pre-training and fine-tuning clients
+rounds, about an hour on 2 CPU cores), ``acdc-plateau`` (acdc-cpu's data, every few-label arm
+trained to its plateau: N=1 1,500 steps, N=2 3,000; BCP and FCL + BCP from two pre-trainings, 3
+seeds; many hours on 2 cores, resumable), ``acdc-disjoint`` (pre-training and fine-tuning clients
 share no patient), ``paper`` (ACDC at the paper's scale: 10 clients x 10 patients, 5-fold CV inside
 each client, N in 1/2/4/8).
 """
