@@ -446,7 +446,7 @@ class Runner:
         if clashes:
             raise SystemExit(
                 f"{len(clashes)} cell(s) under {self.out} were run with other fine-tuning arguments than this call's "
-                f"(the arguments only one side has: ...): {'; '.join(clashes[:3])}"
+                f"(each cell with the arguments only one side has): {'; '.join(clashes[:3])}"
                 + (f"; and {len(clashes) - 3} more" if len(clashes) > 3 else "")
                 + ". Use another --out for another budget or recipe, or the arguments those cells were run with"
             )
@@ -756,7 +756,7 @@ def int_list(minimum: int):
 
 def setting_list(text: str) -> list[str]:
     values = text.split(",")
-    if not values or any(v not in ("local", "federated") for v in values):
+    if any(v not in ("local", "federated") for v in values):
         raise argparse.ArgumentTypeError(f"{text!r}: a comma list of local, federated")
     return values
 
