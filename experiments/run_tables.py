@@ -569,6 +569,8 @@ def pooled_gains(rows: list[dict], methods: list[str], ns: list[int], setting: s
                     if k in ref:
                         pooled[(m, *k)], against[(m, *k)] = v, ref[k]
             g = paired_gain(pooled, against)
+            if len({k[0] for k in pooled}) < 2:  # one run at this N: not a pooled figure
+                g = None
             cells.append("-" if g is None else str(g))
         lines.append(
             f"| {label(name + (f'+{semi}' if semi else ''))}, {runs} pre-training runs pooled | vs {label(baseline)} | "

@@ -282,3 +282,7 @@ def test_pretraining_gain_pools_its_pretraining_runs(tables):
     assert tables.pooled_gains(rows, ["random+bcp", "fcl+bcp"], [1], "local") == []  # one run: no pooled line
     one_finished = [r for r in rows if r["method"] != "fcl~1+bcp"]
     assert tables.pooled_gains(one_finished, ["random+bcp", "fcl+bcp", "fcl~1+bcp"], [1], "local") == []
+    # N=2 finished for one run only: its cell stays empty instead of posing as a pooled figure
+    n2 = [{**r, "N": 2} for r in one_finished]
+    md = "\n".join(tables.pooled_gains(rows + n2, ["random+bcp", "fcl+bcp", "fcl~1+bcp"], [1, 2], "local"))
+    assert next(ln for ln in md.splitlines() if "pooled |" in ln).endswith("5/10 pairs, not shown | - |")
