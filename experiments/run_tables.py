@@ -825,28 +825,22 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--root {args.root}: no such folder (the ACDC training folder: patient001/, ...)")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise SystemExit(f"--out {args.out}: exists and is not a folder")
-    pretrain_root = None
-    if args.pretrain_from:
-        pretrain_root = Path(args.pretrain_from).resolve() / "pretrain"
-        missing = sorted(
-            {
-                str(pretrain_root / base / "encoder.pt")
-                for base in (split_method(m)[0] for m in methods)
-                if base != NO_PRETRAIN and not (pretrain_root / base / "encoder.pt").is_file()
-            }
-        )
-        if missing:
-            raise SystemExit(
-                f"--pretrain-from {args.pretrain_from}: no finished pre-training at {', '.join(missing)}; "
-                "run those methods' table there first (or leave --pretrain-from out to pre-train here)"
-            )
     common = [f"--trainer.accelerator={args.accelerator}"]
     if args.root:
         common.append(f"--data.root={args.root}")
     out = Path(args.out or REPO / "runs" / "tables" / args.profile).resolve()
     common.append(f"--data.cache_dir={out / 'cache'}")  # preprocess every volume once for all cells
     os.environ.setdefault("WANDB_MODE", "disabled")
+    pretrain_root = Path(args.pretrain_from).resolve() / "pretrain" if args.pretrain_from else None
     runner = Runner(profile, out, common, args.pretrain_arg, args.finetune_arg, pretrain_root=pretrain_root)
+    if args.pretrain_from:
+        bases = {split_method(m)[0] for m in methods}
+        missing = sorted(str(runner.pretrain_dir(b) / "encoder.pt") for b in bases if not runner.pretrain_done(b))
+        if missing:
+            raise SystemExit(
+                f"--pretrain-from {args.pretrain_from}: no finished pre-training at {', '.join(missing)}; "
+                "run those methods' table there first (or leave --pretrain-from out to pre-train here)"
+            )
     runner.check_recorded_args(runner.cells(methods))  # a report too would mix budgets; before anything is written
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
