@@ -14,7 +14,10 @@ figures) is never run again, and an interrupted pre-training continues from its 
 Each fine-tuning cell records its arguments (``cell.json``); a call whose arguments for a cell
 differ (another ``--finetune-arg`` budget, say; ``--report-only`` too) is refused before it writes
 anything: another budget or recipe goes to another ``--out`` (``--pretrain-from`` reuses the
-encoders).
+encoders). ``--records DIR`` keeps each finished cell's small files (test figures, curves,
+arguments, the encoders' hashes; ``experiments/records.py``) in a folder that can be committed, so
+that a table filled over several machines is reported as one: an empty ``--out`` gets the recorded
+cells back as finished, and runs only what is left.
 
     python experiments/run_tables.py --profile quick
     python experiments/run_tables.py --profile acdc-cpu --root /path/to/ACDC/training
@@ -48,6 +51,7 @@ sys.path.insert(0, str(REPO / "src"))  # the repository's package, installed or 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance  # noqa: E402
+import records  # noqa: E402
 
 from fcl_lightning.evaluation import mean_std, paired_gain  # noqa: E402 (after the path it comes from)
 from fcl_lightning.layout import INIT_ENCODER  # noqa: E402
@@ -299,11 +303,13 @@ class Runner:
         extra_finetune: list[str],
         log=print,
         pretrain_root: Path | None = None,
+        records_dir: Path | None = None,
     ) -> None:
         self.p, self.out, self.common = profile, out, common
         self.extra_pretrain, self.extra_finetune = extra_pretrain, extra_finetune
         self.log = log
         self.pretrain_root = pretrain_root or out / "pretrain"
+        self.records_dir = records_dir  # experiments/records.py: the finished cells' small files, kept apart
         self.times: dict[str, list[float]] = {"pretrain": [], "finetune": []}
 
     # ---------------------------------------------------------------- cells
@@ -355,6 +361,8 @@ class Runner:
         ]
         if (d / "checkpoints" / "last.ckpt").is_file():
             args.append("--ckpt_path=last")  # an interrupted pre-training continues at its next round
+        elif d.is_dir():  # stopped before its first checkpoint, or only a restored record: start again
+            shutil.rmtree(d)
         cli(args)
 
     def finetune_args(self, method: str, setting: str, n: int, fold: int | None, seed: int) -> list[str]:
@@ -398,7 +406,6 @@ class Runner:
         cli(fit)
         cli(["test", *args, "--ckpt_path=last"])
 
-    # ------------------------------------------------------------------ run
     def cells(self, methods: list[str]) -> list[tuple]:
         out: list[tuple] = []
         for m in methods:
@@ -451,10 +458,74 @@ class Runner:
                 + ". Use another --out for another budget or recipe, or the arguments those cells were run with"
             )
 
+    # -------------------------------------------------------------- records
+    def cell_dir(self, cell: tuple) -> Path:
+        return self.pretrain_dir(cell[1]) if cell[0] == "pretrain" else self.finetune_dir(*cell[1:])
+
+    def record_of(self, cell: tuple) -> Path:
+        """Where ``cell``'s record lies in the records folder (the run folder's layout)."""
+        assert self.records_dir is not None
+        if cell[0] == "pretrain":
+            return self.records_dir / "pretrain" / cell[1]
+        return self.records_dir / self.finetune_dir(*cell[1:]).relative_to(self.out)
+
+    def recorded(self, cells: list[tuple]) -> list[tuple]:
+        """The cells the records folder can give this run folder: finished fine-tunings, and the
+        pre-trainings' monitors (when this folder pre-trains; not with ``--pretrain-from``)."""
+        if self.records_dir is None:
+            return []
+        own_pretrain = self.pretrain_root == self.out / "pretrain"
+        return [
+            c
+            for c in cells
+            if (c[0] == "pretrain" and c[1] != NO_PRETRAIN and own_pretrain and self.record_of(c).is_dir())
+            or (c[0] == "finetune" and self.finetune_done(self.record_of(c)))
+        ]
+
+    def restore_records(self, cells: list[tuple]) -> int:
+        """Copy into the run folder the records of the cells it has no folder for (a run there is
+        left as it is), and the records' provenance; how many cells were restored."""
+        n = sum(records.restore(self.record_of(c), self.cell_dir(c), c[0] == "pretrain") for c in self.recorded(cells))
+        if self.records_dir is not None:
+            records.write_provenance(self.out, records.merge_provenance(self.records_dir, self.out))
+        return n
+
+    def check_encoders(self, cells: list[tuple]) -> None:
+        """Every finished pre-training hashes as its record says (see ``records.check_encoders``)."""
+        for c in cells:
+            if self.records_dir is not None and c[0] == "pretrain" and c[1] != NO_PRETRAIN:
+                records.check_encoders(self.pretrain_dir(c[1]), self.record_of(c), c[1])
+
+    def save_record(self, cell: tuple) -> None:
+        """Record a finished cell (a pre-training only after its encoders passed ``check_encoders``)."""
+        if self.records_dir is None or (cell[0] == "pretrain" and cell[1] == NO_PRETRAIN) or not self.is_done(cell):
+            return
+        if cell[0] == "pretrain":
+            if self.pretrain_root != self.out / "pretrain":
+                return  # another table's pre-training: recorded there
+            self.check_encoders([cell])
+        records.save(self.cell_dir(cell), self.record_of(cell), cell[0] == "pretrain")
+
+    def save_records(self, cells: list[tuple]) -> None:
+        """Record every finished cell and merge this folder's provenance into the records'."""
+        if self.records_dir is None:
+            return
+        for c in cells:
+            self.save_record(c)
+        records.write_provenance(self.records_dir, records.merge_provenance(self.records_dir, self.out))
+
+    # ------------------------------------------------------------------ run
     def run(self, methods: list[str]) -> None:
         cells = self.cells(methods)
         self.check_recorded_args(cells)
+        self.check_encoders(cells)
         todo = [c for c in cells if not self.is_done(c)]
+        # a pre-training none of whose fine-tuning cells is left (all restored from records, say) is not run
+        todo = [
+            c
+            for c in todo
+            if c[0] == "finetune" or any(f[0] == "finetune" and split_method(f[1])[0] == c[1] for f in todo)
+        ]
         self.log(f"{len(cells)} cells, {len(cells) - len(todo)} already finished, {len(todo)} to run")
         for i, cell in enumerate(todo):
             name = " ".join("-" if x is None else str(x) for x in cell)
@@ -467,6 +538,7 @@ class Runner:
             else:
                 self.run_finetune(*cell[1:])
             self.times[cell[0]].append(time.perf_counter() - t0)
+            self.save_record(cell)
             self.log(f"[cell {i + 1}/{len(todo)}] done in {time.perf_counter() - t0:.0f} s")
 
     # -------------------------------------------------------------- results
@@ -795,6 +867,13 @@ def main(argv: list[str] | None = None) -> None:
         help="fine-tune the finished pre-trainings of another table's --out folder (DIR/pretrain/<method>) "
         "instead of pre-training here, e.g. the same encoders at another fine-tuning budget",
     )
+    ap.add_argument(
+        "--records",
+        default=None,
+        metavar="DIR",
+        help="a folder that keeps every finished cell's small files (experiments/records.py), e.g. one in git: "
+        "its cells are copied into --out first and count as finished, each cell finished here is added to it",
+    )
     args = ap.parse_args(argv)
 
     profile = PROFILES[args.profile]
@@ -823,8 +902,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"profile {args.profile} needs --root /path/to/ACDC/training")
     if args.root and not Path(args.root).is_dir():
         raise SystemExit(f"--root {args.root}: no such folder (the ACDC training folder: patient001/, ...)")
-    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise SystemExit(f"--out {args.out}: exists and is not a folder")
+    for flag, path in (("--out", args.out), ("--records", args.records)):
+        if path and Path(path).exists() and not Path(path).is_dir():
+            raise SystemExit(f"{flag} {path}: exists and is not a folder")
     common = [f"--trainer.accelerator={args.accelerator}"]
     if args.root:
         common.append(f"--data.root={args.root}")
@@ -832,7 +912,10 @@ def main(argv: list[str] | None = None) -> None:
     common.append(f"--data.cache_dir={out / 'cache'}")  # preprocess every volume once for all cells
     os.environ.setdefault("WANDB_MODE", "disabled")
     pretrain_root = Path(args.pretrain_from).resolve() / "pretrain" if args.pretrain_from else None
-    runner = Runner(profile, out, common, args.pretrain_arg, args.finetune_arg, pretrain_root=pretrain_root)
+    records_dir = Path(args.records).resolve() if args.records else None
+    runner = Runner(
+        profile, out, common, args.pretrain_arg, args.finetune_arg, pretrain_root=pretrain_root, records_dir=records_dir
+    )
     if args.pretrain_from:
         bases = {split_method(m)[0] for m in methods}
         missing = sorted(str(runner.pretrain_dir(b) / "encoder.pt") for b in bases if not runner.pretrain_done(b))
@@ -841,12 +924,19 @@ def main(argv: list[str] | None = None) -> None:
                 f"--pretrain-from {args.pretrain_from}: no finished pre-training at {', '.join(missing)}; "
                 "run those methods' table there first (or leave --pretrain-from out to pre-train here)"
             )
-    runner.check_recorded_args(runner.cells(methods))  # a report too would mix budgets; before anything is written
+    cells = runner.cells(methods)
+    runner.check_recorded_args(cells)  # a report too would mix budgets; before anything is written
+    if records_dir is not None:  # the records' cells must have been run with this call's arguments as well
+        Runner(profile, records_dir, common, args.pretrain_arg, args.finetune_arg).check_recorded_args(cells)
+        runner.check_encoders(cells)
     out.mkdir(parents=True, exist_ok=True)
+    if records_dir is not None:
+        print(f"{runner.restore_records(cells)} cell record(s) restored from {records_dir}")
     t0 = time.perf_counter()
     if not args.report_only:
         provenance.append(out, provenance.record(data=f"ACDC at {args.root}" if args.root else "the built-in phantom"))
         runner.run(methods)
+    runner.save_records(cells)
     print(write_results(runner, methods, args.profile, None if args.report_only else time.perf_counter() - t0))
     print(f"\nwrote {out / 'results.csv'}, {out / 'results.md'} and the Dice-vs-N figures")
 

@@ -112,6 +112,7 @@ def test_unknown_method_is_a_clear_error(tables):
         (["--seeds", "-1"], "--seeds: '-1': every value must be at least 0"),
         (["--settings", "locl"], "--settings: 'locl': a comma list of local, federated"),
         (["--root", "/nonexistent/acdc"], "--root /nonexistent/acdc: no such folder"),
+        (["--records", "/etc/passwd"], "--records /etc/passwd: exists and is not a folder"),
     ],
 )
 def test_bad_arguments_are_one_clear_error_and_write_nothing(tables, tmp_path, capsys, argv, message):
@@ -286,3 +287,74 @@ def test_pretraining_gain_pools_its_pretraining_runs(tables):
     n2 = [{**r, "N": 2} for r in one_finished]
     md = "\n".join(tables.pooled_gains(rows + n2, ["random+bcp", "fcl+bcp", "fcl~1+bcp"], [1, 2], "local"))
     assert next(ln for ln in md.splitlines() if "pooled |" in ln).endswith("5/10 pairs, not shown | - |")
+
+
+def fake_cli(tables, calls, encoder=b"encoder"):
+    """``cli`` without training: a pre-training writes ``encoder`` as its encoder, a fine-tuning's
+    test its figures and a one-round curve; ``calls`` gets (command, run folder)."""
+
+    def cli(args):
+        root = tables.Path(next(a.split("=", 1)[1] for a in args if a.startswith("--trainer.default_root_dir=")))
+        calls.append((args[0], root))
+        (root / "logs/version_0").mkdir(parents=True, exist_ok=True)
+        (root / "logs/version_0/metrics.csv").write_text("round,round/val/dice_mean\n1,0.4\n")
+        if not any(a.startswith("--data.labelled_per_client=") for a in args):
+            (root / "encoder.pt").write_bytes(encoder)
+        elif args[0] == "test":
+            seed = int(next(a.split("=")[1] for a in args if a.startswith("--seed_everything=")))
+            (root / "summary.json").write_text('{"test/dice_mean": 0.5}')
+            with open(root / "test_per_patient.csv", "w") as fh:
+                fh.write("client,dice_rv,dice_myo,dice_lv,dice_mean,hd95_mean\n")
+                fh.write(f"0,0.5,0.5,0.5,{0.5 + seed / 10},3.0\n")
+
+    return cli
+
+
+def test_records_carry_finished_cells_to_another_machine(tables, tmp_path, monkeypatch):
+    """``--records DIR`` keeps each finished cell's small files apart from the run folder: an empty
+    run folder on another machine gets them back as finished cells (no cell runs again, not even
+    the pre-training they came from), runs only what is left, and a pre-training that does not
+    hash as recorded is refused instead of mixing encoders."""
+    rec = tmp_path / "records"
+    seen = []
+    monkeypatch.setattr(tables, "write_results", lambda runner, methods, *a: seen.append(runner.rows(methods)) or "")
+
+    def machine(out, seeds, encoder=b"encoder", argv=()):
+        calls = []
+        monkeypatch.setattr(tables, "cli", fake_cli(tables, calls, encoder))
+        tables.main(["--methods", "random,fcl", "--ns", "1", "--settings", "local", "--seeds", seeds,
+                     "--out", str(tmp_path / out), "--records", str(rec), *argv])  # fmt: skip
+        return calls
+
+    first = machine("a", "0")
+    assert [c for c, _ in first] == ["fit", "test", "fit", "fit", "test"]  # random, fcl's pre-training, fcl
+    cell = rec / "finetune/fcl/local_N1_fold-_seed0"
+    assert sorted(str(p.relative_to(cell)) for p in cell.rglob("*") if p.is_file()) == [
+        "cell.json", "logs/version_0/metrics.csv", "summary.json", "test_per_patient.csv"
+    ]  # fmt: skip
+    hashes = tables.json.loads((rec / "pretrain/fcl/record.json").read_text())["sha256"]
+    assert hashes == {"encoder.pt": tables.records.hashlib.sha256(b"encoder").hexdigest()}
+    assert not list(rec.rglob("*.pt")) and len(tables.provenance.read(rec)) == 1
+
+    assert machine("b", "0") == []  # everything restored: nothing runs, the same rows
+    assert seen[1] == seen[0] and len(seen[0]) == 2
+    calls = machine("c", "0,1")  # seed 1 is new: fcl pre-trains again (the same encoder) for it
+    s1 = "local_N1_fold-_seed1"
+    assert [(c, str(p.relative_to(tmp_path))) for c, p in calls] == [
+        ("fit", f"c/finetune/random/{s1}"), ("test", f"c/finetune/random/{s1}"),
+        ("fit", "c/pretrain/fcl"),
+        ("fit", f"c/finetune/fcl/{s1}"), ("test", f"c/finetune/fcl/{s1}"),
+    ]  # fmt: skip
+    assert sorted(r["seed"] for r in seen[-1]) == [0, 0, 1, 1]
+    assert (rec / "finetune/fcl/local_N1_fold-_seed1/summary.json").is_file()
+
+    record = (rec / "pretrain/fcl/record.json").read_text()
+    with pytest.raises(SystemExit, match=r"pre-training fcl .* differ from its record .*encoder\.pt"):
+        machine("d", "0,1,2", encoder=b"another encoder")  # no bitwise rerun: no cell from it
+    assert (rec / "pretrain/fcl/record.json").read_text() == record
+    assert not (tmp_path / "d/finetune/fcl/local_N1_fold-_seed2").exists()
+    assert not (rec / "finetune/fcl/local_N1_fold-_seed2").exists()
+    assert (rec / "finetune/random/local_N1_fold-_seed2/summary.json").is_file()  # random init needs no encoder
+    with pytest.raises(SystemExit, match="other fine-tuning arguments"):  # another budget: refused, nothing written
+        machine("e", "0", argv=["--finetune-arg=--federation.rounds=6"])
+    assert not (tmp_path / "e").exists()

@@ -1,0 +1,130 @@
+"""A table's records: the few small files of each finished cell that its figures come from, kept
+in a folder apart from the run folder so that they can be committed and outlive the machine.
+
+A run folder (``runs/tables/<profile>``) holds checkpoints, caches and logs: too large for git,
+and gone with the machine. A records folder mirrors its layout but keeps, per finished cell,
+
+- fine-tuning: ``cell.json``, ``config.yaml``, ``summary.json``, ``test_per_patient.csv`` and
+  every ``logs/version_*/metrics.csv`` (the test figures and the held-out curve);
+- pre-training: ``config.yaml``, the ``metrics.csv`` logs (its monitors) and ``record.json``, the
+  SHA-256 of every encoder it wrote;
+
+and the folder's ``provenance.json``. Restored into an empty run folder, the fine-tuning records
+count as finished cells, so a table filled on several machines (or sessions) is reported as one.
+Encoders are not kept: a pre-training is run again where a fine-tuning cell needs it, and its
+encoders must hash as recorded, or the recorded cells and the new ones would come from different
+encoders and could not be paired.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import provenance
+
+from fcl_lightning.layout import CONFIG, ENCODER, ENCODERS, INIT_ENCODER, LOGS, SUMMARY
+
+RECORD = "record.json"  # a pre-training's record: the SHA-256 of the encoders it wrote
+FINETUNE_FILES = ("cell.json", CONFIG, SUMMARY, "test_per_patient.csv")
+
+
+def files(cell: Path, pretrain: bool) -> list[Path]:
+    """The files of ``cell`` (a run folder's cell) that its record keeps, relative to it."""
+    names = (CONFIG,) if pretrain else FINETUNE_FILES
+    kept = [Path(n) for n in names if (cell / n).is_file()]
+    return kept + sorted(p.relative_to(cell) for p in cell.glob(f"{LOGS}/version_*/metrics.csv"))
+
+
+def encoder_hashes(cell: Path) -> dict[str, str]:
+    """SHA-256 of every encoder a finished pre-training wrote, by path relative to it."""
+    paths = [cell / ENCODER, cell / INIT_ENCODER, *sorted((cell / ENCODERS).glob("*.pt"))]
+    return {str(p.relative_to(cell)): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths if p.is_file()}
+
+
+def recorded_hashes(record: Path) -> dict[str, str] | None:
+    """The encoder hashes of a pre-training's record (``None`` when there is no record)."""
+    f = record / RECORD
+    if not f.is_file():
+        return None
+    try:
+        return dict(json.loads(f.read_text())["sha256"])
+    except (ValueError, KeyError, TypeError):
+        raise SystemExit(
+            f"{f}: not a pre-training record of run_tables.py; remove {record} to record it again"
+        ) from None
+
+
+def check_encoders(cell: Path, record: Path, method: str) -> None:
+    """Refuse a pre-training whose encoders differ from its record's: the recorded fine-tuning
+    cells came from the recorded encoders, and new cells from these could not be paired with them."""
+    want = recorded_hashes(record)
+    if want is None or not (cell / ENCODER).is_file():
+        return
+    have = encoder_hashes(cell)
+    differ = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+    if differ:
+        raise SystemExit(
+            f"pre-training {method} at {cell} wrote encoders that differ from its record {record / RECORD} "
+            f"({', '.join(differ)}): this machine did not reproduce it bit for bit, so the recorded fine-tuning "
+            "cells (from the recorded encoders) cannot be paired with new ones. Fill another --out with another "
+            "--records folder, or fine-tune only on the machine that recorded it"
+        )
+
+
+def _replace_dir(tmp: Path, dst: Path) -> None:
+    """Put the folder ``tmp`` at ``dst``, replacing what was there; a reader never sees a half copy."""
+    old = dst.with_name(f".{dst.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        dst.rename(old)
+    tmp.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save(cell: Path, record: Path, pretrain: bool) -> None:
+    """Record a finished cell: copy its kept files (and, for a pre-training, its encoders' hashes)
+    to ``record``, replacing an older record of it whole."""
+    tmp = record.with_name(f".{record.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for rel in files(cell, pretrain):
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cell / rel, tmp / rel)
+    if pretrain:
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / RECORD).write_text(json.dumps({"sha256": encoder_hashes(cell)}, indent=1))
+    record.parent.mkdir(parents=True, exist_ok=True)
+    _replace_dir(tmp, record)
+
+
+def restore(record: Path, cell: Path, pretrain: bool) -> bool:
+    """Copy a cell's record into the run folder where that cell has no folder yet (a run there,
+    finished or not, is left as it is); ``True`` when it did."""
+    if cell.exists() or not record.is_dir():
+        return False
+    tmp = cell.with_name(f".{cell.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for rel in files(record, pretrain):
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(record / rel, tmp / rel)
+    tmp.mkdir(parents=True, exist_ok=True)
+    cell.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(cell)
+    return True
+
+
+def merge_provenance(*folders: Path) -> list[dict]:
+    """The calls recorded in every folder's ``provenance.json``, each once, in date order."""
+    calls: list[dict] = []
+    for folder in folders:
+        calls += [c for c in provenance.read(folder) if c not in calls]
+    return sorted(calls, key=lambda c: c["date"])
+
+
+def write_provenance(folder: Path, calls: list[dict]) -> None:
+    from fcl_lightning.io import atomic_write_text
+
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps({"calls": calls}, indent=2), folder / provenance.FILE)
