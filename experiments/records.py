@@ -6,8 +6,8 @@ and gone with the machine. A records folder mirrors its layout but keeps, per fi
 
 - fine-tuning: ``cell.json``, ``config.yaml``, ``summary.json``, ``test_per_patient.csv`` and
   every ``logs/version_*/metrics.csv`` (the test figures and the held-out curve);
-- pre-training: ``config.yaml``, the ``metrics.csv`` logs (its monitors) and ``record.json``, the
-  SHA-256 of every encoder it wrote;
+- pre-training: ``config.yaml``, the ``metrics.csv`` logs (its monitors) and ``record.json``, a
+  SHA-256 of the weights of every encoder it wrote;
 
 and the folder's ``provenance.json``. Restored into an empty run folder, the fine-tuning records
 count as finished cells, so a table filled on several machines (or sessions) is reported as one.
@@ -27,7 +27,7 @@ import provenance
 
 from fcl_lightning.layout import CONFIG, ENCODER, ENCODERS, INIT_ENCODER, LOGS, SUMMARY
 
-RECORD = "record.json"  # a pre-training's record: the SHA-256 of the encoders it wrote
+RECORD = "record.json"  # a pre-training's record: its encoders' weights_hash
 FINETUNE_FILES = ("cell.json", CONFIG, SUMMARY, "test_per_patient.csv")
 
 
@@ -38,10 +38,37 @@ def files(cell: Path, pretrain: bool) -> list[Path]:
     return kept + sorted(p.relative_to(cell) for p in cell.glob(f"{LOGS}/version_*/metrics.csv"))
 
 
+def weights_hash(path: Path) -> str:
+    """SHA-256 of what a ``torch.save`` file holds (names, dtypes, shapes and values, in key order),
+    not of its bytes: the zip's record names follow the temporary file it was written to."""
+    import torch
+
+    from fcl_lightning.io import safe_torch_load
+
+    h = hashlib.sha256()
+
+    def walk(obj, key: str) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, dict):
+            for k in sorted(obj, key=str):
+                walk(obj[k], f"{key}/{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{key}/{i}")
+        else:
+            h.update(f"{key}={obj!r}".encode())
+
+    walk(safe_torch_load(path, "an encoder"), "")
+    return h.hexdigest()
+
+
 def encoder_hashes(cell: Path) -> dict[str, str]:
-    """SHA-256 of every encoder a finished pre-training wrote, by path relative to it."""
+    """``weights_hash`` of every encoder a finished pre-training wrote, by path relative to it."""
     paths = [cell / ENCODER, cell / INIT_ENCODER, *sorted((cell / ENCODERS).glob("*.pt"))]
-    return {str(p.relative_to(cell)): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths if p.is_file()}
+    return {str(p.relative_to(cell)): weights_hash(p) for p in paths if p.is_file()}
 
 
 def recorded_hashes(record: Path) -> dict[str, str] | None:

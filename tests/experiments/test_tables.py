@@ -4,6 +4,7 @@ that skips every finished cell."""
 import csv
 
 import pytest
+import torch
 
 TINY_DATA = [
     "--data.source.init_args.num_subjects=8",
@@ -289,8 +290,8 @@ def test_pretraining_gain_pools_its_pretraining_runs(tables):
     assert next(ln for ln in md.splitlines() if "pooled |" in ln).endswith("5/10 pairs, not shown | - |")
 
 
-def fake_cli(tables, calls, encoder=b"encoder"):
-    """``cli`` without training: a pre-training writes ``encoder`` as its encoder, a fine-tuning's
+def fake_cli(tables, calls, encoder=1.0):
+    """``cli`` without training: a pre-training writes an encoder of weights ``encoder``, a fine-tuning's
     test its figures and a one-round curve; ``calls`` gets (command, run folder)."""
 
     def cli(args):
@@ -299,7 +300,9 @@ def fake_cli(tables, calls, encoder=b"encoder"):
         (root / "logs/version_0").mkdir(parents=True, exist_ok=True)
         (root / "logs/version_0/metrics.csv").write_text("round,round/val/dice_mean\n1,0.4\n")
         if not any(a.startswith("--data.labelled_per_client=") for a in args):
-            (root / "encoder.pt").write_bytes(encoder)
+            from fcl_lightning.io import atomic_save
+
+            atomic_save({"w": torch.full((3,), encoder)}, root / "encoder.pt")
         elif args[0] == "test":
             seed = int(next(a.split("=")[1] for a in args if a.startswith("--seed_everything=")))
             (root / "summary.json").write_text('{"test/dice_mean": 0.5}')
@@ -319,7 +322,7 @@ def test_records_carry_finished_cells_to_another_machine(tables, tmp_path, monke
     seen = []
     monkeypatch.setattr(tables, "write_results", lambda runner, methods, *a: seen.append(runner.rows(methods)) or "")
 
-    def machine(out, seeds, encoder=b"encoder", argv=()):
+    def machine(out, seeds, encoder=1.0, argv=()):
         calls = []
         monkeypatch.setattr(tables, "cli", fake_cli(tables, calls, encoder))
         tables.main(["--methods", "random,fcl", "--ns", "1", "--settings", "local", "--seeds", seeds,
@@ -333,7 +336,7 @@ def test_records_carry_finished_cells_to_another_machine(tables, tmp_path, monke
         "cell.json", "logs/version_0/metrics.csv", "summary.json", "test_per_patient.csv"
     ]  # fmt: skip
     hashes = tables.json.loads((rec / "pretrain/fcl/record.json").read_text())["sha256"]
-    assert hashes == {"encoder.pt": tables.records.hashlib.sha256(b"encoder").hexdigest()}
+    assert hashes == {"encoder.pt": tables.records.weights_hash(tmp_path / "a/pretrain/fcl/encoder.pt")}
     assert not list(rec.rglob("*.pt")) and len(tables.provenance.read(rec)) == 1
 
     assert machine("b", "0") == []  # everything restored: nothing runs, the same rows
@@ -350,7 +353,7 @@ def test_records_carry_finished_cells_to_another_machine(tables, tmp_path, monke
 
     record = (rec / "pretrain/fcl/record.json").read_text()
     with pytest.raises(SystemExit, match=r"pre-training fcl .* differ from its record .*encoder\.pt"):
-        machine("d", "0,1,2", encoder=b"another encoder")  # no bitwise rerun: no cell from it
+        machine("d", "0,1,2", encoder=1.0 + 1e-7)  # no bitwise rerun: no cell from it
     assert (rec / "pretrain/fcl/record.json").read_text() == record
     assert not (tmp_path / "d/finetune/fcl/local_N1_fold-_seed2").exists()
     assert not (rec / "finetune/fcl/local_N1_fold-_seed2").exists()
@@ -358,3 +361,17 @@ def test_records_carry_finished_cells_to_another_machine(tables, tmp_path, monke
     with pytest.raises(SystemExit, match="other fine-tuning arguments"):  # another budget: refused, nothing written
         machine("e", "0", argv=["--finetune-arg=--federation.rounds=6"])
     assert not (tmp_path / "e").exists()
+
+
+def test_an_encoders_hash_is_of_its_weights_not_its_bytes(experiment, tmp_path):
+    """The same weights saved twice differ byte for byte (the zip's record names follow the
+    temporary file), yet hash the same; one changed value, dtype or name hashes otherwise."""
+    from fcl_lightning.io import atomic_save
+
+    records = experiment("records")
+    w = {"conv.weight": torch.randn(4, 3), "conv.bias": torch.zeros(4), "steps": 7}
+    a, b = atomic_save(w, tmp_path / "a.pt"), atomic_save(dict(reversed(w.items())), tmp_path / "b.pt")
+    assert a.read_bytes() != b.read_bytes() and records.weights_hash(a) == records.weights_hash(b)
+    for other in ({**w, "steps": 8}, {**w, "conv.bias": torch.zeros(4, dtype=torch.float64)},
+                  {**w, "conv.bias": torch.full((4,), 1e-9)}, {"x" + k: v for k, v in w.items()}):  # fmt: skip
+        assert records.weights_hash(atomic_save(other, tmp_path / "c.pt")) != records.weights_hash(a)
