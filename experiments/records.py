@@ -1,19 +1,21 @@
-"""A table's records: the few small files of each finished cell that its figures come from, kept
-in a folder apart from the run folder so that they can be committed and outlive the machine.
+"""A table's records: the files of each finished cell that its figures come from, kept in a
+folder apart from the run folder so that they can be committed and outlive the machine.
 
 A run folder (``runs/tables/<profile>``) holds checkpoints, caches and logs: too large for git,
 and gone with the machine. A records folder mirrors its layout but keeps, per finished cell,
 
 - fine-tuning: ``cell.json``, ``config.yaml``, ``summary.json``, ``test_per_patient.csv`` and
   every ``logs/version_*/metrics.csv`` (the test figures and the held-out curve);
-- pre-training: ``config.yaml``, the ``metrics.csv`` logs (its monitors) and ``record.json``, a
-  SHA-256 of the weights of every encoder it wrote;
+- pre-training: ``config.yaml``, the ``metrics.csv`` logs (its monitors), its encoders
+  (``encoder.pt``, ``encoder_init.pt``, ``encoders/``; a few MB at the CPU profiles' width) and
+  ``record.json``, a hash of each encoder's weights;
 
-and the folder's ``provenance.json``. Restored into an empty run folder, the fine-tuning records
-count as finished cells, so a table filled on several machines (or sessions) is reported as one.
-Encoders are not kept: a pre-training is run again where a fine-tuning cell needs it, and its
-encoders must hash as recorded, or the recorded cells and the new ones would come from different
-encoders and could not be paired.
+and the folder's ``provenance.json``. Restored into an empty run folder, they are finished cells,
+so a table filled on several machines (or sessions) is reported as one, and new cells fine-tune
+from the recorded encoders. The encoders themselves are kept because another machine does not
+rerun a pre-training bit for bit (the same fine-tuning cell, same code and seed, measured 0.441
+and 0.433 held-out Dice after its first round on two 2-core machines): encoders from a rerun would
+be another pre-training run, and the recorded cells could not be paired with cells from it.
 """
 
 from __future__ import annotations
@@ -31,10 +33,16 @@ RECORD = "record.json"  # a pre-training's record: its encoders' weights_hash
 FINETUNE_FILES = ("cell.json", CONFIG, SUMMARY, "test_per_patient.csv")
 
 
+def encoders(cell: Path) -> list[Path]:
+    """The encoders a finished pre-training wrote."""
+    return [p for p in (cell / ENCODER, cell / INIT_ENCODER, *sorted((cell / ENCODERS).glob("*.pt"))) if p.is_file()]
+
+
 def files(cell: Path, pretrain: bool) -> list[Path]:
     """The files of ``cell`` (a run folder's cell) that its record keeps, relative to it."""
     names = (CONFIG,) if pretrain else FINETUNE_FILES
     kept = [Path(n) for n in names if (cell / n).is_file()]
+    kept += [p.relative_to(cell) for p in encoders(cell)] if pretrain else []
     return kept + sorted(p.relative_to(cell) for p in cell.glob(f"{LOGS}/version_*/metrics.csv"))
 
 
@@ -67,8 +75,7 @@ def weights_hash(path: Path) -> str:
 
 def encoder_hashes(cell: Path) -> dict[str, str]:
     """``weights_hash`` of every encoder a finished pre-training wrote, by path relative to it."""
-    paths = [cell / ENCODER, cell / INIT_ENCODER, *sorted((cell / ENCODERS).glob("*.pt"))]
-    return {str(p.relative_to(cell)): weights_hash(p) for p in paths if p.is_file()}
+    return {str(p.relative_to(cell)): weights_hash(p) for p in encoders(cell)}
 
 
 def recorded_hashes(record: Path) -> dict[str, str] | None:
@@ -85,8 +92,9 @@ def recorded_hashes(record: Path) -> dict[str, str] | None:
 
 
 def check_encoders(cell: Path, record: Path, method: str) -> None:
-    """Refuse a pre-training whose encoders differ from its record's: the recorded fine-tuning
-    cells came from the recorded encoders, and new cells from these could not be paired with them."""
+    """Refuse a pre-training whose encoders differ from its record's (one run here before the
+    records were used, say, or a record edited by hand): the recorded fine-tuning cells came from
+    the recorded encoders, and new cells from these could not be paired with them."""
     want = recorded_hashes(record)
     if want is None or not (cell / ENCODER).is_file():
         return
@@ -95,9 +103,9 @@ def check_encoders(cell: Path, record: Path, method: str) -> None:
     if differ:
         raise SystemExit(
             f"pre-training {method} at {cell} wrote encoders that differ from its record {record / RECORD} "
-            f"({', '.join(differ)}): this machine did not reproduce it bit for bit, so the recorded fine-tuning "
-            "cells (from the recorded encoders) cannot be paired with new ones. Fill another --out with another "
-            "--records folder, or fine-tune only on the machine that recorded it"
+            f"({', '.join(differ)}), so the recorded fine-tuning cells (from the recorded encoders) cannot be "
+            f"paired with new ones from it. Remove {cell} to fine-tune from the recorded encoders, or give this "
+            "run folder another --records folder"
         )
 
 

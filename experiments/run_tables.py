@@ -14,10 +14,10 @@ figures) is never run again, and an interrupted pre-training continues from its 
 Each fine-tuning cell records its arguments (``cell.json``); a call whose arguments for a cell
 differ (another ``--finetune-arg`` budget, say; ``--report-only`` too) is refused before it writes
 anything: another budget or recipe goes to another ``--out`` (``--pretrain-from`` reuses the
-encoders). ``--records DIR`` keeps each finished cell's small files (test figures, curves,
-arguments, the encoders' hashes; ``experiments/records.py``) in a folder that can be committed, so
-that a table filled over several machines is reported as one: an empty ``--out`` gets the recorded
-cells back as finished, and runs only what is left.
+encoders). ``--records DIR`` keeps each finished cell's figures, curve and arguments, and the
+pre-trainings' encoders (``experiments/records.py``), in a folder that can be committed, so that a
+table filled over several machines is reported as one: an empty ``--out`` gets the recorded cells
+back as finished, fine-tunes from the recorded encoders, and runs only what is left.
 
     python experiments/run_tables.py --profile quick
     python experiments/run_tables.py --profile acdc-cpu --root /path/to/ACDC/training
@@ -515,8 +515,8 @@ class Runner:
         records.write_provenance(self.records_dir, records.merge_provenance(self.records_dir, self.out))
 
     # ------------------------------------------------------------------ run
-    def run(self, methods: list[str]) -> None:
-        cells = self.cells(methods)
+    def run(self, methods: list[str], pretrain_only: bool = False) -> None:
+        cells = [c for c in self.cells(methods) if c[0] == "pretrain" or not pretrain_only]
         self.check_recorded_args(cells)
         self.check_encoders(cells)
         todo = [c for c in cells if not self.is_done(c)]
@@ -524,7 +524,9 @@ class Runner:
         todo = [
             c
             for c in todo
-            if c[0] == "finetune" or any(f[0] == "finetune" and split_method(f[1])[0] == c[1] for f in todo)
+            if c[0] == "finetune"
+            or pretrain_only
+            or any(f[0] == "finetune" and split_method(f[1])[0] == c[1] for f in todo)
         ]
         self.log(f"{len(cells)} cells, {len(cells) - len(todo)} already finished, {len(todo)} to run")
         for i, cell in enumerate(todo):
@@ -868,11 +870,17 @@ def main(argv: list[str] | None = None) -> None:
         "instead of pre-training here, e.g. the same encoders at another fine-tuning budget",
     )
     ap.add_argument(
+        "--pretrain-only",
+        action="store_true",
+        help="run only the methods' pre-trainings (their encoders first, the fine-tuning cells in a later call)",
+    )
+    ap.add_argument(
         "--records",
         default=None,
         metavar="DIR",
-        help="a folder that keeps every finished cell's small files (experiments/records.py), e.g. one in git: "
-        "its cells are copied into --out first and count as finished, each cell finished here is added to it",
+        help="a folder that keeps every finished cell's figures and the pre-trainings' encoders (experiments/records.py), "
+        "e.g. one in git: its cells are copied into --out first and count as finished, each cell finished here is "
+        "added to it",
     )
     args = ap.parse_args(argv)
 
@@ -935,7 +943,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     if not args.report_only:
         provenance.append(out, provenance.record(data=f"ACDC at {args.root}" if args.root else "the built-in phantom"))
-        runner.run(methods)
+        runner.run(methods, pretrain_only=args.pretrain_only)
     runner.save_records(cells)
     print(write_results(runner, methods, args.profile, None if args.report_only else time.perf_counter() - t0))
     print(f"\nwrote {out / 'results.csv'}, {out / 'results.md'} and the Dice-vs-N figures")

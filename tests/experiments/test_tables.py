@@ -314,19 +314,19 @@ def fake_cli(tables, calls, encoder=1.0):
 
 
 def test_records_carry_finished_cells_to_another_machine(tables, tmp_path, monkeypatch):
-    """``--records DIR`` keeps each finished cell's small files apart from the run folder: an empty
-    run folder on another machine gets them back as finished cells (no cell runs again, not even
-    the pre-training they came from), runs only what is left, and a pre-training that does not
-    hash as recorded is refused instead of mixing encoders."""
+    """``--records DIR`` keeps each finished cell's figures and the pre-trainings' encoders apart
+    from the run folder: an empty run folder on another machine gets them back as finished cells,
+    runs only what is left, from the recorded encoder (never pre-training again), and a run folder
+    whose own pre-training differs from the record is refused instead of mixing encoders."""
     rec = tmp_path / "records"
     seen = []
     monkeypatch.setattr(tables, "write_results", lambda runner, methods, *a: seen.append(runner.rows(methods)) or "")
 
-    def machine(out, seeds, encoder=1.0, argv=()):
+    def machine(out, seeds, encoder=1.0, argv=("--records", str(rec))):
         calls = []
         monkeypatch.setattr(tables, "cli", fake_cli(tables, calls, encoder))
         tables.main(["--methods", "random,fcl", "--ns", "1", "--settings", "local", "--seeds", seeds,
-                     "--out", str(tmp_path / out), "--records", str(rec), *argv])  # fmt: skip
+                     "--out", str(tmp_path / out), *argv])  # fmt: skip
         return calls
 
     first = machine("a", "0")
@@ -335,32 +335,35 @@ def test_records_carry_finished_cells_to_another_machine(tables, tmp_path, monke
     assert sorted(str(p.relative_to(cell)) for p in cell.rglob("*") if p.is_file()) == [
         "cell.json", "logs/version_0/metrics.csv", "summary.json", "test_per_patient.csv"
     ]  # fmt: skip
+    assert sorted(str(p.relative_to(rec / "pretrain/fcl")) for p in (rec / "pretrain/fcl").rglob("*.*")) == [
+        "encoder.pt", "logs/version_0/metrics.csv", "record.json"
+    ]  # fmt: skip
     hashes = tables.json.loads((rec / "pretrain/fcl/record.json").read_text())["sha256"]
     assert hashes == {"encoder.pt": tables.records.weights_hash(tmp_path / "a/pretrain/fcl/encoder.pt")}
-    assert not list(rec.rglob("*.pt")) and len(tables.provenance.read(rec)) == 1
+    assert len(tables.provenance.read(rec)) == 1
 
     assert machine("b", "0") == []  # everything restored: nothing runs, the same rows
     assert seen[1] == seen[0] and len(seen[0]) == 2
-    calls = machine("c", "0,1")  # seed 1 is new: fcl pre-trains again (the same encoder) for it
+    calls = machine("c", "0,1", encoder=2.0)  # seed 1 is new: fine-tuned from the recorded encoder
     s1 = "local_N1_fold-_seed1"
     assert [(c, str(p.relative_to(tmp_path))) for c, p in calls] == [
         ("fit", f"c/finetune/random/{s1}"), ("test", f"c/finetune/random/{s1}"),
-        ("fit", "c/pretrain/fcl"),
         ("fit", f"c/finetune/fcl/{s1}"), ("test", f"c/finetune/fcl/{s1}"),
     ]  # fmt: skip
+    assert tables.records.encoder_hashes(tmp_path / "c/pretrain/fcl") == hashes
     assert sorted(r["seed"] for r in seen[-1]) == [0, 0, 1, 1]
     assert (rec / "finetune/fcl/local_N1_fold-_seed1/summary.json").is_file()
 
-    record = (rec / "pretrain/fcl/record.json").read_text()
+    machine("d", "0", encoder=1.0 + 1e-7, argv=())  # a pre-training of its own, before the records were used
     with pytest.raises(SystemExit, match=r"pre-training fcl .* differ from its record .*encoder\.pt"):
-        machine("d", "0,1,2", encoder=1.0 + 1e-7)  # no bitwise rerun: no cell from it
-    assert (rec / "pretrain/fcl/record.json").read_text() == record
-    assert not (tmp_path / "d/finetune/fcl/local_N1_fold-_seed2").exists()
-    assert not (rec / "finetune/fcl/local_N1_fold-_seed2").exists()
-    assert (rec / "finetune/random/local_N1_fold-_seed2/summary.json").is_file()  # random init needs no encoder
+        machine("d", "0,1,2")
+    assert not (rec / "finetune/random/local_N1_fold-_seed2").exists()  # refused before anything ran
+    assert tables.json.loads((rec / "pretrain/fcl/record.json").read_text())["sha256"] == hashes
     with pytest.raises(SystemExit, match="other fine-tuning arguments"):  # another budget: refused, nothing written
-        machine("e", "0", argv=["--finetune-arg=--federation.rounds=6"])
+        machine("e", "0", argv=["--records", str(rec), "--finetune-arg=--federation.rounds=6"])
     assert not (tmp_path / "e").exists()
+    only = machine("f", "0", argv=["--pretrain-only"])  # the encoders alone, the cells in a later call
+    assert [(c, str(p.relative_to(tmp_path))) for c, p in only] == [("fit", "f/pretrain/fcl")]
 
 
 def test_an_encoders_hash_is_of_its_weights_not_its_bytes(experiment, tmp_path):
