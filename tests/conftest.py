@@ -6,9 +6,6 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("WANDB_MODE", "disabled")
-# The suite's models are tiny: one thread each beats two threads' synchronisation (tests/test_errors.py
-# and tests/privacy on 2 cores: 69-72 s against 80-89 s with two); the processes tests start inherit it.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
