@@ -309,7 +309,7 @@ class Runner:
         self.extra_pretrain, self.extra_finetune = extra_pretrain, extra_finetune
         self.log = log
         self.pretrain_root = pretrain_root or out / "pretrain"
-        self.records_dir = records_dir  # experiments/records.py: the finished cells' small files, kept apart
+        self.records_dir = records_dir  # experiments/records.py: the finished cells' records, kept apart
         self.times: dict[str, list[float]] = {"pretrain": [], "finetune": []}
 
     # ---------------------------------------------------------------- cells
@@ -361,7 +361,7 @@ class Runner:
         ]
         if (d / "checkpoints" / "last.ckpt").is_file():
             args.append("--ckpt_path=last")  # an interrupted pre-training continues at its next round
-        elif d.is_dir():  # stopped before its first checkpoint, or only a restored record: start again
+        elif d.is_dir():  # stopped before its first checkpoint: start again
             shutil.rmtree(d)
         cli(args)
 
@@ -471,7 +471,7 @@ class Runner:
 
     def recorded(self, cells: list[tuple]) -> list[tuple]:
         """The cells the records folder can give this run folder: finished fine-tunings, and the
-        pre-trainings' monitors (when this folder pre-trains; not with ``--pretrain-from``)."""
+        pre-trainings with their encoders (when this folder pre-trains; not with ``--pretrain-from``)."""
         if self.records_dir is None:
             return []
         own_pretrain = self.pretrain_root == self.out / "pretrain"
