@@ -119,16 +119,22 @@ def _replace_dir(tmp: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _copy_kept(src: Path, dst: Path, pretrain: bool) -> Path:
+    """The kept files of ``src`` copied into a fresh temporary folder beside ``dst``; its path."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for rel in files(src, pretrain):
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / rel, tmp / rel)
+    return tmp
+
+
 def save(cell: Path, record: Path, pretrain: bool) -> None:
     """Record a finished cell: copy its kept files (and, for a pre-training, its encoders' hashes)
     to ``record``, replacing an older record of it whole."""
-    tmp = record.with_name(f".{record.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for rel in files(cell, pretrain):
-        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(cell / rel, tmp / rel)
+    tmp = _copy_kept(cell, record, pretrain)
     if pretrain:
-        tmp.mkdir(parents=True, exist_ok=True)
         (tmp / RECORD).write_text(json.dumps({"sha256": encoder_hashes(cell)}, indent=1))
     record.parent.mkdir(parents=True, exist_ok=True)
     _replace_dir(tmp, record)
@@ -139,12 +145,7 @@ def restore(record: Path, cell: Path, pretrain: bool) -> bool:
     finished or not, is left as it is); ``True`` when it did."""
     if cell.exists() or not record.is_dir():
         return False
-    tmp = cell.with_name(f".{cell.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for rel in files(record, pretrain):
-        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(record / rel, tmp / rel)
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = _copy_kept(record, cell, pretrain)
     cell.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(cell)
     return True
