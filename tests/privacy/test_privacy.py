@@ -209,6 +209,7 @@ def test_nothing_un_noised_leaves_a_flower_node(tmp_path, tiny):
     assert summary["privacy"]["epsilon"] > 0
 
 
+@pytest.mark.slow  # the suite's time: the target-epsilon resume below is the same check with its noise and ledger
 def test_a_resumed_dp_run_repeats_its_noise(tmp_path, tiny):
     """The secret is in each client's state: resuming from round 1 gives round 2's weights again."""
     main(tiny(tmp_path / "a", rounds=2, extra=DP))
