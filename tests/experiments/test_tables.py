@@ -290,6 +290,25 @@ def test_pretraining_gain_pools_its_pretraining_runs(tables):
     assert next(ln for ln in md.splitlines() if "pooled |" in ln).endswith("5/10 pairs, not shown | - |")
 
 
+def test_the_gain_on_top_of_semi_is_reported_without_the_plain_random_arm(tables, tmp_path):
+    """A report asked for ``random+bcp,fcl+bcp`` alone still pairs them: FCL + BCP against BCP."""
+    profile = tables.Profile(pretrain=[], finetune=[], ns=[2], methods=["random+bcp", "fcl+bcp"], settings=["local"],
+                             seeds=[0])  # fmt: skip
+    runner = tables.Runner(profile, tmp_path, [], [], [])
+    for method, shift in (("random+bcp", 0.0), ("fcl+bcp", 0.02)):
+        d = runner.finetune_dir(method, "local", 2, None, 0)
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text('{"test/dice_mean": 0.5}')
+        lines = [f"{c},p{c},0.5,0.5,0.5,{0.5 + 0.01 * c + shift},3.0" for c in range(5)]
+        (d / "test_per_patient.csv").write_text(
+            "client,patient,dice_rv,dice_myo,dice_lv,dice_mean,hd95_mean\n" + "\n".join(lines) + "\n"
+        )
+    md = tables.write_results(runner, profile.methods, "plateau", None)
+    assert "Gains over random init" not in md  # no plain random arm asked
+    line = next(ln for ln in md.splitlines() if ln.startswith("| FCL + BCP (extension) | paired gain |"))
+    assert "| +0.020 [" in line and "5/5 pairs" in line
+
+
 def fake_cli(tables, calls, encoder=1.0):
     """``cli`` without training: a pre-training writes an encoder of weights ``encoder``, a fine-tuning's
     test its figures and a one-round curve; ``calls`` gets (command, run folder)."""
