@@ -80,6 +80,11 @@ class FCLCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("parser_kwargs", {"description": __doc__})
         kwargs.setdefault("parser_class", FCLArgumentParser)
+        argv = kwargs.get("args")
+        argv = sys.argv[1:] if argv is None else argv
+        named = argv[0] if isinstance(argv, list) and argv else None
+        #: the subcommand the command line starts with: the only one whose parser is built
+        self.only_subcommand = named if named in LightningCLI.subcommands() else None
         super().__init__(*args, **kwargs)
 
     def instantiate_classes(self) -> None:
@@ -93,12 +98,15 @@ class FCLCLI(LightningCLI):
                 raise
             raise user from exc
 
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        """``fit``, ``validate``, ``test`` and ``predict`` (label maps for new scans)."""
+    def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]
+        """``fit``, ``validate``, ``test`` and ``predict`` (label maps for new scans); only the one
+        the command line starts with, where it names one. Lightning builds a parser per subcommand
+        here (a quarter of a second each) and searches them all on every parse; a run uses one.
+        Top-level ``--help`` and a misspelt name still get all four."""
         out = {k: set(v) for k, v in LightningCLI.subcommands().items()}
         out["predict"].add("return_predictions")
-        return out
+        only = getattr(self, "only_subcommand", None)
+        return {only: out[only]} if only else out
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         """Lightning's subcommand parser; ``predict`` gains what it reads and writes."""

@@ -18,6 +18,29 @@ def test_help_lists_sections(capsys):
         assert section in out
 
 
+def test_only_the_named_subcommand_gets_a_parser_and_the_top_level_help_lists_all(capsys, monkeypatch):
+    from fcl_lightning import cli
+
+    built = []
+    prepare = cli.FCLCLI._prepare_subcommand_parser
+    monkeypatch.setattr(
+        cli.FCLCLI,
+        "_prepare_subcommand_parser",
+        lambda self, k, sub, **kw: built.append(sub) or prepare(self, k, sub, **kw),
+    )
+    with pytest.raises(SystemExit):
+        main(["test", "--help"])
+    assert built == ["test"] and "--space" in capsys.readouterr().out  # test's own option
+    built.clear()
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert built == ["fit", "validate", "test", "predict"] and all(s in out for s in built)
+    with pytest.raises(SystemExit):
+        main(["fitt", "--help"])  # a misspelt name: argparse's error names the choices
+    assert "'fit', 'validate', 'test', 'predict'" in capsys.readouterr().err
+
+
 def test_print_config_is_complete(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--print_config"])
