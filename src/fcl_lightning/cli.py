@@ -209,7 +209,7 @@ class FCLCLI(LightningCLI):
         CSV logger, a WandbLogger's ``save_dir``, the resumed wandb run id): ``fit --config
         <run>/config.yaml --trainer.default_root_dir <new>`` then logs under ``<new>``, not into the
         old run."""
-        full = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        full = yaml.safe_load(self.parser.dump(self.config, skip_unset=False, skip_validation=True))  # parsed: valid
         section = full.get(sub, full) if sub else full
         if self.default_logger:
             section["trainer"]["logger"] = None
