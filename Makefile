@@ -31,7 +31,7 @@ docs: setup
 
 # the test command (.ci/run runs it too): lint, the docs site, then the suite; wandb never touches the network.
 # Two pytest-xdist workers of one torch thread each: the tests are tiny models, mostly one busy thread,
-# so two workers fill two cores (measured: 184-219 s against 307 s in one process, 2-core AMD EPYC)
+# so two workers fill two cores (measured: 133-219 s against 307 s in one process, 2-core AMD EPYC)
 test: lint docs
 	WANDB_MODE=disabled OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal
 
