@@ -747,7 +747,7 @@ def curves(runner: Runner, methods: list[str]) -> list[str]:
                 flat = "-" if last_third is None else ("yes" if last_third < FLAT else "**no**")
                 lines.append(
                     f"| {label(m)} | {n} | {len(runs)} | " + " / ".join(f"{v:.3f}" for v in mean)
-                    + f" | {'-' if last_third is None else f'{last_third:+.3f}'} | {flat} |"
+                    + f" | {'-' if last_third is None else f'{last_third:+.4f}'} | {flat} |"  # 4 places: +0.0096 is flat
                 )  # fmt: skip
         if lines:
             at = f"after every {steps} steps" if steps else "after each fine-tuning round"

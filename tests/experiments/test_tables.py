@@ -260,9 +260,9 @@ def test_plateau_curves_say_whether_each_arm_flattened(tables, tmp_path):
     md = tables.write_results(runner, profile.methods, "plateau", 1.0)
     assert "## Held-out Dice after every 250 steps (local)" in md
     # the cell still training neither shortens nor shifts the curve
-    assert "| Random init | 1 | 1 | 0.400 / 0.450 / 0.460 / 0.460 / 0.465 / 0.466 | +0.006 | yes |" in md
+    assert "| Random init | 1 | 1 | 0.400 / 0.450 / 0.460 / 0.460 / 0.465 / 0.466 | +0.0060 | yes |" in md
     assert (
-        "| Random init + BCP (extension) | 1 | 1 | 0.300 / 0.400 / 0.500 / 0.550 / 0.600 / 0.650 | +0.100 | **no** |"
+        "| Random init + BCP (extension) | 1 | 1 | 0.300 / 0.400 / 0.500 / 0.550 / 0.600 / 0.650 | +0.1000 | **no** |"
         in md
     )
     assert (tmp_path / "curves_local.png").stat().st_size > 10_000  # two curves drawn, not an empty canvas
