@@ -19,6 +19,7 @@ def test_help_lists_sections(capsys):
 
 
 def test_only_the_named_subcommand_gets_a_parser_and_the_top_level_help_lists_all(capsys, monkeypatch):
+    """A run builds the parser of its own subcommand only; --help and a misspelt name see all four."""
     from fcl_lightning import cli
 
     built = []
