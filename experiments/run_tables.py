@@ -803,18 +803,17 @@ def write_results(runner: Runner, methods: list[str], profile_name: str, wall_s:
                 "",
             ]
         # what pre-training adds on top of semi-supervised fine-tuning: needs only the two arms
-        on_top = [
-            gains(rows, [base, m], runner.p.ns, setting, baseline=base)
-            for m in methods
-            if split_method(m)[2] and split_method(m)[0] != NO_PRETRAIN
-            and (base := f"{NO_PRETRAIN}+{split_method(m)[2]}") in methods
-        ]  # fmt: skip
+        on_top = []
+        for m in methods:
+            base, _, semi = split_method(m)
+            if semi and base != NO_PRETRAIN and f"{NO_PRETRAIN}+{semi}" in methods:
+                on_top += [gains(rows, [f"{NO_PRETRAIN}+{semi}", m], runner.p.ns, setting, f"{NO_PRETRAIN}+{semi}"), ""]
         if on_top:
             parts += [
                 "Pre-training on top of the same semi-supervised fine-tuning, paired over (client, seed) pairs: "
                 "mean difference [95% bootstrap interval], pairs in its favour.",
                 "",
-                *(x for md_ in on_top for x in (md_, "")),
+                *on_top,
             ]
         parts += pooled_gains(rows, methods, runner.p.ns, setting)
         if stats:

@@ -231,6 +231,15 @@ def test_gains_are_paired_with_intervals_and_say_not_shown(tables):
     assert "+0.200 [+0.200, +0.200], 15/15 pairs" in semi and "not shown" not in semi
 
 
+def finished_cell(d, dice_by_client: list[float]) -> None:
+    """A finished fine-tuning cell's files in ``d``: its summary and one test volume per client."""
+    (d / "summary.json").write_text('{"test/dice_mean": 0.5}')
+    lines = [f"{c},p{c},0.5,0.5,0.5,{v},3.0" for c, v in enumerate(dice_by_client)]
+    (d / "test_per_patient.csv").write_text(
+        "client,patient,dice_rv,dice_myo,dice_lv,dice_mean,hd95_mean\n" + "\n".join(lines) + "\n"
+    )
+
+
 def test_plateau_curves_say_whether_each_arm_flattened(tables, tmp_path):
     """From finished cells (written here, nothing trained): the held-out Dice after every 250 steps,
     the last third's gain (the end against the round at two thirds) and the verdict per arm."""
@@ -248,10 +257,7 @@ def test_plateau_curves_say_whether_each_arm_flattened(tables, tmp_path):
         (d / "logs" / "version_0").mkdir(parents=True)
         rows = "\n".join(f"{r + 1},{v}" for r, v in enumerate(curve))
         (d / "logs" / "version_0" / "metrics.csv").write_text("round,round/val/dice_mean\n" + rows + "\n")
-        (d / "summary.json").write_text('{"test/dice_mean": 0.5}')
-        (d / "test_per_patient.csv").write_text(
-            "client,patient,dice_rv,dice_myo,dice_lv,dice_mean,hd95_mean\n0,p1,0.5,0.5,0.5,0.5,3.0\n"
-        )
+        finished_cell(d, [0.5])
     assert tables.local_steps(profile.finetune) == 250
     assert tables.plateau_gain([0.1, 0.2]) is None
     assert tables.plateau_gain(curves["random"]) == pytest.approx(
@@ -298,11 +304,7 @@ def test_the_gain_on_top_of_semi_is_reported_without_the_plain_random_arm(tables
     for method, shift in (("random+bcp", 0.0), ("fcl+bcp", 0.02)):
         d = runner.finetune_dir(method, "local", 2, None, 0)
         d.mkdir(parents=True)
-        (d / "summary.json").write_text('{"test/dice_mean": 0.5}')
-        lines = [f"{c},p{c},0.5,0.5,0.5,{0.5 + 0.01 * c + shift},3.0" for c in range(5)]
-        (d / "test_per_patient.csv").write_text(
-            "client,patient,dice_rv,dice_myo,dice_lv,dice_mean,hd95_mean\n" + "\n".join(lines) + "\n"
-        )
+        finished_cell(d, [0.5 + 0.01 * c + shift for c in range(5)])
     md = tables.write_results(runner, profile.methods, "plateau", None)
     assert "Gains over random init" not in md  # no plain random arm asked
     line = next(ln for ln in md.splitlines() if ln.startswith("| FCL + BCP (extension) | paired gain |"))
