@@ -806,8 +806,9 @@ def write_results(runner: Runner, methods: list[str], profile_name: str, wall_s:
         on_top = []
         for m in methods:
             base, _, semi = split_method(m)
-            if semi and base != NO_PRETRAIN and f"{NO_PRETRAIN}+{semi}" in methods:
-                on_top += [gains(rows, [f"{NO_PRETRAIN}+{semi}", m], runner.p.ns, setting, f"{NO_PRETRAIN}+{semi}"), ""]
+            semi_alone = f"{NO_PRETRAIN}+{semi}"
+            if semi and base != NO_PRETRAIN and semi_alone in methods:
+                on_top += [gains(rows, [semi_alone, m], runner.p.ns, setting, semi_alone), ""]
         if on_top:
             parts += [
                 "Pre-training on top of the same semi-supervised fine-tuning, paired over (client, seed) pairs: "
