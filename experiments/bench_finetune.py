@@ -5,7 +5,7 @@ costs itemised.
 
 What is measured
 ----------------
-For each arm (``supervised``, ``mean_teacher``, ``unimatch``, ``bcp``: the shipped
+For each arm (``supervised``, ``mean_teacher``, ``unimatch``, ``bcp``, ``bcp_halves``: the shipped
 ``configs/semi/*.yaml`` settings) both paths train the same U-Net (``configs/acdc/finetune.yaml``'s
 features) for ``--steps`` optimiser steps on the same batches: one client's labelled (and, for a
 semi-supervised arm, unlabelled) slices from the project's loader, collated once beforehand, with
@@ -56,7 +56,7 @@ from fcl_lightning.data.phantom import PhantomSource  # noqa: E402
 from fcl_lightning.lit.segment import SegmentationModule  # noqa: E402
 from fcl_lightning.semi import BCP, MeanTeacher, UniMatch  # noqa: E402
 
-ARMS = {"supervised": None, "mean_teacher": MeanTeacher, "unimatch": UniMatch, "bcp": BCP}
+ARMS = {"supervised": None, "mean_teacher": MeanTeacher, "unimatch": UniMatch, "bcp": BCP, "bcp_halves": BCP}
 FEATURES = [16, 32, 64, 128, 128, 128]
 
 

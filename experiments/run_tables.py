@@ -95,6 +95,7 @@ SEMI_LABELS = {
     "unimatch_short": "UniMatch (threshold 0.8)",
     "mean_teacher": "mean teacher",
     "bcp": "BCP",
+    "bcp_halves": "BCP (paired in halves)",
 }
 
 

@@ -267,12 +267,81 @@ def test_bcp_matches_its_slow_reference():
     assert all(p.grad is None for p in bcp.teacher.parameters())
 
 
-def test_bcp_never_reads_an_unlabelled_label():
+def test_bcp_halves_pairing_matches_its_slow_reference():
+    """``pairing: halves`` (BCP's ACDC code): labelled half a boxed into unlabelled half a,
+    unlabelled half b boxed into labelled half b; B mixed slices, one slice at a time here."""
+    torch.manual_seed(0)
+    net = UNet(1, 4, SMALL)
+    bcp = BCP(ratio=1, box_fraction=0.5, pairing="halves")
+    bcp.attach(net)
+    with torch.no_grad():
+        for p in bcp.teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    image, u_image = torch.rand(4, 1, 16, 16), torch.rand(4, 1, 16, 16)
+    label = torch.randint(0, 4, (4, 1, 16, 16))
+    seeds = torch.tensor([7, 8, 9, 10])
+    out = bcp(net, None, image, label, u_image, seeds)
+    g = generator_for(seeds, 3)
+    y0, x0 = int(torch.randint(0, 9, (1,), generator=g)), int(torch.randint(0, 9, (1,), generator=g))
+    inside = torch.zeros(16, 16, dtype=torch.bool)
+    inside[y0 : y0 + 8, x0 : x0 + 8] = True
+    sup_terms, unsup_terms = [[], []], [[], []]
+    for i in range(4):
+        with torch.no_grad():
+            pseudo = slow_largest_components(bcp.teacher(u_image[i : i + 1]).argmax(1), [1, 2, 3])[0]
+        lab = label[i, 0]
+        if i < 2:  # half a: the labelled box inside the unlabelled slice
+            mixed, target, labelled_region = u_image[i, 0].clone(), pseudo.clone(), inside
+            mixed[inside], target[inside] = image[i, 0][inside], lab[inside]
+        else:  # half b: the unlabelled box inside the labelled slice
+            mixed, target, labelled_region = image[i, 0].clone(), lab.clone(), ~inside
+            mixed[inside], target[inside] = u_image[i, 0][inside], pseudo[inside]
+        logits = net(mixed[None, None])
+        sup_terms[i // 2].append((logits, target, labelled_region))
+        unsup_terms[i // 2].append((logits, target, ~labelled_region))
+
+    def half_loss(terms):  # one region loss over the half's two slices, as the batched one
+        logits = torch.cat([t[0] for t in terms])
+        return slow_region_loss(logits, torch.stack([t[1] for t in terms]), torch.stack([t[2] for t in terms]))
+
+    sup = 0.5 * (half_loss(sup_terms[0]) + half_loss(sup_terms[1]))
+    unsup = 0.5 * (half_loss(unsup_terms[0]) + half_loss(unsup_terms[1]))
+    assert float(out["sup"]) == pytest.approx(sup, abs=1e-4)
+    assert float(out["unsup"]) == pytest.approx(unsup, abs=1e-4)
+    each = BCP(ratio=2, box_fraction=0.5)
+    each.attach(net)
+    other = each(net, None, image, label, torch.cat([u_image, u_image]), seeds)
+    assert float(other["sup"]) != pytest.approx(sup, abs=1e-4)  # the pairings differ
+
+
+def test_bcp_pairing_is_checked():
+    with pytest.raises(ValueError, match="pairing must be 'each' or 'halves'"):
+        BCP(pairing="half")
+    with pytest.raises(ValueError, match="set ratio: 1"):
+        BCP(ratio=2, pairing="halves")
+    bcp = BCP(ratio=1, pairing="halves")
+    bcp.attach(UNet(1, 4, SMALL))
+    with pytest.raises(ValueError, match="at least 2 slices"):
+        one = torch.rand(1, 1, 16, 16)
+        bcp(UNet(1, 4, SMALL), None, one, torch.zeros_like(one), one, torch.tensor([1]))
+
+
+@pytest.mark.parametrize("config,pairing,ratio", [("bcp", "each", 2), ("bcp_halves", "halves", 1)])
+def test_bcp_configs_select_their_pairing(capsys, config, pairing, ratio):
+    with pytest.raises(SystemExit):
+        main(["fit", *FINETUNE, "--config", str(REPO / "configs" / "semi" / f"{config}.yaml"), "--print_config"])
+    out = capsys.readouterr().out
+    assert "class_path: fcl_lightning.semi.BCP" in out
+    assert f"pairing: {pairing}" in out and f"ratio: {ratio}" in out
+
+
+@pytest.mark.parametrize("pairing", ["each", "halves"])
+def test_bcp_never_reads_an_unlabelled_label(pairing):
     """The pseudo-labelled regions' loss depends on the unlabelled images and the teacher only:
     labels of the labelled slices moved outside the pasted box change nothing there."""
     torch.manual_seed(0)
     net = UNet(1, 4, SMALL)
-    bcp = BCP(box_fraction=0.5, largest_component=False)
+    bcp = BCP(ratio=1 if pairing == "halves" else 2, box_fraction=0.5, largest_component=False, pairing=pairing)
     bcp.attach(net)
     image, u_image = torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)
     label = torch.randint(0, 4, (2, 1, 16, 16))

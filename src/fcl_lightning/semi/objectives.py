@@ -264,14 +264,23 @@ class BCP(EMATeacher):
     factor 1/2 on the whole). The unmixed labelled slices are not trained on, as in BCP.
 
     The box is ``box_fraction`` of each side (BCP: 2/3) at a random place, one per batch as BCP's
-    ``generate_mask``; pairs: labelled slice ``i`` with unlabelled slice ``i`` (labelled box in the
-    unlabelled slice) and with unlabelled slice ``B + i`` (or ``i + 1`` when the batch has fewer
-    than ``2B``: unlabelled box in the labelled slice).
+    ``generate_mask``. Pairs, by ``pairing``:
+
+    - ``each`` (the default, what the plateau tables ran): every labelled slice is pasted both
+      ways, ``2B`` mixed slices from ``B`` labelled and ``2B`` unlabelled (``ratio: 2``):
+      labelled slice ``i`` with unlabelled slice ``i`` (labelled box in the unlabelled slice) and
+      with unlabelled slice ``B + i`` (or ``i + 1`` when the batch has fewer than ``2B``:
+      unlabelled box in the labelled slice).
+    - ``halves`` (BCP's ACDC code): the labelled and the unlabelled batch are split in halves
+      ``a`` and ``b``; labelled ``a`` boxes go into unlabelled ``a``, unlabelled ``b`` boxes into
+      labelled ``b``: ``B`` mixed slices from ``B`` of each (``ratio: 1``), half as many
+      slices through the teacher and the student a step.
 
     Args:
         decay: the teacher's EMA coefficient (BCP: 0.99).
         box_fraction: the pasted box's side as a fraction of the image's.
         largest_component: keep each structure's largest connected component of the pseudo-label.
+        pairing: ``each`` or ``halves``, above.
     """
 
     def __init__(
@@ -282,11 +291,20 @@ class BCP(EMATeacher):
         decay: float = 0.99,
         box_fraction: float = 2 / 3,
         largest_component: bool = True,
+        pairing: str = "each",
     ) -> None:
         super().__init__(ratio, weight, rampup_steps, decay)
         if not 0.0 < box_fraction < 1.0:
             raise ValueError(f"BCP box_fraction must be in (0, 1), got {box_fraction}")
+        if pairing not in ("each", "halves"):
+            raise ValueError(f"BCP pairing must be 'each' or 'halves', got {pairing!r}")
+        if pairing == "halves" and ratio != 1:
+            raise ValueError(
+                f"BCP pairing 'halves' mixes B labelled with B unlabelled slices: set ratio: 1 (got {ratio}), "
+                "or the extra unlabelled slices are loaded and never used"
+            )
         self.box_fraction, self.largest_component = float(box_fraction), bool(largest_component)
+        self.pairing = pairing
 
     def box(self, size: tuple[int, int], g: torch.Generator) -> torch.Tensor:
         """``[H, W]``: 1 inside the pasted box (``box_fraction`` of each side, at a random place)."""
@@ -309,17 +327,25 @@ class BCP(EMATeacher):
 
     def forward(self, net, sup_loss, image, label, u_image, u_seed):  # noqa: D102 (see the base)
         b = image.shape[0]
-        u_a = u_image[:b] if u_image.shape[0] >= b else u_image.repeat((b // u_image.shape[0] + 1, 1, 1, 1))[:b]
-        u_b = u_image[b : 2 * b] if u_image.shape[0] >= 2 * b else u_a.roll(1, 0)
-        pseudo = self.pseudo_label(torch.cat([u_a, u_b]))
-        p_a, p_b = pseudo[:b], pseudo[b:]
-        m = self.box(tuple(image.shape[-2:]), generator_for(u_seed, 3)).to(image.device)
-        m4 = m.expand(b, 1, *m.shape)
-        into_u = u_a * (1 - m4) + image * m4  # the labelled box inside an unlabelled slice
-        into_l = image.roll(1, 0) * (1 - m4) + u_b * m4  # an unlabelled box inside a labelled slice
-        logits = net(torch.cat([into_u, into_l]))
-        inside, outside = m.expand(b, *m.shape), (1 - m).expand(b, *m.shape)
         lab = label.squeeze(1) if label.dim() == 4 else label
-        sup = 0.5 * (region_loss(logits[:b], lab, inside) + region_loss(logits[b:], lab.roll(1, 0), outside))
-        unsup = 0.5 * (region_loss(logits[:b], p_a, outside) + region_loss(logits[b:], p_b, inside))
+        u = u_image[:b] if u_image.shape[0] >= b else u_image.repeat((b // u_image.shape[0] + 1, 1, 1, 1))[:b]
+        if self.pairing == "halves":
+            if b < 2:
+                raise ValueError("BCP pairing 'halves' needs a labelled batch of at least 2 slices (data.batch_size)")
+            h = b // 2  # labelled a, b = image[:h], image[h:]; unlabelled a, b = u[:h], u[h:]
+            l_a, l_b, y_a, y_b, u_a, u_b = image[:h], image[h:], lab[:h], lab[h:], u[:h], u[h:]
+        else:
+            l_a, l_b, y_a, y_b = image, image.roll(1, 0), lab, lab.roll(1, 0)
+            u_a, u_b = u, (u_image[b : 2 * b] if u_image.shape[0] >= 2 * b else u.roll(1, 0))
+        n_a = u_a.shape[0]
+        pseudo = self.pseudo_label(torch.cat([u_a, u_b]))
+        p_a, p_b = pseudo[:n_a], pseudo[n_a:]
+        m = self.box(tuple(image.shape[-2:]), generator_for(u_seed, 3)).to(image.device)
+        into_u = u_a * (1 - m) + l_a * m  # a labelled box inside an unlabelled slice
+        into_l = l_b * (1 - m) + u_b * m  # an unlabelled box inside a labelled slice
+        logits = net(torch.cat([into_u, into_l]))
+        inside, outside = m.expand(*pseudo.shape[:1], *m.shape), (1 - m).expand(*pseudo.shape[:1], *m.shape)
+        in_a, out_a, in_b, out_b = inside[:n_a], outside[:n_a], inside[n_a:], outside[n_a:]
+        sup = 0.5 * (region_loss(logits[:n_a], y_a, in_a) + region_loss(logits[n_a:], y_b, out_b))
+        unsup = 0.5 * (region_loss(logits[:n_a], p_a, out_a) + region_loss(logits[n_a:], p_b, in_b))
         return {"sup": sup, "unsup": unsup}
