@@ -573,21 +573,31 @@ class Runner:
 
 def table(rows: list[dict], methods: list[str], ns: list[int], setting: str) -> tuple[str, dict]:
     """Markdown shaped like the paper's tables: mean +- std over clients of each client's Dice
-    (averaged over folds and seeds first)."""
+    (averaged over folds and seeds first). Where a column's methods have different seeds (a table
+    still being filled), each cell names its seeds, so that no two means are read as paired."""
     stats: dict[str, dict[int, tuple[float, float]]] = {}
     lines = ["| method | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+    mine = [r for r in rows if r["setting"] == setting]
+    seeds = {
+        (m, n): sorted({int(r["seed"]) for r in mine if r["method"] == m and r["N"] == n}) for m in methods for n in ns
+    }
+    uneven = {n: len({tuple(seeds[m, n]) for m in methods if seeds[m, n]}) > 1 for n in ns}
     for m in methods:
         cells = []
         for n in ns:
             by_client: dict[str, list[float]] = {}
-            for r in rows:
-                if r["method"] == m and r["setting"] == setting and r["N"] == n:
+            for r in mine:
+                if r["method"] == m and r["N"] == n:
                     by_client.setdefault(str(r["client"]), []).append(r["dice_mean"])
             if not by_client:
                 cells.append("-")
                 continue
             mean, std = stats.setdefault(label(m), {})[n] = mean_std([mean_std(v)[0] for v in by_client.values()])
-            cells.append(f"{mean:.3f} ± {std:.3f}" if len(by_client) > 1 else f"{mean:.3f}")
+            cell = f"{mean:.3f} ± {std:.3f}" if len(by_client) > 1 else f"{mean:.3f}"
+            if uneven[n]:
+                s = seeds[m, n]
+                cell += f" (seed{'s' if len(s) > 1 else ''} {', '.join(map(str, s))})"
+            cells.append(cell)
         lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
     return "\n".join(lines), stats
 

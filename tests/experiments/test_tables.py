@@ -231,6 +231,19 @@ def test_gains_are_paired_with_intervals_and_say_not_shown(tables):
     assert "+0.200 [+0.200, +0.200], 15/15 pairs" in semi and "not shown" not in semi
 
 
+def test_a_table_being_filled_names_each_cells_seeds(tables):
+    """Means over different seeds are not comparable: where a column's methods differ in seeds,
+    each cell says which; a complete column says nothing."""
+    rows = [{"method": m, "setting": "local", "N": n, "client": str(c), "fold": "", "seed": s, "dice_mean": 0.5 + 0.1 * s}
+            for m, seeds in (("random", (0, 1, 2)), ("random+bcp", (0,))) for n in (1, 2) for c in range(2)
+            for s in (seeds if n == 2 else (0,))]  # fmt: skip
+    md, stats = tables.table(rows, ["random", "random+bcp"], [1, 2], "local")
+    random_line, bcp_line = md.splitlines()[2:]
+    assert random_line == "| Random init | 0.500 ± 0.000 | 0.600 ± 0.000 (seeds 0, 1, 2) |"
+    assert bcp_line == "| Random init + BCP (extension) | 0.500 ± 0.000 | 0.500 ± 0.000 (seed 0) |"
+    assert stats["Random init"][2][0] == pytest.approx(0.6)  # the marker is text only
+
+
 def finished_cell(d, dice_by_client: list[float]) -> None:
     """A finished fine-tuning cell's files in ``d``: its summary and one test volume per client."""
     (d / "summary.json").write_text('{"test/dice_mean": 0.5}')
