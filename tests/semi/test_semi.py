@@ -335,6 +335,14 @@ def test_bcp_configs_select_their_pairing(capsys, config, pairing, ratio):
     assert f"pairing: {pairing}" in out and f"ratio: {ratio}" in out
 
 
+def test_the_cli_refuses_an_unknown_bcp_pairing_before_anything_runs(capsys):
+    bcp = str(REPO / "configs" / "semi" / "bcp.yaml")
+    with pytest.raises(SystemExit):
+        main(["fit", *FINETUNE, "--config", bcp, "--model.semi_supervised.init_args.pairing", "half", "--print_config"])
+    err = capsys.readouterr().err
+    assert "pairing" in err and "'each'" in err and "'halves'" in err
+
+
 @pytest.mark.parametrize("pairing", ["each", "halves"])
 def test_bcp_never_reads_an_unlabelled_label(pairing):
     """The pseudo-labelled regions' loss depends on the unlabelled images and the teacher only:

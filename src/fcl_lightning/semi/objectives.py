@@ -9,6 +9,7 @@ the client's own state: kept with the client across rounds, never averaged by th
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 import torch
@@ -291,7 +292,7 @@ class BCP(EMATeacher):
         decay: float = 0.99,
         box_fraction: float = 2 / 3,
         largest_component: bool = True,
-        pairing: str = "each",
+        pairing: Literal["each", "halves"] = "each",
     ) -> None:
         super().__init__(ratio, weight, rampup_steps, decay)
         if not 0.0 < box_fraction < 1.0:
@@ -344,8 +345,10 @@ class BCP(EMATeacher):
         into_u = u_a * (1 - m) + l_a * m  # a labelled box inside an unlabelled slice
         into_l = l_b * (1 - m) + u_b * m  # an unlabelled box inside a labelled slice
         logits = net(torch.cat([into_u, into_l]))
-        inside, outside = m.expand(*pseudo.shape[:1], *m.shape), (1 - m).expand(*pseudo.shape[:1], *m.shape)
-        in_a, out_a, in_b, out_b = inside[:n_a], outside[:n_a], inside[n_a:], outside[n_a:]
+        # One mask per slice: region_loss divides by the mask's own sum, so a broadcast [H, W] would not do.
+        n_b = pseudo.shape[0] - n_a
+        in_a, out_a = m.expand(n_a, *m.shape), (1 - m).expand(n_a, *m.shape)
+        in_b, out_b = m.expand(n_b, *m.shape), (1 - m).expand(n_b, *m.shape)
         sup = 0.5 * (region_loss(logits[:n_a], y_a, in_a) + region_loss(logits[n_a:], y_b, out_b))
         unsup = 0.5 * (region_loss(logits[:n_a], p_a, out_a) + region_loss(logits[n_a:], p_b, in_b))
         return {"sup": sup, "unsup": unsup}
